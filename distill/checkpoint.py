@@ -24,13 +24,15 @@ from typing import Any, Callable, TypeVar
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from distill.errors import UserError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 C = TypeVar("C")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError):
   """A model folder is missing, incomplete or of the wrong kind."""
 
 

@@ -1,0 +1,203 @@
+"""Text corpora as TFDS datasets in the array_record format.
+
+Three sources share one code path (``config.data.source``):
+
+- ``stdlib``: the embedded default, the ``.py`` files of the running
+  interpreter's standard library (no network needed). ``test/``, ``tests/``,
+  ``idlelib`` and ``site-packages`` are skipped.
+- ``files``: a glob of local text files (``config.data.files_glob``).
+- ``tfds``: any TFDS text dataset by name (``config.data.tfds_name``), whose
+  text feature is ``config.data.text_key``; this one needs the network the
+  first time TFDS prepares it.
+
+For ``stdlib`` and ``files`` the validation split is chosen by a hash of the
+file's path relative to its root, so the split is the same on every run and
+every machine with the same files. Bytes that are not valid UTF-8 are decoded
+with U+FFFD replacement and counted; the count is logged as a warning with the
+first offending path.
+
+A TFDS builder defined outside TFDS's own package cannot use
+``dataset_info_from_configs`` (it looks for metadata files beside the module),
+so ``_info`` constructs ``tfds.core.DatasetInfo`` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import hashlib
+import os
+import sys
+import sysconfig
+from typing import Any, Iterator
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from distill.errors import UserError
+
+SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+TRAIN, VALIDATION = "train", "validation"
+
+
+class CorpusError(UserError):
+  """The corpus is empty, missing or misconfigured."""
+
+
+def stdlib_root() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+  """Sorted ``.py`` paths of the standard library, skipping tests and IDLE."""
+  root = root or stdlib_root()
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+    files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                 if f.endswith(".py"))
+  return files
+
+
+def glob_files(pattern: str) -> list[str]:
+  """Sorted regular files matching ``pattern`` (``**`` recurses)."""
+  return sorted(p for p in globlib.glob(os.path.expanduser(pattern),
+                                        recursive=True) if os.path.isfile(p))
+
+
+def is_validation(relpath: str, validation_permille: int) -> bool:
+  """Deterministic split: a stable hash of the relative path."""
+  digest = hashlib.sha1(relpath.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") % 1000 < validation_permille
+
+
+def split_files(files: list[str], root: str,
+                validation_permille: int) -> dict[str, list[str]]:
+  splits: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
+  for path in files:
+    rel = os.path.relpath(path, root)
+    splits[VALIDATION if is_validation(rel, validation_permille) else TRAIN].append(path)
+  return splits
+
+
+def read_text(path: str) -> tuple[str, int]:
+  """The file's text and the number of undecodable bytes replaced."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8"), 0
+  except UnicodeDecodeError:
+    text = raw.decode("utf-8", errors="replace")
+    # Each replacement stands for one or more undecodable bytes; count the
+    # characters introduced by the replacement, not those already present.
+    return text, text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+
+
+@dataclasses.dataclass
+class FilesCorpusConfig(tfds.core.BuilderConfig):
+  """Which files make the corpus; the name keys the prepared dataset on disk."""
+  root: str = ""
+  pattern: str = ""          # empty: the standard library under ``root``
+  max_files: int = 0         # 0: all files (after the split)
+  validation_permille: int = 20
+
+
+class FilesCorpus(tfds.core.GeneratorBasedBuilder):
+  """Local text files (the stdlib default or a glob), one example per file."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Local text files, one example per file.",
+        features=tfds.features.FeaturesDict({
+            "text": tfds.features.Text(),
+            "path": tfds.features.Text(),
+        }),
+    )
+
+  def _files(self) -> list[str]:
+    cfg = self.builder_config
+    files = glob_files(cfg.pattern) if cfg.pattern else stdlib_files(cfg.root)
+    if not files:
+      what = f"the glob {cfg.pattern!r}" if cfg.pattern else f"{cfg.root!r}"
+      raise CorpusError(
+          f"No input files: {what} matched nothing. Check config.data.files_glob"
+          " (use ** to recurse) or the path.")
+    return files
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    root = cfg.root if not cfg.pattern else os.path.commonpath(
+        [os.path.dirname(p) for p in self._files()] or ["/"])
+    splits = split_files(self._files(), root, cfg.validation_permille)
+    if cfg.max_files:
+      splits = {k: v[:max(1, cfg.max_files * len(v) // len(self._files()))]
+                for k, v in splits.items()}
+    for name, files in splits.items():
+      if not files:
+        raise CorpusError(
+            f"The {name} split is empty ({len(self._files())} files in all);"
+            " add files or change config.data.validation_permille.")
+    return {name: self._generate_examples(files, root)
+            for name, files in splits.items()}
+
+  def _generate_examples(self, files: list[str], root: str) -> Iterator[Any]:
+    bad_files, bad_bytes, first_bad = 0, 0, None
+    for path in files:
+      text, replaced = read_text(path)
+      if replaced:
+        bad_files, bad_bytes = bad_files + 1, bad_bytes + replaced
+        first_bad = first_bad or path
+      rel = os.path.relpath(path, root)
+      yield rel, {"text": text, "path": rel}
+    if bad_files:
+      logging.warning(
+          "%d file(s) had undecodable UTF-8 (%d replacement(s), first: %s);"
+          " decoded with U+FFFD.", bad_files, bad_bytes, first_bad)
+
+
+def corpus_builder(data_config, data_dir: str) -> tuple[Any, str, dict[str, str]]:
+  """The TFDS builder for ``config.data``, its text key and its split names.
+
+  Returns ``(builder, text_key, {"train": ..., "validation": ...})``; the
+  builder is not prepared yet.
+  """
+  source = data_config.source
+  if source in ("stdlib", "files"):
+    if source == "stdlib":
+      root, pattern = stdlib_root(), ""
+      version = "py{}.{}".format(*sys.version_info[:2])
+      name = f"stdlib-{version}-n{data_config.max_files}-v{data_config.validation_permille}"
+    else:
+      if not data_config.files_glob:
+        raise CorpusError("config.data.source='files' needs config.data.files_glob")
+      root, pattern = "", data_config.files_glob
+      digest = hashlib.sha1(pattern.encode()).hexdigest()[:10]
+      name = f"files-{digest}-n{data_config.max_files}-v{data_config.validation_permille}"
+    config = FilesCorpusConfig(
+        name=name, version=FilesCorpus.VERSION, root=root, pattern=pattern,
+        max_files=data_config.max_files,
+        validation_permille=data_config.validation_permille)
+    builder = FilesCorpus(config=config, data_dir=data_dir,
+                          file_format="array_record")
+    return builder, "text", {TRAIN: TRAIN, VALIDATION: VALIDATION}
+  if source == "tfds":
+    if not data_config.tfds_name:
+      raise CorpusError("config.data.source='tfds' needs config.data.tfds_name")
+    builder = tfds.builder(data_config.tfds_name, data_dir=data_dir,
+                           file_format="array_record")
+    return builder, data_config.text_key, {
+        TRAIN: data_config.train_split, VALIDATION: data_config.validation_split}
+  raise CorpusError(
+      f"Unknown config.data.source {source!r}; use 'stdlib', 'files' or 'tfds'.")
+
+
+def prepare_corpus(data_config, data_dir: str):
+  """Builds the corpus into ``data_dir`` (a no-op when already built)."""
+  builder, text_key, splits = corpus_builder(data_config, data_dir)
+  builder.download_and_prepare()
+  return builder, text_key, splits

@@ -1,0 +1,228 @@
+"""The grain input pipeline every stage reads from.
+
+Two steps:
+
+1. ``tokenize_split`` (run once by ``data.prepare``): read the split's TFDS
+   array_record source with ``grain.MapDataset.source`` → decode → tokenize in
+   batches → append EOS → concatenate into one token stream. It is stored under
+   ``W/data/tokens/<split>/`` as ``tokens.npy`` (smallest unsigned dtype for the
+   vocab), ``doc_offsets.npy`` (int64 [num_docs + 1], where each document
+   starts in the stream) and ``meta.json`` (counts and the tokenizer hash).
+
+2. ``make_dataset``: a random-access ``grain.MapDataset`` over packed rows.
+   Row ``i`` is the slice ``stream[i * (L + 1) : (i + 1) * (L + 1)]`` with
+   ``L = seq_len``, so every token of the stream is in exactly one row (the
+   final partial row is dropped). Documents are packed back to back; each row
+   carries ``segment_ids`` (1, 2, ... per document piece in the row; attention
+   must not cross them) and ``positions`` (restarting at 0 for each piece).
+   Then: shuffle by seed (a new order each epoch) → repeat → one disjoint
+   shard per JAX process → batch → optional multiprocess prefetch.
+
+Because the rows are addressed by index, the iterator state is just a
+position: ``iterator.get_state()`` / ``set_state()`` (and orbax, through
+``grain.checkpoint``) restore exactly the batches the original would have
+produced.
+
+A batch is a dict of int32 arrays ``tokens``, ``segment_ids``, ``positions``,
+each [B, L + 1]; inputs are ``tokens[:, :-1]``, labels ``tokens[:, 1:]`` and
+the loss mask is ``target_mask(segment_ids)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from data import tokenizer as tok
+
+META = "meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """The smallest unsigned integer type that holds every id of the vocab."""
+  for dtype in (np.uint8, np.uint16, np.uint32):
+    if vocab_size <= np.iinfo(dtype).max + 1:
+      return np.dtype(dtype)
+  raise ValueError(f"vocab of {vocab_size} ids does not fit in 32 bits")
+
+
+def tokens_dir(data_dir: str, split: str) -> str:
+  return os.path.join(data_dir, "tokens", split)
+
+
+def read_meta(data_dir: str, split: str) -> dict[str, Any] | None:
+  path = os.path.join(tokens_dir(data_dir, split), META)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _decode(example: dict[str, Any], text_key: str) -> str:
+  value = example[text_key]
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
+                   split: str, batch_size: int = 64) -> dict[str, Any]:
+  """Tokenizes a split's documents into a packed token stream (see module doc).
+
+  Skipped when the stream exists for the same tokenizer. Written to a
+  temporary folder and renamed, so an interrupted run leaves nothing behind.
+  """
+  tokenizer_hash = tok.tokenizer_hash(tokenizer_path)
+  meta = read_meta(data_dir, split)
+  if meta and meta["tokenizer_hash"] == tokenizer_hash:
+    return meta
+  tokenizer = tok.load_tokenizer(tokenizer_path)
+  eos = tok.special_ids(tokenizer)["eos"]
+  vocab_size = tokenizer.get_vocab_size()
+  dtype = token_dtype(vocab_size)
+
+  ds = (grain.MapDataset.source(source)
+        .map(lambda ex: _decode(ex, text_key))
+        .batch(batch_size, batch_fn=list))
+  pieces, lengths, num_bytes = [], [], 0
+  start = time.time()
+  with tqdm(total=len(source), desc=f"tokenize {split}", unit="doc") as bar:
+    for texts in ds:
+      num_bytes += sum(len(t.encode("utf-8")) for t in texts)
+      for ids in tok.encode_batch(tokenizer, texts):
+        ids.append(eos)
+        pieces.append(np.asarray(ids, dtype=dtype))
+        lengths.append(len(ids))
+      bar.update(len(texts))
+  if not pieces:
+    raise ValueError(f"The {split} split has no documents; nothing to tokenize.")
+  stream = np.concatenate(pieces)
+  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+  final = tokens_dir(data_dir, split)
+  tmp = final + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  np.save(os.path.join(tmp, "tokens.npy"), stream)
+  np.save(os.path.join(tmp, "doc_offsets.npy"), offsets)
+  meta = {
+      "split": split,
+      "tokenizer_hash": tokenizer_hash,
+      "vocab_size": vocab_size,
+      "dtype": dtype.name,
+      "num_docs": len(lengths),
+      "num_tokens": int(stream.size),
+      "num_bytes": num_bytes,
+      "bytes_per_token": num_bytes / max(1, int(stream.size) - len(lengths)),
+      "seconds": round(time.time() - start, 2),
+  }
+  with open(os.path.join(tmp, META), "w") as f:
+    json.dump(meta, f, indent=2)
+  shutil.rmtree(final, ignore_errors=True)
+  os.replace(tmp, final)
+  logging.info("Tokenized %s: %d docs, %d tokens, %.2f bytes/token", split,
+               meta["num_docs"], meta["num_tokens"], meta["bytes_per_token"])
+  return meta
+
+
+class PackedRows:
+  """Random access to fixed-length packed rows of a token stream.
+
+  ``rows[i]`` is a dict of int32 arrays [seq_len + 1]: ``tokens``,
+  ``segment_ids`` (1-based per document piece) and ``positions``. The
+  memory map is reopened lazily, so the source pickles into grain workers.
+  """
+
+  def __init__(self, data_dir: str, split: str, seq_len: int):
+    self._dir = tokens_dir(data_dir, split)
+    meta = read_meta(data_dir, split)
+    if meta is None:
+      raise FileNotFoundError(
+          f"No tokenized {split!r} split under {self._dir}; run"
+          " `python -m data.prepare` first.")
+    self.meta = meta
+    self.row_len = seq_len + 1
+    self._num_rows = meta["num_tokens"] // self.row_len
+    if self._num_rows == 0:
+      raise ValueError(
+          f"The {split} split has {meta['num_tokens']} tokens, fewer than one row"
+          f" of seq_len + 1 = {self.row_len}; lower config.data.seq_len.")
+    self._tokens = None
+    self._offsets = None
+
+  def _open(self):
+    # grain reads rows from several threads: ``_tokens`` is checked, so it is
+    # assigned last, after everything it guards.
+    if self._tokens is None:
+      self._offsets = np.load(os.path.join(self._dir, "doc_offsets.npy"))
+      self._tokens = np.load(os.path.join(self._dir, "tokens.npy"), mmap_mode="r")
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_tokens"] = state["_offsets"] = None
+    return state
+
+  def __len__(self) -> int:
+    return self._num_rows
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    self._open()
+    if not 0 <= index < self._num_rows:
+      raise IndexError(f"row {index} out of range [0, {self._num_rows})")
+    start = index * self.row_len
+    idx = np.arange(start, start + self.row_len)
+    doc = np.searchsorted(self._offsets, idx, side="right") - 1
+    doc_start = np.maximum(self._offsets[doc], start)
+    return {
+        "tokens": np.asarray(self._tokens[start:start + self.row_len], np.int32),
+        "segment_ids": (doc - doc[0] + 1).astype(np.int32),
+        "positions": (idx - doc_start).astype(np.int32),
+    }
+
+
+def target_mask(segment_ids: np.ndarray) -> np.ndarray:
+  """[B, L] mask of the labels ``tokens[:, 1:]`` that continue their document.
+
+  The first token of a document cannot be predicted from the one before it
+  (that belongs to the previous document), and padding (id 0) never counts.
+  """
+  return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+
+
+def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
+                 seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, drop_remainder: bool = True,
+                 worker_count: int = 0) -> grain.IterDataset:
+  """The batched, per-process pipeline over packed rows (see module doc).
+
+  ``batch_size`` is the global batch; each of the ``process_count`` processes
+  gets ``batch_size // process_count`` rows per batch from its own disjoint
+  shard. ``num_epochs=None`` repeats forever.
+  """
+  if process_index is None or process_count is None:
+    import jax  # Only when the caller does not say: keeps data/ light.
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the"
+                     f" {process_count} processes")
+  ds = grain.MapDataset.source(PackedRows(data_dir, split, seq_len))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  ds = ds.batch(batch_size // process_count, drop_remainder=drop_remainder)
+  it_ds = ds.to_iter_dataset()
+  if worker_count > 0:
+    from absl import flags  # grain's workers read absl flags.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it_ds

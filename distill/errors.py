@@ -1,0 +1,9 @@
+"""The base class of errors a user can act on.
+
+Binaries print these as one line (what, where, what to do) and exit with
+status 1; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+  """Bad input, a missing or mismatched file, a misconfigured stage."""

@@ -1,0 +1,258 @@
+"""Corpus split, tokenizer, packing, iterator state, process shards, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from data import corpus, pipeline, prepare
+from data import tokenizer as tok
+from distill import cli
+from distill.errors import UserError
+from experiments import stdlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _files_config(pattern, **overrides):
+  config = stdlib.get_config("tiny")
+  config.data.source = "files"
+  config.data.files_glob = pattern
+  config.data.max_files = 0
+  config.data.validation_permille = 300
+  config.data.vocab_size = 300
+  for key, value in overrides.items():
+    setattr(config.data, key, value)
+  return config
+
+
+def _write_corpus(root, n=12, extra=None):
+  os.makedirs(root, exist_ok=True)
+  texts = {}
+  for i in range(n):
+    text = f"def f{i}(x):\n    return x * {i}  # número {i} — ünïcode 日本\n" * (3 + i)
+    texts[f"doc{i:02d}.txt"] = text
+  texts.update(extra or {})
+  for name, text in texts.items():
+    with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+      f.write(text)
+  return texts
+
+
+def test_stdlib_split_is_deterministic_and_disjoint():
+  files = corpus.stdlib_files()
+  assert len(files) > 300
+  assert not any(f"{os.sep}{d}{os.sep}" in f for f in files for d in ("test", "idlelib"))
+  a = corpus.split_files(files, corpus.stdlib_root(), 25)
+  b = corpus.split_files(list(reversed(files)), corpus.stdlib_root(), 25)
+  assert sorted(a["validation"]) == sorted(b["validation"])
+  assert not set(a["train"]) & set(a["validation"])
+  assert set(a["train"]) | set(a["validation"]) == set(files)
+  assert 0 < len(a["validation"]) < 0.05 * len(files)
+
+
+def test_prepare_builds_the_same_split_twice(tmp_path):
+  _write_corpus(tmp_path / "corpus")
+  config = _files_config(str(tmp_path / "corpus" / "*.txt"))
+  paths = []
+  for run in ("a", "b"):
+    builder, _, _ = corpus.prepare_corpus(config.data, str(tmp_path / run))
+    src = builder.as_data_source(split="validation")
+    paths.append(sorted(src[i]["path"] for i in range(len(src))))
+    train = builder.as_data_source(split="train")
+    assert not {train[i]["path"] for i in range(len(train))} & set(paths[-1])
+  assert paths[0] == paths[1] and paths[0]
+
+
+def test_tokenizer_round_trips_held_out_text_exactly(tmp_path):
+  files = corpus.stdlib_files()
+  splits = corpus.split_files(files, corpus.stdlib_root(), 25)
+  train_texts = [corpus.read_text(p)[0] for p in splits["train"][:30]]
+  tokenizer = tok.train_tokenizer(train_texts, vocab_size=600)
+  held_out = [corpus.read_text(p)[0] for p in splits["validation"][:3]]
+  held_out.append("naïve café — 日本語のテキスト 🙂\t\r\n  trailing  ")
+  for text in held_out:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+  assert [tokenizer.token_to_id(s) for s in tok.SPECIALS] == [0, 1, 2]
+
+
+def _synthetic_stream(data_dir, split, docs):
+  """Writes a token stream with known documents, as tokenize_split would."""
+  out = pipeline.tokens_dir(data_dir, split)
+  os.makedirs(out)
+  stream = np.concatenate(docs).astype(np.uint16)
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+  np.save(os.path.join(out, "tokens.npy"), stream)
+  np.save(os.path.join(out, "doc_offsets.npy"), offsets)
+  with open(os.path.join(out, pipeline.META), "w") as f:
+    json.dump({"num_tokens": int(stream.size), "tokenizer_hash": "x"}, f)
+  return stream
+
+
+def test_segment_ids_and_positions_at_document_boundaries(tmp_path):
+  # Documents of lengths 3, 6, 2, 9 (token values encode doc and position).
+  docs = [np.arange(n) + 100 * (d + 1) for d, n in enumerate((3, 6, 2, 9))]
+  _synthetic_stream(str(tmp_path), "train", docs)
+  rows = pipeline.PackedRows(str(tmp_path), "train", seq_len=4)  # rows of 5
+  assert len(rows) == 4
+  r0, r1, r2 = rows[0], rows[1], rows[2]
+  np.testing.assert_array_equal(r0["tokens"], [100, 101, 102, 200, 201])
+  np.testing.assert_array_equal(r0["segment_ids"], [1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(r0["positions"], [0, 1, 2, 0, 1])
+  # Row 1 starts inside document 2: positions restart at the row start.
+  np.testing.assert_array_equal(r1["tokens"], [202, 203, 204, 205, 300])
+  np.testing.assert_array_equal(r1["segment_ids"], [1, 1, 1, 1, 2])
+  np.testing.assert_array_equal(r1["positions"], [0, 1, 2, 3, 0])
+  np.testing.assert_array_equal(r2["segment_ids"], [1, 2, 2, 2, 2])
+  np.testing.assert_array_equal(r2["positions"], [0, 0, 1, 2, 3])
+  mask = pipeline.target_mask(np.stack([r0["segment_ids"], r1["segment_ids"]]))
+  np.testing.assert_array_equal(mask, [[1, 1, 0, 1], [1, 1, 1, 0]])
+
+
+def test_packing_loses_and_duplicates_no_token_over_an_epoch(tmp_path):
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(3, 500, size=rng.integers(1, 40)) for _ in range(200)]
+  stream = _synthetic_stream(str(tmp_path), "train", docs)
+  seq_len = 15
+  ds = pipeline.make_dataset(str(tmp_path), "train", seq_len=seq_len, batch_size=7,
+                             seed=3, num_epochs=1, process_index=0,
+                             process_count=1, drop_remainder=False)
+  rows = np.concatenate([b["tokens"] for b in ds])
+  num_rows = stream.size // (seq_len + 1)
+  assert rows.shape == (num_rows, seq_len + 1)
+  kept = stream[:num_rows * (seq_len + 1)]
+  np.testing.assert_array_equal(np.bincount(rows.ravel(), minlength=500),
+                                np.bincount(kept, minlength=500))
+  # Shuffled, but each row exactly once.
+  starts = sorted(map(tuple, rows))
+  assert starts == sorted(map(tuple, kept.reshape(num_rows, -1)))
+  assert not np.array_equal(rows, kept.reshape(num_rows, -1))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("kd")
+  _write_corpus(str(root / "corpus"), n=30)
+  config = _files_config(str(root / "corpus" / "*.txt"))
+  summary = prepare.prepare(config, str(root / "w"))
+  return config, str(root / "w"), summary
+
+
+def test_iterator_state_restores_the_exact_batches(prepared):
+  config, workdir, _ = prepared
+  def make():
+    return pipeline.make_dataset(prepare.data_dir(workdir), "train", seq_len=16,
+                                 batch_size=4, seed=7, process_index=0,
+                                 process_count=1)
+  it = iter(make())
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(8)]  # Crosses an epoch boundary.
+  restored = iter(make())
+  restored.set_state(json.loads(json.dumps(state)))
+  for want, got in zip(expected, (next(restored) for _ in range(8))):
+    for key in ("tokens", "segment_ids", "positions"):
+      np.testing.assert_array_equal(want[key], got[key])
+  fresh = next(iter(make()))["tokens"]
+  assert not np.array_equal(fresh, expected[0]["tokens"])
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
+  # Unique token values, so a row is identified by its first token.
+  rng = np.random.default_rng(1)
+  stream = np.arange(3000)
+  cuts = np.sort(rng.choice(np.arange(1, 3000), size=80, replace=False))
+  _synthetic_stream(str(tmp_path), "train", np.split(stream, cuts))
+  num_rows = 3000 // 17
+  seen = []
+  for index in range(3):
+    ds = pipeline.make_dataset(str(tmp_path), "train", seq_len=16, batch_size=3,
+                               seed=1, num_epochs=1, process_index=index,
+                               process_count=3, drop_remainder=False)
+    firsts = [int(r[0]) for b in ds for r in b["tokens"]]
+    assert len(firsts) == len(set(firsts))
+    seen.append(set(firsts))
+  for a in range(3):
+    for b in range(a + 1, 3):
+      assert not seen[a] & seen[b]
+  assert set().union(*seen) == {17 * i for i in range(num_rows)}
+  assert max(map(len, seen)) - min(map(len, seen)) <= 1
+
+
+def test_prepare_is_idempotent_and_reports(prepared, capsys):
+  config, workdir, summary = prepared
+  assert summary["tokenizer"] == "trained"
+  assert summary["splits"]["train"]["num_tokens"] > 0
+  again = prepare.prepare(config, workdir)
+  assert again.get("skipped") and "nothing to do" in capsys.readouterr().out
+
+
+def test_existing_tokenizer_with_another_vocab_is_refused_and_kept(prepared):
+  config, workdir, _ = prepared
+  path = prepare.tokenizer_path(workdir)
+  before = open(path, "rb").read()
+  other = config.copy_and_resolve_references()
+  other.data.vocab_size = 4096
+  with pytest.raises(tok.TokenizerError, match="vocab of 300"):
+    prepare.prepare(other, workdir)
+  assert open(path, "rb").read() == before
+
+
+def test_imported_tokenizer_is_adopted_not_retrained(prepared, tmp_path):
+  config, workdir, _ = prepared
+  new_workdir = tmp_path / "w2"
+  new_workdir.mkdir()
+  path = prepare.tokenizer_path(str(new_workdir))
+  with open(prepare.tokenizer_path(workdir), "rb") as src, open(path, "wb") as dst:
+    dst.write(src.read())
+  summary = prepare.prepare(config, str(new_workdir))
+  assert summary["tokenizer"] == "adopted"
+  assert summary["tokenizer_hash"] == tok.tokenizer_hash(prepare.tokenizer_path(workdir))
+
+
+def test_glob_that_matches_nothing_is_a_clear_error(tmp_path):
+  config = _files_config(str(tmp_path / "nope" / "*.txt"))
+  with pytest.raises(corpus.CorpusError, match="matched nothing"):
+    prepare.prepare(config, str(tmp_path / "w"))
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+  root = tmp_path / "corpus"
+  _write_corpus(str(root))
+  (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 50)
+  text, replaced = corpus.read_text(str(root / "latin1.txt"))
+  assert replaced == 100 and "caf\ufffd" in text
+  config = _files_config(str(root / "*.txt"))
+  summary = prepare.prepare(config, str(tmp_path / "w"))
+  total_docs = sum(m["num_docs"] for m in summary["splits"].values())
+  assert total_docs == 13
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  with pytest.raises(UserError, match="not writable"):
+    cli.check_workdir(str(blocker / "sub"))
+
+
+def test_prepare_binary_prints_one_line_errors(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "data.prepare", "--config=experiments/stdlib.py:tiny",
+       "--config.data.source=files", f"--config.data.files_glob={tmp_path}/none/*.txt",
+       f"--workdir={tmp_path}/w"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "error: No input files" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, "-m", "data.prepare", "--config=experiments/stdlib.py:tiny",
+       "--config.data.vocab_sise=10", f"--workdir={tmp_path}/w"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "vocab_sise" in proc.stderr
