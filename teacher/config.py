@@ -1,0 +1,209 @@
+"""Teacher configuration: a frozen dataclass and named presets.
+
+The teacher is a decoder-only sparse MoE (see DESIGN.md, "Models"). One config
+describes the four imported families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and
+the from-scratch CPU teacher; `family` is bookkeeping only, the model branches
+on the fields.
+
+    config = get_preset("demo", num_layers=4)
+    total, active = param_counts(config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+QK_NORMS = ("none", "head", "full")
+MOE_IMPLS = ("auto", "ragged", "blocked")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+  """Shapes and options of the sparse-MoE teacher.
+
+  Attributes:
+    vocab_size: V, rows of the embedding.
+    d_model: D, width of the residual stream.
+    num_layers: decoder blocks.
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K (GQA when K < N).
+    head_dim: H, width of one head (not necessarily D / N: Qwen3 uses 128).
+    d_ff: F, hidden width of one routed expert.
+    num_experts: E, routed experts per MoE layer.
+    top_k: experts each token is sent to.
+    norm_topk_prob: renormalise the k router weights to sum to 1 (Mixtral
+      always does; Qwen2/Qwen3-MoE and OLMoE read it from their config, whose
+      transformers default is False; Qwen3-30B-A3B's own config sets True).
+    shared_expert_d_ff: hidden width of an always-on shared expert with a
+      sigmoid gate (Qwen2-MoE); 0 = none.
+    dense_layers: indices of layers with a dense MLP instead of MoE (Qwen's
+      `mlp_only_layers` / `decoder_sparse_step`).
+    dense_d_ff: hidden width of those dense MLPs.
+    capacity_factor: None = dropless; else each expert takes at most
+      ceil(capacity_factor * tokens * top_k / E) assignments, later ones drop.
+    router_aux_loss_coef: weight of the Switch load-balancing loss in training.
+    router_z_loss_coef: weight of the router z-loss in training.
+    moe_impl: grouped matmul of the dropless path: "ragged" (lax.ragged_dot),
+      "blocked" (groups padded to row blocks, batched matmul), "auto" (blocked
+      on the CPU, where XLA lowers ragged_dot to a dense masked matmul that
+      costs E times the work; ragged elsewhere).
+    qkv_bias: biases on the q, k and v projections (Qwen2-MoE).
+    qk_norm: "none"; "head" (RMSNorm over each head, Qwen3); "full" (RMSNorm
+      over the whole projected q and k, OLMoE).
+    clip_qkv: clip q, k, v to [-c, c] after projection (OLMoE option).
+    rope_base: RoPE theta.
+    sliding_window: None = every layer global; else every layer attends to the
+      last `sliding_window` positions (Mixtral / Qwen3-MoE semantics).
+    tie_embeddings: the output head reuses the embedding.
+    rms_eps: RMSNorm epsilon.
+    init_std: normal init scale of projections, router and experts.
+    dtype: compute dtype of activations.
+    param_dtype: storage dtype of parameters.
+    family: where the shape comes from ("custom", "mixtral", ...).
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  num_experts: int
+  top_k: int
+  norm_topk_prob: bool = True
+  shared_expert_d_ff: int = 0
+  dense_layers: tuple[int, ...] = ()
+  dense_d_ff: int = 0
+  capacity_factor: float | None = None
+  router_aux_loss_coef: float = 0.01
+  router_z_loss_coef: float = 0.001
+  moe_impl: str = "auto"
+  qkv_bias: bool = False
+  qk_norm: str = "none"
+  clip_qkv: float | None = None
+  rope_base: float = 10_000.0
+  sliding_window: int | None = None
+  tie_embeddings: bool = False
+  rms_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  family: str = "custom"
+
+  def __post_init__(self):
+    def bad(msg):
+      raise ValueError(f"TeacherConfig: {msg}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "d_ff", "num_experts", "top_k"):
+      if getattr(self, name) <= 0:
+        bad(f"{name}={getattr(self, name)} must be positive")
+    if self.num_heads % self.num_kv_heads:
+      bad(f"num_heads={self.num_heads} is not a multiple of "
+          f"num_kv_heads={self.num_kv_heads}")
+    if self.top_k > self.num_experts:
+      bad(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+    if self.qk_norm not in QK_NORMS:
+      bad(f"qk_norm={self.qk_norm!r}; expected one of {QK_NORMS}")
+    if self.moe_impl not in MOE_IMPLS:
+      bad(f"moe_impl={self.moe_impl!r}; expected one of {MOE_IMPLS}")
+    if self.shared_expert_d_ff < 0:
+      bad("shared_expert_d_ff must be >= 0 (0 = no shared expert)")
+    if self.capacity_factor is not None and self.capacity_factor <= 0:
+      bad(f"capacity_factor={self.capacity_factor} must be > 0 or None")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      bad(f"sliding_window={self.sliding_window} must be > 0 or None")
+    for i in self.dense_layers:
+      if not 0 <= i < self.num_layers:
+        bad(f"dense_layers has {i}, outside [0, {self.num_layers})")
+    if self.dense_layers and self.dense_d_ff <= 0:
+      bad("dense_layers needs dense_d_ff > 0")
+    if len(set(self.dense_layers)) != len(self.dense_layers):
+      bad(f"dense_layers={self.dense_layers} repeats a layer")
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return layer not in self.dense_layers
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers - len(self.dense_layers)
+
+
+def param_counts(config: TeacherConfig) -> tuple[int, int]:
+  """(total, active) parameter counts from the shapes alone.
+
+  Active = what one token touches: everything except the routed experts,
+  plus `top_k` of the `num_experts` routed experts per MoE layer (the shared
+  expert, router and embeddings count fully).
+  """
+  c = config
+  d, h = c.d_model, c.head_dim
+  attn = d * h * (2 * c.num_heads + 2 * c.num_kv_heads)
+  if c.qkv_bias:
+    attn += h * (c.num_heads + 2 * c.num_kv_heads)
+  if c.qk_norm == "head":
+    attn += 2 * h
+  elif c.qk_norm == "full":
+    attn += h * (c.num_heads + c.num_kv_heads)
+  norms = 2 * d
+  expert = 3 * d * c.d_ff
+  moe_fixed = d * c.num_experts  # router
+  if c.shared_expert_d_ff:
+    moe_fixed += 3 * d * c.shared_expert_d_ff + d  # shared expert and its gate
+  dense = 3 * d * c.dense_d_ff
+  total = active = 0
+  for layer in range(c.num_layers):
+    base = attn + norms
+    if c.is_moe_layer(layer):
+      total += base + moe_fixed + c.num_experts * expert
+      active += base + moe_fixed + c.top_k * expert
+    else:
+      total += base + dense
+      active += base + dense
+  embed = c.vocab_size * d * (1 if c.tie_embeddings else 2) + d  # + final norm
+  return total + embed, active + embed
+
+
+_PRESETS = {
+    # Tests: compiles and runs in well under a second.
+    "tiny": dict(
+        vocab_size=128, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=8, d_ff=48, num_experts=5, top_k=2, tie_embeddings=True),
+    # A CPU-trainable teacher: about 17.5M total / 6.8M active parameters.
+    "demo": dict(
+        vocab_size=8192, d_model=256, num_layers=6, num_heads=4,
+        num_kv_heads=2, head_dim=64, d_ff=384, num_experts=8, top_k=2,
+        tie_embeddings=True, rope_base=10_000.0),
+    # mistralai/Mixtral-8x7B-v0.1: 46.7B total, 12.9B active.
+    "mixtral_8x7b": dict(
+        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, d_ff=14336, num_experts=8, top_k=2,
+        norm_topk_prob=True, rope_base=1e6, rms_eps=1e-5,
+        router_aux_loss_coef=0.02, family="mixtral"),
+    # Qwen/Qwen3-30B-A3B: 30.5B total, 3.3B active.
+    "qwen3_30b_a3b": dict(
+        vocab_size=151936, d_model=2048, num_layers=48, num_heads=32,
+        num_kv_heads=4, head_dim=128, d_ff=768, num_experts=128, top_k=8,
+        norm_topk_prob=True, qk_norm="head", rope_base=1e6, rms_eps=1e-6,
+        router_aux_loss_coef=0.001, family="qwen3_moe"),
+    # allenai/OLMoE-1B-7B-0924: 6.9B total, 1.3B active.
+    "olmoe_1b_7b": dict(
+        vocab_size=50304, d_model=2048, num_layers=16, num_heads=16,
+        num_kv_heads=16, head_dim=128, d_ff=1024, num_experts=64, top_k=8,
+        norm_topk_prob=False, qk_norm="full", rope_base=10_000.0,
+        rms_eps=1e-5, router_aux_loss_coef=0.01, family="olmoe"),
+}
+
+PRESETS = tuple(_PRESETS)
+
+
+def get_preset(name: str, **overrides) -> TeacherConfig:
+  """A named preset with fields overridden, e.g. get_preset("tiny", top_k=1)."""
+  if name not in _PRESETS:
+    raise ValueError(f"unknown teacher preset {name!r}; known: {PRESETS}")
+  fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"TeacherConfig has no field(s) {unknown}")
+  return TeacherConfig(**{**_PRESETS[name], **overrides})
+

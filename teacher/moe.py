@@ -1,0 +1,252 @@
+"""Sparse mixture-of-experts FFN: softmax router, top-k, dropless dispatch.
+
+Per token x [D]: router logits (float32) -> softmax over the E experts -> the
+top_k experts and their probabilities (optionally renormalised to sum to 1) ->
+y = sum_j w_j * down_e(silu(gate_e(x)) * up_e(x)), plus an optional shared
+expert scaled by sigmoid(x . w_shared_gate) (Qwen2-MoE).
+
+Dispatch (dropless, the default): the N tokens of a batch are flattened, their
+N * k (token, slot) assignments sorted by expert (stable, so within an expert
+earlier tokens come first), the three expert matmuls run as one grouped matmul
+per weight over the sorted rows, and the rows are unsorted and combined with
+their router weights. The grouped matmul is `jax.lax.ragged_dot`; on the CPU,
+where XLA lowers ragged_dot to a dense matmul over a [E, M, D] masked copy of
+the rows (E times the work), the "blocked" form pads every group to a multiple
+of a row block and runs a batched matmul against each block's expert weights.
+Both compute exactly the same function.
+
+With a capacity factor cf, each expert takes at most
+C = ceil(cf * N * k / E) assignments (earliest tokens first in the flattened
+[B, T] order); the rest are dropped (weight 0; the residual stream carries the
+token on) and the dropped fraction is reported. Capacity dispatch writes rows
+into a static [E, C, D] buffer and uses a batched matmul.
+
+Aux statistics are over real tokens only (mask False / segment id 0 = padding):
+  load_balancing_loss = E * sum_e f_e * P_e, where f_e is the fraction of the
+    real (token, slot) assignments routed to e (sums to 1 over e) and P_e the
+    mean router probability of e. Perfect balance (f_e = P_e = 1 / E, e.g. a
+    uniform router) gives 1.0; full collapse onto one expert gives E.
+    transformers' `load_balancing_loss_func` divides the counts by tokens, not
+    assignments, so its value is top_k times this one.
+  z_loss = mean over tokens of logsumexp(router logits)^2 (ST-MoE).
+  expert_load [E] = routed assignments per expert (before capacity drops).
+  dropped_fraction = dropped real assignments / real assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int,
+                    num_experts: int) -> int:
+  """Per-expert capacity ceil(cf * tokens * k / E), at least 1."""
+  return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def route(logits: Array, top_k: int, norm_topk_prob: bool
+          ) -> tuple[Array, Array, Array]:
+  """Softmax-then-top-k routing.
+
+  Args:
+    logits: [N, E] router logits (float32).
+  Returns:
+    probs [N, E], weights [N, k] (float32), experts [N, k] int32.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights, experts = jax.lax.top_k(probs, top_k)
+  if norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return probs, weights, experts.astype(jnp.int32)
+
+
+def router_stats(logits: Array, probs: Array, experts: Array,
+                 valid: Array) -> dict[str, Array]:
+  """Load-balancing loss, z-loss and expert load over the valid tokens.
+
+  Args:
+    logits, probs: [N, E]; experts: [N, k] int32; valid: [N] bool.
+  """
+  num_experts = probs.shape[-1]
+  top_k = experts.shape[-1]
+  v = valid.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(v), 1.0)
+  load = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(
+      jnp.repeat(v, top_k))
+  f = load / (n * top_k)
+  p = jnp.sum(probs * v[:, None], axis=0) / n
+  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return {
+      "load_balancing_loss": num_experts * jnp.sum(f * p),
+      "z_loss": jnp.sum(v * z * z) / n,
+      "expert_load": load,
+  }
+
+
+def _block_rows(num_rows: int, num_experts: int) -> int:
+  """Row block of the blocked grouped matmul: padding stays under ~25%."""
+  target = max(1, num_rows // (4 * num_experts))
+  return int(min(512, max(8, 1 << (target.bit_length() - 1))))
+
+
+def _experts_ragged(xs, group_sizes, w_gate, w_up, w_down):
+  """Gated experts on expert-sorted rows xs [M, D] with lax.ragged_dot."""
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes))
+  h = h * jax.lax.ragged_dot(xs, w_up, group_sizes)
+  return jax.lax.ragged_dot(h, w_down, group_sizes)
+
+
+def _experts_blocked(xs, sorted_experts, group_sizes, w_gate, w_up, w_down):
+  """Same as _experts_ragged, by padding each group to whole row blocks."""
+  m, d = xs.shape
+  e = w_gate.shape[0]
+  b = _block_rows(m, e)
+  num_blocks = -(-(m + e * (b - 1)) // b)
+  padded = -(-group_sizes // b) * b
+  padded_end = jnp.cumsum(padded)
+  padded_start = padded_end - padded
+  start = jnp.cumsum(group_sizes) - group_sizes
+  rank = jnp.arange(m, dtype=jnp.int32) - start[sorted_experts]
+  dest = padded_start[sorted_experts] + rank                      # [M]
+  xp = jnp.zeros((num_blocks * b, d), xs.dtype).at[dest].set(
+      xs, unique_indices=True).reshape(num_blocks, b, d)
+  block_expert = jnp.searchsorted(
+      padded_end, jnp.arange(num_blocks, dtype=jnp.int32) * b, side="right")
+  block_expert = jnp.minimum(block_expert, e - 1)                 # [NB]
+  h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xp, w_gate[block_expert]))
+  h = h * jnp.einsum("nbd,ndf->nbf", xp, w_up[block_expert])
+  y = jnp.einsum("nbf,nfd->nbd", h, w_down[block_expert])
+  return y.reshape(num_blocks * b, d)[dest]
+
+
+def dispatch(x: Array, weights: Array, experts: Array, w_gate: Array,
+             w_up: Array, w_down: Array, *, valid: Array | None = None,
+             capacity: int | None = None, impl: str = "ragged"
+             ) -> tuple[Array, Array]:
+  """Runs every token through its experts and combines the outputs.
+
+  Args:
+    x: [N, D] tokens.
+    weights: [N, k] router weights; experts: [N, k] int32 expert ids.
+    w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+    valid: [N] bool, False for padding (only used with a capacity: padding
+      takes no capacity and its outputs are zero).
+    capacity: None = dropless; else rows per expert, overflow dropped.
+    impl: "ragged" or "blocked" grouped matmul for the dropless path.
+  Returns:
+    y [N, D] in x.dtype, kept [N, k] bool (False = dropped assignment).
+  """
+  n, d = x.shape
+  k = experts.shape[-1]
+  e = w_gate.shape[0]
+  flat = experts.reshape(-1)                                      # [M]
+  if capacity is not None and valid is not None:
+    flat = jnp.where(jnp.repeat(valid, k), flat, e)               # padding last
+  order = jnp.argsort(flat, stable=True)
+  sorted_experts = flat[order]
+  xs = x[order // k]                                              # [M, D]
+  group_sizes = jnp.bincount(flat, length=e + 1).astype(jnp.int32)
+  if capacity is None:
+    gs = group_sizes[:e]
+    if impl == "ragged":
+      ys = _experts_ragged(xs, gs, w_gate, w_up, w_down)
+    elif impl == "blocked":
+      ys = _experts_blocked(xs, sorted_experts, gs, w_gate, w_up, w_down)
+    else:
+      raise ValueError(f"unknown MoE impl {impl!r}; use 'ragged' or 'blocked'")
+    kept_sorted = jnp.ones_like(flat, dtype=bool)
+  else:
+    start = jnp.cumsum(group_sizes) - group_sizes
+    rank = jnp.arange(n * k, dtype=jnp.int32) - start[sorted_experts]
+    kept_sorted = (rank < capacity) & (sorted_experts < e)
+    slot = jnp.where(kept_sorted, sorted_experts * capacity + rank, e * capacity)
+    buf = jnp.zeros((e * capacity + 1, d), x.dtype).at[slot].set(xs)
+    buf = buf[:-1].reshape(e, capacity, d)
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w_gate))
+    h = h * jnp.einsum("ecd,edf->ecf", buf, w_up)
+    y = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(e * capacity, d)
+    ys = jnp.where(kept_sorted[:, None], y[jnp.minimum(slot, e * capacity - 1)],
+                   0)
+  inverse = jnp.zeros_like(order).at[order].set(
+      jnp.arange(n * k, dtype=order.dtype), unique_indices=True)
+  y = ys[inverse].reshape(n, k, d).astype(jnp.float32)
+  kept = kept_sorted[inverse].reshape(n, k)
+  w = jnp.where(kept, weights, 0.0).astype(jnp.float32)
+  return jnp.einsum("nkd,nk->nd", y, w).astype(x.dtype), kept
+
+
+class MoE(nnx.Module):
+  """MoE FFN: [B, T, D] -> ([B, T, D], aux dict). See the module docstring."""
+
+  def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *,
+               norm_topk_prob: bool = True, shared_expert_d_ff: int = 0,
+               capacity_factor: float | None = None, impl: str = "auto",
+               init_std: float = 0.02, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if impl not in ("auto", "ragged", "blocked"):
+      raise ValueError(f"unknown MoE impl {impl!r}")
+    self.num_experts, self.top_k = num_experts, top_k
+    self.norm_topk_prob = norm_topk_prob
+    self.capacity_factor = capacity_factor
+    self.impl = impl
+    self.dtype = dtype
+    init = nnx.initializers.normal(init_std)
+    e, d, f = num_experts, d_model, d_ff
+    self.router = nnx.Param(init(rngs.params(), (d, e), param_dtype))
+    self.gate = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
+    self.up = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
+    self.down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+    self.shared_expert_d_ff = shared_expert_d_ff
+    if shared_expert_d_ff:
+      fs = shared_expert_d_ff
+      self.shared_gate = nnx.Param(init(rngs.params(), (d, fs), param_dtype))
+      self.shared_up = nnx.Param(init(rngs.params(), (d, fs), param_dtype))
+      self.shared_down = nnx.Param(init(rngs.params(), (fs, d), param_dtype))
+      self.shared_expert_gate = nnx.Param(
+          init(rngs.params(), (d, 1), param_dtype))
+
+  def _impl(self) -> str:
+    if self.impl != "auto":
+      return self.impl
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+
+  def __call__(self, x: Array, mask: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
+    """x: [B, T, D]; mask: [B, T] bool, False = padding (None = all real).
+
+    Returns y [B, T, D] and aux: load_balancing_loss, z_loss (scalars),
+    expert_load [E], dropped_fraction (scalar).
+    """
+    b, t, d = x.shape
+    n = b * t
+    xf = x.reshape(n, d).astype(self.dtype)
+    valid = (jnp.ones((n,), bool) if mask is None
+             else mask.reshape(n).astype(bool))
+    logits = xf.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+    probs, weights, experts = route(logits, self.top_k, self.norm_topk_prob)
+    capacity = None
+    if self.capacity_factor is not None:
+      capacity = expert_capacity(self.capacity_factor, n, self.top_k,
+                                 self.num_experts)
+    wg, wu, wd = (w[...].astype(self.dtype)
+                  for w in (self.gate, self.up, self.down))
+    y, kept = dispatch(xf, weights, experts, wg, wu, wd, valid=valid,
+                       capacity=capacity, impl=self._impl())
+    if self.shared_expert_d_ff:
+      h = jax.nn.silu(xf @ self.shared_gate[...].astype(self.dtype))
+      h = h * (xf @ self.shared_up[...].astype(self.dtype))
+      s = h @ self.shared_down[...].astype(self.dtype)
+      g = jax.nn.sigmoid(xf @ self.shared_expert_gate[...].astype(self.dtype))
+      y = y + g * s
+    aux = router_stats(logits, probs, experts, valid)
+    real = jnp.repeat(valid, self.top_k).reshape(n, self.top_k)
+    aux["dropped_fraction"] = (
+        jnp.sum(real & ~kept) / jnp.maximum(jnp.sum(real), 1)).astype(
+            jnp.float32)
+    return y.reshape(b, t, d).astype(x.dtype), aux
