@@ -1,0 +1,69 @@
+"""The main job: every stage in order, each skipped when done, resumed when not.
+
+    python -m experiments.run --config=experiments/stdlib.py --workdir=/tmp/kd
+
+Each stage is also its own binary (see the README); this one calls the same
+library functions in one process. ``--stages=prepare,teacher`` runs a subset.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+
+from absl import flags, logging
+
+from distill import cli
+
+# (stage, module, function): the function takes (config, workdir).
+STAGES = (
+    ("prepare", "data.prepare", "prepare"),
+    ("teacher", "teacher.train", "train"),
+    ("cache", "teacher.cache_logits", "cache_logits"),
+    ("distill", "distill.train", "train_all"),
+    ("evaluate", "distill.evaluate", "evaluate"),
+    ("export", "student.export", "export_all"),
+)
+
+_STAGES = flags.DEFINE_list(
+    "stages", None, "Only these stages, in pipeline order (default: all).")
+
+
+def available(module: str, function: str) -> bool:
+  if importlib.util.find_spec(module) is None:
+    return False
+  return hasattr(importlib.import_module(module), function)
+
+
+def run_all(config, workdir: str, only: list[str] | None = None) -> list[str]:
+  """Runs the stages in order; returns the names of those that ran."""
+  names = [name for name, _, _ in STAGES]
+  unknown = sorted(set(only or ()) - set(names))
+  if unknown:
+    raise cli.UserError(f"Unknown stage(s) {unknown}; the stages are {names}.")
+  ran = []
+  for name, module, function in STAGES:
+    if only and name not in only:
+      continue
+    if not available(module, function):
+      missing = [n for n, m, f in STAGES[names.index(name):] if not available(m, f)]
+      print(f"run: stage {name!r} ({module}) is not built in this version yet;"
+            f" stopping here. Not available: {', '.join(missing)}.")
+      break
+    print(f"run: stage {name} ...")
+    start = time.time()
+    getattr(importlib.import_module(module), function)(config, workdir)
+    logging.info("stage %s finished in %.1fs", name, time.time() - start)
+    print(f"run: stage {name} done in {time.time() - start:.1f}s")
+    ran.append(name)
+  return ran
+
+
+def main(argv):
+  config, workdir = cli.setup(argv)
+  run_all(config, workdir, _STAGES.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)
