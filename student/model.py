@@ -1,0 +1,97 @@
+"""The Gemma-3-style dense student (Flax NNX), built from distill.layers.
+
+Per block (Gemma 3)::
+
+    h = x + post_attn_norm(attn(pre_attn_norm(x)))
+    y = h + post_mlp_norm(mlp(pre_mlp_norm(h)))
+
+Embeddings are scaled by sqrt(d_model) (cast to the compute dtype first, as
+transformers does), a final norm precedes the tied output head, and logits
+may be soft-capped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill import layers
+from student.config import StudentConfig
+
+
+class Block(nnx.Module):
+  """One decoder layer of a given kind. x [B, T, D] -> [B, T, D]."""
+
+  def __init__(self, config: StudentConfig, kind: str, *, rngs: nnx.Rngs):
+    c = config
+    norm = functools.partial(layers.RMSNorm, c.d_model, eps=c.rms_eps,
+                             offset_one=True, param_dtype=c.param_dtype)
+    local = layers.check_kind(kind) == "local"
+    self.kind = kind
+    self.pre_attn_norm = norm()
+    self.attn = layers.Attention(
+        c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rngs=rngs,
+        kind=kind, window=c.window if local else None,
+        rope_base=c.rope_local_base if local else c.rope_global_base,
+        rope_scaling_factor=1.0 if local else c.rope_global_scaling,
+        qk_norm="head", norm_eps=c.rms_eps, norm_offset_one=True,
+        query_scale=c.query_scale, dtype=c.dtype, param_dtype=c.param_dtype)
+    self.post_attn_norm = norm()
+    self.pre_mlp_norm = norm()
+    self.mlp = layers.MLP(c.d_model, c.d_ff, rngs=rngs, activation="gelu_tanh",
+                          dtype=c.dtype, param_dtype=c.param_dtype)
+    self.post_mlp_norm = norm()
+
+  def __call__(self, x, segment_ids, positions):
+    h = x + self.post_attn_norm(
+        self.attn(self.pre_attn_norm(x), segment_ids, positions))
+    return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+
+
+class Student(nnx.Module):
+  """tokens [B, T] int32 -> logits [B, T, V] float32."""
+
+  def __init__(self, config: StudentConfig, rngs: nnx.Rngs):
+    c = self.config = config
+    self.embed = layers.Embed(c.vocab_size, c.d_model, rngs=rngs, dtype=c.dtype,
+                              param_dtype=c.param_dtype)
+    self.blocks = nnx.List([Block(c, kind, rngs=rngs) for kind in c.layer_kinds])
+    self.final_norm = layers.RMSNorm(c.d_model, eps=c.rms_eps, offset_one=True,
+                                     param_dtype=c.param_dtype)
+
+  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """tokens [B, T] -> (hidden [B, T, D] after the final norm, aux {}).
+
+    segment_ids [B, T] (0 = padding; default all ones), positions [B, T]
+    (default arange(T)). ``aux`` holds auxiliary losses (none: dense model).
+    """
+    segment_ids = layers.default_segment_ids(tokens) if segment_ids is None else segment_ids
+    positions = layers.default_positions(tokens) if positions is None else positions
+    x = self.embed(tokens)
+    x = x * jnp.asarray(self.config.d_model**0.5, x.dtype)
+    for block in self.blocks:
+      x = block(x, segment_ids, positions)
+    return self.final_norm(x), {}
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] (from ``hidden``) -> logits [B, T, V] float32."""
+    return layers.softcap(self.embed.attend(hidden), self.config.final_logit_softcap)
+
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    hidden, _ = self.hidden(tokens, segment_ids, positions)
+    return self.logits_from_hidden(hidden)
+
+  def param_counts(self) -> dict[str, int]:
+    """{"total", "active"} parameters (equal: every parameter is used per token)."""
+    total = layers.count_params(self)
+    return {"total": total, "active": total}
+
+
+def abstract_student(config: StudentConfig) -> Student:
+  """The student with abstract parameters (no allocation), for shapes/restore."""
+  return nnx.eval_shape(lambda: Student(config, nnx.Rngs(0)))
