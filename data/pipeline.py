@@ -226,3 +226,20 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it_ds
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  """Splits a packed batch [B, L + 1] into what a model and its loss take.
+
+  Returns ``inputs``, ``segment_ids``, ``positions`` (the first L columns),
+  ``labels`` (the last L) and ``mask`` ([B, L], ``target_mask``). Works on
+  numpy and jax arrays alike.
+  """
+  segment_ids = batch["segment_ids"]
+  return {
+      "inputs": batch["tokens"][:, :-1],
+      "labels": batch["tokens"][:, 1:],
+      "segment_ids": segment_ids[:, :-1],
+      "positions": batch["positions"][:, :-1],
+      "mask": target_mask(segment_ids),
+  }

@@ -1,0 +1,258 @@
+"""The training loop shared by teacher pretraining and student distillation.
+
+``train(...)`` owns everything around the step: AdamW with warmup + cosine and
+gradient clipping, resumable orbax checkpoints that hold the parameters, the
+optimizer state and the grain iterator state (so a resumed run sees exactly
+the batches it would have seen), an eval hook every ``eval_every`` steps,
+metrics to TensorBoard event files and ``metrics.jsonl``, a progress bar, and
+SIGTERM handling (save, then stop cleanly). A run whose last checkpoint is at
+``steps`` is finished, and calling ``train`` again does nothing.
+
+The caller supplies the model, a ``loss_fn(model, batch, step) -> (loss,
+metrics)`` and a factory for the training iterator; the output folder is a
+model folder (see ``distill.checkpoint``), so ``load_teacher`` /
+``load_student`` read it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from distill import checkpoint as ckpt
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Optimisation and bookkeeping settings of one training run."""
+  steps: int
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  end_learning_rate_fraction: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  log_every: int = 20
+  eval_every: int = 200
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+
+  @classmethod
+  def from_config(cls, config) -> "LoopConfig":
+    """From a ConfigDict section; keys that are not fields are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names})
+
+
+def learning_rate_schedule(cfg: LoopConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine down to a fraction of it."""
+  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(cfg.steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.end_learning_rate_fraction)
+
+
+def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
+  """AdamW on the schedule, after global-norm gradient clipping.
+
+  Weight decay skips vectors (norm scales, biases), as is usual.
+  """
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                  weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+class MetricsWriter:
+  """Appends metrics to ``metrics.jsonl`` and TensorBoard event files."""
+
+  def __init__(self, out_dir: str):
+    self._path = os.path.join(out_dir, METRICS_FILE)
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+    except ImportError:  # Optional: the JSONL file has everything.
+      logging.warning("tensorboardX is not installed; metrics go to %s only", self._path)
+
+  def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+    record = {"step": int(step), **{prefix + k: float(v) for k, v in metrics.items()}}
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step":
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(out_dir: str) -> list[dict[str, float]]:
+  """The records of a run's ``metrics.jsonl``, oldest first."""
+  path = os.path.join(out_dir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(out_dir: str, step: int) -> None:
+  """After a resume from ``step``, drops records the lost steps had written."""
+  records = [r for r in read_metrics(out_dir) if r["step"] <= step]
+  path = os.path.join(out_dir, METRICS_FILE)
+  if os.path.isfile(path):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: no signal handling.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  status: str            # "finished", "already finished" or "interrupted"
+  last_metrics: dict[str, float]
+
+
+def _to_float(tree: dict[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
+
+
+def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
+          make_iterator: Callable[[], Iterator], cfg: LoopConfig,
+          eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+          desc: str = "train") -> TrainResult:
+  """Trains ``model`` in place for ``cfg.steps`` steps, resuming if possible.
+
+  Args:
+    out_dir: the run's model folder; its ``config.json`` must already exist.
+    model: the module to train (its initial parameters are used when there is
+      no checkpoint yet).
+    loss_fn: ``(model, batch, step) -> (loss, metrics dict)``, traced under jit.
+    make_iterator: returns a fresh grain iterator over training batches.
+    cfg: optimisation settings.
+    eval_fn: ``(model, step) -> metrics``, called every ``cfg.eval_every`` steps
+      and at the end; its metrics are written with an ``eval/`` prefix.
+  """
+  tx = make_optimizer(cfg)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  iterator = make_iterator()
+  writer = MetricsWriter(out_dir)
+  mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
+
+  step = mngr.latest_step() or 0
+  if step:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
+        opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+    nnx.update(model, restored["params"])
+    nnx.update(optimizer, restored["opt_state"])
+    _truncate_metrics(out_dir, step)
+    logging.info("Resumed %s from step %d", out_dir, step)
+  if step >= cfg.steps:
+    print(f"{desc}: already finished at step {step} ({out_dir}); nothing to do.")
+    mngr.close()
+    writer.close()
+    return TrainResult(step, "already finished", {})
+
+  @nnx.jit
+  def train_step(model, optimizer, batch, step):
+    def objective(model):
+      return loss_fn(model, batch, step)
+    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+
+  def save(at_step: int) -> None:
+    mngr.save(at_step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
+        opt_state=ocp.args.StandardSave(nnx.state(optimizer)),
+        data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+    mngr.wait_until_finished()
+
+  schedule = learning_rate_schedule(cfg)
+  status, last, window = "finished", {}, []
+  tokens_seen, started = 0, time.time()
+  with _StopRequest() as stop, tqdm(total=cfg.steps, initial=step, desc=desc,
+                                    unit="step", dynamic_ncols=True) as bar:
+    while step < cfg.steps:
+      batch = next(iterator)
+      metrics = train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32))
+      step += 1
+      tokens_seen += int(np.asarray(batch["tokens"])[:, 1:].size)
+      window.append(metrics)
+      bar.update(1)
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+        means["learning_rate"] = float(schedule(step - 1))
+        means["tokens_per_second"] = tokens_seen / max(time.time() - started, 1e-9)
+        if not all(math.isfinite(v) for v in means.values()):
+          save(step - len(window))  # Keep the last good state for inspection.
+          raise FloatingPointError(
+              f"{desc}: non-finite metrics at step {step}: {means}. Lower"
+              " the learning rate or check the data; the last checkpoint is kept.")
+        writer.write(step, means)
+        bar.set_postfix(loss=f"{means['loss']:.3f}")
+        last, window = means, []
+      if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        eval_metrics = eval_fn(model, step)
+        writer.write(step, eval_metrics, prefix="eval/")
+        last.update({"eval/" + k: v for k, v in eval_metrics.items()})
+      if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        save(step)
+      if stop.requested:
+        save(step)
+        status = "interrupted"
+        logging.warning("%s: SIGTERM at step %d; checkpoint saved, stopping.", desc, step)
+        print(f"{desc}: stopped by SIGTERM at step {step}; checkpoint saved."
+              " Rerun the same command to resume.")
+        break
+  mngr.close()
+  writer.close()
+  return TrainResult(step, status, last)

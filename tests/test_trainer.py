@@ -1,0 +1,117 @@
+"""The shared training loop: learning, SIGTERM, exact resume, finished runs."""
+
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data import pipeline, prepare
+from distill import checkpoint as ckpt
+from distill import losses, trainer
+from experiments import stdlib
+
+
+class Bigram(nnx.Module):
+  """The smallest model with the trainer's interface."""
+
+  def __init__(self, vocab, dim, rngs):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def hidden(self, tokens, segment_ids=None, positions=None):
+    return self.embed(tokens), {}
+
+  def logits_from_hidden(self, hidden):
+    return self.head(hidden).astype(jnp.float32)
+
+
+def loss_fn(model, batch, step):
+  x = pipeline.model_inputs(batch)
+  hidden, _ = model.hidden(x["inputs"])
+  ce = losses.cross_entropy(model.logits_from_hidden(hidden), x["labels"], x["mask"])
+  return ce, {"ce": ce}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("w"))
+  prepare.prepare(stdlib.get_config("tiny"), workdir)
+  return prepare.data_dir(workdir)
+
+
+def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
+  if not os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ckpt.CONFIG_FILE), "w") as f:
+      f.write('{"kind": "test", "model": {}}')
+  model = Bigram(512, 16, nnx.Rngs(0))
+  cfg = trainer.LoopConfig(steps=steps, learning_rate=lr, warmup_steps=2,
+                           log_every=1, eval_every=4, checkpoint_every=4)
+  seen = [0]
+
+  def maybe_stop(batch):
+    # grain reads ahead, so the signal lands a step or two after this fetch.
+    seen[0] += 1
+    if kill_at is not None and seen[0] == kill_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  def make_iterator():
+    return iter(pipeline.make_dataset(data_dir, "train", seq_len=32, batch_size=4,
+                                      seed=0, process_index=0, process_count=1)
+                .map(maybe_stop))
+
+  evals = []
+  def eval_fn(model, step):
+    evals.append(step)
+    return {"loss": 1.0}
+
+  result = trainer.train(out_dir=out_dir, model=model, loss_fn=loss_fn,
+                         make_iterator=make_iterator, cfg=cfg, eval_fn=eval_fn)
+  return result, evals
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
+  result, evals = _run(str(tmp_path / "run"), data_dir, steps=30, lr=5e-2)
+  assert result.status == "finished" and result.step == 30
+  records = [r for r in trainer.read_metrics(str(tmp_path / "run")) if "loss" in r]
+  assert len(records) == 30
+  assert np.mean([r["loss"] for r in records[-5:]]) < records[0]["loss"] - 0.5
+  assert evals == [4, 8, 12, 16, 20, 24, 28, 30]
+  assert ckpt.latest_step(str(tmp_path / "run")) == 30
+  assert os.listdir(tmp_path / "run" / "tb")
+
+
+def test_sigterm_then_resume_matches_running_through(tmp_path, data_dir):
+  straight, _ = _run(str(tmp_path / "a"), data_dir)
+  interrupted, _ = _run(str(tmp_path / "b"), data_dir, kill_at=3)
+  assert interrupted.status == "interrupted" and 1 <= interrupted.step < 8
+  assert ckpt.latest_step(str(tmp_path / "b")) == interrupted.step
+  resumed, _ = _run(str(tmp_path / "b"), data_dir)
+  assert resumed.status == "finished"
+  want = {r["step"]: r["loss"] for r in trainer.read_metrics(str(tmp_path / "a")) if "loss" in r}
+  got = {r["step"]: r["loss"] for r in trainer.read_metrics(str(tmp_path / "b")) if "loss" in r}
+  assert sorted(got) == list(range(1, 9))
+  for step in range(1, 9):
+    assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, data_dir, capsys):
+  _run(str(tmp_path / "run"), data_dir, steps=4)
+  capsys.readouterr()
+  result, evals = _run(str(tmp_path / "run"), data_dir, steps=4)
+  assert result.status == "already finished" and not evals
+  assert "nothing to do" in capsys.readouterr().out
+
+
+def test_schedule_warms_up_and_decays():
+  cfg = trainer.LoopConfig(steps=100, learning_rate=1.0, warmup_steps=10,
+                           end_learning_rate_fraction=0.1)
+  schedule = trainer.learning_rate_schedule(cfg)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(100)) == pytest.approx(0.1)
+  assert float(schedule(55)) < float(schedule(20))
