@@ -1,0 +1,178 @@
+r"""Exports a distilled student: ``W/student/R/`` -> ``W/export/R[-hf]/``.
+
+    python -m student.export --workdir=/tmp/kd --run=sampled --format=hf
+    python -m student.export --workdir=/tmp/kd --run=sampled --format=orbax \
+        --dtype=bfloat16
+
+``--run`` left out exports every run under ``W/student/``. ``--config`` (the
+flag every binary shares) is accepted and not needed.
+
+``--format=orbax`` writes a params-only model folder (config.json + one
+checkpoint step) to ``W/export/R/``; ``--format=hf`` writes a Hugging Face
+Gemma 3 text folder with ``W/tokenizer.json`` to ``W/export/R-hf/``. Both
+load with ``student.load_student``; the HF folder also with
+``transformers.Gemma3ForCausalLM.from_pretrained``.
+
+The folder is built under a temporary name and renamed when complete, so a
+crash never leaves a half export under the final name. Rerunning with the same
+source step, format and dtype does nothing; a newer step replaces the export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+
+import jax
+from absl import flags, logging
+from flax import nnx
+
+from distill import checkpoint, cli
+from student import hf, load_student
+from student.model import abstract_student
+
+FORMATS = ("orbax", "hf")
+DTYPES = ("float32", "bfloat16")
+EXPORT_INFO = "export.json"
+
+
+class ExportError(cli.UserError):
+  """An export that cannot run as asked; the message says what to do."""
+
+
+def export_dir(workdir: str, run: str, fmt: str) -> str:
+  """``W/export/R/`` (orbax) or ``W/export/R-hf/`` (hf)."""
+  return os.path.join(workdir, "export", run + ("-hf" if fmt == "hf" else ""))
+
+
+def list_runs(workdir: str) -> list[str]:
+  """Runs under ``W/student/`` (folders with a config.json)."""
+  root = os.path.join(workdir, "student")
+  if not os.path.isdir(root):
+    return []
+  return sorted(r for r in os.listdir(root)
+                if os.path.isfile(os.path.join(root, r, checkpoint.CONFIG_FILE)))
+
+
+def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -> str:
+  """Exports run ``run`` of ``workdir``; returns the export folder."""
+  if fmt not in FORMATS:
+    raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+  if dtype not in DTYPES:
+    raise ExportError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+  source = os.path.join(workdir, "student", run)
+  if not os.path.isfile(os.path.join(source, checkpoint.CONFIG_FILE)):
+    runs = list_runs(workdir)
+    raise ExportError(
+        f"no student run {run!r}: {source} has no {checkpoint.CONFIG_FILE}. "
+        + (f"Runs in {workdir}/student: {', '.join(runs)}" if runs else
+           f"{workdir}/student has no runs yet; run `python -m distill.train` first"))
+  step = checkpoint.latest_step(source)
+  if step is None:
+    raise ExportError(f"{source} has no complete checkpoint yet; let"
+                      " `python -m distill.train` save one, then export")
+  tokenizer_json = os.path.join(workdir, hf.TOKENIZER_FILE)
+  if fmt == "hf" and not os.path.isfile(tokenizer_json):
+    raise ExportError(f"{tokenizer_json} is missing; the Hugging Face export ships the"
+                      " tokenizer. Run `python -m data.prepare` for this workdir first")
+
+  final = export_dir(workdir, run, fmt)
+  info = {"format": fmt, "run": run, "step": step, "dtype": dtype,
+          "source": os.path.abspath(source)}
+  if _read_info(final) == info:
+    logging.info("%s already holds step %d of %s (%s); nothing to do", final, step, run, dtype)
+    return final
+
+  model = load_student(source)
+  logging.info("exporting %s step %d as %s (%s) to %s", run, step, fmt, dtype, final)
+  parent = os.path.dirname(final)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    if fmt == "hf":
+      hf.save_hf(tmp, model, tokenizer_json=tokenizer_json, dtype=dtype)
+    else:
+      _save_orbax(tmp, model, dtype, step)
+    with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+    _replace(tmp, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def export_all(config, workdir: str) -> list[str]:
+  """The pipeline stage: every run with a checkpoint, in every format.
+
+  ``config.export.formats`` / ``config.export.dtype`` when the experiment
+  config has them; else both formats, float32.
+  """
+  settings = config.get("export", None) if config is not None else None
+  formats = tuple(settings.get("formats", FORMATS)) if settings else FORMATS
+  dtype = settings.get("dtype", "float32") if settings else "float32"
+  runs = [r for r in list_runs(workdir)
+          if checkpoint.latest_step(os.path.join(workdir, "student", r)) is not None]
+  if not runs:
+    raise ExportError(f"{workdir}/student has no finished runs to export; run"
+                      " `python -m distill.train` first")
+  return [export(workdir, run, fmt, dtype) for run in runs for fmt in formats]
+
+
+def _save_orbax(directory: str, model, dtype: str, step: int) -> None:
+  config = dataclasses.replace(model.config, param_dtype=dtype)
+  params = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param))
+  target = abstract_student(config)
+  nnx.update(target, params)
+  checkpoint.write_config(directory, "student", config)
+  checkpoint.save_params(directory, target, step=step)
+
+
+def _read_info(directory: str) -> dict | None:
+  try:
+    with open(os.path.join(directory, EXPORT_INFO)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _replace(tmp: str, final: str) -> None:
+  """Moves the finished ``tmp`` to ``final``, replacing an older export."""
+  old = None
+  if os.path.exists(final):
+    old = f"{tmp}.old"
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _define_flags():
+  # Defined only when run as a binary, so that importing export_all into the
+  # main job adds no flags there.
+  flags.DEFINE_string("run", None, "Run under WORKDIR/student/ (default: all runs).")
+  flags.DEFINE_enum("format", "orbax", FORMATS, "orbax: params-only model folder;"
+                    " hf: Hugging Face Gemma 3 text folder.")
+  flags.DEFINE_enum("dtype", "float32", DTYPES, "Dtype of the exported parameters.")
+
+
+def main(argv):
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.workdir or not os.path.isdir(FLAGS.workdir):
+    raise ExportError(f"--workdir={FLAGS.workdir} is not a folder; pass the workdir"
+                      " the pipeline wrote (it holds student/<run>/)")
+  workdir = FLAGS.workdir
+  runs = [FLAGS.run] if FLAGS.run else list_runs(workdir)
+  if not runs:
+    raise ExportError(f"{workdir}/student has no runs; run `python -m distill.train` first")
+  for run in runs:
+    print(export(workdir, run, FLAGS.format, FLAGS.dtype))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  cli.run(main)
