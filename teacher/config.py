@@ -6,7 +6,7 @@ the from-scratch CPU teacher; `family` is bookkeeping only, the model branches
 on the fields.
 
     config = get_preset("demo", num_layers=4)
-    total, active = param_counts(config)
+    counts = param_counts(config)  # {"total": ..., "active": ...}
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ class TeacherConfig:
       last `sliding_window` positions (Mixtral / Qwen3-MoE semantics).
     tie_embeddings: the output head reuses the embedding.
     rms_eps: RMSNorm epsilon.
-    init_std: normal init scale of projections, router and experts.
     dtype: compute dtype of activations.
     param_dtype: storage dtype of parameters.
     family: where the shape comes from ("custom", "mixtral", ...).
@@ -86,7 +85,6 @@ class TeacherConfig:
   sliding_window: int | None = None
   tie_embeddings: bool = False
   rms_eps: float = 1e-6
-  init_std: float = 0.02
   dtype: str = "float32"
   param_dtype: str = "float32"
   family: str = "custom"
@@ -129,8 +127,8 @@ class TeacherConfig:
     return self.num_layers - len(self.dense_layers)
 
 
-def param_counts(config: TeacherConfig) -> tuple[int, int]:
-  """(total, active) parameter counts from the shapes alone.
+def param_counts(config: TeacherConfig) -> dict[str, int]:
+  """{"total", "active"} parameter counts from the shapes alone.
 
   Active = what one token touches: everything except the routed experts,
   plus `top_k` of the `num_experts` routed experts per MoE layer (the shared
@@ -161,7 +159,7 @@ def param_counts(config: TeacherConfig) -> tuple[int, int]:
       total += base + dense
       active += base + dense
   embed = c.vocab_size * d * (1 if c.tie_embeddings else 2) + d  # + final norm
-  return total + embed, active + embed
+  return {"total": total + embed, "active": active + embed}
 
 
 _PRESETS = {

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from distill import layers
+
 Array = jax.Array
 
 
@@ -185,31 +187,36 @@ class MoE(nnx.Module):
   """MoE FFN: [B, T, D] -> ([B, T, D], aux dict). See the module docstring."""
 
   def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *,
-               norm_topk_prob: bool = True, shared_expert_d_ff: int = 0,
+               rngs: nnx.Rngs, norm_topk_prob: bool = True,
+               shared_expert_d_ff: int = 0,
                capacity_factor: float | None = None, impl: str = "auto",
-               init_std: float = 0.02, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32):
     if impl not in ("auto", "ragged", "blocked"):
-      raise ValueError(f"unknown MoE impl {impl!r}")
+      raise ValueError(f"unknown MoE impl {impl!r}; use auto, ragged or blocked")
     self.num_experts, self.top_k = num_experts, top_k
     self.norm_topk_prob = norm_topk_prob
     self.capacity_factor = capacity_factor
     self.impl = impl
-    self.dtype = dtype
-    init = nnx.initializers.normal(init_std)
+    self.dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype)
     e, d, f = num_experts, d_model, d_ff
-    self.router = nnx.Param(init(rngs.params(), (d, e), param_dtype))
+    # Fan-in scaling as in distill.layers.Einsum; axis 0 of experts is a batch.
+    init = nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+        batch_axis=(0,))
+    self.router = nnx.Param(nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal")(rngs.params(), (d, e), param_dtype))
     self.gate = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
     self.up = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
     self.down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
-    self.shared_expert_d_ff = shared_expert_d_ff
     if shared_expert_d_ff:
-      fs = shared_expert_d_ff
-      self.shared_gate = nnx.Param(init(rngs.params(), (d, fs), param_dtype))
-      self.shared_up = nnx.Param(init(rngs.params(), (d, fs), param_dtype))
-      self.shared_down = nnx.Param(init(rngs.params(), (fs, d), param_dtype))
-      self.shared_expert_gate = nnx.Param(
-          init(rngs.params(), (d, 1), param_dtype))
+      self.shared_expert = layers.MLP(d, shared_expert_d_ff, rngs=rngs,
+                                      dtype=dtype, param_dtype=param_dtype)
+      self.shared_expert_gate = layers.Einsum(
+          "...D,DO->...O", (d, 1), in_axes=(0,), rngs=rngs, dtype=dtype,
+          param_dtype=param_dtype)
+    else:
+      self.shared_expert = self.shared_expert_gate = None
 
   def _impl(self) -> str:
     if self.impl != "auto":
@@ -238,12 +245,8 @@ class MoE(nnx.Module):
                   for w in (self.gate, self.up, self.down))
     y, kept = dispatch(xf, weights, experts, wg, wu, wd, valid=valid,
                        capacity=capacity, impl=self._impl())
-    if self.shared_expert_d_ff:
-      h = jax.nn.silu(xf @ self.shared_gate[...].astype(self.dtype))
-      h = h * (xf @ self.shared_up[...].astype(self.dtype))
-      s = h @ self.shared_down[...].astype(self.dtype)
-      g = jax.nn.sigmoid(xf @ self.shared_expert_gate[...].astype(self.dtype))
-      y = y + g * s
+    if self.shared_expert is not None:
+      y = y + jax.nn.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(xf)
     aux = router_stats(logits, probs, experts, valid)
     real = jnp.repeat(valid, self.top_k).reshape(n, self.top_k)
     aux["dropped_fraction"] = (

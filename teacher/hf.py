@@ -1,0 +1,476 @@
+"""Hugging Face MoE checkpoints -> teacher model folders.
+
+Reads a local folder holding ``config.json``, safetensors weights (one file, or
+shards listed in ``model.safetensors.index.json``) and ``tokenizer.json`` of a
+Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE causal LM, and writes ``W/teacher/``
+(see distill/checkpoint.py) plus ``W/tokenizer.json``. Nothing from the folder
+is executed: the config is JSON, the weights safetensors; pickled ``.bin``
+weights are refused.
+
+Weight layouts (torch Linear weights are [out, in]; ours are [in, ...out]):
+
+    embed_tokens [V, D]                     -> embed.embedding [V, D]
+    q_proj [N*H, D] (+ bias [N*H])          -> attn.q_proj.kernel [D, N, H] (+ bias [N, H])
+    k_proj, v_proj [K*H, D]                 -> [D, K, H]
+    o_proj [D, N*H]                         -> attn.o_proj.kernel [N, H, D]
+    q_norm / k_norm [H] (Qwen3) or [N*H] / [K*H] (OLMoE) -> *.scale
+    router gate [E, D]                      -> moe.router [D, E]
+    experts.{e}.gate_proj / w1 [F, D]       -> moe.gate [E, D, F]   (stacked)
+    experts.{e}.up_proj / w3 [F, D]         -> moe.up [E, D, F]
+    experts.{e}.down_proj / w2 [D, F]       -> moe.down [E, F, D]
+      or fused (transformers 5 without the legacy format):
+      experts.gate_up_proj [E, 2F, D] and experts.down_proj [E, D, F]
+    shared_expert.*_proj, shared_expert_gate [1, D] -> moe.shared_expert.*, ..._gate [D, 1]
+    mlp.*_proj (dense layers)               -> mlp.*_proj.kernel
+    lm_head [V, D]                          -> head.kernel [D, V] (absent when tied)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+from safetensors import safe_open
+
+from data.tokenizer import tokenizer_hash
+from distill import checkpoint
+from distill.errors import UserError
+from teacher.config import TeacherConfig
+from teacher.model import abstract_teacher
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+class HFImportError(UserError):
+  """A Hugging Face folder this importer cannot (or will not) read."""
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise HFImportError(
+        f"{hf_dir!r} has no config.json: pass the folder of a Hugging Face"
+        " checkpoint (the one holding config.json and *.safetensors)")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise HFImportError(f"{path} is not valid JSON: {e}") from e
+
+
+def _rope(hf: dict[str, Any]) -> float:
+  """rope_theta from `rope_parameters` (transformers 5) or the top level."""
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type", scaling.get("rope_type",
+                                                  scaling.get("type", "default")))
+  if rope_type != "default":
+    raise HFImportError(
+        f"RoPE type {rope_type!r} is not supported (only the default, unscaled"
+        " RoPE of the base checkpoints); import a checkpoint without rope_scaling")
+  return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+
+def teacher_config_from_hf(hf: dict[str, Any], *, dtype: str | None = None,
+                           param_dtype: str = "float32") -> TeacherConfig:
+  """Maps a transformers config.json (as a dict) to a TeacherConfig.
+
+  Defaults follow each family's transformers configuration class (a missing
+  key means its default there). Raises HFImportError for anything the teacher
+  does not implement rather than importing a different model.
+  """
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    raise HFImportError(
+        f"model_type {family!r} is not supported; the importer reads"
+        f" {', '.join(FAMILIES)} checkpoints")
+  if hf.get("quantization_config"):
+    raise HFImportError("quantized checkpoints are not supported; import the"
+                        " unquantized (bf16/fp32) weights")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise HFImportError(f"hidden_act={act!r}: only 'silu' experts are supported")
+  d = hf.get("hidden_size", {"mixtral": 4096, "olmoe": 2048}.get(family, 2048))
+  heads = hf.get("num_attention_heads", 32 if family in ("mixtral", "qwen3_moe") else 16)
+  kv_default = {"mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4}.get(family, heads)
+  kv = hf.get("num_key_value_heads") or kv_default
+  head_dim = hf.get("head_dim") or d // heads
+  layers = hf["num_hidden_layers"]
+  fields: dict[str, Any] = dict(
+      vocab_size=hf["vocab_size"], d_model=d, num_layers=layers,
+      num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+      rope_base=_rope(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      rms_eps=float(hf.get("rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6)),
+      router_aux_loss_coef=float(hf.get("router_aux_loss_coef",
+                                        0.01 if family == "olmoe" else 0.001)),
+      family=family, param_dtype=param_dtype,
+      dtype=dtype or ("float32" if param_dtype == "float32" else "bfloat16"))
+
+  # transformers' attribute_map aliases the expert count, and version 5 writes
+  # Qwen3-MoE's as num_local_experts while the hub configs say num_experts.
+  num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+  if num_experts is None:
+    num_experts = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128,
+                   "olmoe": 64}[family]
+  fields["num_experts"] = num_experts
+  if family == "mixtral":
+    fields.update(
+        top_k=hf.get("num_experts_per_tok", 2),
+        d_ff=hf.get("intermediate_size", 14336),
+        norm_topk_prob=True)  # hard-coded in MixtralTopKRouter
+    fields["sliding_window"] = hf.get("sliding_window") or None
+  else:
+    fields.update(
+        top_k=hf.get("num_experts_per_tok", {"qwen2_moe": 4, "qwen3_moe": 8,
+                                             "olmoe": 8}[family]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+  if fields["num_experts"] <= 0:
+    raise HFImportError(f"num_experts={fields['num_experts']}: a dense model,"
+                        " not an MoE; the teacher importer needs experts")
+
+  if family in ("qwen2_moe", "qwen3_moe"):
+    fields["d_ff"] = hf.get("moe_intermediate_size",
+                            1408 if family == "qwen2_moe" else 768)
+    step = hf.get("decoder_sparse_step", 1) or 1
+    mlp_only = set(hf.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(layers)
+                  if i in mlp_only or (i + 1) % step != 0)
+    if dense:
+      fields.update(dense_layers=dense, dense_d_ff=hf.get(
+          "intermediate_size", 5632 if family == "qwen2_moe" else 6144))
+    fields["sliding_window"] = _qwen_window(hf, family, layers)
+
+  if family == "qwen2_moe":
+    fields["qkv_bias"] = bool(hf.get("qkv_bias", True))
+    fields["shared_expert_d_ff"] = hf.get("shared_expert_intermediate_size", 5632)
+    if hf.get("attention_bias"):
+      raise HFImportError("qwen2_moe with attention_bias is not supported")
+  elif family == "qwen3_moe":
+    fields["qk_norm"] = "head"
+  elif family == "olmoe":
+    fields["d_ff"] = hf.get("intermediate_size", 2048)
+    fields["qk_norm"] = "full"
+    fields["clip_qkv"] = hf.get("clip_qkv")
+    if head_dim * heads != d:
+      raise HFImportError(
+          f"OLMoE with head_dim={head_dim} * heads={heads} != hidden_size={d}"
+          " is not supported (its q/k norms assume hidden_size // heads)")
+  if family in ("mixtral", "qwen3_moe", "olmoe") and hf.get("attention_bias"):
+    raise HFImportError(
+        f"{family} with attention_bias=true (a bias on o_proj too) is not"
+        " supported")
+  try:
+    return TeacherConfig(**fields)
+  except ValueError as e:
+    raise HFImportError(f"config.json describes an unsupported model: {e}") from e
+
+
+def _qwen_window(hf: dict[str, Any], family: str, layers: int) -> int | None:
+  if not hf.get("use_sliding_window", False):
+    return None
+  window = hf.get("sliding_window", 4096)
+  if family == "qwen3_moe":  # every layer slides (Qwen3MoeAttention)
+    return window
+  types = hf.get("layer_types") or [
+      "sliding_attention" if (i + 1) % 2 and i < hf.get("max_window_layers", 28)
+      else "full_attention" for i in range(layers)]
+  if all(t == "full_attention" for t in types):
+    return None
+  if all(t == "sliding_attention" for t in types):
+    return window
+  raise HFImportError(
+      "this Qwen2-MoE config uses a sliding window on some layers only"
+      f" (layer_types={types}); the teacher supports all-global or"
+      " all-sliding attention. Set use_sliding_window=false if the checkpoint"
+      " was trained without it")
+
+
+# ----------------------------------------------------------------------------
+# Weights
+
+
+class SafetensorsReader:
+  """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint."""
+
+  def __init__(self, hf_dir: str):
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self._files = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+      missing = sorted({v for v in self._files.values() if not os.path.isfile(v)})
+      if missing:
+        raise HFImportError(f"shards listed in {index} are missing: {missing}")
+    else:
+      files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+      if not files:
+        pickled = sorted(os.path.basename(p) for pat in _PICKLE_PATTERNS
+                         for p in glob.glob(os.path.join(hf_dir, pat)))
+        what = (f"only pickled weights ({', '.join(pickled)})" if pickled
+                else "no *.safetensors weights")
+        raise HFImportError(
+            f"{hf_dir!r} has {what}. Only safetensors are read (unpickling"
+            " can run arbitrary code); convert them first, e.g. load the"
+            " model in transformers and save_pretrained(..., "
+            "safe_serialization=True)")
+      self._files = {}
+      for path in files:
+        with safe_open(path, framework="flax") as f:
+          for key in f.keys():
+            self._files[key] = path
+    self._open: dict[str, Any] = {}
+
+  def keys(self) -> set[str]:
+    return set(self._files)
+
+  def dtype(self, key: str) -> str:
+    handle = self._handle(key)
+    name = handle.get_slice(key).get_dtype()
+    if name not in _DTYPES:
+      raise HFImportError(f"tensor {key} has dtype {name}; expected one of"
+                          f" {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+  def get(self, key: str) -> jax.Array:
+    if key not in self._files:
+      raise HFImportError(f"the checkpoint has no tensor {key!r}")
+    return self._handle(key).get_tensor(key)
+
+  def _handle(self, key):
+    path = self._files[key]
+    if path not in self._open:
+      self._open[path] = safe_open(path, framework="flax").__enter__()
+    return self._open[path]
+
+  def close(self):
+    for handle in self._open.values():
+      handle.__exit__(None, None, None)
+    self._open.clear()
+
+
+def _normalise(key: str) -> str:
+  """One spelling for the families' tensor names (Mixtral's legacy names)."""
+  key = key.replace(".block_sparse_moe.", ".mlp.")
+  return re.sub(r"(\.experts\.\d+)\.w([123])\.",
+                lambda m: m.group(1) + {"1": ".gate_proj.", "2": ".down_proj.",
+                                        "3": ".up_proj."}[m.group(2)], key)
+
+
+def _param_sources(config: TeacherConfig, names: set[str]
+                   ) -> Iterator[tuple[tuple, list[str], Callable]]:
+  """(our param path, HF tensor names, fn(tensors) -> our array) per param."""
+  c = config
+  n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model
+  t = lambda w: w.T
+  yield ("embed", "embedding"), ["model.embed_tokens.weight"], lambda w: w
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}."
+    b = ("blocks", i)
+    yield b + ("attn_norm", "scale"), [p + "input_layernorm.weight"], lambda w: w
+    yield b + ("ffn_norm", "scale"), [p + "post_attention_layernorm.weight"], lambda w: w
+    a = p + "self_attn."
+    yield (b + ("attn", "q_proj", "kernel"), [a + "q_proj.weight"],
+           lambda w: w.T.reshape(d, n, h))
+    for name in ("k_proj", "v_proj"):
+      yield (b + ("attn", name, "kernel"), [a + name + ".weight"],
+             lambda w: w.T.reshape(d, k, h))
+    yield (b + ("attn", "o_proj", "kernel"), [a + "o_proj.weight"],
+           lambda w: w.T.reshape(n, h, d))
+    if c.qkv_bias:
+      yield b + ("attn", "q_proj", "bias"), [a + "q_proj.bias"], lambda w: w.reshape(n, h)
+      for name in ("k_proj", "v_proj"):
+        yield (b + ("attn", name, "bias"), [a + name + ".bias"],
+               lambda w: w.reshape(k, h))
+    if c.qk_norm != "none":
+      for name in ("q_norm", "k_norm"):
+        yield b + ("attn", name, "scale"), [a + name + ".weight"], lambda w: w
+    m = p + "mlp."
+    if not c.is_moe_layer(i):
+      for name in ("gate_proj", "up_proj", "down_proj"):
+        yield b + ("mlp", name, "kernel"), [m + name + ".weight"], t
+      continue
+    yield b + ("moe", "router"), [m + "gate.weight"], t
+    if m + "experts.gate_up_proj" in names:
+      f = c.d_ff
+      yield (b + ("moe", "gate"), [m + "experts.gate_up_proj"],
+             lambda w: jnp.swapaxes(w[:, :f], 1, 2))
+      yield (b + ("moe", "up"), [m + "experts.gate_up_proj"],
+             lambda w: jnp.swapaxes(w[:, f:], 1, 2))
+      yield (b + ("moe", "down"), [m + "experts.down_proj"],
+             lambda w: jnp.swapaxes(w, 1, 2))
+    else:
+      for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"),
+                           ("down", "down_proj")):
+        keys = [f"{m}experts.{e}.{theirs}.weight" for e in range(c.num_experts)]
+        yield b + ("moe", ours), keys, lambda *ws: jnp.stack([w.T for w in ws])
+    if c.shared_expert_d_ff:
+      for name in ("gate_proj", "up_proj", "down_proj"):
+        yield (b + ("moe", "shared_expert", name, "kernel"),
+               [m + "shared_expert." + name + ".weight"], t)
+      yield (b + ("moe", "shared_expert_gate", "kernel"),
+             [m + "shared_expert_gate.weight"], t)
+  yield ("final_norm", "scale"), ["model.norm.weight"], lambda w: w
+  if not c.tie_embeddings:
+    yield ("head", "kernel"), ["lm_head.weight"], t
+
+
+def load_hf_weights(hf_dir: str, config: TeacherConfig,
+                    reader: SafetensorsReader | None = None) -> nnx.Module:
+  """The teacher for `config` with its parameters read from `hf_dir`.
+
+  Tensors are read one at a time (a layer's experts are stacked as they are
+  read), so peak memory is about the model plus one layer's expert weights.
+  """
+  own_reader = reader is None
+  reader = reader or SafetensorsReader(hf_dir)
+  try:
+    raw = {_normalise(key): key for key in reader.keys()}
+    model = abstract_teacher(config)
+    state = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    used = set()
+    dtype = jnp.dtype(config.param_dtype)
+    for path, names, convert in _param_sources(config, set(raw)):
+      if path not in flat:
+        raise AssertionError(f"importer maps to unknown parameter {path}")
+      missing = [name for name in names if name not in raw]
+      if missing:
+        raise HFImportError(
+            f"the checkpoint lacks {missing[0]!r} (needed for"
+            f" {'.'.join(map(str, path))}); is config.json from the same model?")
+      value = convert(*(reader.get(raw[name]) for name in names))
+      target = flat[path]
+      if tuple(value.shape) != tuple(target.shape):
+        raise HFImportError(
+            f"{names[0]} converts to shape {tuple(value.shape)} but"
+            f" {'.'.join(map(str, path))} needs {tuple(target.shape)}")
+      target.set_value(jnp.asarray(value, dtype))
+      used.update(names)
+      del flat[path]
+    if flat:
+      raise AssertionError(f"parameters without a source: {sorted(flat)[:5]}")
+    ignorable = re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$")
+    unused = sorted(n for n in set(raw) - used if not ignorable.match(n))
+    if unused:
+      raise HFImportError(
+          f"the checkpoint has {len(unused)} tensor(s) this config does not"
+          f" use, e.g. {unused[:3]}; the config and weights disagree or the"
+          " architecture has parts the teacher lacks")
+    nnx.update(model, state)
+    return model
+  finally:
+    if own_reader:
+      reader.close()
+
+
+# ----------------------------------------------------------------------------
+# The stage
+
+
+def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
+              dtype: str | None = None, overwrite: bool = False) -> str:
+  """Imports a Hugging Face MoE checkpoint into ``workdir/teacher``.
+
+  Writes the model folder under a temporary name and renames it when complete;
+  copies ``tokenizer.json`` to ``workdir/tokenizer.json`` (refusing to replace
+  a different one). A finished import of the same folder is skipped.
+
+  Args:
+    hf_dir: local folder with config.json, *.safetensors, tokenizer.json.
+    workdir: the pipeline's working folder.
+    param_dtype: stored parameter dtype; default the checkpoint's own.
+    dtype: compute dtype; default float32 for float32 weights, else bfloat16.
+    overwrite: replace an existing ``workdir/teacher``.
+  Returns:
+    The teacher folder.
+  """
+  hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
+  if not os.path.isdir(hf_dir):
+    raise HFImportError(f"--hf_dir={hf_dir} is not a folder")
+  hf = read_hf_config(hf_dir)
+  config = teacher_config_from_hf(hf, dtype=dtype,  # refuse early, before I/O
+                                  param_dtype=param_dtype or "float32")
+  tokenizer_src = os.path.join(hf_dir, "tokenizer.json")
+  if not os.path.isfile(tokenizer_src):
+    raise HFImportError(
+        f"{hf_dir} has no tokenizer.json (the fast-tokenizer file the pipeline"
+        " uses); create it with transformers: AutoTokenizer.from_pretrained(dir)"
+        ".save_pretrained(dir)")
+  tok_hash = tokenizer_hash(tokenizer_src)
+  tokenizer_dst = os.path.join(workdir, "tokenizer.json")
+  if os.path.exists(tokenizer_dst) and tokenizer_hash(tokenizer_dst) != tok_hash:
+    raise HFImportError(
+        f"{tokenizer_dst} exists and differs from {tokenizer_src}: this workdir"
+        " was prepared with another tokenizer. Use a fresh --workdir (data,"
+        " caches and students must share the teacher's tokenizer)")
+
+  teacher_dir = os.path.join(workdir, "teacher")
+  if os.path.exists(teacher_dir) and not overwrite:
+    existing = _existing_import(teacher_dir)
+    if existing == (hf_dir, tok_hash):
+      logging.info("%s already holds this import; skipping", teacher_dir)
+      _copy_tokenizer(tokenizer_src, tokenizer_dst)
+      return teacher_dir
+    raise HFImportError(
+        f"{teacher_dir} already exists and is not an import of {hf_dir};"
+        " remove it or pass --overwrite")
+
+  reader = SafetensorsReader(hf_dir)
+  try:
+    if param_dtype is None:
+      param_dtype = reader.dtype(next(
+          (k for k in sorted(reader.keys()) if k.endswith("embed_tokens.weight")),
+          sorted(reader.keys())[0]))
+      config = teacher_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+    logging.info("Importing %s (%s) as %s", hf_dir, config.family, config)
+    model = load_hf_weights(hf_dir, config, reader)
+  finally:
+    reader.close()
+
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, f".teacher.tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    checkpoint.write_config(tmp, "teacher", config, family=config.family,
+                            source=hf_dir, tokenizer_sha256=tok_hash,
+                            param_counts=model.param_counts())
+    checkpoint.save_params(tmp, model, step=0)
+    if os.path.exists(teacher_dir):  # overwrite
+      shutil.rmtree(teacher_dir)
+    os.replace(tmp, teacher_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  _copy_tokenizer(tokenizer_src, tokenizer_dst)
+  logging.info("Wrote %s (%s parameters)", teacher_dir, model.param_counts())
+  return teacher_dir
+
+
+def _existing_import(teacher_dir: str):
+  try:
+    payload = checkpoint.read_config(teacher_dir, kind="teacher")
+  except checkpoint.ModelFolderError:
+    return None
+  if checkpoint.latest_step(teacher_dir) is None:
+    return None
+  return payload.get("source"), payload.get("tokenizer_sha256")
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+  tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)

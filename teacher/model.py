@@ -1,0 +1,154 @@
+"""The sparse-MoE teacher (Flax NNX), built from distill.layers and teacher.moe.
+
+Per block (pre-norm, as Mixtral / Qwen-MoE / OLMoE)::
+
+    h = x + attn(attn_norm(x))
+    y = h + ffn(ffn_norm(h))        ffn: MoE, or a dense gated MLP on the
+                                    layers in config.dense_layers
+
+then a final RMSNorm and the output head (the embedding when tied).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill import checkpoint, layers
+from teacher import moe as moe_lib
+from teacher.config import TeacherConfig
+
+
+class Block(nnx.Module):
+  """One decoder layer. x [B, T, D] -> ([B, T, D], MoE aux dict or None)."""
+
+  def __init__(self, config: TeacherConfig, layer: int, *, rngs: nnx.Rngs):
+    c = config
+    norm = functools.partial(layers.RMSNorm, c.d_model, eps=c.rms_eps,
+                             param_dtype=c.param_dtype)
+    local = c.sliding_window is not None
+    self.attn_norm = norm()
+    self.attn = layers.Attention(
+        c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rngs=rngs,
+        kind="local" if local else "global", window=c.sliding_window,
+        rope_base=c.rope_base, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
+        norm_eps=c.rms_eps, clip_qkv=c.clip_qkv, dtype=c.dtype,
+        param_dtype=c.param_dtype)
+    self.ffn_norm = norm()
+    self.is_moe = c.is_moe_layer(layer)
+    if self.is_moe:
+      self.moe = moe_lib.MoE(
+          c.d_model, c.d_ff, c.num_experts, c.top_k, rngs=rngs,
+          norm_topk_prob=c.norm_topk_prob,
+          shared_expert_d_ff=c.shared_expert_d_ff,
+          capacity_factor=c.capacity_factor, impl=c.moe_impl, dtype=c.dtype,
+          param_dtype=c.param_dtype)
+      self.mlp = None
+    else:
+      self.moe = None
+      self.mlp = layers.MLP(c.d_model, c.dense_d_ff, rngs=rngs, dtype=c.dtype,
+                            param_dtype=c.param_dtype)
+
+  def __call__(self, x, segment_ids, positions):
+    x = x + self.attn(self.attn_norm(x), segment_ids, positions)
+    h = self.ffn_norm(x)
+    if self.is_moe:
+      y, aux = self.moe(h, mask=segment_ids != 0)
+    else:
+      y, aux = self.mlp(h), None
+    return x + y, aux
+
+
+class Teacher(nnx.Module):
+  """tokens [B, T] int32 -> logits [B, T, V] float32."""
+
+  def __init__(self, config: TeacherConfig, rngs: nnx.Rngs):
+    c = self.config = config
+    self.embed = layers.Embed(c.vocab_size, c.d_model, rngs=rngs, dtype=c.dtype,
+                              param_dtype=c.param_dtype)
+    self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+    self.final_norm = layers.RMSNorm(c.d_model, eps=c.rms_eps,
+                                     param_dtype=c.param_dtype)
+    self.head = (None if c.tie_embeddings else layers.Unembed(
+        c.d_model, c.vocab_size, rngs=rngs, dtype=c.dtype,
+        param_dtype=c.param_dtype))
+
+  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """tokens [B, T] -> (hidden [B, T, D] after the final norm, aux).
+
+    segment_ids [B, T] (0 = padding, left out of the router statistics;
+    default all ones), positions [B, T] (default arange(T)).
+    aux: "load_balancing_loss", "z_loss", "dropped_fraction" (means over the
+    MoE layers, not multiplied by any coefficient) and "expert_load"
+    [num_moe_layers, E] (routed assignments per expert).
+    """
+    segment_ids = (layers.default_segment_ids(tokens) if segment_ids is None
+                   else segment_ids)
+    positions = (layers.default_positions(tokens) if positions is None
+                 else positions)
+    x = self.embed(tokens)
+    auxes = []
+    for block in self.blocks:
+      x, aux = block(x, segment_ids, positions)
+      if aux is not None:
+        auxes.append(aux)
+    return self.final_norm(x), _merge_aux(auxes, self.config.num_experts)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> logits [B, T, V] float32."""
+    if self.head is None:
+      return self.embed.attend(hidden)
+    return self.head(hidden)
+
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    hidden, _ = self.hidden(tokens, segment_ids, positions)
+    return self.logits_from_hidden(hidden)
+
+  def param_counts(self) -> dict[str, int]:
+    """{"total", "active"}: active counts top_k of the E routed experts."""
+    total = layers.count_params(self)
+    c = self.config
+    idle = 0
+    for block in self.blocks:
+      if block.is_moe:
+        m = block.moe
+        per_expert = sum(w.shape[1] * w.shape[2] for w in (m.gate, m.up, m.down))
+        idle += (c.num_experts - c.top_k) * per_expert
+    return {"total": total, "active": total - idle}
+
+
+def _merge_aux(auxes: list[dict], num_experts: int) -> dict[str, jax.Array]:
+  if not auxes:
+    zero = jnp.zeros((), jnp.float32)
+    return {"load_balancing_loss": zero, "z_loss": zero,
+            "dropped_fraction": zero,
+            "expert_load": jnp.zeros((0, num_experts), jnp.float32)}
+  mean = lambda key: jnp.mean(jnp.stack([a[key] for a in auxes]))
+  return {
+      "load_balancing_loss": mean("load_balancing_loss"),
+      "z_loss": mean("z_loss"),
+      "dropped_fraction": mean("dropped_fraction"),
+      "expert_load": jnp.stack([a["expert_load"] for a in auxes]),
+  }
+
+
+def abstract_teacher(config: TeacherConfig) -> Teacher:
+  """The teacher with abstract parameters (no allocation), for shapes/restore."""
+  return nnx.eval_shape(lambda: Teacher(config, nnx.Rngs(0)))
+
+
+def load_teacher(directory: str, step: int | None = None) -> Teacher:
+  """The teacher saved in a model folder (``W/teacher``), latest step by default.
+
+  Reads ``config.json`` (kind "teacher"), builds the model abstractly and
+  restores only its parameters, so a training checkpoint and an import load
+  the same way. Raises checkpoint.ModelFolderError with what to do otherwise.
+  """
+  payload = checkpoint.read_config(directory, kind="teacher")
+  config = checkpoint.config_from_dict(TeacherConfig, payload["model"])
+  return checkpoint.restore_params(directory, abstract_teacher(config), step)
