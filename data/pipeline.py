@@ -199,12 +199,14 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
                  seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, drop_remainder: bool = True,
+                 num_rows: int | None = None,
                  worker_count: int = 0) -> grain.IterDataset:
   """The batched, per-process pipeline over packed rows (see module doc).
 
   ``batch_size`` is the global batch; each of the ``process_count`` processes
   gets ``batch_size // process_count`` rows per batch from its own disjoint
-  shard. ``num_epochs=None`` repeats forever.
+  shard. ``num_epochs=None`` repeats forever. ``num_rows`` keeps only the
+  first rows of the split (those a logit cache covers), before shuffling.
   """
   if process_index is None or process_count is None:
     import jax  # Only when the caller does not say: keeps data/ light.
@@ -213,6 +215,10 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
     raise ValueError(f"batch_size {batch_size} is not divisible by the"
                      f" {process_count} processes")
   ds = grain.MapDataset.source(PackedRows(data_dir, split, seq_len))
+  if num_rows is not None:
+    if not 0 < num_rows <= len(ds):
+      raise ValueError(f"num_rows={num_rows} is outside [1, {len(ds)}] for {split}")
+    ds = ds[:num_rows]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:

@@ -62,6 +62,10 @@ def setup(argv):
     raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise UserError("--config is required, e.g. --config=experiments/stdlib.py")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and TFDS log every step at INFO; keep the progress bars readable.
+    # --verbosity=0 brings the INFO lines back.
+    logging.set_verbosity(logging.WARNING)
   workdir = check_workdir(_WORKDIR.value)
   logging.info("Config:\n%s", _CONFIG.value)
   return _CONFIG.value, workdir

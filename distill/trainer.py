@@ -166,6 +166,7 @@ def _to_float(tree: dict[str, Any]) -> dict[str, float]:
 def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
           make_iterator: Callable[[], Iterator], cfg: LoopConfig,
           eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+          frozen: tuple[nnx.Module, ...] = (),
           desc: str = "train") -> TrainResult:
   """Trains ``model`` in place for ``cfg.steps`` steps, resuming if possible.
 
@@ -173,11 +174,15 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
     out_dir: the run's model folder; its ``config.json`` must already exist.
     model: the module to train (its initial parameters are used when there is
       no checkpoint yet).
-    loss_fn: ``(model, batch, step) -> (loss, metrics dict)``, traced under jit.
+    loss_fn: ``(model, batch, step, *frozen) -> (loss, metrics dict)``, traced
+      under jit; gradients are taken with respect to ``model`` only.
     make_iterator: returns a fresh grain iterator over training batches.
     cfg: optimisation settings.
     eval_fn: ``(model, step) -> metrics``, called every ``cfg.eval_every`` steps
       and at the end; its metrics are written with an ``eval/`` prefix.
+    frozen: modules the loss reads but does not train (the teacher in online
+      distillation). They are jit arguments, not constants baked into the
+      compiled step.
   """
   tx = make_optimizer(cfg)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -202,9 +207,9 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
     return TrainResult(step, "already finished", {})
 
   @nnx.jit
-  def train_step(model, optimizer, batch, step):
+  def train_step(model, optimizer, batch, step, frozen):
     def objective(model):
-      return loss_fn(model, batch, step)
+      return loss_fn(model, batch, step, *frozen)
     (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
@@ -223,7 +228,8 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
                                     unit="step", dynamic_ncols=True) as bar:
     while step < cfg.steps:
       batch = next(iterator)
-      metrics = train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32))
+      metrics = train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32),
+                           tuple(frozen))
       step += 1
       tokens_seen += int(np.asarray(batch["tokens"])[:, 1:].size)
       window.append(metrics)

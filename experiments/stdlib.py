@@ -50,7 +50,55 @@ def get_config(arg=None):
       grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
       keep_checkpoints=2, eval_batches=8, loss_chunk=128))
 
+  c.cache = ml_collections.ConfigDict()
+  c.cache.methods = ("sample", "topk")  # one teacher pass feeds both
+  c.cache.k = 64
+  c.cache.num_samples = 64
+  c.cache.temperature = 1.0
+  c.cache.stratified = False         # True: one uniform per 1/N stratum
+  c.cache.max_rows = 0               # 0: every packed train row
+  c.cache.rows_per_shard = 1024
+  c.cache.batch_size = 32            # rows per teacher forward pass
+  c.cache.writer_threads = 2         # host threads encoding records
+
+  c.student = ml_collections.ConfigDict()
+  c.student.preset = "demo"          # student/config.py presets
+  c.student.model = ml_collections.ConfigDict(dict(
+      d_model=128, num_layers=6, num_heads=4, num_kv_heads=1, head_dim=32,
+      d_ff=512, window=64))
+
+  c.distill = ml_collections.ConfigDict()
+  # Runs (distill/train.py RUN_KINDS): the headline student learns from the
+  # sampled target; top-k variants and online KD are for comparison; ce is
+  # the baseline trained on labels alone.
+  c.distill.runs = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
+  c.distill.alpha = 0.0              # weight of hard-label CE in the mix
+  c.distill.alpha_end = 0.0
+  c.distill.alpha_schedule = "constant"   # constant | linear | cosine
+  c.distill.temperature = 1.0        # online runs; offline use the cache's
+  c.distill.temperature_end = 1.0
+  c.distill.temperature_schedule = "constant"
+  c.distill.dense_kind = "forward"   # forward | reverse | jsd
+  c.distill.jsd_beta = 0.5
+  c.distill.loss_chunk = 128         # sequence chunk of the loss
+  c.distill.same_rows_as_cache = True  # ce/online read only the cached rows
+  c.distill.eval_batches = 8         # 0: the whole validation split
+  c.distill.train = ml_collections.ConfigDict(dict(
+      steps=300, learning_rate=3e-3, warmup_steps=30,
+      end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
+      grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
+      keep_checkpoints=2))
+
   if variant == "tiny":
+    c.student.preset = "tiny"
+    c.student.model.update(dict(d_model=32, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=8, d_ff=64, window=8))
+    c.distill.loss_chunk = 16
+    c.distill.eval_batches = 2
+    c.distill.train.update(dict(steps=8, warmup_steps=2, log_every=2,
+                                eval_every=4, checkpoint_every=4))
+    c.cache.update(dict(k=8, num_samples=16, max_rows=48, rows_per_shard=16,
+                        batch_size=4))
     c.teacher.preset = "tiny"
     c.teacher.model.update(dict(d_model=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=8, d_ff=48,

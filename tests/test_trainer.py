@@ -28,7 +28,7 @@ class Bigram(nnx.Module):
     return self.head(hidden).astype(jnp.float32)
 
 
-def loss_fn(model, batch, step):
+def loss_fn(model, batch, step, *frozen):
   x = pipeline.model_inputs(batch)
   hidden, _ = model.hidden(x["inputs"])
   ce = losses.cross_entropy(model.logits_from_hidden(hidden), x["labels"], x["mask"])

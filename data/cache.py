@@ -1,0 +1,254 @@
+"""The logit cache on disk: manifest, shards, reader and verification.
+
+Layout under ``W/logits/``::
+
+    manifest.json                          settings, identity, per-shard state
+    shard-00000-of-00012.array_record      one record per packed row
+    shard-00000-of-00012.done.json         written when that shard is complete
+
+A record is ``data.cache_format`` (tokens, segment ids, top-k and/or sampled
+targets of one packed training row; record ``i`` of the cache is row ``i`` of
+the train split). Shards are written under a temporary name and renamed when
+complete; the ``.done.json`` sidecar (records, bytes, sha256) is what marks a
+shard complete, so several writer processes never race on the manifest.
+
+The manifest holds: ``format_version``; ``record_version``; the teacher
+fingerprint (sha256 of its config and parameters); the tokenizer hash; vocab
+size; sequence length; ``methods`` with ``k``, ``num_samples``,
+``temperature``; the value encoding and its error bounds; per shard its
+record count, byte size, sha256 and ``complete`` flag; the data source, split
+and seed.
+
+Readers refuse a cache whose manifest does not match what the student expects
+(tokenizer hash, vocab size, sequence length), naming the field, and refuse a
+shard whose size or record count differs from the manifest, naming the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from data import cache_format
+from distill.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheError(UserError):
+  """The cache is missing, incomplete, corrupt or does not fit the student."""
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"shard-{index:05d}-of-{count:05d}.array_record"
+
+
+def done_path(cache_dir: str, name: str) -> str:
+  return os.path.join(cache_dir, name.replace(".array_record", ".done.json"))
+
+
+def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def shard_states(cache_dir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+  """Per shard: name, planned records, and (when complete) bytes and sha256."""
+  states = []
+  for shard in manifest["shards"]:
+    state = {"name": shard["name"], "records": shard["records"], "complete": False}
+    path = done_path(cache_dir, shard["name"])
+    if os.path.isfile(path):
+      with open(path) as f:
+        state.update(json.load(f), complete=True)
+    states.append(state)
+  return states
+
+
+def read_manifest(cache_dir: str, require_complete: bool = True) -> dict[str, Any]:
+  path = os.path.join(cache_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise CacheError(f"No logit cache at {cache_dir} ({MANIFEST} is missing); run"
+                     " `python -m teacher.cache_logits` first.")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise CacheError(f"{path}: cache format {manifest.get('format_version')} is not"
+                     f" {FORMAT_VERSION}; rebuild it with teacher.cache_logits.")
+  if require_complete:
+    missing = [s["name"] for s in manifest["shards"] if not s.get("complete")]
+    if missing:
+      raise CacheError(f"The cache at {cache_dir} is incomplete ({len(missing)} of"
+                       f" {len(manifest['shards'])} shards missing, first"
+                       f" {missing[0]}); rerun `python -m teacher.cache_logits`"
+                       " to finish it.")
+  return manifest
+
+
+def check_matches(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+  """Refuses a cache that does not fit the student, naming the field."""
+  for field, want in expect.items():
+    have = manifest.get(field)
+    if have != want:
+      raise CacheError(
+          f"The logit cache at {where} does not match this student: {field} is"
+          f" {have!r} in the cache but {want!r} here. Rebuild the cache"
+          " (teacher.cache_logits) for this tokenizer and config.")
+
+
+def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
+  """Positions restarting at 0 where the segment id changes (and at 0)."""
+  n = segment_ids.shape[0]
+  starts = np.flatnonzero(np.concatenate([[True], segment_ids[1:] != segment_ids[:-1]]))
+  run_start = np.repeat(starts, np.diff(np.append(starts, n)))
+  return (np.arange(n) - run_start).astype(np.int32)
+
+
+class CacheSource:
+  """Random access to decoded cache records, as training batches want them.
+
+  ``source[i]`` has int32 ``tokens``, ``segment_ids``, ``positions`` [L + 1]
+  and the chosen target per position: ``target="topk"``: ``ids`` [L, k]
+  int32, ``log_probs`` [L, k] float32, ``tail`` [L] float32;
+  ``target="sample"``: ``ids``, ``counts`` [L, N] int32.
+  """
+
+  def __init__(self, cache_dir: str, target: str, manifest: dict[str, Any] | None = None):
+    self._dir = cache_dir
+    self.manifest = manifest or read_manifest(cache_dir)
+    if target not in self.manifest["methods"]:
+      raise CacheError(f"The cache at {cache_dir} holds {self.manifest['methods']}"
+                       f" targets, not {target!r}; rebuild it with"
+                       f" --config.cache.methods including {target!r}.")
+    self.target = target
+    self._vocab = self.manifest["vocab_size"]
+    self._shards = self.manifest["shards"]
+    for shard in self._shards:
+      path = os.path.join(cache_dir, shard["name"])
+      size = os.path.getsize(path) if os.path.isfile(path) else None
+      if size != shard["bytes"]:
+        raise CacheError(f"Shard {path} is {'missing' if size is None else f'{size} bytes'}"
+                         f" but the manifest says {shard['bytes']} bytes: the cache"
+                         " is damaged. Run `python -m teacher.cache_logits --verify`,"
+                         " then delete the shard and its .done.json to rewrite it.")
+    self._starts = np.cumsum([0] + [s["records"] for s in self._shards])
+    self._source = None
+
+  def _open(self):
+    if self._source is None:
+      paths = [os.path.join(self._dir, s["name"]) for s in self._shards]
+      source = grain.sources.ArrayRecordDataSource(paths)
+      if len(source) != self._starts[-1]:
+        raise CacheError(f"The shards under {self._dir} hold {len(source)} records,"
+                         f" the manifest {self._starts[-1]}; run --verify.")
+      self._source = source
+    return self._source
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def locate(self, index: int) -> tuple[str, int]:
+    shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+    return self._shards[shard]["name"], int(index - self._starts[shard])
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    data = self._open()[index]
+    try:
+      record = cache_format.decode_record(data, self._vocab)
+    except cache_format.CacheFormatError as e:
+      name, offset = self.locate(index)
+      raise CacheError(f"Record {offset} of {name} in {self._dir} is unreadable: {e}."
+                       " Run `python -m teacher.cache_logits --verify`.") from e
+    out = {"tokens": record["tokens"], "segment_ids": record["segment_ids"],
+           "positions": positions_from_segments(record["segment_ids"])}
+    if self.target == "topk":
+      out.update(ids=record["topk_ids"], log_probs=record["topk_log_probs"],
+                 tail=record["topk_tail"])
+    else:
+      out.update(ids=record["sample_ids"], counts=record["sample_counts"])
+    return out
+
+
+def make_dataset(cache_dir: str, *, expect: dict[str, Any], target: str,
+                 batch_size: int, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None,
+                 worker_count: int = 0) -> grain.IterDataset:
+  """Batches of cached rows, in the same order as ``pipeline.make_dataset``
+  with the same seed and ``num_rows`` equal to the cache's record count."""
+  manifest = read_manifest(cache_dir)
+  check_matches(manifest, expect, cache_dir)
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  ds = grain.MapDataset.source(CacheSource(cache_dir, target, manifest))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  it_ds = ds.to_iter_dataset()
+  if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it_ds
+
+
+def verify(cache_dir: str) -> dict[str, Any]:
+  """Re-hashes every shard and decodes every record.
+
+  Returns ``{"shards": n, "records": n, "bytes": n}``; raises CacheError naming
+  the first bad shard (and record, when a record is the problem).
+  """
+  manifest = read_manifest(cache_dir)
+  records = total_bytes = 0
+  for shard in manifest["shards"]:
+    path = os.path.join(cache_dir, shard["name"])
+    if not os.path.isfile(path):
+      raise CacheError(f"Shard {shard['name']} is missing from {cache_dir}.")
+    if file_sha256(path) != shard["sha256"]:
+      raise CacheError(f"Shard {shard['name']} in {cache_dir} does not match its"
+                       " sha256 in the manifest: it was changed or damaged after it"
+                       " was written. Delete it and its .done.json, then rerun"
+                       " teacher.cache_logits to rewrite it.")
+    from array_record.python import array_record_module
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      count = reader.num_records()
+      if count != shard["records"]:
+        raise CacheError(f"Shard {shard['name']} holds {count} records, the manifest"
+                         f" {shard['records']}.")
+      for i in range(count):
+        try:
+          cache_format.decode_record(reader.read([i])[0], manifest["vocab_size"])
+        except cache_format.CacheFormatError as e:
+          raise CacheError(f"Record {i} of shard {shard['name']} is unreadable: {e}") from e
+    finally:
+      reader.close()
+    records += count
+    total_bytes += shard["bytes"]
+  return {"shards": len(manifest["shards"]), "records": records, "bytes": total_bytes}

@@ -1,0 +1,242 @@
+"""Stage 4: train students: distilled from the teacher, and the CE baseline.
+
+    python -m distill.train --config=experiments/stdlib.py --workdir=W [--run=NAME]
+
+Each run in ``config.distill.runs`` (or only ``--run``) trains a student into
+``W/student/<run>/`` (a model folder: ``config.json``, orbax checkpoints with
+the data iterator state, ``metrics.jsonl``, TensorBoard events,
+``summary.json``). The kinds of run:
+
+==============  =======  ===================================================
+run             mode     target and loss
+==============  =======  ===================================================
+``ce``          ce       hard labels only: the baseline
+``online``      online   the teacher in the loop, full-vocabulary ``dense_kd``
+``sampled``     offline  cached sampled ids and counts, ``sampled_kl``
+``topk_ghost``  offline  cached top-k and tail mass, ``ghost_kl``
+``topk_sparse`` offline  cached top-k renormalised, ``sparse_kl``
+==============  =======  ===================================================
+
+Every run of one config sees the same packed rows in the same order (the CE
+and online runs read the rows the cache covers, shuffled with the same seed),
+so they differ only in the target. The loss is
+``alpha * CE + (1 - alpha) * T^2 * KD``; offline runs use the cache's
+temperature, online runs may follow a temperature schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import flags, logging
+from flax import nnx
+
+from data import pipeline
+from data import prepare as prep
+from data import tokenizer as tok
+from distill import checkpoint as ckpt
+from distill import cli, losses, trainer, validation
+from distill.errors import UserError
+from student import config as student_config
+from student.model import Student
+
+STUDENT_DIR = "student"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKind:
+  mode: str                 # ce | online | offline
+  target: str | None = None  # offline: topk | sample
+  loss: str | None = None    # sparse_kl | ghost_kl | sampled_kl | dense
+
+
+RUN_KINDS = {
+    "ce": RunKind("ce"),
+    "online": RunKind("online", loss="dense"),
+    "sampled": RunKind("offline", "sample", "sampled_kl"),
+    "topk_ghost": RunKind("offline", "topk", "ghost_kl"),
+    "topk_sparse": RunKind("offline", "topk", "sparse_kl"),
+}
+
+_RUN = flags.DEFINE_string("run", None, "Train only this run of config.distill.runs.")
+
+
+def run_dir(workdir: str, run: str) -> str:
+  return os.path.join(workdir, STUDENT_DIR, run)
+
+
+def model_config(config, vocab_size: int) -> student_config.StudentConfig:
+  return student_config.get_preset(config.student.preset, vocab_size=vocab_size,
+                                   **config.student.model.to_dict())
+
+
+def run_kind(run: str) -> RunKind:
+  if run not in RUN_KINDS:
+    raise UserError(f"Unknown distillation run {run!r}; the runs are"
+                    f" {sorted(RUN_KINDS)}.")
+  return RUN_KINDS[run]
+
+
+def _schedules(d):
+  alpha = losses.schedule(d.alpha_schedule, d.alpha, d.alpha_end, d.train.steps)
+  temperature = losses.schedule(d.temperature_schedule, d.temperature,
+                                d.temperature_end, d.train.steps)
+  return alpha, temperature
+
+
+def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None):
+  """``loss_fn(model, batch, step, *frozen)`` for the trainer."""
+  alpha_at, temperature_at = _schedules(d)
+  chunk = d.loss_chunk
+
+  def loss_fn(model, batch, step, *frozen):
+    x = pipeline.model_inputs(batch)
+    hidden, _ = model.hidden(x["inputs"], x["segment_ids"], x["positions"])
+    alpha = alpha_at(step)
+    if kind.mode == "offline":  # The cache fixed the temperature.
+      temperature = jnp.asarray(cache_temperature, jnp.float32)
+    else:
+      temperature = temperature_at(step)
+    targets: dict[str, Any] = {"labels": x["labels"]}
+
+    if kind.mode == "ce":
+      def per_token(logits, t):
+        return losses.cross_entropy_per_token(logits, t["labels"])
+    elif kind.mode == "online":
+      teacher, = frozen
+      t_hidden, _ = teacher.hidden(x["inputs"], x["segment_ids"], x["positions"])
+      targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
+      def per_token(logits, t):
+        kd = losses.dense_kd_per_token(
+            logits, teacher.logits_from_hidden(t["teacher_hidden"]),
+            temperature, d.dense_kind, d.jsd_beta)
+        ce = losses.cross_entropy_per_token(logits, t["labels"])
+        return losses.mix_losses(ce, kd, alpha, temperature)
+    else:
+      # Cached targets are per position: [B, L, K] or [B, L], like the labels.
+      targets.update({k: batch[k] for k in ("ids", "log_probs", "tail", "counts")
+                      if k in batch})
+      def per_token(logits, t):
+        if kind.loss == "sparse_kl":
+          kd = losses.sparse_kl_per_token(logits, t["ids"], t["log_probs"], temperature)
+        elif kind.loss == "ghost_kl":
+          kd = losses.ghost_kl_per_token(logits, t["ids"], t["log_probs"], t["tail"],
+                                         temperature)
+        else:
+          kd = losses.sampled_kl_per_token(logits, t["ids"], t["counts"], temperature)
+        ce = losses.cross_entropy_per_token(logits, t["labels"])
+        return losses.mix_losses(ce, kd, alpha, temperature)
+
+    loss = losses.chunked_loss(hidden, model.logits_from_hidden, per_token,
+                               targets, x["mask"], chunk)
+    return loss, {"alpha": alpha, "temperature": temperature}
+  return loss_fn
+
+
+def _teacher_or_none(workdir: str):
+  path = os.path.join(workdir, "teacher")
+  if ckpt.latest_step(path) is None:
+    return None
+  from teacher import load_teacher  # Heavy: only when a teacher exists.
+  return load_teacher(path)
+
+
+def train_run(config, workdir: str, run: str) -> dict[str, Any]:
+  """Trains one run; returns its summary (also ``summary.json``)."""
+  kind = run_kind(run)
+  d = config.distill
+  data_dir = prep.data_dir(workdir)
+  tokenizer_path = prep.tokenizer_path(workdir)
+  if pipeline.read_meta(data_dir, "train") is None:
+    raise UserError(f"No prepared data under {data_dir}; run `python -m"
+                    " data.prepare` (or experiments.run) first.")
+  vocab_size = tok.load_tokenizer(tokenizer_path).get_vocab_size()
+  teacher = _teacher_or_none(workdir)
+  if kind.mode == "online" and teacher is None:
+    raise UserError(f"Run {run!r} needs the teacher in {workdir}/teacher; run"
+                    " `python -m teacher.train` or `teacher.import_hf` first.")
+  if teacher is not None and teacher.config.vocab_size != vocab_size:
+    raise UserError(f"The teacher's vocab ({teacher.config.vocab_size}) is not the"
+                    f" tokenizer's ({vocab_size}); they must match.")
+  cfg = model_config(config, vocab_size)
+  out_dir = run_dir(workdir, run)
+  settings = {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}
+  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
+    existing = ckpt.read_config(out_dir, kind="student")
+    if existing["model"] != ckpt.config_to_dict(cfg) or existing.get("settings") != settings:
+      raise UserError(
+          f"{out_dir} holds a run with another configuration; training would mix"
+          " the two. Use a new --workdir or remove that folder to start over.")
+  else:
+    ckpt.write_config(out_dir, "student", cfg, settings=settings,
+                      tokenizer_hash=tok.tokenizer_hash(tokenizer_path))
+
+  data, seed = config.data, config.seed
+  num_rows = None
+  cache_temperature = None
+  cache_dir = os.path.join(workdir, "logits")
+  has_cache = os.path.isfile(os.path.join(cache_dir, "manifest.json"))
+  if kind.mode == "offline" or (d.same_rows_as_cache and has_cache):
+    from data import cache  # The cache reader: only runs that use it need it.
+    manifest = cache.read_manifest(cache_dir)
+    num_rows = manifest["num_records"]
+    cache_temperature = manifest["temperature"]
+  if kind.mode == "offline":
+    expect = {"tokenizer_hash": tok.tokenizer_hash(tokenizer_path),
+              "vocab_size": vocab_size, "seq_len": data.seq_len}
+    make_iterator = lambda: iter(cache.make_dataset(
+        cache_dir, expect=expect, target=kind.target, batch_size=data.batch_size,
+        seed=seed, worker_count=data.worker_count))
+  else:
+    make_iterator = lambda: iter(pipeline.make_dataset(
+        data_dir, "train", seq_len=data.seq_len, batch_size=data.batch_size,
+        seed=seed, worker_count=data.worker_count, num_rows=num_rows))
+
+  model = Student(cfg, rngs=nnx.Rngs(seed))
+  result = trainer.train(
+      out_dir=out_dir, model=model, cfg=trainer.LoopConfig.from_config(d.train),
+      desc=f"student {run}",
+      loss_fn=loss_fn_for(kind, d, cache_temperature),
+      make_iterator=make_iterator,
+      frozen=(teacher,) if kind.mode == "online" else (),
+      eval_fn=validation.make_validation_fn(
+          data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
+          max_batches=d.eval_batches, chunk_size=d.loss_chunk, teacher=teacher))
+  summary_path = os.path.join(out_dir, "summary.json")
+  if result.status == "finished":
+    summary = {"run": run, "steps": result.step, "kind": dataclasses.asdict(kind),
+               "params": model.param_counts(), **result.last_metrics}
+    with open(summary_path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".tmp", summary_path)
+    print(f"student {run}: validation loss {summary.get('eval/loss', float('nan')):.3f}")
+    return summary
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      return json.load(f)
+  return {"run": run, "status": result.status, "step": result.step}
+
+
+def train_all(config, workdir: str) -> dict[str, dict[str, Any]]:
+  """Trains every run of ``config.distill.runs`` in order."""
+  runs = list(config.distill.runs)
+  for run in runs:
+    run_kind(run)  # Fail on a typo before hours of training.
+  return {run: train_run(config, workdir, run) for run in runs}
+
+
+def main(argv):
+  config, workdir = cli.setup(argv)
+  if _RUN.value:
+    train_run(config, workdir, _RUN.value)
+  else:
+    train_all(config, workdir)
+
+
+if __name__ == "__main__":
+  cli.run(main)
