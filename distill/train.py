@@ -165,7 +165,9 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
                     f" tokenizer's ({vocab_size}); they must match.")
   cfg = model_config(config, vocab_size)
   out_dir = run_dir(workdir, run)
-  settings = {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}
+  # As config.json will hold them (tuples become lists), to compare on resume.
+  settings = json.loads(json.dumps(
+      {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}))
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="student")
     if existing["model"] != ckpt.config_to_dict(cfg) or existing.get("settings") != settings:

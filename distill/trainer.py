@@ -184,13 +184,17 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
       distillation). They are jit arguments, not constants baked into the
       compiled step.
   """
+  mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
+  step = mngr.latest_step() or 0
+  if step >= cfg.steps:
+    print(f"{desc}: already finished at step {step} ({out_dir}); nothing to do.")
+    mngr.close()
+    return TrainResult(step, "already finished", {})
+
   tx = make_optimizer(cfg)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   iterator = make_iterator()
   writer = MetricsWriter(out_dir)
-  mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
-
-  step = mngr.latest_step() or 0
   if step:
     restored = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
@@ -200,11 +204,6 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
     nnx.update(optimizer, restored["opt_state"])
     _truncate_metrics(out_dir, step)
     logging.info("Resumed %s from step %d", out_dir, step)
-  if step >= cfg.steps:
-    print(f"{desc}: already finished at step {step} ({out_dir}); nothing to do.")
-    mngr.close()
-    writer.close()
-    return TrainResult(step, "already finished", {})
 
   @nnx.jit
   def train_step(model, optimizer, batch, step, frozen):

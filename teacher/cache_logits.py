@@ -1,0 +1,277 @@
+"""Stage 3: run the frozen teacher once and cache its k-sparse targets.
+
+    python -m teacher.cache_logits --config=experiments/stdlib.py --workdir=W [--verify]
+
+Reads ``W/teacher/`` and the packed train rows of ``W/data/``; writes
+``W/logits/`` (see ``data/cache.py`` for the layout and ``data/cache_format.py``
+for the record encoding). One teacher pass feeds every method in
+``config.cache.methods``:
+
+- ``topk``: the k most likely ids under log-softmax at temperature T, their
+  log-probs and the tail mass 1 - sum p;
+- ``sample``: N draws with replacement (inverse-CDF sampling) stored as unique
+  ids and counts.
+
+Record ``i`` is train row ``i``. The sampling key of a batch is derived from
+the seed and the batch's first row, and batches never straddle shards, so a
+run that crashed and resumed at the first incomplete shard writes the same
+records as one that never stopped. Several JAX processes write disjoint shard
+sets (shard ``s`` belongs to process ``s % process_count``).
+
+``--verify`` re-hashes every shard and decodes every record instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+from tqdm import tqdm
+
+from data import cache, cache_format, pipeline
+from data import prepare as prep
+from data import tokenizer as tok
+from distill import cli
+from distill import checkpoint as ckpt
+
+_VERIFY = flags.DEFINE_bool("verify", False, "Verify the existing cache instead of writing it.")
+
+CACHE_DIR = "logits"
+
+
+def cache_dir(workdir: str) -> str:
+  return os.path.join(workdir, CACHE_DIR)
+
+
+def fingerprint(model: nnx.Module) -> str:
+  """sha256 of the model's config and every parameter, in a fixed order."""
+  digest = hashlib.sha256(json.dumps(ckpt.config_to_dict(model.config),
+                                     sort_keys=True).encode())
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()
+
+
+def make_target_fn(methods, k: int, num_samples: int, temperature: float,
+                   stratified: bool):
+  """Jitted ``(teacher, batch, key) -> targets``: the one teacher pass."""
+  @nnx.jit
+  def targets(teacher, tokens, segment_ids, positions, key):
+    logits = teacher(tokens, segment_ids, positions)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    out = {}
+    if "topk" in methods:
+      out["topk_ids"], out["topk_log_probs"], out["topk_tail"] = (
+          cache_format.topk_targets(log_probs, k))
+    if "sample" in methods:
+      out["sample_ids"], out["sample_counts"] = cache_format.sample_targets(
+          key, log_probs, num_samples, stratified)
+    return out
+  return targets
+
+
+def _encode_batch(rows: list[dict[str, np.ndarray]], outputs, vocab_size: int) -> list[bytes]:
+  outputs = {name: np.asarray(value) for name, value in outputs.items()}  # Waits for the device.
+  return [cache_format.encode_record(
+      row["tokens"], row["segment_ids"], vocab_size=vocab_size,
+      **{name: value[i] for name, value in outputs.items()})
+      for i, row in enumerate(rows)]
+
+
+def _settings(config, teacher, tokenizer_path: str, num_records: int,
+              data_meta: dict[str, Any]) -> dict[str, Any]:
+  c = config.cache
+  methods = sorted(c.methods)
+  unknown = sorted(set(methods) - {"topk", "sample"})
+  if unknown or not methods:
+    raise cache.CacheError(f"config.cache.methods={tuple(c.methods)}: use 'topk',"
+                           " 'sample' or both.")
+  vocab = teacher.config.vocab_size
+  if "sample" in methods and not 1 <= c.num_samples <= 255:
+    raise cache.CacheError(f"config.cache.num_samples={c.num_samples}: counts are"
+                           " stored in a byte, so use 1..255 draws.")
+  if "topk" in methods and not 1 <= c.k <= vocab:
+    raise cache.CacheError(f"config.cache.k={c.k} must be in [1, {vocab}].")
+  return {
+      "format_version": cache.FORMAT_VERSION,
+      "record_version": cache_format.VERSION,
+      "teacher_fingerprint": fingerprint(teacher),
+      "tokenizer_hash": tok.tokenizer_hash(tokenizer_path),
+      "vocab_size": vocab,
+      "seq_len": config.data.seq_len,
+      "methods": methods,
+      "k": c.k if "topk" in methods else 0,
+      "num_samples": c.num_samples if "sample" in methods else 0,
+      "temperature": float(c.temperature),
+      "stratified": bool(c.stratified) if "sample" in methods else False,
+      "encoding": {
+          "ids": cache_format.id_dtype(vocab).name,
+          "error_bounds": cache_format.ERROR_BOUNDS,
+          "description": "data/cache_format.py (record version"
+                         f" {cache_format.VERSION})",
+      },
+      "source": {"data": data_meta.get("dataset", ""), "split": "train",
+                 "seed": config.seed, "rows_per_shard": c.rows_per_shard},
+      "num_records": num_records,
+  }
+
+
+def _plan_shards(num_records: int, rows_per_shard: int) -> list[dict[str, Any]]:
+  count = math.ceil(num_records / rows_per_shard)
+  return [{"name": cache.shard_name(s, count),
+           "records": min(rows_per_shard, num_records - s * rows_per_shard)}
+          for s in range(count)]
+
+
+def _write_manifest(directory: str, settings: dict[str, Any]) -> dict[str, Any]:
+  manifest = dict(settings)
+  manifest["shards"] = cache.shard_states(directory, settings)
+  cache.write_json_atomic(os.path.join(directory, cache.MANIFEST), manifest)
+  return manifest
+
+
+def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_source,
+                 target_fn, teacher, base_key, batch_size: int, vocab_size: int,
+                 pool, bar) -> None:
+  from array_record.python import array_record_module
+  final = os.path.join(directory, shard["name"])
+  tmp = f"{final}.tmp-{os.getpid()}"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  pending = collections.deque()
+  written = payload = 0
+
+  def drain(limit: int) -> None:
+    nonlocal written, payload
+    while len(pending) > limit:
+      records = pending.popleft().result()
+      for record in records:
+        writer.write(record)
+        payload += len(record)
+      written += len(records)
+      bar.update(len(records))
+
+  for start in range(first_row, first_row + shard["records"], batch_size):
+    stop = min(start + batch_size, first_row + shard["records"])
+    rows = [rows_source[i] for i in range(start, stop)]
+    padded = rows + [rows[-1]] * (batch_size - len(rows))  # One compiled shape.
+    batch = {key: np.stack([r[key] for r in padded])[:, :-1]
+             for key in ("tokens", "segment_ids", "positions")}
+    outputs = target_fn(teacher, batch["tokens"], batch["segment_ids"],
+                        batch["positions"], jax.random.fold_in(base_key, start))
+    outputs = {name: value[:len(rows)] for name, value in outputs.items()}
+    pending.append(pool.submit(_encode_batch, rows, outputs, vocab_size))
+    drain(limit=2)  # The device runs ahead while host threads encode.
+  drain(limit=0)
+  writer.close()
+  if written != shard["records"]:
+    raise RuntimeError(f"wrote {written} records to {tmp}, expected {shard['records']}")
+  os.replace(tmp, final)
+  cache.write_json_atomic(cache.done_path(directory, shard["name"]), {
+      "records": written, "bytes": os.path.getsize(final),
+      "payload_bytes": payload, "sha256": cache.file_sha256(final)})
+
+
+def cache_logits(config, workdir: str) -> dict[str, Any]:
+  """Writes (or finishes) the cache; returns the completed manifest."""
+  from teacher import load_teacher
+  directory = cache_dir(workdir)
+  teacher_path = os.path.join(workdir, "teacher")
+  if ckpt.latest_step(teacher_path) is None:
+    raise cache.CacheError(f"No trained teacher in {teacher_path}; run `python -m"
+                           " teacher.train` or `teacher.import_hf` first.")
+  teacher = load_teacher(teacher_path)
+  data_dir = prep.data_dir(workdir)
+  rows = pipeline.PackedRows(data_dir, "train", config.data.seq_len)
+  c = config.cache
+  num_records = min(len(rows), c.max_rows) if c.max_rows else len(rows)
+  summary_path = os.path.join(data_dir, "prepare.json")
+  data_meta = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+  settings = _settings(config, teacher, prep.tokenizer_path(workdir), num_records,
+                       data_meta)
+  settings["shards"] = _plan_shards(num_records, c.rows_per_shard)
+
+  os.makedirs(directory, exist_ok=True)
+  manifest_path = os.path.join(directory, cache.MANIFEST)
+  if os.path.isfile(manifest_path):
+    existing = cache.read_manifest(directory, require_complete=False)
+    for field, value in settings.items():
+      have = existing.get(field)
+      if field == "shards":
+        have = [{"name": s["name"], "records": s["records"]} for s in have]
+      if have != value:
+        raise cache.CacheError(
+            f"{directory} holds a cache made with other settings ({field} differs);"
+            " resuming would mix them. Remove that folder to rebuild it, or use"
+            " another --workdir.")
+  if jax.process_index() == 0:
+    _write_manifest(directory, settings)
+
+  states = cache.shard_states(directory, settings)
+  mine = [s for s in range(len(states)) if s % jax.process_count() == jax.process_index()]
+  todo = [s for s in mine if not states[s]["complete"]]
+  if not todo:
+    print(f"cache: already complete ({directory}); nothing to do.")
+    return _write_manifest(directory, settings)
+
+  target_fn = make_target_fn(settings["methods"], c.k, c.num_samples,
+                             c.temperature, c.stratified)
+  base_key = jax.random.key(config.seed)
+  done_records = sum(states[s]["records"] for s in mine if states[s]["complete"])
+  started = time.time()
+  with concurrent.futures.ThreadPoolExecutor(max_workers=c.writer_threads) as pool, \
+      tqdm(total=sum(states[s]["records"] for s in mine), initial=done_records,
+           desc="cache", unit="row", dynamic_ncols=True) as bar:
+    for s in todo:
+      _write_shard(directory, settings["shards"][s], s * c.rows_per_shard, rows,
+                   target_fn, teacher, base_key, c.batch_size,
+                   settings["vocab_size"], pool, bar)
+      if jax.process_index() == 0:
+        _write_manifest(directory, settings)
+  seconds = time.time() - started
+  manifest = _write_manifest(directory, settings)
+  written = sum(settings["shards"][s]["records"] for s in todo)
+  sizes = bytes_per_token(manifest)
+  print(f"cache: {written} rows in {seconds:.1f}s"
+        f" ({written * config.data.seq_len / seconds:,.0f} tokens/s);"
+        f" {sizes['records']:.1f} bytes/token in records,"
+        f" {sizes['files']:.1f} in files; {directory}")
+  return manifest
+
+
+def bytes_per_token(manifest: dict[str, Any]) -> dict[str, float]:
+  """Bytes per cached position: the records alone, and the shard files.
+
+  Files add ArrayRecord's container overhead: a chunk header per record and
+  padding of each file to 64 KiB blocks (which dominates tiny caches).
+  """
+  complete = [s for s in manifest["shards"] if s["complete"]]
+  tokens = max(sum(s["records"] for s in complete) * manifest["seq_len"], 1)
+  return {"records": sum(s["payload_bytes"] for s in complete) / tokens,
+          "files": sum(s["bytes"] for s in complete) / tokens}
+
+
+def main(argv):
+  config, workdir = cli.setup(argv)
+  if _VERIFY.value:
+    result = cache.verify(cache_dir(workdir))
+    print(f"cache: verified {result['shards']} shards, {result['records']} records,"
+          f" {result['bytes']:,} bytes: all intact.")
+    return
+  cache_logits(config, workdir)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,137 @@
+"""Stage 2: pretrain the sparse MoE teacher on the prepared corpus.
+
+    python -m teacher.train --config=experiments/stdlib.py --workdir=W
+
+Writes ``W/teacher/`` (a model folder: ``config.json`` and orbax checkpoints
+that include the data iterator state), ``metrics.jsonl``, TensorBoard events
+and ``summary.json``. Resumes from the latest checkpoint; a finished run is
+skipped. An imported teacher (``teacher.import_hf``) is never retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from data import pipeline
+from data import prepare as prep
+from data import tokenizer as tok
+from distill import checkpoint as ckpt
+from distill import cli, losses, trainer, validation
+from distill.errors import UserError
+from teacher import config as teacher_config
+from teacher.model import Teacher
+
+TEACHER_DIR = "teacher"
+
+
+def teacher_dir(workdir: str) -> str:
+  return os.path.join(workdir, TEACHER_DIR)
+
+
+def model_config(config, vocab_size: int) -> teacher_config.TeacherConfig:
+  """The TeacherConfig of ``config.teacher`` for a tokenizer of ``vocab_size``."""
+  return teacher_config.get_preset(config.teacher.preset, vocab_size=vocab_size,
+                                   **config.teacher.model.to_dict())
+
+
+def _check_same_model(out_dir: str, cfg: teacher_config.TeacherConfig) -> None:
+  existing = ckpt.read_config(out_dir, kind="teacher")
+  if existing.get("source") == "import_hf":
+    return
+  if existing["model"] != ckpt.config_to_dict(cfg):
+    raise UserError(
+        f"{out_dir} holds a teacher with another configuration; training would"
+        " mix the two. Use a new --workdir, or remove that folder to start over.")
+
+
+def loss_fn_for(cfg: teacher_config.TeacherConfig, chunk_size: int):
+  """Next-token CE plus the weighted router losses; MoE statistics as metrics."""
+  def loss_fn(model, batch, step):
+    del step  # No schedule on the loss itself.
+    x = pipeline.model_inputs(batch)
+    hidden, aux = model.hidden(x["inputs"], x["segment_ids"], x["positions"])
+    ce = losses.chunked_loss(hidden, model.logits_from_hidden,
+                             losses.cross_entropy_per_token, x["labels"],
+                             x["mask"], chunk_size)
+    loss = (ce + cfg.router_aux_loss_coef * aux["load_balancing_loss"]
+            + cfg.router_z_loss_coef * aux["z_loss"])
+    load = aux["expert_load"].astype(jnp.float32)       # [layers, E]
+    share = load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
+    metrics = {
+        "ce": ce,
+        "load_balancing_loss": aux["load_balancing_loss"],
+        "z_loss": aux["z_loss"],
+        "dropped_fraction": aux["dropped_fraction"],
+        # Busiest expert's share of assignments over the uniform share, mean
+        # over layers: 1.0 is a perfectly even load.
+        "expert_load_max_over_uniform": jnp.mean(share.max(-1) * share.shape[-1]),
+    }
+    return loss, metrics
+  return loss_fn
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Runs the stage; returns the summary written to ``W/teacher/summary.json``."""
+  out_dir = teacher_dir(workdir)
+  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
+    existing = ckpt.read_config(out_dir, kind="teacher")
+    if existing.get("source") == "import_hf":
+      print(f"teacher: {out_dir} was imported from {existing.get('hf_dir')};"
+            " nothing to train.")
+      return {"skipped": True, "imported": True}
+  data_dir = prep.data_dir(workdir)
+  tokenizer_path = prep.tokenizer_path(workdir)
+  if pipeline.read_meta(data_dir, "train") is None:
+    raise UserError(f"No prepared data under {data_dir}; run `python -m"
+                    " data.prepare` (or experiments.run) first.")
+  vocab_size = tok.load_tokenizer(tokenizer_path).get_vocab_size()
+  cfg = model_config(config, vocab_size)
+  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
+    _check_same_model(out_dir, cfg)
+  else:
+    ckpt.write_config(out_dir, "teacher", cfg, source="teacher.train",
+                      tokenizer_hash=tok.tokenizer_hash(tokenizer_path))
+  counts = teacher_config.param_counts(cfg)
+  logging.info("Teacher %s: %s parameters", config.teacher.preset, counts)
+
+  model = Teacher(cfg, rngs=nnx.Rngs(config.seed))
+  loop = trainer.LoopConfig.from_config(config.teacher.train)
+  data = config.data
+  result = trainer.train(
+      out_dir=out_dir, model=model, cfg=loop, desc="teacher",
+      loss_fn=loss_fn_for(cfg, config.teacher.train.loss_chunk),
+      make_iterator=lambda: iter(pipeline.make_dataset(
+          data_dir, "train", seq_len=data.seq_len, batch_size=data.batch_size,
+          seed=config.seed, worker_count=data.worker_count)),
+      eval_fn=validation.make_validation_fn(
+          data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
+          max_batches=config.teacher.train.eval_batches,
+          chunk_size=config.teacher.train.loss_chunk))
+  summary_path = os.path.join(out_dir, "summary.json")
+  if result.status == "finished":
+    summary = {"params": counts, "steps": result.step, **result.last_metrics}
+    with open(summary_path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".tmp", summary_path)
+    print(f"teacher: {result.step} steps, validation loss"
+          f" {summary.get('eval/loss', float('nan')):.3f} nats/token")
+    return summary
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      return json.load(f)
+  return {"status": result.status, "step": result.step}
+
+
+def main(argv):
+  config, workdir = cli.setup(argv)
+  train(config, workdir)
+
+
+if __name__ == "__main__":
+  cli.run(main)
