@@ -25,7 +25,9 @@ Aux statistics are over real tokens only (mask False / segment id 0 = padding):
   load_balancing_loss = E * sum_e f_e * P_e, where f_e is the fraction of the
     real (token, slot) assignments routed to e (sums to 1 over e) and P_e the
     mean router probability of e. Perfect balance (f_e = P_e = 1 / E, e.g. a
-    uniform router) gives 1.0; full collapse onto one expert gives E.
+    uniform router) gives 1.0; full collapse onto one expert gives E. (1.0 is
+    the minimum when f = P, Switch's argument; with hard top-k counts an odd
+    routing can dip slightly below it, e.g. ties sent to one expert.)
     transformers' `load_balancing_loss_func` divides the counts by tokens, not
     assignments, so its value is top_k times this one.
   z_loss = mean over tokens of logsumexp(router logits)^2 (ST-MoE).
