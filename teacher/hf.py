@@ -446,7 +446,7 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
   tmp = os.path.join(workdir, f".teacher.tmp-{uuid.uuid4().hex[:8]}")
   try:
     checkpoint.write_config(tmp, "teacher", config, family=config.family,
-                            source=hf_dir, tokenizer_sha256=tok_hash,
+                            source=hf_dir, tokenizer_hash=tok_hash,
                             param_counts=model.param_counts())
     checkpoint.save_params(tmp, model, step=0)
     if os.path.exists(teacher_dir):  # overwrite
@@ -467,7 +467,7 @@ def _existing_import(teacher_dir: str):
     return None
   if checkpoint.latest_step(teacher_dir) is None:
     return None
-  return payload.get("source"), payload.get("tokenizer_sha256")
+  return payload.get("source"), payload.get("tokenizer_hash")
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
