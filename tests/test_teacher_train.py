@@ -1,0 +1,81 @@
+"""Teacher pretraining binary: learns, resumes exactly, refuses mixed configs."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from data import prepare
+from distill import checkpoint as ckpt
+from distill.errors import UserError
+from experiments import stdlib
+from teacher import train as teacher_train
+
+import procs
+
+TINY = "--config=experiments/stdlib.py:tiny"
+# Long enough that a SIGTERM lands mid-run; logged every step.
+OVERRIDES = ["--config.teacher.train.steps=40", "--config.teacher.train.log_every=1",
+             "--config.teacher.train.checkpoint_every=50",
+             "--config.teacher.train.eval_every=50"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("prepared"))
+  prepare.prepare(stdlib.get_config("tiny"), workdir)
+  return workdir
+
+
+def _copy(prepared, path):
+  shutil.copytree(prepared, path)
+  return str(path)
+
+
+def test_sigterm_and_resume_match_running_through(prepared, tmp_path):
+  straight = _copy(prepared, tmp_path / "a")
+  result = procs.binary("teacher.train", TINY, f"--workdir={straight}", *OVERRIDES)
+  assert result.returncode == 0, result.stderr[-2000:]
+  want = procs.losses_by_step(os.path.join(straight, "teacher", "metrics.jsonl"))
+  assert sorted(want) == list(range(1, 41))
+  assert sum(want[s] for s in range(36, 41)) < sum(want[s] for s in range(1, 6)) - 0.5
+
+  stopped = _copy(prepared, tmp_path / "b")
+  metrics = os.path.join(stopped, "teacher", "metrics.jsonl")
+  code, out = procs.sigterm_after("teacher.train", [TINY, f"--workdir={stopped}", *OVERRIDES],
+                                  metrics, after_step=3)
+  assert code == 0 and "stopped by SIGTERM" in out, out[-2000:]
+  stop_step = ckpt.latest_step(os.path.join(stopped, "teacher"))
+  assert 3 <= stop_step < 40
+  result = procs.binary("teacher.train", TINY, f"--workdir={stopped}", *OVERRIDES)
+  assert result.returncode == 0, result.stderr[-2000:]
+  got = procs.losses_by_step(metrics)
+  assert sorted(got) == list(range(1, 41))
+  for step in range(1, 41):
+    assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), step
+  summary = json.load(open(os.path.join(stopped, "teacher", "summary.json")))
+  assert summary["params"]["active"] < summary["params"]["total"]
+  assert 0 < summary["eval/loss"] < 10
+
+
+def test_other_config_is_refused_and_imported_teacher_is_kept(prepared, tmp_path):
+  workdir = _copy(prepared, tmp_path / "w")
+  config = stdlib.get_config("tiny")
+  config.teacher.train.steps = 2
+  teacher_train.train(config, workdir)
+  other = stdlib.get_config("tiny")
+  other.teacher.model.num_layers = 3
+  with pytest.raises(UserError, match="another configuration"):
+    teacher_train.train(other, workdir)
+  # A folder written by teacher.import_hf is never retrained.
+  path = os.path.join(workdir, "teacher", ckpt.CONFIG_FILE)
+  payload = json.load(open(path))
+  payload["source"], payload["hf_dir"] = "import_hf", "/somewhere"
+  json.dump(payload, open(path, "w"))
+  assert teacher_train.train(other, workdir)["imported"]
+
+
+def test_training_without_prepared_data_says_what_to_run(tmp_path):
+  with pytest.raises(UserError, match="data.prepare"):
+    teacher_train.train(stdlib.get_config("tiny"), str(tmp_path))
