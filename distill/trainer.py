@@ -4,8 +4,8 @@
 gradient clipping, resumable orbax checkpoints that hold the parameters, the
 optimizer state and the grain iterator state (so a resumed run sees exactly
 the batches it would have seen), an eval hook every ``eval_every`` steps,
-metrics to TensorBoard event files and ``metrics.jsonl``, a progress bar, and
-SIGTERM handling (save, then stop cleanly). A run whose last checkpoint is at
+metrics to TensorBoard event files and ``metrics.jsonl``, the parameters of the best evaluation kept in ``best/``, a
+progress bar, and SIGTERM handling (save, then stop cleanly). A run whose last checkpoint is at
 ``steps`` is finished, and calling ``train`` again does nothing.
 
 The caller supplies the model, a ``loss_fn(model, batch, step) -> (loss,
@@ -129,6 +129,35 @@ def _truncate_metrics(out_dir: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+BEST_DIR = "best"
+
+
+def _save_best(out_dir: str, model: nnx.Module, step: int,
+               metrics: dict[str, float], key: str) -> bool:
+  """Keeps ``out_dir/best/`` (a model folder) at the lowest ``metrics[key]``."""
+  best_dir = os.path.join(out_dir, BEST_DIR)
+  record_path = os.path.join(best_dir, "best.json")
+  if key not in metrics:
+    return False
+  if os.path.isfile(record_path):
+    with open(record_path) as f:
+      if json.load(f)[key] <= metrics[key]:
+        return False
+  os.makedirs(best_dir, exist_ok=True)
+  with open(os.path.join(out_dir, ckpt.CONFIG_FILE)) as f:
+    config_text = f.read()
+  with open(os.path.join(best_dir, ckpt.CONFIG_FILE), "w") as f:
+    f.write(config_text)
+  with ckpt.checkpoint_manager(best_dir, max_to_keep=1) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.state(model, nnx.Param))), force=True)
+    mngr.wait_until_finished()
+  with open(record_path + ".tmp", "w") as f:
+    json.dump({"step": step, key: metrics[key]}, f)
+  os.replace(record_path + ".tmp", record_path)
+  return True
+
+
 class _StopRequest:
   """Turns SIGTERM into a flag the loop checks between steps."""
 
@@ -167,6 +196,7 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
           make_iterator: Callable[[], Iterator], cfg: LoopConfig,
           eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
           frozen: tuple[nnx.Module, ...] = (),
+          best_metric: str | None = "loss",
           desc: str = "train") -> TrainResult:
   """Trains ``model`` in place for ``cfg.steps`` steps, resuming if possible.
 
@@ -183,6 +213,9 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
     frozen: modules the loss reads but does not train (the teacher in online
       distillation). They are jit arguments, not constants baked into the
       compiled step.
+    best_metric: the eval metric (lower is better) whose best value's
+      parameters are kept in ``out_dir/best/``, a model folder of its own,
+      besides the last ``cfg.keep_checkpoints`` training checkpoints.
   """
   mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
   step = mngr.latest_step() or 0
@@ -248,6 +281,8 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
       if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
         eval_metrics = eval_fn(model, step)
         writer.write(step, eval_metrics, prefix="eval/")
+        if best_metric:
+          _save_best(out_dir, model, step, eval_metrics, best_metric)
         last.update({"eval/" + k: v for k, v in eval_metrics.items()})
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         save(step)

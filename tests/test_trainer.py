@@ -1,5 +1,6 @@
 """The shared training loop: learning, SIGTERM, exact resume, finished runs."""
 
+import json
 import os
 import signal
 
@@ -67,7 +68,8 @@ def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
   evals = []
   def eval_fn(model, step):
     evals.append(step)
-    return {"loss": 1.0}
+    # A made-up validation curve with its minimum at step 12.
+    return {"loss": abs(step - 12) + 1.0}
 
   result = trainer.train(out_dir=out_dir, model=model, loss_fn=loss_fn,
                          make_iterator=make_iterator, cfg=cfg, eval_fn=eval_fn)
@@ -83,6 +85,12 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
   assert evals == [4, 8, 12, 16, 20, 24, 28, 30]
   assert ckpt.latest_step(str(tmp_path / "run")) == 30
   assert os.listdir(tmp_path / "run" / "tb")
+  best = str(tmp_path / "run" / trainer.BEST_DIR)
+  assert ckpt.latest_step(best) == 12
+  assert json.load(open(os.path.join(best, "best.json"))) == {"step": 12, "loss": 1.0}
+  restored = ckpt.restore_params(best, Bigram(512, 16, nnx.Rngs(5)))
+  final = ckpt.restore_params(str(tmp_path / "run"), Bigram(512, 16, nnx.Rngs(5)))
+  assert not np.allclose(restored.head.kernel[...], final.head.kernel[...])
 
 
 def test_sigterm_then_resume_matches_running_through(tmp_path, data_dir):
