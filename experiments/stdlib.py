@@ -89,7 +89,12 @@ def get_config(arg=None):
       grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
       keep_checkpoints=2))
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batches = 0                 # validation batches; 0: the whole split
+  c.eval.ece_bins = 15
+
   if variant == "tiny":
+    c.eval.batches = 4
     c.student.preset = "tiny"
     c.student.model.update(dict(d_model=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=8, d_ff=64, window=8))

@@ -1,0 +1,85 @@
+"""Evaluation metrics against direct computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill import losses, metrics
+
+
+def _ece(confidence, correct, bins=15):
+  sums = metrics.calibration_bins(jnp.asarray(confidence), jnp.asarray(correct),
+                                  jnp.ones_like(jnp.asarray(confidence)), bins)
+  return metrics.expected_calibration_error(jax.device_get(sums))
+
+
+def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
+  rng = np.random.default_rng(0)
+  confidence = rng.uniform(0.05, 1.0, size=200_000)
+  calibrated = rng.uniform(size=confidence.size) < confidence  # P(correct) = conf
+  assert _ece(confidence, calibrated) < 0.01
+  # Always 95% sure, right half the time: ECE = 0.45.
+  sure = np.full(100_000, 0.95)
+  coin = rng.uniform(size=sure.size) < 0.5
+  assert _ece(sure, coin) == pytest.approx(0.45, abs=0.01)
+
+
+def test_ece_matches_a_direct_binned_computation():
+  rng = np.random.default_rng(1)
+  confidence = rng.uniform(size=5000)
+  correct = rng.uniform(size=5000) < confidence ** 2
+  bins = np.minimum((confidence * 10).astype(int), 9)
+  want = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean())
+             * np.mean(bins == b) for b in range(10) if np.any(bins == b))
+  assert _ece(confidence, correct, bins=10) == pytest.approx(want, abs=1e-5)
+
+
+def test_kv_cache_bytes_count_the_window_only_for_local_layers():
+  kinds = ("local",) * 5 + ("global",)
+  per_position = 2 * 1 * 256 * 2  # K and V, one kv head of 256, bfloat16
+  at_32k = metrics.kv_cache_bytes_per_token(kinds, 1, 256, 512, 32768)
+  assert at_32k == pytest.approx(per_position * (1 + 5 * 512 / 32768))
+  at_256 = metrics.kv_cache_bytes_per_token(kinds, 1, 256, 512, 256)
+  assert at_256 == pytest.approx(6 * per_position)
+  with pytest.raises(ValueError, match="unknown layer kind"):
+    metrics.kv_cache_bytes_per_token(("sliding",), 1, 8, 4, 16)
+
+
+class _Linear:
+  """A model with the hidden/logits_from_hidden interface over fixed arrays."""
+
+  def __init__(self, hidden, head):
+    self._hidden, self._head = hidden, head
+
+  def hidden(self, tokens, segment_ids=None, positions=None):
+    return self._hidden, {}
+
+  def logits_from_hidden(self, h):
+    return h @ self._head
+
+
+def test_token_sums_equal_the_unchunked_metrics():
+  rng = np.random.default_rng(2)
+  b, t, d, v = 2, 11, 6, 17
+  student = _Linear(jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(d, v)), jnp.float32))
+  teacher = _Linear(jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(d, v)), jnp.float32))
+  labels = jnp.asarray(rng.integers(0, v, size=(b, t)))
+  mask = jnp.asarray(rng.uniform(size=(b, t)) < 0.8)
+  inputs = {"inputs": labels, "segment_ids": None, "positions": None,
+            "labels": labels, "mask": mask}
+  sums = jax.device_get(metrics.token_sums(student, teacher, inputs, chunk_size=4,
+                                           num_bins=5))
+  logits = student.logits_from_hidden(student._hidden)
+  t_logits = teacher.logits_from_hidden(teacher._hidden)
+  w = np.asarray(mask, np.float32)
+  assert sums["count"] == pytest.approx(w.sum())
+  ce = np.asarray(losses.cross_entropy_per_token(logits, labels))
+  assert sums["ce"] == pytest.approx((ce * w).sum(), rel=1e-5)
+  kl = np.asarray(losses.dense_kd_per_token(logits, t_logits))
+  assert sums["kl_to_teacher"] == pytest.approx((kl * w).sum(), rel=1e-5)
+  agree = np.asarray(jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
+  assert sums["top1_agreement"] == pytest.approx((agree * w).sum())
+  assert sums["bins"]["count"].sum() == pytest.approx(w.sum())
