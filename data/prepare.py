@@ -32,6 +32,15 @@ def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, TOKENIZER_FILE)
 
 
+def prepared_vocab_size(workdir: str) -> int:
+  """The tokenizer's vocab size, after checking the stage has run."""
+  if pipeline.read_meta(data_dir(workdir), "train") is None:
+    raise tok.TokenizerError(
+        f"No prepared data under {data_dir(workdir)}; run `python -m"
+        " data.prepare` (or experiments.run) first.")
+  return tok.load_tokenizer(tokenizer_path(workdir)).get_vocab_size()
+
+
 def _training_texts(source, text_key: str, max_bytes: int):
   """Train-split texts for the tokenizer, up to ``max_bytes`` (0: all)."""
   total = 0

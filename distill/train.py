@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 
 from data import pipeline
@@ -152,10 +152,7 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   d = config.distill
   data_dir = prep.data_dir(workdir)
   tokenizer_path = prep.tokenizer_path(workdir)
-  if pipeline.read_meta(data_dir, "train") is None:
-    raise UserError(f"No prepared data under {data_dir}; run `python -m"
-                    " data.prepare` (or experiments.run) first.")
-  vocab_size = tok.load_tokenizer(tokenizer_path).get_vocab_size()
+  vocab_size = prep.prepared_vocab_size(workdir)
   teacher = _teacher_or_none(workdir)
   if kind.mode == "online" and teacher is None:
     raise UserError(f"Run {run!r} needs the teacher in {workdir}/teacher; run"

@@ -87,10 +87,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       return {"skipped": True, "imported": True}
   data_dir = prep.data_dir(workdir)
   tokenizer_path = prep.tokenizer_path(workdir)
-  if pipeline.read_meta(data_dir, "train") is None:
-    raise UserError(f"No prepared data under {data_dir}; run `python -m"
-                    " data.prepare` (or experiments.run) first.")
-  vocab_size = tok.load_tokenizer(tokenizer_path).get_vocab_size()
+  vocab_size = prep.prepared_vocab_size(workdir)
   cfg = model_config(config, vocab_size)
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     _check_same_model(out_dir, cfg)
