@@ -56,8 +56,8 @@ def check_workdir(workdir: str | None) -> str:
   return workdir
 
 
-def setup(argv):
-  """Checks the flags; returns ``(config, workdir)``."""
+def setup_config(argv):
+  """Checks the arguments and ``--config``; returns the config."""
   if len(argv) > 1:
     raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
@@ -66,9 +66,14 @@ def setup(argv):
     # Orbax and TFDS log every step at INFO; keep the progress bars readable.
     # --verbosity=0 brings the INFO lines back.
     logging.set_verbosity(logging.WARNING)
-  workdir = check_workdir(_WORKDIR.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  return _CONFIG.value, workdir
+  return _CONFIG.value
+
+
+def setup(argv):
+  """Checks the flags; returns ``(config, workdir)``."""
+  config = setup_config(argv)
+  return config, check_workdir(_WORKDIR.value)
 
 
 def run(main: Callable):

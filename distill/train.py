@@ -12,6 +12,8 @@ run             mode     target and loss
 ==============  =======  ===================================================
 ``ce``          ce       hard labels only: the baseline
 ``online``      online   the teacher in the loop, full-vocabulary ``dense_kd``
+``online_topk`` online   the teacher's top-k (``config.cache.k``) and tail,
+                         computed on the fly, ``ghost_kl``
 ``sampled``     offline  cached sampled ids and counts, ``sampled_kl``
 ``topk_ghost``  offline  cached top-k and tail mass, ``ghost_kl``
 ``topk_sparse`` offline  cached top-k renormalised, ``sparse_kl``
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from data import pipeline
+from data import cache_format, pipeline
 from data import prepare as prep
 from data import tokenizer as tok
 from distill import checkpoint as ckpt
@@ -58,6 +60,7 @@ class RunKind:
 RUN_KINDS = {
     "ce": RunKind("ce"),
     "online": RunKind("online", loss="dense"),
+    "online_topk": RunKind("online", "topk", "ghost_kl"),
     "sampled": RunKind("offline", "sample", "sampled_kl"),
     "topk_ghost": RunKind("offline", "topk", "ghost_kl"),
     "topk_sparse": RunKind("offline", "topk", "sparse_kl"),
@@ -89,8 +92,12 @@ def _schedules(d):
   return alpha, temperature
 
 
-def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None):
-  """``loss_fn(model, batch, step, *frozen)`` for the trainer."""
+def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None,
+                topk_k: int = 64):
+  """``loss_fn(model, batch, step, *frozen)`` for the trainer.
+
+  ``topk_k`` is the k of the ``online_topk`` run (the cache's k).
+  """
   alpha_at, temperature_at = _schedules(d)
   chunk = d.loss_chunk
 
@@ -112,9 +119,14 @@ def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None):
       t_hidden, _ = teacher.hidden(x["inputs"], x["segment_ids"], x["positions"])
       targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
       def per_token(logits, t):
-        kd = losses.dense_kd_per_token(
-            logits, teacher.logits_from_hidden(t["teacher_hidden"]),
-            temperature, d.dense_kind, d.jsd_beta)
+        t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
+        if kind.target == "topk":  # What a top-k cache would have stored.
+          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+          ids, log_probs, tail = cache_format.topk_targets(log_p, topk_k)
+          kd = losses.ghost_kl_per_token(logits, ids, log_probs, tail, temperature)
+        else:
+          kd = losses.dense_kd_per_token(logits, t_logits, temperature,
+                                         d.dense_kind, d.jsd_beta)
         ce = losses.cross_entropy_per_token(logits, t["labels"])
         return losses.mix_losses(ce, kd, alpha, temperature)
     else:
@@ -200,7 +212,7 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   result = trainer.train(
       out_dir=out_dir, model=model, cfg=trainer.LoopConfig.from_config(d.train),
       desc=f"student {run}",
-      loss_fn=loss_fn_for(kind, d, cache_temperature),
+      loss_fn=loss_fn_for(kind, d, cache_temperature, topk_k=config.cache.k),
       make_iterator=make_iterator,
       frozen=(teacher,) if kind.mode == "online" else (),
       eval_fn=validation.make_validation_fn(
