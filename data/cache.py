@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from typing import Any
 
 import grain
@@ -54,7 +55,9 @@ def done_path(cache_dir: str, name: str) -> str:
 
 
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
+  # Unique per writer: several hosts (same pid in identical containers) may
+  # write the manifest at once on a shared filesystem.
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
@@ -173,10 +176,12 @@ class CacheSource:
     return self._shards[shard]["name"], int(index - self._starts[shard])
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    data = self._open()[index]
+    source = self._open()
     try:
-      record = cache_format.decode_record(data, self._vocab)
-    except cache_format.CacheFormatError as e:
+      # ArrayRecord checksums its (compressed) chunks and raises RuntimeError
+      # for damaged bytes before the record's own crc sees them.
+      record = cache_format.decode_record(source[index], self._vocab)
+    except (cache_format.CacheFormatError, RuntimeError) as e:
       name, offset = self.locate(index)
       raise CacheError(f"Record {offset} of {name} in {self._dir} is unreadable: {e}."
                        " Run `python -m teacher.cache_logits --verify`.") from e
@@ -245,7 +250,7 @@ def verify(cache_dir: str) -> dict[str, Any]:
       for i in range(count):
         try:
           cache_format.decode_record(reader.read([i])[0], manifest["vocab_size"])
-        except cache_format.CacheFormatError as e:
+        except (cache_format.CacheFormatError, RuntimeError) as e:
           raise CacheError(f"Record {i} of shard {shard['name']} is unreadable: {e}") from e
     finally:
       reader.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import glob
 import hashlib
 import json
 import math
@@ -148,6 +149,11 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
                  pool, bar) -> None:
   from array_record.python import array_record_module
   final = os.path.join(directory, shard["name"])
+  # What a killed run of this shard's process left (only that process
+  # writes this shard, so nothing else owns these).
+  done = cache.done_path(directory, shard["name"])
+  for stale in glob.glob(glob.escape(final) + ".tmp-*") + glob.glob(glob.escape(done) + ".tmp-*"):
+    os.remove(stale)
   tmp = f"{final}.tmp-{os.getpid()}"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   pending = collections.deque()
@@ -179,7 +185,7 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
   if written != shard["records"]:
     raise RuntimeError(f"wrote {written} records to {tmp}, expected {shard['records']}")
   os.replace(tmp, final)
-  cache.write_json_atomic(cache.done_path(directory, shard["name"]), {
+  cache.write_json_atomic(done, {
       "records": written, "bytes": os.path.getsize(final),
       "payload_bytes": payload, "sha256": cache.file_sha256(final)})
 
