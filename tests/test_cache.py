@@ -457,3 +457,27 @@ def test_other_settings_are_refused_on_resume(cached, tmp_path):
   # The same settings finish the partial cache, byte for byte.
   cl.cache_logits(tiny_config(**CACHE), partial)
   assert manifest_of(partial) == manifest_of(cached)
+
+
+def test_records_do_not_depend_on_the_batch_size(cached, base, tmp_path):
+  # Row r samples with a key of its own, so another batch size (here with a
+  # padded batch in every shard) draws the same ids; top-k agrees up to the
+  # teacher's float noise across batch shapes and the quantisation.
+  workdir = copy(base, tmp_path / "w")
+  cl.cache_logits(tiny_config(**dict(CACHE, batch_size=3)), workdir)
+  for target in ("sample", "topk"):
+    a = cache.CacheSource(logits_dir(cached), target)
+    b = cache.CacheSource(logits_dir(workdir), target)
+    same = []
+    for i in range(len(a)):
+      ra, rb = a[i], b[i]
+      np.testing.assert_array_equal(ra["tokens"], rb["tokens"])
+      if target == "sample":
+        same.append(((ra["ids"] == rb["ids"]) & (ra["counts"] == rb["counts"])).all(-1))
+      else:
+        # Each within its bound of the teacher (the quantisation step
+        # follows the row's span), so within twice the bound of each other.
+        np.testing.assert_allclose(ra["log_probs"], rb["log_probs"],
+                                   atol=2 * cache_format.ERROR_BOUNDS["log_prob"])
+        same.append((ra["ids"] == rb["ids"]).all(-1))
+    assert np.mean(same) > 0.99, (target, np.mean(same))
