@@ -22,6 +22,22 @@ Attention is split so that a KV-cache decode path can reuse it:
 ``Attention.project`` (projections, QK-norm, clipping, RoPE), ``attention_mask``
 (which keys each query sees, from segment ids and token indices) and
 ``attend`` (the grouped-query attention core), then ``o_proj``.
+
+KV cache (``Attention.init_cache`` / ``Attention.decode``), one dict per layer::
+
+    k, v  [B, S, K, H]   keys (after RoPE) and values of past tokens
+    pos   [B, S] int32   the position each slot holds; -1 = empty
+
+A global layer has ``S = max_len`` slots (slot = position); a local layer a
+ring of ``S = window + rollback`` slots (slot = position mod S), so its memory
+is bounded by the window, not the context. A decode call feeds a chunk of t
+tokens at explicit positions (consecutive per row; -1 marks left padding):
+the chunk attends to the cache entries *before* its first position plus
+itself, then its keys/values are written. Entries at or after the chunk's
+first position are stale (a rolled-back draft) and never visible, so taking
+back the last tokens is just decoding again from an earlier position; the
+``rollback`` extra ring slots keep the keys the window still needs after up
+to ``rollback`` tokens are taken back.
 """
 
 from __future__ import annotations
@@ -335,6 +351,90 @@ class Attention(nnx.Module):
                           window=self.window)
     out = attend(q, k, v, mask, scale=self.query_scale)
     return self.o_proj(out)
+
+
+  # -- KV-cache decoding ------------------------------------------------------
+
+  def cache_size(self, max_len: int, rollback: int = 0) -> int:
+    """Slots S of this layer's cache: max_len (global) or window + rollback (local)."""
+    if self.window is None:
+      return max_len
+    return min(self.window + rollback, max_len)
+
+  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0,
+                 dtype: Dtype | None = None) -> dict[str, jax.Array]:
+    """An empty cache: {"k", "v": [B, S, K, H], "pos": [B, S] int32 of -1}.
+
+    ``max_len``: positions are < max_len. ``rollback``: how many of the
+    latest tokens a caller may take back (decode again from an earlier
+    position); local layers keep that many extra ring slots. ``dtype`` of
+    k/v: default the layer's compute dtype, else float32.
+    """
+    size = self.cache_size(max_len, rollback)
+    if dtype is None:
+      dtype = self.k_proj.dtype if self.k_proj.dtype is not None else jnp.float32
+    dtype = jnp.dtype(dtype)
+    shape = (batch, size, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch, size), -1, jnp.int32)}
+
+  def decode(self, x: jax.Array, positions: jax.Array,
+             cache: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Attention of a chunk of new tokens over the cache, then the cache update.
+
+    x [B, t, D], positions [B, t] int (consecutive per row; -1 = padding,
+    which is neither seen nor stored), cache from ``init_cache``
+    -> (out [B, t, D], the updated cache). Equals ``__call__`` on the whole
+    sequence at the chunk's rows (see the module docstring).
+    """
+    positions = positions.astype(jnp.int32)
+    q, k, v = self.project(x, positions)
+    keys, values, kv_pos = cached_keys(cache, k, v, positions)
+    valid_q = (positions >= 0).astype(jnp.int32)
+    mask = attention_mask(valid_q, (kv_pos >= 0).astype(jnp.int32), positions,
+                          kv_pos, window=self.window)
+    out = attend(q, keys, values, mask, scale=self.query_scale)
+    cache = write_cache(cache, k, v, positions, ring=self.window is not None)
+    return self.o_proj(out), cache
+
+
+def cached_keys(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
+                positions: jax.Array):
+  """Keys a chunk attends to: the cache's past (before the chunk) + the chunk.
+
+  cache {"k", "v": [B, S, K, H], "pos": [B, S]}, k/v [B, t, K, H], positions
+  [B, t] -> keys, values [B, S + t, K, H], kv_pos [B, S + t] (-1 = unseen).
+  """
+  big = jnp.iinfo(jnp.int32).max
+  start = jnp.min(jnp.where(positions >= 0, positions, big), axis=1,
+                  keepdims=True)                                   # [B, 1]
+  past = cache["pos"]
+  past = jnp.where((past >= 0) & (past < start), past, -1)
+  dtype = cache["k"].dtype
+  keys = jnp.concatenate([cache["k"], k.astype(dtype)], axis=1)
+  values = jnp.concatenate([cache["v"], v.astype(dtype)], axis=1)
+  kv_pos = jnp.concatenate([past, jnp.where(positions >= 0, positions, -1)], 1)
+  return keys, values, kv_pos
+
+
+def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
+                positions: jax.Array, *, ring: bool) -> dict[str, jax.Array]:
+  """Stores a chunk's keys/values at slot ``position`` (mod S when ``ring``).
+
+  Padding (position < 0) and, without a ring, positions >= S are dropped.
+  A chunk longer than a ring keeps its last S tokens (the rest could never
+  be seen again). k/v [B, t, K, H], positions [B, t].
+  """
+  size = cache["pos"].shape[1]
+  if ring and k.shape[1] > size:
+    k, v, positions = k[:, -size:], v[:, -size:], positions[:, -size:]
+  slots = positions % size if ring else positions
+  slots = jnp.where(positions >= 0, slots, size)                  # size: dropped
+  rows = jnp.arange(k.shape[0])[:, None]
+  put = lambda buf, new: buf.at[rows, slots].set(new.astype(buf.dtype),
+                                                 mode="drop")
+  return {"k": put(cache["k"], k), "v": put(cache["v"], v),
+          "pos": put(cache["pos"], positions)}
 
 
 # ----------------------------------------------------------------------------

@@ -50,6 +50,12 @@ class Block(nnx.Module):
         self.attn(self.pre_attn_norm(x), segment_ids, positions))
     return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
 
+  def decode(self, x, positions, cache):
+    """KV-cache step: x [B, t, D], positions [B, t] -> ([B, t, D], cache)."""
+    a, cache = self.attn.decode(self.pre_attn_norm(x), positions, cache)
+    h = x + self.post_attn_norm(a)
+    return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h))), cache
+
 
 class Student(nnx.Module):
   """tokens [B, T] int32 -> logits [B, T, V] float32."""
@@ -85,6 +91,34 @@ class Student(nnx.Module):
                positions: jax.Array | None = None) -> jax.Array:
     hidden, _ = self.hidden(tokens, segment_ids, positions)
     return self.logits_from_hidden(hidden)
+
+  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
+                 ) -> list[dict[str, jax.Array]]:
+    """An empty KV cache: one dict per layer (see distill.layers).
+
+    Global layers hold ``max_len`` positions; local layers a ring of
+    ``window + rollback`` (``rollback``: how many of the latest tokens a
+    caller may take back, e.g. the drafts of speculative decoding).
+    """
+    return [block.attn.init_cache(batch, max_len, rollback=rollback,
+                                  dtype=self.config.dtype)
+            for block in self.blocks]
+
+  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
+             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """Feeds new tokens through the KV cache (prefill: the whole prompt).
+
+    tokens [B, t] int32 at positions [B, t] (consecutive per row, after the
+    cache's; -1 = left padding) -> (logits [B, t, V] float32, the updated
+    cache). Equal to ``__call__`` on the whole sequence at these rows.
+    """
+    x = self.embed(tokens)
+    x = x * jnp.asarray(self.config.d_model**0.5, x.dtype)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.decode(x, positions, layer_cache)
+      new_cache.append(layer_cache)
+    return self.logits_from_hidden(self.final_norm(x)), new_cache
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"} parameters (equal: every parameter is used per token)."""

@@ -61,6 +61,21 @@ class Block(nnx.Module):
       y, aux = self.mlp(h), None
     return x + y, aux
 
+  def decode(self, x, positions, cache):
+    """KV-cache step: x [B, t, D], positions [B, t] -> ([B, t, D], cache).
+
+    The MoE runs as configured; with a capacity factor the capacity depends
+    on the tokens in the call, so drops may differ from a full forward.
+    """
+    a, cache = self.attn.decode(self.attn_norm(x), positions, cache)
+    x = x + a
+    h = self.ffn_norm(x)
+    if self.is_moe:
+      y, _ = self.moe(h, mask=positions >= 0)
+    else:
+      y = self.mlp(h)
+    return x + y, cache
+
 
 class Teacher(nnx.Module):
   """tokens [B, T] int32 -> logits [B, T, V] float32."""
@@ -108,6 +123,33 @@ class Teacher(nnx.Module):
                positions: jax.Array | None = None) -> jax.Array:
     hidden, _ = self.hidden(tokens, segment_ids, positions)
     return self.logits_from_hidden(hidden)
+
+  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
+                 ) -> list[dict[str, jax.Array]]:
+    """An empty KV cache: one dict per layer (see distill.layers).
+
+    Without a sliding window every layer holds ``max_len`` positions; with
+    one, a ring of ``sliding_window + rollback`` (``rollback``: how many of
+    the latest tokens a caller may take back, e.g. rejected drafts).
+    """
+    return [block.attn.init_cache(batch, max_len, rollback=rollback,
+                                  dtype=self.config.dtype)
+            for block in self.blocks]
+
+  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
+             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """Feeds new tokens through the KV cache (prefill: the whole prompt).
+
+    tokens [B, t] int32 at positions [B, t] (consecutive per row, after the
+    cache's; -1 = left padding) -> (logits [B, t, V] float32, the updated
+    cache). Equal to ``__call__`` on the whole sequence at these rows.
+    """
+    x = self.embed(tokens)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.decode(x, positions, layer_cache)
+      new_cache.append(layer_cache)
+    return self.logits_from_hidden(self.final_norm(x)), new_cache
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"}: active counts top_k of the E routed experts."""
