@@ -1,0 +1,288 @@
+"""Speculative decoding: the student drafts, the teacher verifies (batch 1).
+
+One round, with n tokens committed so far (prompt + output):
+
+1. The student, from its KV cache, drafts gamma tokens d_1..d_gamma (and, when
+   sampling, keeps its distributions q_1..q_gamma).
+2. The teacher runs ONE forward pass over [x_{n-1}, d_1, ..., d_gamma] at
+   positions n-1..n-1+gamma with its KV cache, which gives its distributions
+   p_1..p_{gamma+1} for positions n..n+gamma.
+3. Greedy: accept the longest prefix of drafts equal to the teacher's argmax,
+   then append the teacher's argmax at the first mismatch (or the bonus token
+   after gamma accepted drafts). The output is exactly the teacher's greedy
+   output. Sampling (Leviathan et al. 2023, Chen et al. 2023): accept d_i with
+   probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from
+   norm(max(0, p_i - q_i)); if all are accepted, draw the bonus token from
+   p_{gamma+1}. The output then follows the teacher's distribution (with the
+   same temperature and top-p applied to p and q).
+
+Rejected tokens are rolled back without touching the caches: a decode call
+never sees cache entries at or after its first position, and the local
+(sliding-window) layers' rings have ``gamma`` extra slots so that the writes
+of rejected tokens never overwrite keys the window still needs (see
+``distill.layers``). Every call has a fixed shape (the student's first call
+takes the last one or two committed tokens, re-feeding one that may already
+be cached), so nothing recompiles per round.
+
+    result = speculative_generate(teacher, student, prompt, 64, gamma=4)
+    result.tokens, result.acceptance_rate, result.tokens_per_teacher_call
+    compare(teacher, student, prompt, 64, gamma=4)   # + teacher-only timing
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distill import generate as gen
+
+
+@dataclasses.dataclass
+class SpeculativeResult:
+  """What one speculative generation produced and cost.
+
+  tokens: the new tokens (at most max_new_tokens; ends at eos_id if it came).
+  proposed / accepted: drafted tokens the teacher checked / accepted.
+  teacher_calls: verification passes (the prompt's prefill not counted).
+  draft_calls: student forward passes while drafting (prefill not counted).
+  wall_s: seconds of the whole generation, prefill included.
+  """
+  tokens: list[int]
+  proposed: int
+  accepted: int
+  teacher_calls: int
+  draft_calls: int
+  wall_s: float
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted / max(self.proposed, 1)
+
+  @property
+  def tokens_per_teacher_call(self) -> float:
+    return len(self.tokens) / max(self.teacher_calls, 1)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"tokens": list(self.tokens), "proposed": self.proposed,
+            "accepted": self.accepted, "teacher_calls": self.teacher_calls,
+            "draft_calls": self.draft_calls, "wall_s": self.wall_s,
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_teacher_call": self.tokens_per_teacher_call}
+
+
+# ----------------------------------------------------------------------------
+# The two jitted halves of a round
+
+
+@gen.per_model(static_argnames=("gamma", "greedy"), donate_argnames=("cache",))
+def _draft(graphdef, state, cache, tokens, positions, key, round_, temperature,
+           top_p, *, gamma: int, greedy: bool):
+  """Student drafts gamma tokens after the chunk tokens/positions [1, c].
+
+  -> drafts [gamma] int32, q [gamma, V] (the draft distributions; zeros
+  when greedy), cache.
+  """
+  model = nnx.merge(graphdef, state)
+  keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, round_), 0),
+                          gamma)
+
+  def choose(logits, k):  # logits [1, V]
+    if greedy:
+      return gen.pick(logits, k, temperature, top_p, greedy=True), jnp.zeros_like(logits)
+    q = gen.sampling_probs(logits, temperature, top_p)
+    return jax.random.categorical(k, jnp.log(q), axis=-1).astype(jnp.int32), q
+
+  logits, cache = model.decode(tokens, cache, positions)
+  first, q0 = choose(logits[:, -1], keys[0])
+  pos0 = positions[:, -1] + 1
+
+  def body(carry, xs):
+    cache, token, pos = carry
+    k = xs
+    logits, cache = model.decode(token[:, None], cache, pos[:, None])
+    nxt, q = choose(logits[:, 0], k)
+    return (cache, nxt, pos + 1), (nxt, q)
+
+  (cache, _, _), (rest, qs) = jax.lax.scan(body, (cache, first, pos0), keys[1:])
+  drafts = jnp.concatenate([first, rest[:, 0]])
+  q = jnp.concatenate([q0, qs[:, 0]], axis=0)
+  return drafts, q, cache
+
+
+@gen.per_model(static_argnames=("greedy",), donate_argnames=("cache",))
+def _verify(graphdef, state, cache, last, drafts, q, position, key, round_,
+            temperature, top_p, *, greedy: bool):
+  """Teacher checks the drafts in one pass.
+
+  last: the last committed token (scalar), drafts [gamma], q [gamma, V],
+  position: the last token's position -> ([a, the a accepted drafts, the
+  next token, -1 padding] int32 [gamma + 2], cache).
+  """
+  model = nnx.merge(graphdef, state)
+  gamma = drafts.shape[0]
+  key = jax.random.fold_in(jax.random.fold_in(key, round_), 1)
+  tokens = jnp.concatenate([last[None], drafts])[None]           # [1, gamma+1]
+  positions = position + jnp.arange(gamma + 1, dtype=jnp.int32)[None]
+  logits, cache = model.decode(tokens, cache, positions)
+  logits = logits[0]                                              # [gamma+1, V]
+  if greedy:
+    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    ok = drafts == choice[:gamma]
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+    token = choice[accepted]
+  else:
+    p = gen.sampling_probs(logits, temperature, top_p)
+    accepted, token = accept_reject(key, p, q, drafts)
+  i = jnp.arange(gamma + 1)
+  committed = jnp.where(i < accepted, jnp.append(drafts, 0),
+                        jnp.where(i == accepted, token, -1))
+  return jnp.concatenate([accepted[None], committed]).astype(jnp.int32), cache
+
+
+def accept_reject(key: jax.Array, p: jax.Array, q: jax.Array,
+                  drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The speculative sampling rule for one round.
+
+  p [gamma+1, V] teacher probabilities, q [gamma, V] draft probabilities,
+  drafts [gamma] (drawn from q) -> (accepted count a in [0, gamma], the
+  token that follows the accepted drafts: drawn from norm(max(0, p_a -
+  q_a)) after a rejection, from p_gamma (the bonus) when all are accepted).
+  """
+  gamma = drafts.shape[0]
+  k_accept, k_token = jax.random.split(key)
+  idx = jnp.arange(gamma)
+  p_d = p[idx, drafts]
+  q_d = q[idx, drafts]
+  u = jax.random.uniform(k_accept, (gamma,))
+  ok = u * q_d < p_d                                  # u < min(1, p/q)
+  accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+  q_ext = jnp.concatenate([q, jnp.zeros_like(p[:1])])  # bonus: p - 0 = p
+  residual = jnp.maximum(p[accepted] - q_ext[accepted], 0.0)
+  total = jnp.sum(residual)
+  # total == 0 only if p == q there, when a rejection cannot happen.
+  residual = jnp.where(total > 0, residual / jnp.maximum(total, 1e-30), p[accepted])
+  token = jax.random.categorical(k_token, jnp.log(residual)).astype(jnp.int32)
+  return accepted, token
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+def _fill(model, tokens: list[int], max_len: int, rollback: int):
+  """A cache holding ``tokens`` at positions 0.. (parts of a model, cache)."""
+  graphdef, state = nnx.split(model)
+  if tokens:
+    array, positions = gen.left_pad([tokens], gen.PROMPT_BUCKET)
+    _, cache = gen.prefill(graphdef)(state, array, positions, max_len=max_len,
+                                     rollback=rollback)
+  else:
+    cache = model.init_cache(1, max_len, rollback=rollback)
+  return graphdef, state, cache
+
+
+def speculative_generate(teacher: nnx.Module, student: nnx.Module,
+                         prompt_tokens: Sequence[int], max_new_tokens: int, *,
+                         gamma: int = 4, temperature: float = 0.0,
+                         top_p: float = 1.0, eos_id: int | None = None,
+                         key: jax.Array | None = None) -> SpeculativeResult:
+  """Generates with the student drafting ``gamma`` tokens per teacher call.
+
+  prompt_tokens: one prompt (ints, at least one). Greedy (temperature 0)
+  returns exactly the teacher's greedy tokens; sampling follows the
+  teacher's distribution at this temperature and top-p. Any two models with
+  ``init_cache`` / ``decode`` and the same vocabulary work (the drafter may
+  be the teacher itself).
+  """
+  start = time.perf_counter()
+  prompt = [int(t) for t in np.asarray(prompt_tokens).reshape(-1)]
+  if not prompt:
+    raise ValueError("the prompt needs at least one token (e.g. the BOS/EOS id)")
+  if gamma < 1:
+    raise ValueError(f"gamma={gamma} must be >= 1")
+  vt, vs = teacher.config.vocab_size, student.config.vocab_size
+  if vt != vs:
+    raise ValueError(f"teacher vocab {vt} != student vocab {vs}: the drafter must"
+                     " share the teacher's tokenizer and vocabulary")
+  greedy = temperature <= 0
+  key = jax.random.key(0) if key is None else key
+  temp = np.float32(max(temperature, 1e-6))
+  top_p = np.float32(top_p)
+  max_len = gen.round_up(len(prompt) + max_new_tokens + gamma + 1,
+                         gen.LENGTH_BUCKET)
+  t_parts = _fill(teacher, prompt[:-1], max_len, gamma)
+  s_parts = _fill(student, prompt[:-1], max_len, gamma)
+  t_graph, t_state, t_cache = t_parts
+  s_graph, s_state, s_cache = s_parts
+  draft, verify = _draft(s_graph), _verify(t_graph)
+
+  seq = list(prompt)
+  out: list[int] = []
+  proposed = accepted_total = teacher_calls = draft_calls = 0
+  round_ = 0
+  while len(out) < max_new_tokens and not (out and out[-1] == eos_id):
+    n = len(seq)
+    round_ += 1
+    first = max(0, n - 2)
+    chunk = np.asarray([seq[first:n]], np.int32)
+    positions = np.arange(first, n, dtype=np.int32)[None]
+    drafts, q, s_cache = draft(s_state, s_cache, chunk, positions, key,
+                               round_, temp, top_p, gamma=gamma, greedy=greedy)
+    verdict, t_cache = verify(t_state, t_cache, np.int32(seq[-1]), drafts, q,
+                              np.int32(n - 1), key, round_, temp, top_p,
+                              greedy=greedy)
+    draft_calls += gamma
+    teacher_calls += 1
+    verdict = np.asarray(verdict)
+    a = int(verdict[0])
+    new = [int(t) for t in verdict[1:a + 2]]
+    proposed += gamma
+    accepted_total += a
+    for t in new:
+      if len(out) == max_new_tokens or (out and out[-1] == eos_id):
+        break
+      out.append(t)
+    seq.extend(new)
+  return SpeculativeResult(out, proposed, accepted_total, teacher_calls,
+                           draft_calls, time.perf_counter() - start)
+
+
+def compare(teacher: nnx.Module, student: nnx.Module,
+            prompt_tokens: Sequence[int], max_new_tokens: int, *,
+            gamma: int = 4, eos_id: int | None = None,
+            repeats: int = 3) -> dict[str, Any]:
+  """Greedy speculative decoding against the teacher alone, timed the same way.
+
+  Both run once to warm up (compile), then ``repeats`` times; the medians
+  are compared. Returns the speculative statistics, "teacher_wall_s",
+  "speculative_wall_s", "speedup" (teacher / speculative wall time) and
+  "identical" (the speculative output equals the teacher's greedy output).
+  """
+  def teacher_only():
+    start = time.perf_counter()
+    tokens = gen.generate(teacher, [list(prompt_tokens)], max_new_tokens,
+                          eos_id=eos_id)[0]
+    return tokens, time.perf_counter() - start
+
+  def speculative():
+    return speculative_generate(teacher, student, prompt_tokens,
+                                max_new_tokens, gamma=gamma, eos_id=eos_id)
+
+  reference, _ = teacher_only()
+  result = speculative()
+  teacher_times = sorted(teacher_only()[1] for _ in range(repeats))
+  results = [speculative() for _ in range(repeats)]
+  spec_times = sorted(r.wall_s for r in results)
+  teacher_s = teacher_times[len(teacher_times) // 2]
+  spec_s = spec_times[len(spec_times) // 2]
+  return {**result.to_dict(), "gamma": gamma,
+          "teacher_wall_s": teacher_s, "speculative_wall_s": spec_s,
+          "speedup": teacher_s / spec_s,
+          "teacher_tokens": reference,
+          "identical": result.tokens == reference}

@@ -1,0 +1,168 @@
+r"""Generates text from a student run or the teacher, streamed as it comes.
+
+    python -m student.generate --workdir=/tmp/kd --run=sampled \
+        --prompt="def fib(n):" --max_new_tokens=64 --temperature=0.8
+    python -m student.generate --workdir=/tmp/kd --teacher --prompt="import os"
+
+Loads ``W/tokenizer.json`` and the model (``W/student/R/``, latest
+checkpoint, or ``W/teacher/``); ``--run`` may be left out when the workdir
+has exactly one run. The prompt is encoded after an end-of-sequence token
+(documents are separated by EOS in training, so that is how a document
+starts), and generation stops at EOS or ``--max_new_tokens``.
+``--temperature=0`` is greedy. ``--config`` (the flag every binary shares)
+is accepted and not needed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import flags
+
+from distill import checkpoint, cli
+from distill import generate as gen
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class GenerateError(cli.UserError):
+  """A generation that cannot run as asked; the message says what to do."""
+
+
+def list_runs(workdir: str) -> list[str]:
+  """Runs under ``W/student/`` (folders with a config.json)."""
+  root = os.path.join(workdir, "student")
+  if not os.path.isdir(root):
+    return []
+  return sorted(r for r in os.listdir(root)
+                if os.path.isfile(os.path.join(root, r, checkpoint.CONFIG_FILE)))
+
+
+def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
+  """The model folder to load, or a GenerateError that says what exists."""
+  if teacher and run:
+    raise GenerateError("pass either --run=R (a student) or --teacher, not both")
+  if teacher:
+    path = os.path.join(workdir, "teacher")
+    if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+      raise GenerateError(
+          f"no teacher in {workdir}: {path}/{checkpoint.CONFIG_FILE} is missing."
+          " Run `python -m teacher.train` or `python -m teacher.import_hf` first")
+    return path
+  runs = list_runs(workdir)
+  if run is None:
+    if len(runs) == 1:
+      run = runs[0]
+    else:
+      raise GenerateError(
+          "pass --run=R or --teacher; " + (
+              f"runs in {workdir}/student: {', '.join(runs)}" if runs else
+              f"{workdir}/student has no runs yet (run `python -m distill.train`)"))
+  path = os.path.join(workdir, "student", run)
+  if run not in runs:
+    raise GenerateError(
+        f"no student run {run!r}: {path}/{checkpoint.CONFIG_FILE} is missing. " + (
+            f"Runs in {workdir}/student: {', '.join(runs)}" if runs else
+            f"{workdir}/student has no runs yet; run `python -m distill.train` first"))
+  return path
+
+
+def load_model(path: str, teacher: bool):
+  if teacher:
+    from teacher import load_teacher  # pylint: disable=g-import-not-at-top
+    return load_teacher(path)
+  from student import load_student  # pylint: disable=g-import-not-at-top
+  return load_student(path)
+
+
+class TextStream:
+  """Decodes the growing token list and writes only the new text.
+
+  Byte-level BPE may split a character over tokens; text ending in an
+  incomplete character (U+FFFD) is held back until the next token.
+  """
+
+  def __init__(self, tokenizer, out=sys.stdout):
+    self.tokenizer, self.out = tokenizer, out
+    self.ids: list[int] = []
+    self.shown = 0
+
+  def add(self, token: int, final: bool = False) -> None:
+    self.ids.append(int(token))
+    self.flush(final)
+
+  def flush(self, final: bool = True) -> None:
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    if not final and text.endswith("\ufffd"):
+      return
+    self.out.write(text[self.shown:])
+    self.out.flush()
+    self.shown = len(text)
+
+
+def generate_text(workdir: str, prompt: str, *, run: str | None = None,
+                  teacher: bool = False, max_new_tokens: int = 128,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                  out=sys.stdout) -> str:
+  """Streams ``prompt`` and its continuation to ``out``; returns the new text."""
+  from data import tokenizer as tok  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise GenerateError(f"--workdir={workdir} is not a folder; pass the workdir"
+                        " the pipeline wrote")
+  if max_new_tokens < 1:
+    raise GenerateError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise GenerateError(f"need --temperature >= 0 and 0 < --top_p <= 1, got"
+                        f" {temperature} and {top_p}")
+  path = model_dir(workdir, run, teacher)
+  tokenizer = tok.load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  eos = tok.special_ids(tokenizer)["eos"]
+  model = load_model(path, teacher)
+  if tokenizer.get_vocab_size() > model.config.vocab_size:
+    raise GenerateError(
+        f"{workdir}/{TOKENIZER_FILE} has {tokenizer.get_vocab_size()} tokens but"
+        f" the model in {path} only {model.config.vocab_size}; they were not"
+        " trained together")
+  prompt_ids = [eos] + tokenizer.encode(prompt, add_special_tokens=False).ids
+  out.write(prompt)
+  out.flush()
+  text = TextStream(tokenizer, out)
+  for tokens in gen.stream(model, [prompt_ids], max_new_tokens,
+                           temperature=temperature, top_p=top_p, eos_id=eos,
+                           key=jax.random.key(seed)):
+    if tokens[0] >= 0:
+      text.add(tokens[0])
+  text.flush()
+  out.write("\n")
+  out.flush()
+  return tokenizer.decode(text.ids, skip_special_tokens=True)
+
+
+def _define_flags():
+  # Defined only when run as a binary (importing adds no flags).
+  flags.DEFINE_string("run", None, "Student run under WORKDIR/student/.")
+  flags.DEFINE_bool("teacher", False, "Generate with WORKDIR/teacher instead.")
+  flags.DEFINE_string("prompt", "", "Text to continue.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sampling temperature.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.workdir:
+    raise GenerateError("--workdir is required: the folder the pipeline wrote")
+  generate_text(FLAGS.workdir, FLAGS.prompt, run=FLAGS.run,
+                teacher=FLAGS.teacher, max_new_tokens=FLAGS.max_new_tokens,
+                temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                seed=FLAGS.seed)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  cli.run(main)
