@@ -83,20 +83,29 @@ def model_kv_bytes(config, contexts=DEFAULT_CONTEXTS) -> dict[str, float]:
           for c in contexts}
 
 
+def hidden_of(model, inputs: dict[str, jax.Array]) -> jax.Array:
+  """The model's final hidden states [B, T, D] for ``model_inputs(batch)``."""
+  hidden, _ = model.hidden(inputs["inputs"], inputs["segment_ids"], inputs["positions"])
+  return hidden
+
+
 def token_sums(model, teacher, inputs: dict[str, jax.Array], chunk_size: int,
-               num_bins: int) -> dict[str, Any]:
+               num_bins: int, teacher_hidden: jax.Array | None = None,
+               hidden: jax.Array | None = None) -> dict[str, Any]:
   """Sums over the valid tokens of one batch (see module doc).
 
   ``inputs`` is ``data.pipeline.model_inputs(batch)``. Returns ``count``,
   ``ce``, ``bins`` (calibration) and, with a teacher, ``kl_to_teacher`` and
   ``top1_agreement`` (sums, to be divided by the total count).
+  ``teacher_hidden``: the teacher's ``hidden_of`` these inputs, when the
+  caller already has it (one teacher pass shared by several models);
+  ``hidden`` likewise the model's own.
   """
   mask = inputs["mask"].astype(jnp.float32)
-  hidden, _ = model.hidden(inputs["inputs"], inputs["segment_ids"], inputs["positions"])
+  hidden = hidden_of(model, inputs) if hidden is None else hidden
   t_hidden = None
   if teacher is not None:
-    t_hidden, _ = teacher.hidden(inputs["inputs"], inputs["segment_ids"],
-                                 inputs["positions"])
+    t_hidden = hidden_of(teacher, inputs) if teacher_hidden is None else teacher_hidden
   batch, length = mask.shape
   size = max(1, min(chunk_size, length))
   num = -(-length // size)

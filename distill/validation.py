@@ -1,78 +1,111 @@
-"""Validation metrics on the held-out split: the training-time eval hook.
+"""One pass over the held-out split: the eval hook and the evaluate stage.
 
-For a model alone: cross-entropy (nats/token) and perplexity. With a teacher:
-also KL(teacher || model) over the full vocabulary and top-1 agreement with
-the teacher. Everything is computed over sequence chunks (``chunk_size``) so
-no [B, T, V] tensor is held at once, and summed over tokens before dividing,
-so batches of different sizes weigh by their tokens.
+For each model: cross-entropy (nats/token), perplexity and top-1 expected
+calibration error; with a teacher also KL(teacher || model) over the full
+vocabulary and top-1 agreement with the teacher. The sums come from
+``metrics.token_sums`` (sequence chunks, never a whole [B, T, V] tensor) and
+are divided by the token count at the end, so batches weigh by their tokens.
+
+``validation_pass`` evaluates several models on the same batches and runs the
+teacher's forward once per batch for all of them (it is usually the most
+expensive model there); ``make_validation_fn`` is the training-time hook for
+one model.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from data import pipeline
-from distill import losses
+from distill import metrics
 
 
-def _sums(model, teacher, batch, chunk_size):
-  x = pipeline.model_inputs(batch)
-  mask = x["mask"]
-  count = jnp.sum(mask.astype(jnp.float32))
-  hidden, _ = model.hidden(x["inputs"], x["segment_ids"], x["positions"])
-  def total(per_token, targets):
-    mean = losses.chunked_loss(hidden, model.logits_from_hidden, per_token,
-                               targets, mask, chunk_size)
-    return mean * count
-  out = {"count": count,
-         "ce": total(losses.cross_entropy_per_token, x["labels"])}
-  if teacher is not None:
-    t_hidden, _ = teacher.hidden(x["inputs"], x["segment_ids"], x["positions"])
-    def kl(logits, t_h):
-      return losses.dense_kd_per_token(logits, teacher.logits_from_hidden(t_h))
-    def agree(logits, t_h):
-      t_logits = teacher.logits_from_hidden(t_h)
-      return (jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)
-    out["kl_to_teacher"] = total(kl, t_hidden)
-    out["top1_agreement"] = total(agree, t_hidden)
+def summarize(totals: dict) -> dict[str, float]:
+  """Per-token metrics from summed ``token_sums`` (numpy, summed over batches)."""
+  count = max(float(totals["count"]), 1.0)
+  out = {"loss": float(totals["ce"]) / count, "tokens": float(totals["count"]),
+         "ece": metrics.expected_calibration_error(totals["bins"])}
+  out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+  for key in ("kl_to_teacher", "top1_agreement"):
+    if key in totals:
+      out[key] = float(totals[key]) / count
   return out
+
+
+@functools.partial(nnx.jit, static_argnames=("chunk_size", "num_bins"))
+def _scores(model, teacher, batch, t_hidden, hidden, *, chunk_size: int,
+            num_bins: int):
+  """token_sums of one batch; teacher None: the model alone."""
+  return metrics.token_sums(model, teacher, pipeline.model_inputs(batch),
+                            chunk_size, num_bins, teacher_hidden=t_hidden,
+                            hidden=hidden)
+
+
+@nnx.jit
+def _hidden(model, batch):
+  return metrics.hidden_of(model, pipeline.model_inputs(batch))
+
+
+def validation_pass(models: dict[str, nnx.Module], teacher: nnx.Module | None,
+                    data_dir: str, *, seq_len: int, batch_size: int,
+                    max_batches: int, chunk_size: int, num_bins: int = 15,
+                    progress: Callable | None = None
+                    ) -> dict[str, dict[str, float]]:
+  """``{name: metrics}`` of every model over the first ``max_batches`` batches.
+
+  A model that *is* ``teacher`` is scored alone (no KL to itself); the others
+  against the teacher when there is one. Rows are shuffled with a fixed seed,
+  so ``max_batches`` takes a sample of the whole split; 0: all of it.
+  ``progress(batch_index)`` is called after each batch.
+  """
+  sizes = dict(chunk_size=chunk_size, num_bins=num_bins)
+  # Shuffled with a fixed seed: every model and every call sees the same
+  # rows, and a capped pass is a sample of the whole split, not its first
+  # files.
+  ds = pipeline.make_dataset(data_dir, "validation", seq_len=seq_len,
+                             batch_size=batch_size, shuffle=True, seed=0,
+                             num_epochs=1, drop_remainder=True,
+                             process_index=0, process_count=1)
+  totals: dict[str, dict] = {}
+  for i, batch in enumerate(ds):
+    if max_batches and i >= max_batches:
+      break
+    t_hidden = None if teacher is None else _hidden(teacher, batch)
+    for name, model in models.items():
+      if teacher is None:
+        sums = _scores(model, None, batch, None, None, **sizes)
+      elif model is teacher:  # scored alone, from the pass already made
+        sums = _scores(model, None, batch, None, t_hidden, **sizes)
+      else:
+        sums = _scores(model, teacher, batch, t_hidden, None, **sizes)
+      sums = jax.device_get(sums)
+      totals[name] = sums if name not in totals else jax.tree.map(
+          np.add, totals[name], sums)
+    if progress is not None:
+      progress(i)
+  if not totals:
+    raise ValueError(
+        f"The validation split under {data_dir} has no full batch of"
+        f" {batch_size} rows of {seq_len + 1} tokens; lower the batch size.")
+  return {name: summarize(t) for name, t in totals.items()}
 
 
 def make_validation_fn(data_dir: str, *, seq_len: int, batch_size: int,
                        max_batches: int, chunk_size: int,
-                       teacher: nnx.Module | None = None
+                       teacher: nnx.Module | None = None, num_bins: int = 15
                        ) -> Callable[[nnx.Module, int], dict[str, float]]:
   """``fn(model, step) -> metrics`` over the first ``max_batches`` batches.
 
   ``max_batches=0`` uses the whole validation split.
   """
-  with_teacher = nnx.jit(lambda m, t, b: _sums(m, t, b, chunk_size))
-  alone = nnx.jit(lambda m, b: _sums(m, None, b, chunk_size))
-
   def fn(model: nnx.Module, step: int = 0) -> dict[str, float]:
     del step
-    ds = pipeline.make_dataset(data_dir, "validation", seq_len=seq_len,
-                               batch_size=batch_size, shuffle=False,
-                               num_epochs=1, drop_remainder=True)
-    totals: dict[str, float] = {}
-    for i, batch in enumerate(ds):
-      if max_batches and i >= max_batches:
-        break
-      sums = with_teacher(model, teacher, batch) if teacher is not None else alone(model, batch)
-      for key, value in jax.device_get(sums).items():
-        totals[key] = totals.get(key, 0.0) + float(value)
-    if not totals:
-      raise ValueError(
-          f"The validation split under {data_dir} has no full batch of"
-          f" {batch_size} rows of {seq_len + 1} tokens; lower the batch size.")
-    count = max(totals.pop("count"), 1.0)
-    metrics = {("loss" if k == "ce" else k): v / count for k, v in totals.items()}
-    metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
-    metrics["tokens"] = count
-    return metrics
+    return validation_pass({"model": model}, teacher, data_dir, seq_len=seq_len,
+                           batch_size=batch_size, max_batches=max_batches,
+                           chunk_size=chunk_size, num_bins=num_bins)["model"]
   return fn
