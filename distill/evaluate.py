@@ -23,16 +23,16 @@ import os
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 from tqdm import tqdm
 
 from data import pipeline
 from data import prepare as prep
 from distill import checkpoint as ckpt
-from distill import cli, metrics, report
+from distill import cli, metrics, report, validation
+from distill import generate as gen
+from distill import speculative as spec
 from distill.errors import UserError
 
 EVAL_DIR = "eval"
@@ -57,36 +57,60 @@ def model_folders(workdir: str) -> dict[str, str]:
   return folders
 
 
-def quality(model, teacher, data_dir: str, *, seq_len: int, batch_size: int,
-            max_batches: int, chunk_size: int, num_bins: int) -> dict[str, float]:
-  """Validation loss, perplexity, ECE and (with a teacher) KL and agreement."""
-  if teacher is not None:
-    step = nnx.jit(lambda m, t, b: metrics.token_sums(
-        m, t, pipeline.model_inputs(b), chunk_size, num_bins))
-    run = lambda b: step(model, teacher, b)
-  else:
-    step = nnx.jit(lambda m, b: metrics.token_sums(
-        m, None, pipeline.model_inputs(b), chunk_size, num_bins))
-    run = lambda b: step(model, b)
-  ds = pipeline.make_dataset(data_dir, "validation", seq_len=seq_len,
-                             batch_size=batch_size, shuffle=False, num_epochs=1,
-                             drop_remainder=True, process_index=0, process_count=1)
-  totals = None
-  for i, batch in enumerate(ds):
-    if max_batches and i >= max_batches:
+def validation_prompts(workdir: str, count: int, length: int) -> list[list[int]]:
+  """Prompts from the held-out split: EOS then the first ``length - 1`` tokens
+  of each of the first ``count`` validation documents that are that long
+  (a document starts after an EOS in training, so that is how prompts start).
+  """
+  from data import tokenizer as tok
+  directory = pipeline.tokens_dir(prep.data_dir(workdir), "validation")
+  stream = np.load(os.path.join(directory, "tokens.npy"), mmap_mode="r")
+  offsets = np.load(os.path.join(directory, "doc_offsets.npy"))
+  eos = tok.special_ids(tok.load_tokenizer(prep.tokenizer_path(workdir)))["eos"]
+  prompts = []
+  for start, stop in zip(offsets[:-1], offsets[1:]):
+    if len(prompts) == count:
       break
-    sums = jax.device_get(run(batch))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  if totals is None:
-    raise UserError(f"The validation split under {data_dir} has no full batch of"
-                    f" {batch_size} rows; lower config.data.batch_size.")
-  count = float(totals["count"])
-  out = {"loss": float(totals["ce"]) / count, "tokens": count,
-         "ece": metrics.expected_calibration_error(totals["bins"])}
-  out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
-  if teacher is not None:
-    out["kl_to_teacher"] = float(totals["kl_to_teacher"]) / count
-    out["top1_agreement"] = float(totals["top1_agreement"]) / count
+    if stop - start > length:
+      prompts.append([eos] + [int(t) for t in stream[start:start + length - 1]])
+  if not prompts:
+    raise UserError(f"No validation document under {directory} is longer than"
+                    f" {length} tokens; lower config.eval.prompt_len.")
+  return prompts
+
+
+def speed(model, e) -> dict[str, dict[str, float]]:
+  """Prefill and decode tokens/s at each of ``e.batch_sizes`` (``config.eval.speed``)."""
+  return {f"batch_{b}": gen.measure_speed(model, e.prompt_len, e.new_tokens, b,
+                                          repeats=e.repeats)
+          for b in e.batch_sizes}
+
+
+def speculative_figures(teacher, student, prompts, baselines, e) -> list[dict]:
+  """Greedy speculative decoding with ``student`` drafting, per gamma.
+
+  ``e`` is ``config.eval.speculative``; ``baselines`` the teacher's own
+  timed generations of the same prompts (``speculative.teacher_baseline``).
+
+  Summed over the prompts: acceptance = accepted / proposed drafts, tokens
+  per teacher call, speed-up = teacher-alone time / speculative time, and
+  whether every output equals the teacher's own greedy output.
+  """
+  out = []
+  for gamma in e.gammas:
+    runs = [spec.compare(teacher, student, p, e.new_tokens, gamma=gamma,
+                         repeats=e.repeats, baseline=b)
+            for p, b in zip(prompts, baselines)]
+    total = lambda key: sum(r[key] for r in runs)
+    out.append({
+        "gamma": gamma, "prompts": len(runs),
+        "acceptance_rate": total("accepted") / max(total("proposed"), 1),
+        "tokens_per_teacher_call": sum(len(r["tokens"]) for r in runs)
+                                   / max(total("teacher_calls"), 1),
+        "teacher_wall_s": total("teacher_wall_s"),
+        "speculative_wall_s": total("speculative_wall_s"),
+        "speedup": total("teacher_wall_s") / total("speculative_wall_s"),
+        "matches_teacher": all(r["matches_teacher"] for r in runs)})
   return out
 
 
@@ -138,6 +162,31 @@ def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
           "eval": config.eval.to_dict()}
 
 
+def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The comparison the pipeline exists for, from the per-model entries.
+
+  ``distill_gain``: CE-baseline loss minus the best distilled student's loss
+  (positive: distillation helped); ``teacher_gain``: CE-baseline loss minus
+  the teacher's; ``decode_speedup_b1``: the best student's batch-1 decode
+  tokens/s over the teacher's. Missing pieces give None.
+  """
+  distilled = {n: e for n, e in models.items()
+               if n != "teacher" and e.get("mode") not in (None, "ce")}
+  ce = next((e for e in models.values() if e.get("mode") == "ce"), None)
+  teacher = models.get("teacher")
+  best = min(distilled, key=lambda n: distilled[n]["loss"]) if distilled else None
+  out: dict[str, Any] = {"best_distilled": best, "distill_gain": None,
+                         "teacher_gain": None, "decode_speedup_b1": None}
+  if best and ce:
+    out["distill_gain"] = ce["loss"] - distilled[best]["loss"]
+  if teacher and ce:
+    out["teacher_gain"] = ce["loss"] - teacher["loss"]
+  decode = lambda e: e.get("decode", {}).get("batch_1", {}).get("decode_tokens_per_s")
+  if best and teacher and decode(distilled[best]) and decode(teacher):
+    out["decode_speedup_b1"] = decode(distilled[best]) / decode(teacher)
+  return out
+
+
 def evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs the stage; returns the report (also written to W/eval/report.json)."""
   folders = model_folders(workdir)
@@ -156,29 +205,49 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
 
   e, data = config.eval, config.data
   data_dir = prep.data_dir(workdir)
-  teacher = _load("teacher", folders["teacher"]) if "teacher" in folders else None
+  loaded = {name: _load(name, path) for name, path in folders.items()}
+  teacher = loaded.get("teacher")
   models: dict[str, dict[str, Any]] = {}
-  for name, path in tqdm(folders.items(), desc="evaluate", unit="model"):
-    started = time.time()
-    model = teacher if name == "teacher" else _load(name, path)
+  for name, path in folders.items():
     entry: dict[str, Any] = {"path": path, "step": ckpt.latest_step(path)}
     if name != "teacher":
       settings = ckpt.read_config(path).get("settings", {})
       entry["mode"], entry["target"], entry["loss_kind"] = (
           settings.get("mode"), settings.get("target"), settings.get("loss"))
-    entry.update(quality(model, None if name == "teacher" else teacher, data_dir,
-                         seq_len=data.seq_len, batch_size=data.batch_size,
-                         max_batches=e.batches, chunk_size=config.distill.loss_chunk,
-                         num_bins=e.ece_bins))
-    entry["params"] = model.param_counts()
-    entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(model.config)
-    entry["seconds"] = round(time.time() - started, 2)
+    entry["params"] = loaded[name].param_counts()
+    entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(loaded[name].config)
     models[name] = entry
-    logging.info("evaluated %s: %s", name, entry)
+
+  started = time.time()
+  rows = pipeline.read_meta(data_dir, "validation")["num_tokens"] // (data.seq_len + 1)
+  batches = rows // data.batch_size
+  with tqdm(total=min(e.batches, batches) if e.batches else batches,
+            desc="evaluate: validation", unit="batch") as bar:
+    scores = validation.validation_pass(
+        loaded, teacher, data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
+        max_batches=e.batches, chunk_size=config.distill.loss_chunk,
+        num_bins=e.ece_bins, progress=lambda i: bar.update(1))
+  for name, values in scores.items():
+    models[name].update(values)
+  logging.info("validation pass: %.1fs", time.time() - started)
+
+  for name, model in tqdm(loaded.items(), desc="evaluate: speed", unit="model"):
+    models[name]["decode"] = speed(model, e.speed)
+
+  students = [n for n in loaded if n != "teacher"]
+  if teacher is not None and students and e.speculative.gammas:
+    sp = e.speculative
+    prompts = validation_prompts(workdir, sp.prompts, sp.prompt_len)
+    baselines = [spec.teacher_baseline(teacher, p, sp.new_tokens, repeats=sp.repeats)
+                 for p in prompts]
+    for name in tqdm(students, desc="evaluate: speculative", unit="drafter"):
+      models[name]["speculative"] = speculative_figures(
+          teacher, loaded[name], prompts, baselines, sp)
 
   result = {"inputs": fingerprint, "models": models,
-            "cache": cache_figures(workdir),
-            "machine": report.machine_description()}
+            "summary": headline(models), "cache": cache_figures(workdir),
+            "machine": report.machine_description(),
+            "seconds": round(time.time() - started, 1)}
   os.makedirs(out_dir, exist_ok=True)
   result["plots"] = report.write_plots(out_dir, workdir, models)
   with open(json_path + ".tmp", "w") as f:

@@ -19,6 +19,8 @@ def machine_description() -> str:
 def _fmt(value, digits=3) -> str:
   if value is None:
     return "–"
+  if isinstance(value, bool):
+    return "yes" if value else "no"
   if isinstance(value, float):
     return f"{value:.{digits}f}"
   if isinstance(value, int):
@@ -82,11 +84,44 @@ def write_plots(out_dir: str, workdir: str, models: dict[str, dict[str, Any]]) -
   return written
 
 
+def _headline(result: dict[str, Any]) -> str:
+  h = result.get("summary") or {}
+  lines = []
+  if h.get("distill_gain") is not None:
+    lines.append(f"- Best distilled student `{h['best_distilled']}`:"
+                 f" {h['distill_gain']:+.3f} nats/token against the CE baseline"
+                 " (positive: distillation helped).")
+  if h.get("teacher_gain") is not None:
+    lines.append(f"- Teacher: {h['teacher_gain']:+.3f} nats/token against the CE"
+                 " baseline.")
+  if h.get("decode_speedup_b1") is not None:
+    lines.append(f"- `{h['best_distilled']}` decodes {h['decode_speedup_b1']:.1f}x"
+                 " as many tokens/s as the teacher (batch 1).")
+  return "\n".join(lines) + "\n\n" if lines else ""
+
+
+def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
+  """Every student against the CE baseline, with what its target cost."""
+  ce = next((e for e in models.values() if e.get("mode") == "ce"), None)
+  rows = []
+  for name, e in models.items():
+    if name == "teacher":
+      continue
+    method = e.get("target") if e.get("mode") == "offline" else None  # cache method
+    per_token = cache.get(f"{method}_bytes_per_token") if cache and method else None
+    seconds = cache["seconds"] if cache and method else None
+    rows.append([name, _kind(e), e["loss"],
+                 None if ce is None else ce["loss"] - e["loss"],
+                 e.get("kl_to_teacher"), e["ece"], per_token, seconds])
+  return _table(["student", "kind", "val loss", "gain over CE", "KL to teacher",
+                 "ECE", "cache bytes/token", "cache s"], rows)
+
+
 def markdown(result: dict[str, Any]) -> str:
   models = result["models"]
   parts = ["# Evaluation report\n\n",
            f"Machine: {result['machine']}. Validation split; every number is"
-           " also in `report.json`.\n\n",
+           " also in `report.json`.\n\n", _headline(result),
            "## Quality\n\n",
            "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
            " expected calibration error.\n\n"]
@@ -96,23 +131,36 @@ def markdown(result: dict[str, Any]) -> str:
       [[n, _kind(e), e["step"], e["loss"], e["perplexity"], e.get("kl_to_teacher"),
         e.get("top1_agreement"), e["ece"], e["params"]["total"], e["params"]["active"]]
        for n, e in models.items()]))
+  if any(n != "teacher" for n in models):
+    parts.append("\n## Distillation against the CE baseline\n\n"
+                 "Same student, same rows in the same order; \"gain over CE\" is"
+                 " the CE baseline's loss minus this student's. Cache bytes are"
+                 " per token of this run's target alone (tokens included); the"
+                 " cache time is the one teacher pass that wrote every target.\n\n")
+    parts.append(_comparison(models, result.get("cache")))
   contexts = list(next(iter(models.values()))["kv_cache_bytes_per_token"])
   parts.append("\n## KV cache\n\nBytes per token of context (bfloat16 K and V).\n\n")
   parts.append(_table(["model"] + [f"{int(c) // 1024}k" for c in contexts],
                       [[n] + [e["kv_cache_bytes_per_token"][c] for c in contexts]
                        for n, e in models.items()]))
-  speed_rows = [[n] + [e["decode"][b][k] for b in ("batch_1", "batch_8")
+  sizes = sorted({b for e in models.values() for b in e.get("decode", {})},
+                 key=lambda b: int(b.split("_")[1]))
+  speed_rows = [[n] + [e["decode"].get(b, {}).get(k) for b in sizes
                        for k in ("prefill_tokens_per_s", "decode_tokens_per_s")]
                 for n, e in models.items() if e.get("decode")]
   if speed_rows:
-    parts.append("\n## Speed\n\n")
-    parts.append(_table(["model", "prefill tok/s (b1)", "decode tok/s (b1)",
-                         "prefill tok/s (b8)", "decode tok/s (b8)"], speed_rows))
+    parts.append("\n## Speed\n\nTokens/s summed over the batch, medians of"
+                 " timed runs after a warm-up (compilation excluded).\n\n")
+    header = ["model"] + [f"{what} tok/s (b{b.split('_')[1]})" for b in sizes
+                          for what in ("prefill", "decode")]
+    parts.append(_table(header, speed_rows))
   spec_rows = [[n, s["gamma"], s["acceptance_rate"], s["tokens_per_teacher_call"],
                 s["speedup"], s["matches_teacher"]]
                for n, e in models.items() for s in e.get("speculative", [])]
   if spec_rows:
-    parts.append("\n## Speculative decoding (student drafts, teacher verifies)\n\n")
+    parts.append("\n## Speculative decoding (student drafts, teacher verifies)\n\n"
+                 "Greedy; wall speed-up is the teacher alone over teacher +"
+                 " drafter on the same prompts.\n\n")
     parts.append(_table(["drafter", "γ", "acceptance", "tokens per teacher call",
                          "wall speed-up", "output = teacher greedy"], spec_rows))
   cache = result.get("cache")

@@ -253,36 +253,51 @@ def speculative_generate(teacher: nnx.Module, student: nnx.Module,
                            draft_calls, time.perf_counter() - start)
 
 
-def compare(teacher: nnx.Module, student: nnx.Module,
-            prompt_tokens: Sequence[int], max_new_tokens: int, *,
-            gamma: int = 4, eos_id: int | None = None,
-            repeats: int = 3) -> dict[str, Any]:
-  """Greedy speculative decoding against the teacher alone, timed the same way.
+def teacher_baseline(teacher: nnx.Module, prompt_tokens: Sequence[int],
+                     max_new_tokens: int, *, eos_id: int | None = None,
+                     repeats: int = 3) -> dict[str, Any]:
+  """The teacher's own greedy generation, timed: {"tokens", "wall_s"}.
 
-  Both run once to warm up (compile), then ``repeats`` times; the medians
-  are compared. Returns the speculative statistics, "teacher_wall_s",
-  "speculative_wall_s", "speedup" (teacher / speculative wall time) and
-  "identical" (the speculative output equals the teacher's greedy output).
+  One warm-up run (compilation), then the median wall time of ``repeats``
+  runs. ``compare`` takes it as ``baseline`` so several drafters share it.
   """
-  def teacher_only():
+  def once():
     start = time.perf_counter()
     tokens = gen.generate(teacher, [list(prompt_tokens)], max_new_tokens,
                           eos_id=eos_id)[0]
     return tokens, time.perf_counter() - start
 
+  tokens, _ = once()
+  times = sorted(once()[1] for _ in range(repeats))
+  return {"tokens": tokens, "wall_s": times[len(times) // 2]}
+
+
+def compare(teacher: nnx.Module, student: nnx.Module,
+            prompt_tokens: Sequence[int], max_new_tokens: int, *,
+            gamma: int = 4, eos_id: int | None = None, repeats: int = 3,
+            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Greedy speculative decoding against the teacher alone, timed the same way.
+
+  Both run once to warm up (compile), then ``repeats`` times; the medians
+  are compared (``baseline``: a ``teacher_baseline`` of the same prompt and
+  length, to reuse). Returns the speculative statistics, "teacher_wall_s",
+  "speculative_wall_s", "speedup" (teacher / speculative wall time),
+  "teacher_tokens" and "matches_teacher" (the speculative output equals the
+  teacher's greedy output).
+  """
+  if baseline is None:
+    baseline = teacher_baseline(teacher, prompt_tokens, max_new_tokens,
+                                eos_id=eos_id, repeats=repeats)
+
   def speculative():
     return speculative_generate(teacher, student, prompt_tokens,
                                 max_new_tokens, gamma=gamma, eos_id=eos_id)
 
-  reference, _ = teacher_only()
   result = speculative()
-  teacher_times = sorted(teacher_only()[1] for _ in range(repeats))
-  results = [speculative() for _ in range(repeats)]
-  spec_times = sorted(r.wall_s for r in results)
-  teacher_s = teacher_times[len(teacher_times) // 2]
+  spec_times = sorted(speculative().wall_s for _ in range(repeats))
   spec_s = spec_times[len(spec_times) // 2]
   return {**result.to_dict(), "gamma": gamma,
-          "teacher_wall_s": teacher_s, "speculative_wall_s": spec_s,
-          "speedup": teacher_s / spec_s,
-          "teacher_tokens": reference,
-          "identical": result.tokens == reference}
+          "teacher_wall_s": baseline["wall_s"], "speculative_wall_s": spec_s,
+          "speedup": baseline["wall_s"] / spec_s,
+          "teacher_tokens": baseline["tokens"],
+          "matches_teacher": result.tokens == baseline["tokens"]}

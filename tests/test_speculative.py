@@ -110,10 +110,15 @@ def test_one_token_prompt_and_eos(teacher, student):
 
 def test_compare_reports_speedup_and_identity(teacher, student):
   out = spec.compare(teacher, student, PROMPT, 16, gamma=2, repeats=1)
-  assert out["identical"] and out["tokens"] == out["teacher_tokens"]
+  assert out["matches_teacher"] and out["tokens"] == out["teacher_tokens"]
   assert out["teacher_wall_s"] > 0 and out["speculative_wall_s"] > 0
   assert out["speedup"] == pytest.approx(
       out["teacher_wall_s"] / out["speculative_wall_s"])
+  # A shared baseline is used as given (its tokens decide the comparison).
+  wrong = {"tokens": out["teacher_tokens"][:-1] + [-1], "wall_s": 2.0}
+  again = spec.compare(teacher, student, PROMPT, 16, gamma=2, repeats=1,
+                       baseline=wrong)
+  assert not again["matches_teacher"] and again["teacher_wall_s"] == 2.0
 
 
 def _chi2_p(counts, probs):
