@@ -172,6 +172,7 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
   for stale in glob.glob(glob.escape(final) + ".tmp-*") + glob.glob(glob.escape(done) + ".tmp-*"):
     os.remove(stale)
   tmp = f"{final}.tmp-{os.getpid()}"
+  started = time.time()
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   pending = collections.deque()
   written = payload = 0
@@ -204,7 +205,8 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
   os.replace(tmp, final)
   cache.write_json_atomic(done, {
       "records": written, "bytes": os.path.getsize(final),
-      "payload_bytes": payload, "sha256": cache.file_sha256(final)})
+      "payload_bytes": payload, "sha256": cache.file_sha256(final),
+      "seconds": round(time.time() - started, 3)})  # teacher pass + writing
 
 
 def cache_logits(config, workdir: str) -> dict[str, Any]:

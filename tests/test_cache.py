@@ -67,8 +67,13 @@ def logits_dir(workdir):
 
 
 def manifest_of(workdir):
+  """The manifest without the shards' wall-clock "seconds" (not content)."""
   with open(os.path.join(logits_dir(workdir), cache.MANIFEST)) as f:
-    return json.load(f)
+    manifest = json.load(f)
+  for shard in manifest["shards"]:
+    if shard["complete"]:
+      assert shard.pop("seconds") > 0
+  return manifest
 
 
 def file_hashes(directory):
