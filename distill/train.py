@@ -78,6 +78,26 @@ def model_config(config, vocab_size: int) -> student_config.StudentConfig:
                                    **config.student.model.to_dict())
 
 
+def student_vocab_size(workdir: str, teacher=None) -> int:
+  """The student's vocabulary: the teacher's when there is one, else the tokenizer's.
+
+  Hugging Face checkpoints pad their embedding past the tokenizer (Qwen3-MoE:
+  151,936 rows for about 151.7k tokens; OLMoE: 50,304 for 50,280), and the
+  student must score every id the teacher's targets can hold. A teacher with
+  fewer rows than the tokenizer has tokens cannot have produced this data.
+  """
+  tokenizer_vocab = prep.prepared_vocab_size(workdir)
+  if teacher is None:
+    return tokenizer_vocab
+  if teacher.config.vocab_size < tokenizer_vocab:
+    raise UserError(
+        f"The teacher in {workdir}/teacher has {teacher.config.vocab_size}"
+        f" embedding rows but {prep.tokenizer_path(workdir)} has"
+        f" {tokenizer_vocab} tokens: they were not made together. Prepare the"
+        " data with the teacher's tokenizer (import the teacher first).")
+  return teacher.config.vocab_size
+
+
 def run_kind(run: str) -> RunKind:
   if run not in RUN_KINDS:
     raise UserError(f"Unknown distillation run {run!r}; the runs are"
@@ -164,14 +184,11 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   d = config.distill
   data_dir = prep.data_dir(workdir)
   tokenizer_path = prep.tokenizer_path(workdir)
-  vocab_size = prep.prepared_vocab_size(workdir)
   teacher = _teacher_or_none(workdir)
   if kind.mode == "online" and teacher is None:
     raise UserError(f"Run {run!r} needs the teacher in {workdir}/teacher; run"
                     " `python -m teacher.train` or `teacher.import_hf` first.")
-  if teacher is not None and teacher.config.vocab_size != vocab_size:
-    raise UserError(f"The teacher's vocab ({teacher.config.vocab_size}) is not the"
-                    f" tokenizer's ({vocab_size}); they must match.")
+  vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
   out_dir = run_dir(workdir, run)
   # As config.json will hold them (tuples become lists), to compare on resume.

@@ -1,6 +1,8 @@
 """The main job: every stage in order, each skipped when done, resumed when not.
 
-A stage this version does not have yet is reported and skipped.
+A stage this version does not have yet is reported and skipped. When the
+experiment imports a Hugging Face teacher (``config.teacher.hf_dir``), the
+teacher stage runs first, so the data is tokenized with its tokenizer.
 
     python -m experiments.run --config=experiments/stdlib.py --workdir=/tmp/kd
 
@@ -21,7 +23,7 @@ from distill import cli
 # (stage, module, function): the function takes (config, workdir).
 STAGES = (
     ("prepare", "data.prepare", "prepare"),
-    ("teacher", "teacher.train", "train"),
+    ("teacher", "teacher.train", "stage"),
     ("cache", "teacher.cache_logits", "cache_logits"),
     ("distill", "distill.train", "train_all"),
     ("evaluate", "distill.evaluate", "evaluate"),
@@ -38,6 +40,15 @@ def available(module: str, function: str) -> bool:
   return hasattr(importlib.import_module(module), function)
 
 
+def stage_order(config) -> tuple[tuple[str, str, str], ...]:
+  """STAGES, with the teacher first when it is imported: the data must then be
+  tokenized with the teacher's own tokenizer, which the import brings."""
+  from teacher import train as teacher_train  # pylint: disable=g-import-not-at-top
+  if teacher_train.hf_dir_of(config) is None:
+    return STAGES
+  return (STAGES[1], STAGES[0]) + STAGES[2:]
+
+
 def run_all(config, workdir: str, only: list[str] | None = None) -> list[str]:
   """Runs the stages in order; returns the names of those that ran."""
   names = [name for name, _, _ in STAGES]
@@ -45,7 +56,7 @@ def run_all(config, workdir: str, only: list[str] | None = None) -> list[str]:
   if unknown:
     raise cli.UserError(f"Unknown stage(s) {unknown}; the stages are {names}.")
   ran = []
-  for name, module, function in STAGES:
+  for name, module, function in stage_order(config):
     if only and name not in only:
       continue
     if not available(module, function):

@@ -5,7 +5,9 @@
 Writes ``W/teacher/`` (a model folder: ``config.json`` and orbax checkpoints
 that include the data iterator state), ``metrics.jsonl``, TensorBoard events
 and ``summary.json``. Resumes from the latest checkpoint; a finished run is
-skipped. An imported teacher (``teacher.import_hf``) is never retrained.
+skipped. An imported teacher (``teacher.import_hf``) is never retrained;
+an experiment that sets ``config.teacher.hf_dir`` imports that checkpoint
+here instead of training (see experiments/hf_moe.py).
 """
 
 from __future__ import annotations
@@ -125,9 +127,38 @@ def train(config, workdir: str) -> dict[str, Any]:
   return {"status": result.status, "step": result.step}
 
 
+def hf_dir_of(config) -> str | None:
+  """The Hugging Face checkpoint the experiment imports, or None to train.
+
+  An experiment that has the ``config.teacher.hf_dir`` key (hf_moe.py) must
+  set it; only configs without the key train a teacher from scratch.
+  """
+  if "hf_dir" not in config.teacher:
+    return None
+  if not config.teacher.hf_dir:
+    raise UserError("This experiment distils an imported teacher: pass"
+                    " --config.teacher.hf_dir=/path/to/hf_checkpoint (a Mixtral,"
+                    " Qwen2-MoE, Qwen3-MoE or OLMoE folder with safetensors).")
+  return config.teacher.hf_dir
+
+
+def stage(config, workdir: str):
+  """The pipeline's teacher stage: import ``config.teacher.hf_dir`` if the
+  experiment names a Hugging Face checkpoint, else pretrain from scratch."""
+  hf_dir = hf_dir_of(config)
+  if hf_dir:
+    from teacher import hf  # pylint: disable=g-import-not-at-top
+    path = hf.import_hf(hf_dir, workdir,
+                        param_dtype=config.teacher.get("param_dtype") or None,
+                        dtype=config.teacher.get("dtype") or None)
+    print(f"teacher: imported {hf_dir} into {path}")
+    return {"imported": hf_dir}
+  return train(config, workdir)
+
+
 def main(argv):
   config, workdir = cli.setup(argv)
-  train(config, workdir)
+  stage(config, workdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+r"""Distil a real Hugging Face MoE checkpoint into a Gemma-3-style student.
+
+    python -m experiments.run --config=experiments/hf_moe.py \
+        --config.teacher.hf_dir=/models/Qwen3-30B-A3B --workdir=/data/kd-qwen3
+
+The teacher stage imports the checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE or
+OLMoE; safetensors; see teacher/hf.py) before anything else, so the corpus is
+tokenized with the teacher's own tokenizer; the student takes the teacher's
+vocabulary (its padded embedding rows included) and is exported in the
+Hugging Face Gemma 3 format. Then: cache (top-k and sampled targets in one
+teacher pass) -> distil (the CE baseline, sampled KD, top-k + ghost tail) ->
+evaluate -> export.
+
+Variants (``experiments/hf_moe.py:VARIANT``):
+  default  an accelerator configuration: a Gemma 3 270M-shaped student
+           (18 layers, 5 local : 1 global, window 512) at 2,048 tokens per
+           row, 64 rows per step, 20k steps (2.6B tokens), k = N = 64, on a
+           TFDS corpus (``--config.data.tfds_name``, default ``c4``) or local
+           files (``--config.data.source=files --config.data.files_glob=...``).
+           Sized from the published shapes, not run here: this project's
+           machines have no accelerator, so its time and result are not
+           measured yet.
+  cpu      the same pipeline at CPU scale on the embedded corpus (40 stdlib
+           files, a 4-layer student, a few steps); the tests run it on a tiny
+           random Qwen3-MoE checkpoint built with ``transformers``.
+
+Choose the student's size with single overrides, e.g.
+``--config.student.preset=gemma3_1b`` or ``--config.student.model.num_layers=12``
+(``student/config.py`` presets; the vocabulary always comes from the teacher).
+"""
+
+import ml_collections
+
+from experiments import stdlib
+
+
+def get_config(arg=None):
+  variant = arg or "default"
+  if variant not in ("default", "cpu"):
+    raise ValueError(f"Unknown variant {variant!r} of experiments/hf_moe.py;"
+                     " use 'default' or 'cpu'.")
+  c = stdlib.get_config("tiny" if variant == "cpu" else "default")
+  c.variant = variant
+  c.teacher.hf_dir = ""              # required: the checkpoint folder
+  c.teacher.param_dtype = ""         # "": the checkpoint's own dtype
+  c.teacher.dtype = ""               # compute dtype; "": from the weights
+  c.data.vocab_size = 0              # the teacher's tokenizer, whatever its size
+  c.distill.runs = ("ce", "sampled", "topk_ghost")
+
+  if variant == "default":
+    c.data.source = "tfds"
+    c.data.tfds_name = "c4"
+    c.data.validation_split = "validation"
+    c.data.seq_len = 2048
+    c.data.batch_size = 64
+    c.data.worker_count = 8
+    c.cache.batch_size = 64
+    c.cache.rows_per_shard = 4096
+    c.cache.max_rows = 20_000 * 64    # every row the students read
+    c.student.preset = "gemma3_270m"  # its published shape, spelt out so
+    c.student.model = ml_collections.ConfigDict(dict(  # each can be overridden
+        d_model=640, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
+        d_ff=2048, window=512))
+    c.distill.loss_chunk = 256
+    c.distill.eval_batches = 32
+    c.distill.train.update(dict(
+        steps=20_000, learning_rate=1e-3, warmup_steps=1000, log_every=50,
+        eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
+    c.eval.batches = 64
+    c.export.dtype = "bfloat16"
+  else:  # cpu
+    c.student.model.update(dict(num_layers=4, window=16))
+  return c
