@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.data.train_split = "train"
   c.data.validation_split = "validation"
   c.data.max_files = 0               # 0: every file of the corpus
-  c.data.validation_permille = 25    # share of files held out, by path hash
+  c.data.validation_permille = 50    # share of files held out, by path hash
   c.data.vocab_size = 8192           # 0: whatever an existing tokenizer has
   c.data.tokenizer_max_bytes = 0     # 0: train the tokenizer on all of train
   c.data.seq_len = 128
@@ -45,9 +45,9 @@ def get_config(arg=None):
       d_model=256, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=64,
       d_ff=384, num_experts=8, top_k=2))
   c.teacher.train = ml_collections.ConfigDict(dict(
-      steps=300, learning_rate=3e-3, warmup_steps=30,
+      steps=120, learning_rate=3e-3, warmup_steps=12,
       end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-      grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
+      grad_clip=1.0, log_every=10, eval_every=60, checkpoint_every=60,
       keep_checkpoints=2, eval_batches=8, loss_chunk=128))
 
   c.cache = ml_collections.ConfigDict()
@@ -56,7 +56,7 @@ def get_config(arg=None):
   c.cache.num_samples = 64
   c.cache.temperature = 1.0
   c.cache.stratified = False         # True: one uniform per 1/N stratum
-  c.cache.max_rows = 0               # 0: every packed train row
+  c.cache.max_rows = 0               # 0: every packed train row; set below
   c.cache.rows_per_shard = 1024
   c.cache.batch_size = 32            # rows per teacher forward pass
   c.cache.writer_threads = 2         # host threads encoding records
@@ -82,26 +82,40 @@ def get_config(arg=None):
   c.distill.jsd_beta = 0.5
   c.distill.loss_chunk = 128         # sequence chunk of the loss
   c.distill.same_rows_as_cache = True  # ce/online read only the cached rows
-  c.distill.eval_batches = 8         # 0: the whole validation split
+  c.distill.eval_batches = 4         # training-time hook; 0: the whole split
   c.distill.train = ml_collections.ConfigDict(dict(
-      steps=300, learning_rate=3e-3, warmup_steps=30,
+      steps=64, learning_rate=3e-3, warmup_steps=6,
       end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-      grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
+      grad_clip=1.0, log_every=8, eval_every=32, checkpoint_every=32,
       keep_checkpoints=2))
+  # Cache the rows the students read (steps x batch), not the whole corpus.
+  c.cache.max_rows = c.distill.train.steps * c.data.batch_size
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batches = 0                 # validation batches; 0: the whole split
+  c.eval.batches = 12                # a fixed-seed sample of validation
+                                     # batches (49k tokens); 0: the whole split
   c.eval.ece_bins = 15
+  c.eval.speed = ml_collections.ConfigDict(dict(   # prefill/decode tokens/s
+      prompt_len=64, new_tokens=32, batch_sizes=(1, 8), repeats=3))
+  c.eval.speculative = ml_collections.ConfigDict(dict(  # students draft
+      gammas=(4,), prompts=2, prompt_len=32, new_tokens=48, repeats=3))
+
+  c.export = ml_collections.ConfigDict()
+  c.export.formats = ("orbax", "hf")  # every student run, in each format
+  c.export.dtype = "float32"         # or bfloat16 (halves the files)
 
   if variant == "tiny":
     c.eval.batches = 4
+    c.eval.speed.update(dict(prompt_len=8, new_tokens=4, repeats=1))
+    c.eval.speculative.update(dict(gammas=(2,), prompts=1, prompt_len=8,
+                                   new_tokens=8, repeats=1))
     c.student.preset = "tiny"
     c.student.model.update(dict(d_model=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=8, d_ff=64, window=8))
     c.distill.loss_chunk = 16
     c.distill.eval_batches = 2
     c.distill.train.update(dict(steps=8, warmup_steps=2, log_every=2,
-                                eval_every=4, checkpoint_every=4))
+                                eval_every=8, checkpoint_every=8))
     c.cache.update(dict(k=8, num_samples=16, max_rows=48, rows_per_shard=16,
                         batch_size=4))
     c.teacher.preset = "tiny"
@@ -109,7 +123,7 @@ def get_config(arg=None):
                                 num_kv_heads=2, head_dim=8, d_ff=48,
                                 num_experts=5, top_k=2))
     c.teacher.train.update(dict(steps=8, warmup_steps=2, log_every=2,
-                                eval_every=4, checkpoint_every=4,
+                                eval_every=8, checkpoint_every=8,
                                 eval_batches=2, loss_chunk=16))
     c.data.max_files = 40
     c.data.vocab_size = 512

@@ -43,6 +43,7 @@ def _copy(workdir, path):
   return str(path)
 
 
+@pytest.mark.slow  # ~150 s; the tiny end-to-end run checks the default runs
 def test_every_run_kind_lowers_its_loss(workdir, tmp_path):
   w = _copy(workdir, tmp_path / "w")
   config = stdlib.get_config("tiny")
@@ -60,6 +61,7 @@ def test_every_run_kind_lowers_its_loss(workdir, tmp_path):
                                           "loss": "sampled_kl"}
 
 
+@pytest.mark.slow  # ~70 s: two binaries, one stopped and resumed
 def test_offline_run_sigterm_and_resume_match_running_through(workdir, tmp_path):
   args = ["--run=sampled", "--config.distill.train.steps=30",
           "--config.distill.train.log_every=1",

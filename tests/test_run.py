@@ -1,21 +1,105 @@
-"""The main job on the tiny config: stages run in order and are skipped when done."""
+"""The main job: every stage in order, skipped when done; the tiny run end to end."""
 
+import json
 import os
 
 import pytest
 
+from distill import trainer
 from experiments import run, stdlib
 
+RUNS = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
+MODEL_FIELDS = ("path", "step", "loss", "perplexity", "ece", "tokens", "params",
+                "kv_cache_bytes_per_token", "decode")
+STUDENT_FIELDS = ("mode", "kl_to_teacher", "top1_agreement", "speculative")
+SPEC_FIELDS = ("gamma", "prompts", "acceptance_rate", "tokens_per_teacher_call",
+               "teacher_wall_s", "speculative_wall_s", "speedup", "matches_teacher")
 
-def test_tiny_run_prepares_and_reruns_as_a_no_op(tmp_path, capsys):
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """The whole main job on the tiny config, as ``experiments.run`` runs it."""
+  workdir = str(tmp_path_factory.mktemp("kd"))
   config = stdlib.get_config("tiny")
-  ran = run.run_all(config, str(tmp_path), only=["prepare"])
-  assert ran == ["prepare"]
-  assert os.path.isfile(tmp_path / "tokenizer.json")
-  assert os.path.isfile(tmp_path / "data" / "tokens" / "train" / "tokens.npy")
+  assert tuple(config.distill.runs) == RUNS  # the comparison the issue asks for
+  ran = run.run_all(config, workdir)
+  return workdir, config, ran
+
+
+def test_tiny_run_writes_every_stage(tiny_run):
+  workdir, _, ran = tiny_run
+  assert ran == [name for name, _, _ in run.STAGES]
+  for path in ("tokenizer.json", "data/tokens/train/tokens.npy",
+               "teacher/config.json", "teacher/summary.json",
+               "logits/manifest.json", "eval/report.json", "eval/report.md"):
+    assert os.path.isfile(os.path.join(workdir, path)), path
+  for name in RUNS:
+    assert os.path.isfile(os.path.join(workdir, "student", name, "summary.json"))
+    records = [r for r in trainer.read_metrics(os.path.join(workdir, "student", name))
+               if "loss" in r]
+    assert records[-1]["loss"] < records[0]["loss"], name  # every run learns
+    assert os.path.isfile(os.path.join(workdir, "export", name, "config.json"))
+    assert os.path.isfile(os.path.join(workdir, "export", f"{name}-hf",
+                                       "model.safetensors"))
+
+
+def test_report_has_every_field_and_plots(tiny_run):
+  workdir, config, _ = tiny_run
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  models = report["models"]
+  assert set(models) == {"teacher", *RUNS}
+  for name, entry in models.items():
+    for field in MODEL_FIELDS:
+      assert field in entry, (name, field)
+    assert entry["loss"] > 0 and 0 <= entry["ece"] <= 1
+    assert set(entry["kv_cache_bytes_per_token"]) == {"1024", "8192", "32768", "131072"}
+    for b in config.eval.speed.batch_sizes:
+      speed = entry["decode"][f"batch_{b}"]
+      assert speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+    if name == "teacher":
+      assert "kl_to_teacher" not in entry
+      continue
+    for field in STUDENT_FIELDS:
+      assert field in entry, (name, field)
+    assert entry["kl_to_teacher"] >= 0 and 0 <= entry["top1_agreement"] <= 1
+    (figures,) = entry["speculative"]
+    assert set(SPEC_FIELDS) <= set(figures)
+    assert figures["matches_teacher"] is True  # greedy: the teacher's output
+  summary = report["summary"]
+  assert summary["best_distilled"] in RUNS[1:]
+  best = models[summary["best_distilled"]]
+  assert summary["distill_gain"] == pytest.approx(models["ce"]["loss"] - best["loss"])
+  assert summary["teacher_gain"] == pytest.approx(
+      models["ce"]["loss"] - models["teacher"]["loss"])
+  assert summary["decode_speedup_b1"] > 0
+  cache = report["cache"]
+  assert cache["sample_bytes_per_token"] > 0 and cache["topk_bytes_per_token"] > 0
+  assert report["plots"] == ["validation_loss.png", "quality_vs_speed.png"]
+  for plot in report["plots"]:
+    with open(os.path.join(workdir, "eval", plot), "rb") as f:
+      head = f.read()
+    assert head.startswith(b"\x89PNG") and len(head) > 5000, plot
+  with open(os.path.join(workdir, "eval", "report.md")) as f:
+    text = f.read()
+  for heading in ("## Quality", "## Distillation against the CE baseline",
+                  "## KV cache", "## Speed", "## Speculative decoding",
+                  "## Logit cache"):
+    assert heading in text, heading
+  for name in RUNS:
+    assert f"| {name} |" in text
+
+
+def test_rerun_skips_every_finished_stage(tiny_run, capsys):
+  workdir, config, _ = tiny_run
+  report = os.path.join(workdir, "eval", "report.json")
+  before = os.path.getmtime(report)
   capsys.readouterr()
-  run.run_all(config, str(tmp_path), only=["prepare"])
-  assert "nothing to do" in capsys.readouterr().out
+  run.run_all(config, workdir)
+  out = capsys.readouterr().out
+  assert "prepare: " in out and "nothing to do" in out
+  assert "report is up to date" in out
+  assert os.path.getmtime(report) == before
 
 
 def test_unknown_stage_is_refused(tmp_path):

@@ -33,6 +33,7 @@ def _copy(prepared, path):
   return str(path)
 
 
+@pytest.mark.slow  # ~70 s: two binaries, one stopped and resumed
 def test_sigterm_and_resume_match_running_through(prepared, tmp_path):
   straight = _copy(prepared, tmp_path / "a")
   result = procs.binary("teacher.train", TINY, f"--workdir={straight}", *OVERRIDES)
