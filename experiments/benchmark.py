@@ -11,7 +11,13 @@ absolute times beside the machine they came from. Measured here:
   cache's shapes; online and online_topk: the teacher in the loop) over a plain
   cross-entropy step, same batch;
 - ``train_flops_over_matmul``: the achieved FLOP/s of the CE training step
-  (6 x parameters x tokens) over that of a large float32 matmul.
+  (6 x parameters x tokens) over that of a large float32 matmul;
+- ``cache_over_forward``: throughput of the cache's jitted teacher pass
+  (forward plus every configured target) over the forward alone, same batch
+  (the device side of ``teacher.cache_logits``; the stage overlaps host
+  encoding and writing with it);
+- ``decode_student_over_teacher``: batch-1 and batch-8 greedy decode
+  tokens/s of the student over the teacher's (KV cache, compiled loop).
 
 Random weights and random targets of the right shapes are used: step time does
 not depend on what the weights have learned.
@@ -30,8 +36,10 @@ from absl import flags
 from flax import nnx
 
 from distill import cli, report, trainer
+from distill import generate as gen
 from distill import train as distill_train
 from student.model import Student
+from teacher import cache_logits
 from teacher import train as teacher_train
 from teacher.model import Teacher
 
@@ -111,10 +119,50 @@ def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
   }
 
 
+def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
+  """The cache's teacher pass (forward + targets) over the forward alone."""
+  c = config.cache
+  teacher = Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
+  b, t = c.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, vocab, (b, t)), jnp.int32)
+  segments = jnp.ones((b, t), jnp.int32)
+  positions = jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1))
+  forward = nnx.jit(lambda m, x, s, p: m(x, s, p))
+  targets = cache_logits.make_target_fn(tuple(c.methods), c.k, c.num_samples,
+                                        c.temperature, c.stratified)
+  key = jax.random.key(0)
+  seconds = {
+      "forward": median_seconds(lambda: forward(teacher, tokens, segments, positions),
+                                repeats),
+      "cache_pass": median_seconds(lambda: targets(teacher, tokens, segments,
+                                                   positions, key, 0), repeats)}
+  return {"seconds": seconds, "methods": list(c.methods), "batch": [b, t],
+          "cache_over_forward": seconds["forward"] / seconds["cache_pass"]}
+
+
+def decode_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
+  """Greedy decode tokens/s of the student over the teacher's, per batch size."""
+  e = config.eval.speed
+  student = Student(distill_train.model_config(config, vocab), rngs=nnx.Rngs(0))
+  teacher = Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
+  out: dict[str, Any] = {}
+  for b in e.batch_sizes:
+    s = gen.measure_speed(student, e.prompt_len, e.new_tokens, b, repeats=repeats)
+    t = gen.measure_speed(teacher, e.prompt_len, e.new_tokens, b, repeats=repeats)
+    out[f"batch_{b}"] = {
+        "student_tokens_per_s": s["decode_tokens_per_s"],
+        "teacher_tokens_per_s": t["decode_tokens_per_s"],
+        "decode_student_over_teacher": s["decode_tokens_per_s"] / t["decode_tokens_per_s"]}
+  return out
+
+
 def benchmark(config, repeats: int = 5) -> dict[str, Any]:
   vocab = config.data.vocab_size
   return {"machine": report.machine_description(),
-          "students": step_ratios(config, vocab, repeats)}
+          "students": step_ratios(config, vocab, repeats),
+          "cache": cache_ratio(config, vocab, repeats),
+          "decode": decode_ratio(config, vocab, repeats)}
 
 
 def main(argv):
