@@ -74,7 +74,7 @@ def write_plots(out_dir: str, workdir: str, models: dict[str, dict[str, Any]]) -
     ax.set_xscale("log")
     ax.set_xlabel("decode tokens/s, batch 1 (log scale)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Quality against decode speed (lower left is better)")
+    ax.set_title("Quality against decode speed (lower right is better)")
     ax.grid(alpha=0.3)
     path = os.path.join(out_dir, "quality_vs_speed.png")
     fig.tight_layout()

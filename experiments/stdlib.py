@@ -5,11 +5,17 @@ Main job (every stage, in order):
     python -m experiments.run --config=experiments/stdlib.py --workdir=/tmp/kd
 
 Variants (``experiments/stdlib.py:VARIANT``):
-  default  the demo sized for a 2-core CPU.
-  tiny     every stage in seconds; the fast test suite runs it end to end.
+  default  sized for a 2-core CPU: a 17.4M-parameter MoE teacher (6.8M
+           active) pretrained for 110 steps of 32 x 128 tokens; five 2.48M
+           Gemma-3-style students (ce, sampled, topk_ghost, topk_sparse,
+           online) of 56 steps each on the same 1,792 cached rows.
+  tiny     every stage in seconds (90 s in all); the fast test suite runs it
+           end to end.
 
-Measured results are in the README's results table, with the command and the
-machine they came from.
+Measured on the development machine (2 CPU cores, no accelerator): the
+default takes about 22 minutes and gives validation losses teacher 5.368,
+CE baseline 6.025, sampled 5.787 (+0.238 over CE), online 5.772 (+0.253),
+topk_ghost 6.488, topk_sparse 6.589 nats/token; the README has the full table.
 """
 
 import ml_collections
@@ -45,9 +51,9 @@ def get_config(arg=None):
       d_model=256, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=64,
       d_ff=384, num_experts=8, top_k=2))
   c.teacher.train = ml_collections.ConfigDict(dict(
-      steps=120, learning_rate=3e-3, warmup_steps=12,
+      steps=110, learning_rate=3e-3, warmup_steps=11,
       end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-      grad_clip=1.0, log_every=10, eval_every=60, checkpoint_every=60,
+      grad_clip=1.0, log_every=10, eval_every=55, checkpoint_every=55,
       keep_checkpoints=2, eval_batches=8, loss_chunk=128))
 
   c.cache = ml_collections.ConfigDict()
@@ -84,9 +90,9 @@ def get_config(arg=None):
   c.distill.same_rows_as_cache = True  # ce/online read only the cached rows
   c.distill.eval_batches = 4         # training-time hook; 0: the whole split
   c.distill.train = ml_collections.ConfigDict(dict(
-      steps=64, learning_rate=3e-3, warmup_steps=6,
+      steps=56, learning_rate=3e-3, warmup_steps=6,
       end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-      grad_clip=1.0, log_every=8, eval_every=32, checkpoint_every=32,
+      grad_clip=1.0, log_every=8, eval_every=28, checkpoint_every=28,
       keep_checkpoints=2))
   # Cache the rows the students read (steps x batch), not the whole corpus.
   c.cache.max_rows = c.distill.train.steps * c.data.batch_size
@@ -96,7 +102,7 @@ def get_config(arg=None):
                                      # batches (49k tokens); 0: the whole split
   c.eval.ece_bins = 15
   c.eval.speed = ml_collections.ConfigDict(dict(   # prefill/decode tokens/s
-      prompt_len=64, new_tokens=32, batch_sizes=(1, 8), repeats=3))
+      prompt_len=64, new_tokens=64, batch_sizes=(1, 8), repeats=5))
   c.eval.speculative = ml_collections.ConfigDict(dict(  # students draft
       gammas=(4,), prompts=2, prompt_len=32, new_tokens=48, repeats=3))
 
