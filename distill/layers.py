@@ -417,6 +417,24 @@ def cached_keys(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
   return keys, values, kv_pos
 
 
+def init_block_caches(blocks, batch: int, max_len: int, *, rollback: int,
+                      dtype) -> list[dict[str, jax.Array]]:
+  """One empty ``Attention.init_cache`` per block (each block has ``.attn``)."""
+  return [block.attn.init_cache(batch, max_len, rollback=rollback, dtype=dtype)
+          for block in blocks]
+
+
+def decode_blocks(blocks, x: jax.Array, positions: jax.Array,
+                  cache: list[dict[str, jax.Array]]
+                  ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+  """Runs ``block.decode`` through the stack: x [B, t, D] -> (x, new cache)."""
+  new_cache = []
+  for block, layer_cache in zip(blocks, cache, strict=True):
+    x, layer_cache = block.decode(x, positions, layer_cache)
+    new_cache.append(layer_cache)
+  return x, new_cache
+
+
 def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
                 positions: jax.Array, *, ring: bool) -> dict[str, jax.Array]:
   """Stores a chunk's keys/values at slot ``position`` (mod S when ``ring``).

@@ -23,21 +23,13 @@ from absl import flags
 
 from distill import checkpoint, cli
 from distill import generate as gen
+from student.export import list_runs
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
 class GenerateError(cli.UserError):
   """A generation that cannot run as asked; the message says what to do."""
-
-
-def list_runs(workdir: str) -> list[str]:
-  """Runs under ``W/student/`` (folders with a config.json)."""
-  root = os.path.join(workdir, "student")
-  if not os.path.isdir(root):
-    return []
-  return sorted(r for r in os.listdir(root)
-                if os.path.isfile(os.path.join(root, r, checkpoint.CONFIG_FILE)))
 
 
 def model_dir(workdir: str, run: str | None, teacher: bool) -> str:

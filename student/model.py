@@ -100,9 +100,8 @@ class Student(nnx.Module):
     ``window + rollback`` (``rollback``: how many of the latest tokens a
     caller may take back, e.g. the drafts of speculative decoding).
     """
-    return [block.attn.init_cache(batch, max_len, rollback=rollback,
-                                  dtype=self.config.dtype)
-            for block in self.blocks]
+    return layers.init_block_caches(self.blocks, batch, max_len,
+                                    rollback=rollback, dtype=self.config.dtype)
 
   def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
              positions: jax.Array) -> tuple[jax.Array, list[dict]]:
@@ -114,11 +113,8 @@ class Student(nnx.Module):
     """
     x = self.embed(tokens)
     x = x * jnp.asarray(self.config.d_model**0.5, x.dtype)
-    new_cache = []
-    for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x, layer_cache = block.decode(x, positions, layer_cache)
-      new_cache.append(layer_cache)
-    return self.logits_from_hidden(self.final_norm(x)), new_cache
+    x, cache = layers.decode_blocks(self.blocks, x, positions, cache)
+    return self.logits_from_hidden(self.final_norm(x)), cache
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"} parameters (equal: every parameter is used per token)."""
