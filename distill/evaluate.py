@@ -75,7 +75,7 @@ def validation_prompts(workdir: str, count: int, length: int) -> list[list[int]]
       prompts.append([eos] + [int(t) for t in stream[start:start + length - 1]])
   if not prompts:
     raise UserError(f"No validation document under {directory} is longer than"
-                    f" {length} tokens; lower config.eval.prompt_len.")
+                    f" {length} tokens; lower config.eval.speculative.prompt_len.")
   return prompts
 
 
