@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -131,6 +132,9 @@ def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
   return meta
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class PackedRows:
   """Random access to fixed-length packed rows of a token stream.
 
@@ -157,11 +161,17 @@ class PackedRows:
     self._offsets = None
 
   def _open(self):
-    # grain reads rows from several threads: ``_tokens`` is checked, so it is
-    # assigned last, after everything it guards.
+    # grain reads rows from several threads. ``np.load`` parses the .npy
+    # header with ``ast.literal_eval``, and CPython 3.11's AST constructor
+    # is not thread-safe (concurrent calls raise "SystemError: AST
+    # constructor recursion depth mismatch"), so one thread opens the files
+    # under a lock; ``_tokens`` is assigned last, after what it guards.
     if self._tokens is None:
-      self._offsets = np.load(os.path.join(self._dir, "doc_offsets.npy"))
-      self._tokens = np.load(os.path.join(self._dir, "tokens.npy"), mmap_mode="r")
+      with _OPEN_LOCK:
+        if self._tokens is None:
+          self._offsets = np.load(os.path.join(self._dir, "doc_offsets.npy"))
+          self._tokens = np.load(
+              os.path.join(self._dir, "tokens.npy"), mmap_mode="r")
 
   def __getstate__(self):
     state = dict(self.__dict__)

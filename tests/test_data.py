@@ -1,9 +1,12 @@
 """Corpus split, tokenizer, packing, iterator state, process shards, bad input."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import ml_collections
 import numpy as np
@@ -112,6 +115,35 @@ def test_segment_ids_and_positions_at_document_boundaries(tmp_path):
   np.testing.assert_array_equal(r2["positions"], [0, 0, 1, 2, 3])
   mask = pipeline.target_mask(np.stack([r0["segment_ids"], r1["segment_ids"]]))
   np.testing.assert_array_equal(mask, [[1, 1, 0, 1], [1, 1, 1, 0]])
+
+
+def test_rows_open_their_files_one_thread_at_a_time(tmp_path, monkeypatch):
+  # np.load parses .npy headers with ast.literal_eval, which CPython 3.11
+  # cannot run from two threads at once ("AST constructor recursion depth
+  # mismatch", seen in CI when grain's reader threads opened the same rows).
+  docs = [np.arange(n) + 100 for n in (30, 40, 50)]
+  _synthetic_stream(str(tmp_path), "train", docs)
+  rows = pipeline.PackedRows(str(tmp_path), "train", seq_len=4)
+  real_load, inside, most = np.load, [0], [0]
+  guard = threading.Lock()
+
+  def slow_load(*args, **kwargs):
+    with guard:
+      inside[0] += 1
+      most[0] = max(most[0], inside[0])
+    time.sleep(0.05)  # Wide window: unguarded threads would overlap here.
+    try:
+      return real_load(*args, **kwargs)
+    finally:
+      with guard:
+        inside[0] -= 1
+
+  monkeypatch.setattr(pipeline.np, "load", slow_load)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda i: rows[i % len(rows)]["tokens"], range(16)))
+  assert most[0] == 1
+  for i, tokens in enumerate(got):
+    np.testing.assert_array_equal(tokens, rows[i % len(rows)]["tokens"])
 
 
 def test_packing_loses_and_duplicates_no_token_over_an_epoch(tmp_path):
