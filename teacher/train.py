@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from absl import logging
 from flax import nnx
@@ -63,19 +64,38 @@ def loss_fn_for(cfg: teacher_config.TeacherConfig, chunk_size: int):
                              x["mask"], chunk_size)
     loss = (ce + cfg.router_aux_loss_coef * aux["load_balancing_loss"]
             + cfg.router_z_loss_coef * aux["z_loss"])
-    load = aux["expert_load"].astype(jnp.float32)       # [layers, E]
-    share = load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
     metrics = {
         "ce": ce,
         "load_balancing_loss": aux["load_balancing_loss"],
         "z_loss": aux["z_loss"],
         "dropped_fraction": aux["dropped_fraction"],
-        # Busiest expert's share of assignments over the uniform share, mean
-        # over layers: 1.0 is a perfectly even load.
-        "expert_load_max_over_uniform": jnp.mean(share.max(-1) * share.shape[-1]),
+        **expert_load_metrics(aux["expert_load"]),
     }
     return loss, metrics
   return loss_fn
+
+
+def expert_load_metrics(expert_load: jax.Array) -> dict[str, jax.Array]:
+  """Per-expert load statistics from routed assignments [layers, E].
+
+  Every figure is a share of the layer's assignments relative to the uniform
+  share 1/E (1.0 = an even load), so runs with different E compare:
+  ``expert_load/NN`` is expert NN's, averaged over the MoE layers;
+  ``expert_load_max_over_uniform`` / ``..._min_...`` are the busiest and the
+  idlest expert's in each layer, averaged over layers.
+  """
+  load = expert_load.astype(jnp.float32)
+  num_experts = load.shape[-1]
+  if load.shape[0] == 0:  # No MoE layer.
+    return {}
+  relative = num_experts * load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
+  per_expert = relative.mean(0)
+  width = len(str(num_experts - 1))
+  return {
+      "expert_load_max_over_uniform": jnp.mean(relative.max(-1)),
+      "expert_load_min_over_uniform": jnp.mean(relative.min(-1)),
+      **{f"expert_load/{e:0{width}d}": per_expert[e] for e in range(num_experts)},
+  }
 
 
 def train(config, workdir: str) -> dict[str, Any]:

@@ -4,13 +4,17 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
-from data import prepare
+from data import pipeline, prepare
 from distill import checkpoint as ckpt
 from distill.errors import UserError
 from experiments import stdlib
 from teacher import train as teacher_train
+from teacher.model import Teacher
 
 import procs
 
@@ -80,3 +84,32 @@ def test_other_config_is_refused_and_imported_teacher_is_kept(prepared, tmp_path
 def test_training_without_prepared_data_says_what_to_run(tmp_path):
   with pytest.raises(UserError, match="data.prepare"):
     teacher_train.train(stdlib.get_config("tiny"), str(tmp_path))
+
+
+def test_expert_load_metrics_on_a_hand_built_routing():
+  # Two layers, four experts, 8 assignments each. Layer 0: 4, 2, 2, 0;
+  # layer 1: even. Relative to the uniform share (2 of 8): 2, 1, 1, 0 and 1s.
+  load = np.array([[4, 2, 2, 0], [2, 2, 2, 2]])
+  metrics = {k: float(v) for k, v in
+             teacher_train.expert_load_metrics(jnp.asarray(load)).items()}
+  assert metrics == pytest.approx({
+      "expert_load/0": 1.5, "expert_load/1": 1.0, "expert_load/2": 1.0,
+      "expert_load/3": 0.5,
+      "expert_load_max_over_uniform": 1.5, "expert_load_min_over_uniform": 0.5})
+  # No MoE layer: nothing to report rather than a division by zero.
+  assert teacher_train.expert_load_metrics(jnp.zeros((0, 4))) == {}
+
+
+def test_loss_function_reports_every_experts_load(prepared):
+  config = stdlib.get_config("tiny")
+  cfg = teacher_train.model_config(config, prepare.prepared_vocab_size(prepared))
+  model = Teacher(cfg, rngs=nnx.Rngs(0))
+  batch = next(iter(pipeline.make_dataset(
+      prepare.data_dir(prepared), "train", seq_len=config.data.seq_len,
+      batch_size=2, seed=0)))
+  _, metrics = teacher_train.loss_fn_for(cfg, 16)(model, batch, 0)
+  shares = [float(metrics[f"expert_load/{e}"]) for e in range(cfg.num_experts)]
+  # Shares relative to uniform average to exactly 1 across experts.
+  assert np.mean(shares) == pytest.approx(1.0, abs=1e-5)
+  assert (float(metrics["expert_load_min_over_uniform"]) <= min(shares)
+          <= max(shares) <= float(metrics["expert_load_max_over_uniform"]))
