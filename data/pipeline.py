@@ -132,7 +132,20 @@ def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
   return meta
 
 
+# ``np.load`` parses the .npy header with ``ast.literal_eval``, and CPython
+# 3.11's AST constructor is not thread-safe (concurrent calls raise
+# "SystemError: AST constructor recursion depth mismatch"); grain reads rows
+# from several threads, so every .npy open here holds this lock.
 _OPEN_LOCK = threading.Lock()
+
+
+def load_stream(directory: str) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens memory map, doc_offsets) of a tokenized split's folder
+  (``tokens_dir(data_dir, split)``); safe to call from any thread."""
+  with _OPEN_LOCK:
+    offsets = np.load(os.path.join(directory, "doc_offsets.npy"))
+    tokens = np.load(os.path.join(directory, "tokens.npy"), mmap_mode="r")
+  return tokens, offsets
 
 
 class PackedRows:
@@ -161,17 +174,11 @@ class PackedRows:
     self._offsets = None
 
   def _open(self):
-    # grain reads rows from several threads. ``np.load`` parses the .npy
-    # header with ``ast.literal_eval``, and CPython 3.11's AST constructor
-    # is not thread-safe (concurrent calls raise "SystemError: AST
-    # constructor recursion depth mismatch"), so one thread opens the files
-    # under a lock; ``_tokens`` is assigned last, after what it guards.
+    # Called from grain's reader threads: ``_tokens`` is checked, so it is
+    # assigned last, after what it guards (``load_stream`` holds the lock).
     if self._tokens is None:
-      with _OPEN_LOCK:
-        if self._tokens is None:
-          self._offsets = np.load(os.path.join(self._dir, "doc_offsets.npy"))
-          self._tokens = np.load(
-              os.path.join(self._dir, "tokens.npy"), mmap_mode="r")
+      tokens, self._offsets = load_stream(self._dir)
+      self._tokens = tokens
 
   def __getstate__(self):
     state = dict(self.__dict__)

@@ -64,8 +64,7 @@ def validation_prompts(workdir: str, count: int, length: int) -> list[list[int]]
   """
   from data import tokenizer as tok
   directory = pipeline.tokens_dir(prep.data_dir(workdir), "validation")
-  stream = np.load(os.path.join(directory, "tokens.npy"), mmap_mode="r")
-  offsets = np.load(os.path.join(directory, "doc_offsets.npy"))
+  stream, offsets = pipeline.load_stream(directory)
   eos = tok.special_ids(tok.load_tokenizer(prep.tokenizer_path(workdir)))["eos"]
   prompts = []
   for start, stop in zip(offsets[:-1], offsets[1:]):
