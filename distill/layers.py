@@ -417,22 +417,38 @@ def cached_keys(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
   return keys, values, kv_pos
 
 
-def init_block_caches(blocks, batch: int, max_len: int, *, rollback: int,
-                      dtype) -> list[dict[str, jax.Array]]:
-  """One empty ``Attention.init_cache`` per block (each block has ``.attn``)."""
-  return [block.attn.init_cache(batch, max_len, rollback=rollback, dtype=dtype)
-          for block in blocks]
+class CachedDecoding:
+  """KV-cache decoding, mixed into a model (teacher or student) that has
+  ``embed_tokens``, ``blocks`` (each with ``.attn`` and a ``decode(x,
+  positions, layer_cache)``), ``final_norm``, ``logits_from_hidden`` and
+  ``config.dtype``."""
 
+  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
+                 ) -> list[dict[str, jax.Array]]:
+    """An empty KV cache: one ``Attention.init_cache`` dict per layer.
 
-def decode_blocks(blocks, x: jax.Array, positions: jax.Array,
-                  cache: list[dict[str, jax.Array]]
-                  ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-  """Runs ``block.decode`` through the stack: x [B, t, D] -> (x, new cache)."""
-  new_cache = []
-  for block, layer_cache in zip(blocks, cache, strict=True):
-    x, layer_cache = block.decode(x, positions, layer_cache)
-    new_cache.append(layer_cache)
-  return x, new_cache
+    Global layers hold ``max_len`` positions; local (sliding-window) layers
+    a ring of ``window + rollback`` (``rollback``: how many of the latest
+    tokens a caller may take back, e.g. rejected speculative drafts).
+    """
+    return [block.attn.init_cache(batch, max_len, rollback=rollback,
+                                  dtype=self.config.dtype)
+            for block in self.blocks]
+
+  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
+             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """Feeds new tokens through the KV cache (prefill: the whole prompt).
+
+    tokens [B, t] int32 at positions [B, t] (consecutive per row, after the
+    cache's; -1 = left padding) -> (logits [B, t, V] float32, the updated
+    cache). Equal to ``__call__`` on the whole sequence at these rows.
+    """
+    x = self.embed_tokens(tokens)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      x, layer_cache = block.decode(x, positions, layer_cache)
+      new_cache.append(layer_cache)
+    return self.logits_from_hidden(self.final_norm(x)), new_cache
 
 
 def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,

@@ -57,7 +57,7 @@ class Block(nnx.Module):
     return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h))), cache
 
 
-class Student(nnx.Module):
+class Student(layers.CachedDecoding, nnx.Module):
   """tokens [B, T] int32 -> logits [B, T, V] float32."""
 
   def __init__(self, config: StudentConfig, rngs: nnx.Rngs):
@@ -77,11 +77,15 @@ class Student(nnx.Module):
     """
     segment_ids = layers.default_segment_ids(tokens) if segment_ids is None else segment_ids
     positions = layers.default_positions(tokens) if positions is None else positions
-    x = self.embed(tokens)
-    x = x * jnp.asarray(self.config.d_model**0.5, x.dtype)
+    x = self.embed_tokens(tokens)
     for block in self.blocks:
       x = block(x, segment_ids, positions)
     return self.final_norm(x), {}
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> embeddings scaled by sqrt(d_model) [B, T, D]."""
+    x = self.embed(tokens)
+    return x * jnp.asarray(self.config.d_model**0.5, x.dtype)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] (from ``hidden``) -> logits [B, T, V] float32."""
@@ -91,30 +95,6 @@ class Student(nnx.Module):
                positions: jax.Array | None = None) -> jax.Array:
     hidden, _ = self.hidden(tokens, segment_ids, positions)
     return self.logits_from_hidden(hidden)
-
-  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
-                 ) -> list[dict[str, jax.Array]]:
-    """An empty KV cache: one dict per layer (see distill.layers).
-
-    Global layers hold ``max_len`` positions; local layers a ring of
-    ``window + rollback`` (``rollback``: how many of the latest tokens a
-    caller may take back, e.g. the drafts of speculative decoding).
-    """
-    return layers.init_block_caches(self.blocks, batch, max_len,
-                                    rollback=rollback, dtype=self.config.dtype)
-
-  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
-             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
-    """Feeds new tokens through the KV cache (prefill: the whole prompt).
-
-    tokens [B, t] int32 at positions [B, t] (consecutive per row, after the
-    cache's; -1 = left padding) -> (logits [B, t, V] float32, the updated
-    cache). Equal to ``__call__`` on the whole sequence at these rows.
-    """
-    x = self.embed(tokens)
-    x = x * jnp.asarray(self.config.d_model**0.5, x.dtype)
-    x, cache = layers.decode_blocks(self.blocks, x, positions, cache)
-    return self.logits_from_hidden(self.final_norm(x)), cache
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"} parameters (equal: every parameter is used per token)."""

@@ -77,7 +77,7 @@ class Block(nnx.Module):
     return x + y, cache
 
 
-class Teacher(nnx.Module):
+class Teacher(layers.CachedDecoding, nnx.Module):
   """tokens [B, T] int32 -> logits [B, T, V] float32."""
 
   def __init__(self, config: TeacherConfig, rngs: nnx.Rngs):
@@ -105,13 +105,17 @@ class Teacher(nnx.Module):
                    else segment_ids)
     positions = (layers.default_positions(tokens) if positions is None
                  else positions)
-    x = self.embed(tokens)
+    x = self.embed_tokens(tokens)
     auxes = []
     for block in self.blocks:
       x, aux = block(x, segment_ids, positions)
       if aux is not None:
         auxes.append(aux)
     return self.final_norm(x), _merge_aux(auxes, self.config.num_experts)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> embeddings [B, T, D] (not scaled)."""
+    return self.embed(tokens)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> logits [B, T, V] float32."""
@@ -123,29 +127,6 @@ class Teacher(nnx.Module):
                positions: jax.Array | None = None) -> jax.Array:
     hidden, _ = self.hidden(tokens, segment_ids, positions)
     return self.logits_from_hidden(hidden)
-
-  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
-                 ) -> list[dict[str, jax.Array]]:
-    """An empty KV cache: one dict per layer (see distill.layers).
-
-    Without a sliding window every layer holds ``max_len`` positions; with
-    one, a ring of ``sliding_window + rollback`` (``rollback``: how many of
-    the latest tokens a caller may take back, e.g. rejected drafts).
-    """
-    return layers.init_block_caches(self.blocks, batch, max_len,
-                                    rollback=rollback, dtype=self.config.dtype)
-
-  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
-             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
-    """Feeds new tokens through the KV cache (prefill: the whole prompt).
-
-    tokens [B, t] int32 at positions [B, t] (consecutive per row, after the
-    cache's; -1 = left padding) -> (logits [B, t, V] float32, the updated
-    cache). Equal to ``__call__`` on the whole sequence at these rows.
-    """
-    x = self.embed(tokens)
-    x, cache = layers.decode_blocks(self.blocks, x, positions, cache)
-    return self.logits_from_hidden(self.final_norm(x)), cache
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"}: active counts top_k of the E routed experts."""
