@@ -247,14 +247,17 @@ def _greedy_loop(graphdef, state, cache, logits, positions, *, steps: int):
   return jnp.argmax(logits, axis=-1)
 
 
-def _median_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (and compile)
+def median_time(fn, repeats: int) -> tuple[float, Any]:
+  """Times ``fn()``: one warm-up call (compilation), then ``repeats`` timed
+  calls, each waited for (``block_until_ready``) -> (median seconds, the
+  warm-up call's result)."""
+  result = jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(times), result
 
 
 def measure_speed(model: nnx.Module, prompt_len: int, new_tokens: int,
@@ -281,10 +284,9 @@ def measure_speed(model: nnx.Module, prompt_len: int, new_tokens: int,
   max_len = prompt_len + new_tokens
   run_prefill = lambda: prefill(graphdef)(state, tokens, positions,
                                           max_len=max_len)
-  prefill_s = _median_time(run_prefill, repeats)
-  logits, cache = run_prefill()
+  prefill_s, (logits, cache) = median_time(run_prefill, repeats)
   start = jnp.full((batch,), prompt_len, jnp.int32)
-  decode_s = _median_time(
+  decode_s, _ = median_time(
       lambda: _greedy_loop(graphdef)(state, cache, logits, start,
                                      steps=new_tokens), repeats)
   return {

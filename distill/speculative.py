@@ -216,10 +216,8 @@ def speculative_generate(teacher: nnx.Module, student: nnx.Module,
   top_p = np.float32(top_p)
   max_len = gen.round_up(len(prompt) + max_new_tokens + gamma + 1,
                          gen.LENGTH_BUCKET)
-  t_parts = _fill(teacher, prompt[:-1], max_len, gamma)
-  s_parts = _fill(student, prompt[:-1], max_len, gamma)
-  t_graph, t_state, t_cache = t_parts
-  s_graph, s_state, s_cache = s_parts
+  t_graph, t_state, t_cache = _fill(teacher, prompt[:-1], max_len, gamma)
+  s_graph, s_state, s_cache = _fill(student, prompt[:-1], max_len, gamma)
   draft, verify = _draft(s_graph), _verify(t_graph)
 
   seq = list(prompt)
@@ -261,15 +259,10 @@ def teacher_baseline(teacher: nnx.Module, prompt_tokens: Sequence[int],
   One warm-up run (compilation), then the median wall time of ``repeats``
   runs. ``compare`` takes it as ``baseline`` so several drafters share it.
   """
-  def once():
-    start = time.perf_counter()
-    tokens = gen.generate(teacher, [list(prompt_tokens)], max_new_tokens,
-                          eos_id=eos_id)[0]
-    return tokens, time.perf_counter() - start
-
-  tokens, _ = once()
-  times = sorted(once()[1] for _ in range(repeats))
-  return {"tokens": tokens, "wall_s": times[len(times) // 2]}
+  seconds, tokens = gen.median_time(
+      lambda: gen.generate(teacher, [list(prompt_tokens)], max_new_tokens,
+                           eos_id=eos_id)[0], repeats)
+  return {"tokens": tokens, "wall_s": seconds}
 
 
 def compare(teacher: nnx.Module, student: nnx.Module,
@@ -289,13 +282,10 @@ def compare(teacher: nnx.Module, student: nnx.Module,
     baseline = teacher_baseline(teacher, prompt_tokens, max_new_tokens,
                                 eos_id=eos_id, repeats=repeats)
 
-  def speculative():
-    return speculative_generate(teacher, student, prompt_tokens,
-                                max_new_tokens, gamma=gamma, eos_id=eos_id)
-
-  result = speculative()
-  spec_times = sorted(speculative().wall_s for _ in range(repeats))
-  spec_s = spec_times[len(spec_times) // 2]
+  spec_s, result = gen.median_time(
+      lambda: speculative_generate(teacher, student, prompt_tokens,
+                                   max_new_tokens, gamma=gamma, eos_id=eos_id),
+      repeats)
   return {**result.to_dict(), "gamma": gamma,
           "teacher_wall_s": baseline["wall_s"], "speculative_wall_s": spec_s,
           "speedup": baseline["wall_s"] / spec_s,

@@ -26,8 +26,7 @@ not depend on what the weights have learned.
 from __future__ import annotations
 
 import json
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,21 +46,10 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median).")
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-  """Median wall time of ``fn`` after one warm-up call (compilation)."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * size ** 3 / median_seconds(lambda: f(a), repeats)
+  return 2 * size ** 3 / gen.median_time(lambda: f(a), repeats)[0]
 
 
 def _batch(config, vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -105,7 +93,8 @@ def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
       (loss, _), grads = nnx.value_and_grad(objective, has_aux=True)(model)
       optimizer.update(model, grads)
       return loss
-    seconds[run] = median_seconds(lambda: step(model, optimizer, batch, frozen), repeats)
+    seconds[run] = gen.median_time(
+        lambda: step(model, optimizer, batch, frozen), repeats)[0]
   tokens = config.data.batch_size * config.data.seq_len
   params = Student(s_cfg, rngs=nnx.Rngs(0)).param_counts()["total"]
   flops = matmul_flops(repeats=repeats)
@@ -133,10 +122,11 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
                                         c.temperature, c.stratified)
   key = jax.random.key(0)
   seconds = {
-      "forward": median_seconds(lambda: forward(teacher, tokens, segments, positions),
-                                repeats),
-      "cache_pass": median_seconds(lambda: targets(teacher, tokens, segments,
-                                                   positions, key, 0), repeats)}
+      "forward": gen.median_time(
+          lambda: forward(teacher, tokens, segments, positions), repeats)[0],
+      "cache_pass": gen.median_time(
+          lambda: targets(teacher, tokens, segments, positions, key, 0),
+          repeats)[0]}
   return {"seconds": seconds, "methods": list(c.methods), "batch": [b, t],
           "cache_over_forward": seconds["forward"] / seconds["cache_pass"]}
 
