@@ -92,6 +92,16 @@ def read_config(directory: str, kind: str | None = None) -> dict[str, Any]:
   return payload
 
 
+def load_model(directory: str):
+  """The teacher or student in a model folder this project wrote, chosen by
+  the "kind" in its config.json."""
+  if read_config(directory).get("kind") == "teacher":
+    from teacher import load_teacher  # pylint: disable=g-import-not-at-top
+    return load_teacher(directory)
+  from student import load_student  # pylint: disable=g-import-not-at-top
+  return load_student(directory)
+
+
 def checkpoint_manager(directory: str, *, max_to_keep: int | None = 3,
                        best_fn: Callable[[Any], float] | None = None,
                        keep_checkpoints_without_metrics: bool = True,

@@ -148,14 +148,6 @@ def cache_figures(workdir: str, sample_records: int = 64) -> dict[str, Any] | No
   return out
 
 
-def _load(name: str, path: str):
-  if name == "teacher":
-    from teacher import load_teacher
-    return load_teacher(path)
-  from student import load_student
-  return load_student(path)
-
-
 def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
   return {"steps": {n: ckpt.latest_step(p) for n, p in folders.items()},
           "eval": config.eval.to_dict()}
@@ -171,7 +163,7 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """
   distilled = {n: e for n, e in models.items()
                if n != "teacher" and e.get("mode") not in (None, "ce")}
-  ce = next((e for e in models.values() if e.get("mode") == "ce"), None)
+  ce = report.ce_baseline(models)
   teacher = models.get("teacher")
   best = min(distilled, key=lambda n: distilled[n]["loss"]) if distilled else None
   out: dict[str, Any] = {"best_distilled": best, "distill_gain": None,
@@ -204,7 +196,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
 
   e, data = config.eval, config.data
   data_dir = prep.data_dir(workdir)
-  loaded = {name: _load(name, path) for name, path in folders.items()}
+  loaded = {name: ckpt.load_model(path) for name, path in folders.items()}
   teacher = loaded.get("teacher")
   models: dict[str, dict[str, Any]] = {}
   for name, path in folders.items():
@@ -218,7 +210,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     models[name] = entry
 
   started = time.time()
-  rows = pipeline.read_meta(data_dir, "validation")["num_tokens"] // (data.seq_len + 1)
+  rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
   batches = rows // data.batch_size
   with tqdm(total=min(e.batches, batches) if e.batches else batches,
             desc="evaluate: validation", unit="batch") as bar:

@@ -100,9 +100,14 @@ def _headline(result: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n\n" if lines else ""
 
 
+def ce_baseline(models: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+  """The report entry of the cross-entropy baseline run, if there is one."""
+  return next((e for e in models.values() if e.get("mode") == "ce"), None)
+
+
 def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
   """Every student against the CE baseline, with what its target cost."""
-  ce = next((e for e in models.values() if e.get("mode") == "ce"), None)
+  ce = ce_baseline(models)
   rows = []
   for name, e in models.items():
     if name == "teacher":

@@ -57,6 +57,15 @@ def list_runs(workdir: str) -> list[str]:
                 if os.path.isfile(os.path.join(root, r, checkpoint.CONFIG_FILE)))
 
 
+def missing_run_message(workdir: str, run: str) -> str:
+  """What to say when ``W/student/<run>`` is not a run: the runs there are."""
+  runs = list_runs(workdir)
+  source = os.path.join(workdir, "student", run)
+  return (f"no student run {run!r}: {source} has no {checkpoint.CONFIG_FILE}. "
+          + (f"Runs in {workdir}/student: {', '.join(runs)}" if runs else
+             f"{workdir}/student has no runs yet; run `python -m distill.train` first"))
+
+
 def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -> str:
   """Exports run ``run`` of ``workdir``; returns the export folder."""
   if fmt not in FORMATS:
@@ -65,11 +74,7 @@ def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -
     raise ExportError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
   source = os.path.join(workdir, "student", run)
   if not os.path.isfile(os.path.join(source, checkpoint.CONFIG_FILE)):
-    runs = list_runs(workdir)
-    raise ExportError(
-        f"no student run {run!r}: {source} has no {checkpoint.CONFIG_FILE}. "
-        + (f"Runs in {workdir}/student: {', '.join(runs)}" if runs else
-           f"{workdir}/student has no runs yet; run `python -m distill.train` first"))
+    raise ExportError(missing_run_message(workdir, run))
   step = checkpoint.latest_step(source)
   if step is None:
     raise ExportError(f"{source} has no complete checkpoint yet; let"

@@ -23,9 +23,7 @@ from absl import flags
 
 from distill import checkpoint, cli
 from distill import generate as gen
-from student.export import list_runs
-
-TOKENIZER_FILE = "tokenizer.json"
+from student.export import list_runs, missing_run_message
 
 
 class GenerateError(cli.UserError):
@@ -37,7 +35,8 @@ def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
   if teacher and run:
     raise GenerateError("pass either --run=R (a student) or --teacher, not both")
   if teacher:
-    path = os.path.join(workdir, "teacher")
+    from teacher.train import teacher_dir  # pylint: disable=g-import-not-at-top
+    path = teacher_dir(workdir)
     if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
       raise GenerateError(
           f"no teacher in {workdir}: {path}/{checkpoint.CONFIG_FILE} is missing."
@@ -52,21 +51,9 @@ def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
           "pass --run=R or --teacher; " + (
               f"runs in {workdir}/student: {', '.join(runs)}" if runs else
               f"{workdir}/student has no runs yet (run `python -m distill.train`)"))
-  path = os.path.join(workdir, "student", run)
   if run not in runs:
-    raise GenerateError(
-        f"no student run {run!r}: {path}/{checkpoint.CONFIG_FILE} is missing. " + (
-            f"Runs in {workdir}/student: {', '.join(runs)}" if runs else
-            f"{workdir}/student has no runs yet; run `python -m distill.train` first"))
-  return path
-
-
-def load_model(path: str, teacher: bool):
-  if teacher:
-    from teacher import load_teacher  # pylint: disable=g-import-not-at-top
-    return load_teacher(path)
-  from student import load_student  # pylint: disable=g-import-not-at-top
-  return load_student(path)
+    raise GenerateError(missing_run_message(workdir, run))
+  return os.path.join(workdir, "student", run)
 
 
 class TextStream:
@@ -99,6 +86,7 @@ def generate_text(workdir: str, prompt: str, *, run: str | None = None,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                   out=sys.stdout) -> str:
   """Streams ``prompt`` and its continuation to ``out``; returns the new text."""
+  from data import prepare as prep  # pylint: disable=g-import-not-at-top
   from data import tokenizer as tok  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise GenerateError(f"--workdir={workdir} is not a folder; pass the workdir"
@@ -109,12 +97,13 @@ def generate_text(workdir: str, prompt: str, *, run: str | None = None,
     raise GenerateError(f"need --temperature >= 0 and 0 < --top_p <= 1, got"
                         f" {temperature} and {top_p}")
   path = model_dir(workdir, run, teacher)
-  tokenizer = tok.load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  tokenizer_path = prep.tokenizer_path(workdir)
+  tokenizer = tok.load_tokenizer(tokenizer_path)
   eos = tok.special_ids(tokenizer)["eos"]
-  model = load_model(path, teacher)
+  model = checkpoint.load_model(path)
   if tokenizer.get_vocab_size() > model.config.vocab_size:
     raise GenerateError(
-        f"{workdir}/{TOKENIZER_FILE} has {tokenizer.get_vocab_size()} tokens but"
+        f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but"
         f" the model in {path} only {model.config.vocab_size}; they were not"
         " trained together")
   prompt_ids = [eos] + tokenizer.encode(prompt, add_special_tokens=False).ids
