@@ -29,14 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from typing import Any
 
 import grain
 import numpy as np
 
-from data import cache_format
-from distill.errors import UserError
+from data import cache_format, pipeline
+from distill.core.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,15 +51,6 @@ def shard_name(index: int, count: int) -> str:
 
 def done_path(cache_dir: str, name: str) -> str:
   return os.path.join(cache_dir, name.replace(".array_record", ".done.json"))
-
-
-def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-  # Unique per writer: several hosts (same pid in identical containers) may
-  # write the manifest at once on a shared filesystem.
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def file_sha256(path: str) -> str:
@@ -204,23 +194,11 @@ def make_dataset(cache_dir: str, *, expect: dict[str, Any], target: str,
   with the same seed and ``num_rows`` equal to the cache's record count."""
   manifest = read_manifest(cache_dir)
   check_matches(manifest, expect, cache_dir)
-  if process_index is None or process_count is None:
-    import jax
-    process_index, process_count = jax.process_index(), jax.process_count()
   ds = grain.MapDataset.source(CacheSource(cache_dir, target, manifest))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
-  ds = ds[process_index::process_count]
-  ds = ds.batch(batch_size // process_count, drop_remainder=True)
-  it_ds = ds.to_iter_dataset()
-  if worker_count > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it_ds
+  return pipeline.batched(ds, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                          num_epochs=num_epochs, process_index=process_index,
+                          process_count=process_count, drop_remainder=True,
+                          worker_count=worker_count)
 
 
 def verify(cache_dir: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from absl import logging
 import tensorflow_datasets as tfds
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 TRAIN, VALIDATION = "train", "validation"

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from typing import Any
@@ -43,8 +42,14 @@ from absl import logging
 from tqdm import tqdm
 
 from data import tokenizer as tok
+from distill.core import files, layout
+from distill.core.errors import UserError
 
 META = "meta.json"
+
+
+class DataError(UserError):
+  """Prepared data that is missing, too small or does not fit the config."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -53,6 +58,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= np.iinfo(dtype).max + 1:
       return np.dtype(dtype)
   raise ValueError(f"vocab of {vocab_size} ids does not fit in 32 bits")
+
+
+def prepared_vocab_size(workdir: str) -> int:
+  """The tokenizer's vocab size, after checking the prepare stage has run."""
+  if read_meta(layout.data_dir(workdir), "train") is None:
+    raise tok.TokenizerError(
+        f"No prepared data under {layout.data_dir(workdir)}; run `python -m"
+        " data.prepare` (or experiments.run) first.")
+  return tok.load_tokenizer(layout.tokenizer_path(workdir)).get_vocab_size()
 
 
 def tokens_dir(data_dir: str, split: str) -> str:
@@ -102,16 +116,10 @@ def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
         lengths.append(len(ids))
       bar.update(len(texts))
   if not pieces:
-    raise ValueError(f"The {split} split has no documents; nothing to tokenize.")
+    raise DataError(f"The {split} split has no documents; nothing to tokenize.")
   stream = np.concatenate(pieces)
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
-  final = tokens_dir(data_dir, split)
-  tmp = final + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  np.save(os.path.join(tmp, "tokens.npy"), stream)
-  np.save(os.path.join(tmp, "doc_offsets.npy"), offsets)
   meta = {
       "split": split,
       "tokenizer_hash": tokenizer_hash,
@@ -123,10 +131,10 @@ def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
       "bytes_per_token": num_bytes / max(1, int(stream.size) - len(lengths)),
       "seconds": round(time.time() - start, 2),
   }
-  with open(os.path.join(tmp, META), "w") as f:
-    json.dump(meta, f, indent=2)
-  shutil.rmtree(final, ignore_errors=True)
-  os.replace(tmp, final)
+  with files.atomic_dir(tokens_dir(data_dir, split)) as tmp:
+    np.save(os.path.join(tmp, "tokens.npy"), stream)
+    np.save(os.path.join(tmp, "doc_offsets.npy"), offsets)
+    files.write_json(os.path.join(tmp, META), meta)
   logging.info("Tokenized %s: %d docs, %d tokens, %.2f bytes/token", split,
                meta["num_docs"], meta["num_tokens"], meta["bytes_per_token"])
   return meta
@@ -160,14 +168,14 @@ class PackedRows:
     self._dir = tokens_dir(data_dir, split)
     meta = read_meta(data_dir, split)
     if meta is None:
-      raise FileNotFoundError(
+      raise DataError(
           f"No tokenized {split!r} split under {self._dir}; run"
           " `python -m data.prepare` first.")
     self.meta = meta
     self.row_len = seq_len + 1
     self._num_rows = meta["num_tokens"] // self.row_len
     if self._num_rows == 0:
-      raise ValueError(
+      raise DataError(
           f"The {split} split has {meta['num_tokens']} tokens, fewer than one row"
           f" of seq_len + 1 = {self.row_len}; lower config.data.seq_len.")
     self._tokens = None
@@ -225,17 +233,38 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
   shard. ``num_epochs=None`` repeats forever. ``num_rows`` keeps only the
   first rows of the split (those a logit cache covers), before shuffling.
   """
-  if process_index is None or process_count is None:
-    import jax  # Only when the caller does not say: keeps data/ light.
-    process_index, process_count = jax.process_index(), jax.process_count()
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the"
-                     f" {process_count} processes")
   ds = grain.MapDataset.source(PackedRows(data_dir, split, seq_len))
   if num_rows is not None:
     if not 0 < num_rows <= len(ds):
-      raise ValueError(f"num_rows={num_rows} is outside [1, {len(ds)}] for {split}")
+      raise DataError(
+          f"num_rows={num_rows} is outside [1, {len(ds)}] for the {split} split"
+          f" under {data_dir}; the cache and the data do not belong together.")
     ds = ds[:num_rows]
+  return batched(ds, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                 num_epochs=num_epochs, process_index=process_index,
+                 process_count=process_count, drop_remainder=drop_remainder,
+                 worker_count=worker_count)
+
+
+def batched(ds: grain.MapDataset, *, batch_size: int, seed: int = 0,
+            shuffle: bool = True, num_epochs: int | None = None,
+            process_index: int | None = None, process_count: int | None = None,
+            drop_remainder: bool = True,
+            worker_count: int = 0) -> grain.IterDataset:
+  """The tail every training input shares: rows -> per-process batches.
+
+  Shuffle by seed (a new order each epoch) -> repeat (``num_epochs=None``:
+  forever) -> this process's disjoint shard -> batches of ``batch_size //
+  process_count`` rows -> optional multiprocess prefetch. The same rows and
+  seed give the same batches whatever the rows are (packed text or cached
+  targets), which keeps every run of a config on the same rows.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel  (keeps data/ light)
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if batch_size % process_count:
+    raise DataError(f"config.data.batch_size={batch_size} is not divisible by"
+                    f" the {process_count} processes; choose a multiple.")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
@@ -244,10 +273,11 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
   ds = ds.batch(batch_size // process_count, drop_remainder=drop_remainder)
   it_ds = ds.to_iter_dataset()
   if worker_count > 0:
-    from absl import flags  # grain's workers read absl flags.
-    if not flags.FLAGS.is_parsed():
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags.
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
   return it_ds
 
 

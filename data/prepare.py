@@ -19,26 +19,7 @@ from absl import logging
 
 from data import corpus, pipeline
 from data import tokenizer as tok
-from distill import cli
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def data_dir(workdir: str) -> str:
-  return os.path.join(workdir, "data")
-
-
-def tokenizer_path(workdir: str) -> str:
-  return os.path.join(workdir, TOKENIZER_FILE)
-
-
-def prepared_vocab_size(workdir: str) -> int:
-  """The tokenizer's vocab size, after checking the stage has run."""
-  if pipeline.read_meta(data_dir(workdir), "train") is None:
-    raise tok.TokenizerError(
-        f"No prepared data under {data_dir(workdir)}; run `python -m"
-        " data.prepare` (or experiments.run) first.")
-  return tok.load_tokenizer(tokenizer_path(workdir)).get_vocab_size()
+from distill.core import cli, files, layout
 
 
 def _training_texts(source, text_key: str, max_bytes: int):
@@ -82,8 +63,8 @@ def _adopt_or_train_tokenizer(data_config, path: str, train_source,
 
 def prepare(config, workdir: str) -> dict[str, Any]:
   """Runs the stage; returns a summary (also written to W/data/prepare.json)."""
-  ddir = data_dir(workdir)
-  tpath = tokenizer_path(workdir)
+  ddir = layout.data_dir(workdir)
+  tpath = layout.tokenizer_path(workdir)
   summary_path = os.path.join(ddir, "prepare.json")
   builder, text_key, splits = corpus.corpus_builder(config.data, ddir)
   if os.path.isfile(tpath):
@@ -115,10 +96,7 @@ def prepare(config, workdir: str) -> dict[str, Any]:
       "vocab_size": tok.load_tokenizer(tpath).get_vocab_size(),
       "splits": metas,
   }
-  tmp = summary_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(tmp, summary_path)
+  files.write_json(summary_path, summary)
   for name, meta in metas.items():
     print(f"prepare: {name}: {meta['num_docs']} docs, {meta['num_bytes']:,} bytes,"
           f" {meta['num_tokens']:,} tokens ({meta['bytes_per_token']:.2f} bytes/token)")

@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from distill.errors import UserError
+from distill.core import files
+from distill.core.errors import UserError
 
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
 SPECIALS = (PAD, EOS, BOS)
@@ -56,9 +57,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
 
 def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
   """Writes atomically: a crash never leaves a half-written tokenizer.json."""
-  tmp = path + ".tmp"
-  tokenizer.save(tmp)
-  os.replace(tmp, path)
+  files.write_text(path, tokenizer.to_str(pretty=True))
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -27,33 +27,29 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from data import pipeline
-from data import prepare as prep
-from distill import checkpoint as ckpt
-from distill import cli, metrics, report, validation
-from distill import generate as gen
+# Importing the model packages registers their kinds with the registry.
+import student as student_lib  # pylint: disable=unused-import
+import teacher as teacher_lib  # pylint: disable=unused-import
+from data import cache, cache_format, pipeline
+from data import tokenizer as tok
 from distill import speculative as spec
-from distill.errors import UserError
-
-EVAL_DIR = "eval"
-
-
-def eval_dir(workdir: str) -> str:
-  return os.path.join(workdir, EVAL_DIR)
+from distill.core import checkpoint as ckpt
+from distill.core import cli, files, layout, registry
+from distill.core.errors import UserError
+from distill.decoding import generate as gen
+from distill.evals import metrics, report, validation
 
 
 def model_folders(workdir: str) -> dict[str, str]:
   """``{"teacher": path, "<run>": path, ...}`` of the folders with a checkpoint."""
   folders = {}
-  teacher = os.path.join(workdir, "teacher")
-  if ckpt.latest_step(teacher) is not None:
-    folders["teacher"] = teacher
-  student_root = os.path.join(workdir, "student")
-  if os.path.isdir(student_root):
-    for run in sorted(os.listdir(student_root)):
-      path = os.path.join(student_root, run)
-      if ckpt.latest_step(path) is not None:
-        folders[run] = path
+  teacher_dir = layout.teacher_dir(workdir)
+  if ckpt.latest_step(teacher_dir) is not None:
+    folders["teacher"] = teacher_dir
+  for run in layout.list_runs(workdir):
+    path = layout.student_dir(workdir, run)
+    if ckpt.latest_step(path) is not None:
+      folders[run] = path
   return folders
 
 
@@ -62,10 +58,9 @@ def validation_prompts(workdir: str, count: int, length: int) -> list[list[int]]
   of each of the first ``count`` validation documents that are that long
   (a document starts after an EOS in training, so that is how prompts start).
   """
-  from data import tokenizer as tok
-  directory = pipeline.tokens_dir(prep.data_dir(workdir), "validation")
+  directory = pipeline.tokens_dir(layout.data_dir(workdir), "validation")
   stream, offsets = pipeline.load_stream(directory)
-  eos = tok.special_ids(tok.load_tokenizer(prep.tokenizer_path(workdir)))["eos"]
+  eos = tok.special_ids(tok.load_tokenizer(layout.tokenizer_path(workdir)))["eos"]
   prompts = []
   for start, stop in zip(offsets[:-1], offsets[1:]):
     if len(prompts) == count:
@@ -119,8 +114,7 @@ def cache_figures(workdir: str, sample_records: int = 64) -> dict[str, Any] | No
   A record may hold both targets; each method's size is measured by
   re-encoding a sample of records with that target alone.
   """
-  from data import cache, cache_format
-  directory = os.path.join(workdir, "logits")
+  directory = layout.cache_dir(workdir)
   try:
     manifest = cache.read_manifest(directory)
   except cache.CacheError:
@@ -184,7 +178,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   if not folders:
     raise UserError(f"Nothing to evaluate in {workdir}: no teacher/ or student/<run>/"
                     " with a checkpoint. Run the teacher and distill stages first.")
-  out_dir = eval_dir(workdir)
+  out_dir = layout.eval_dir(workdir)
   json_path = os.path.join(out_dir, "report.json")
   fingerprint = json.loads(json.dumps(_fingerprint(folders, config)))
   if os.path.isfile(json_path):
@@ -195,8 +189,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
       return previous
 
   e, data = config.eval, config.data
-  data_dir = prep.data_dir(workdir)
-  loaded = {name: ckpt.load_model(path) for name, path in folders.items()}
+  data_dir = layout.data_dir(workdir)
+  loaded = {name: registry.load_model(path) for name, path in folders.items()}
   teacher = loaded.get("teacher")
   models: dict[str, dict[str, Any]] = {}
   for name, path in folders.items():
@@ -241,13 +235,9 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
             "seconds": round(time.time() - started, 1)}
   os.makedirs(out_dir, exist_ok=True)
   result["plots"] = report.write_plots(out_dir, workdir, models)
-  with open(json_path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(json_path + ".tmp", json_path)
-  md_path = os.path.join(out_dir, "report.md")
-  with open(md_path + ".tmp", "w") as f:
-    f.write(report.markdown(result))
-  os.replace(md_path + ".tmp", md_path)
+  files.write_json(json_path, result)
+  md_path = files.write_text(os.path.join(out_dir, "report.md"),
+                             report.markdown(result))
   print(f"evaluate: wrote {md_path} and {json_path}")
   return result
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill import generate as gen
+from distill.decoding import generate as gen
 
 
 @dataclasses.dataclass

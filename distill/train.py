@@ -38,16 +38,17 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from data import cache_format, pipeline
-from data import prepare as prep
+from data import cache, cache_format, pipeline
 from data import tokenizer as tok
-from distill import checkpoint as ckpt
-from distill import cli, losses, trainer, validation
-from distill.errors import UserError
+from distill import losses
+from distill.core import checkpoint as ckpt
+from distill.core import cli, configs, layout
+from distill.core.errors import UserError
+from distill.evals import validation
+from distill.training import loop as trainer
 from student import config as student_config
 from student.model import Student
-
-STUDENT_DIR = "student"
+from teacher import load_teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +70,16 @@ RUN_KINDS = {
 _RUN = flags.DEFINE_string("run", None, "Train only this run of config.distill.runs.")
 
 
-def run_dir(workdir: str, run: str) -> str:
-  return os.path.join(workdir, STUDENT_DIR, run)
-
-
 def model_config(config, vocab_size: int) -> student_config.StudentConfig:
-  return student_config.get_preset(config.student.preset, vocab_size=vocab_size,
-                                   **config.student.model.to_dict())
+  return configs.from_preset(student_config.PRESETS, config.student.preset,
+                             config.student.model, what="student",
+                             vocab_size=vocab_size)
+
+
+def loop_config(config) -> trainer.LoopConfig:
+  """The students' optimisation settings, ``config.distill.train``."""
+  return configs.from_section(trainer.LoopConfig, config.distill.train,
+                              where="config.distill.train")
 
 
 def student_vocab_size(workdir: str, teacher=None) -> int:
@@ -86,13 +90,13 @@ def student_vocab_size(workdir: str, teacher=None) -> int:
   student must score every id the teacher's targets can hold. A teacher with
   fewer rows than the tokenizer has tokens cannot have produced this data.
   """
-  tokenizer_vocab = prep.prepared_vocab_size(workdir)
+  tokenizer_vocab = pipeline.prepared_vocab_size(workdir)
   if teacher is None:
     return tokenizer_vocab
   if teacher.config.vocab_size < tokenizer_vocab:
     raise UserError(
         f"The teacher in {workdir}/teacher has {teacher.config.vocab_size}"
-        f" embedding rows but {prep.tokenizer_path(workdir)} has"
+        f" embedding rows but {layout.tokenizer_path(workdir)} has"
         f" {tokenizer_vocab} tokens: they were not made together. Prepare the"
         " data with the teacher's tokenizer (import the teacher first).")
   return teacher.config.vocab_size
@@ -171,10 +175,9 @@ def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None,
 
 
 def _teacher_or_none(workdir: str):
-  path = os.path.join(workdir, "teacher")
+  path = layout.teacher_dir(workdir)
   if ckpt.latest_step(path) is None:
     return None
-  from teacher import load_teacher  # Heavy: only when a teacher exists.
   return load_teacher(path)
 
 
@@ -182,15 +185,15 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   """Trains one run; returns its summary (also ``summary.json``)."""
   kind = run_kind(run)
   d = config.distill
-  data_dir = prep.data_dir(workdir)
-  tokenizer_path = prep.tokenizer_path(workdir)
+  data_dir = layout.data_dir(workdir)
+  tokenizer_path = layout.tokenizer_path(workdir)
   teacher = _teacher_or_none(workdir)
   if kind.mode == "online" and teacher is None:
     raise UserError(f"Run {run!r} needs the teacher in {workdir}/teacher; run"
                     " `python -m teacher.train` or `teacher.import_hf` first.")
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
-  out_dir = run_dir(workdir, run)
+  out_dir = layout.student_dir(workdir, run)
   # As config.json will hold them (tuples become lists), to compare on resume.
   settings = json.loads(json.dumps(
       {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}))
@@ -207,10 +210,9 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   data, seed = config.data, config.seed
   num_rows = None
   cache_temperature = None
-  cache_dir = os.path.join(workdir, "logits")
-  has_cache = os.path.isfile(os.path.join(cache_dir, "manifest.json"))
+  cache_dir = layout.cache_dir(workdir)
+  has_cache = os.path.isfile(os.path.join(cache_dir, cache.MANIFEST))
   if kind.mode == "offline" or (d.same_rows_as_cache and has_cache):
-    from data import cache  # The cache reader: only runs that use it need it.
     manifest = cache.read_manifest(cache_dir)
     num_rows = manifest["num_records"]
     cache_temperature = manifest["temperature"]
@@ -227,7 +229,7 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
 
   model = Student(cfg, rngs=nnx.Rngs(seed))
   result = trainer.train(
-      out_dir=out_dir, model=model, cfg=trainer.LoopConfig.from_config(d.train),
+      out_dir=out_dir, model=model, cfg=loop_config(config),
       desc=f"student {run}",
       loss_fn=loss_fn_for(kind, d, cache_temperature, topk_k=config.cache.k),
       make_iterator=make_iterator,
@@ -235,19 +237,13 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
       eval_fn=validation.make_validation_fn(
           data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
           max_batches=d.eval_batches, chunk_size=d.loss_chunk, teacher=teacher))
-  summary_path = os.path.join(out_dir, "summary.json")
+  summary = trainer.summarize(out_dir, result, run=run,
+                              kind=dataclasses.asdict(kind),
+                              params=model.param_counts())
   if result.status == "finished":
-    summary = {"run": run, "steps": result.step, "kind": dataclasses.asdict(kind),
-               "params": model.param_counts(), **result.last_metrics}
-    with open(summary_path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
-    print(f"student {run}: validation loss {summary.get('eval/loss', float('nan')):.3f}")
-    return summary
-  if os.path.isfile(summary_path):
-    with open(summary_path) as f:
-      return json.load(f)
-  return {"run": run, "status": result.status, "step": result.step}
+    print(f"student {run}: validation loss"
+          f" {summary.get('eval/loss', float('nan')):.3f}")
+  return summary
 
 
 def train_all(config, workdir: str) -> dict[str, dict[str, Any]]:

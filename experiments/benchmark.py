@@ -34,8 +34,10 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from distill import cli, report, trainer
-from distill import generate as gen
+from distill.core import cli
+from distill.evals import report
+from distill.training import loop as trainer
+from distill.decoding import generate as gen
 from distill import train as distill_train
 from student.model import Student
 from teacher import cache_logits
@@ -72,7 +74,7 @@ def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
   """Student step time per run kind, over the CE step time."""
   rng = np.random.default_rng(0)
   batches = _batch(config, vocab, rng)
-  loop = trainer.LoopConfig.from_config(config.distill.train)
+  loop = distill_train.loop_config(config)
   s_cfg = distill_train.model_config(config, vocab)
   teacher = Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
   seconds = {}

@@ -29,9 +29,9 @@ Choose the student's size with single overrides, e.g.
 (``student/config.py`` presets; the vocabulary always comes from the teacher).
 """
 
-import ml_collections
-
+from distill.core import configs
 from experiments import stdlib
+from student.config import StudentConfig
 
 
 def get_config(arg=None):
@@ -41,9 +41,10 @@ def get_config(arg=None):
                      " use 'default' or 'cpu'.")
   c = stdlib.get_config("tiny" if variant == "cpu" else "default")
   c.variant = variant
-  c.teacher.hf_dir = ""              # required: the checkpoint folder
-  c.teacher.param_dtype = ""         # "": the checkpoint's own dtype
-  c.teacher.dtype = ""               # compute dtype; "": from the weights
+  with c.unlocked():  # The keys only this experiment has.
+    c.teacher.hf_dir = ""            # required: the checkpoint folder
+    c.teacher.param_dtype = ""       # "": the checkpoint's own dtype
+    c.teacher.dtype = ""             # compute dtype; "": from the weights
   c.data.vocab_size = 0              # the teacher's tokenizer, whatever its size
   c.distill.runs = ("ce", "sampled", "topk_ghost")
 
@@ -57,10 +58,8 @@ def get_config(arg=None):
     c.cache.batch_size = 64
     c.cache.rows_per_shard = 4096
     c.cache.max_rows = 20_000 * 64    # every row the students read
-    c.student.preset = "gemma3_270m"  # its published shape, spelt out so
-    c.student.model = ml_collections.ConfigDict(dict(  # each can be overridden
-        d_model=640, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
-        d_ff=2048, window=512))
+    c.student.preset = "gemma3_270m"  # its published shape
+    c.student.model = configs.model_section(StudentConfig)
     c.distill.loss_chunk = 256
     c.distill.eval_batches = 32
     c.distill.train.update(dict(

@@ -18,7 +18,7 @@ import time
 
 from absl import flags, logging
 
-from distill import cli
+from distill.core import cli
 
 # (stage, module, function): the function takes (config, workdir).
 STAGES = (

@@ -20,6 +20,10 @@ topk_ghost 6.488, topk_sparse 6.589 nats/token; the README has the full table.
 
 import ml_collections
 
+from distill.core import configs
+from student.config import StudentConfig
+from teacher.config import TeacherConfig
+
 
 def get_config(arg=None):
   variant = arg or "default"
@@ -47,9 +51,8 @@ def get_config(arg=None):
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "demo"          # teacher/config.py presets
-  c.teacher.model = ml_collections.ConfigDict(dict(
-      d_model=256, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=64,
-      d_ff=384, num_experts=8, top_k=2))
+  # Every TeacherConfig field, None = the preset's; set only what differs.
+  c.teacher.model = configs.model_section(TeacherConfig)
   c.teacher.train = ml_collections.ConfigDict(dict(
       steps=110, learning_rate=3e-3, warmup_steps=11,
       end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
@@ -69,9 +72,7 @@ def get_config(arg=None):
 
   c.student = ml_collections.ConfigDict()
   c.student.preset = "demo"          # student/config.py presets
-  c.student.model = ml_collections.ConfigDict(dict(
-      d_model=128, num_layers=6, num_heads=4, num_kv_heads=1, head_dim=32,
-      d_ff=512, window=64))
+  c.student.model = configs.model_section(StudentConfig, window=64)
 
   c.distill = ml_collections.ConfigDict()
   # Runs (distill/train.py RUN_KINDS): the headline student learns from the
@@ -110,14 +111,17 @@ def get_config(arg=None):
   c.export.formats = ("orbax", "hf")  # every student run, in each format
   c.export.dtype = "float32"         # or bfloat16 (halves the files)
 
+  # Every key exists now: from here on a misspelt one fails (with a
+  # suggestion), here and in files that build on this one.
+  c.lock()
+
   if variant == "tiny":
     c.eval.batches = 4
     c.eval.speed.update(dict(prompt_len=8, new_tokens=4, repeats=1))
     c.eval.speculative.update(dict(gammas=(2,), prompts=1, prompt_len=8,
                                    new_tokens=8, repeats=1))
     c.student.preset = "tiny"
-    c.student.model.update(dict(d_model=32, num_layers=2, num_heads=4,
-                                num_kv_heads=2, head_dim=8, d_ff=64, window=8))
+    c.student.model = configs.model_section(StudentConfig)
     c.distill.loss_chunk = 16
     c.distill.eval_batches = 2
     c.distill.train.update(dict(steps=8, warmup_steps=2, log_every=2,
@@ -125,9 +129,6 @@ def get_config(arg=None):
     c.cache.update(dict(k=8, num_samples=16, max_rows=48, rows_per_shard=16,
                         batch_size=4))
     c.teacher.preset = "tiny"
-    c.teacher.model.update(dict(d_model=32, num_layers=2, num_heads=4,
-                                num_kv_heads=2, head_dim=8, d_ff=48,
-                                num_experts=5, top_k=2))
     c.teacher.train.update(dict(steps=8, warmup_steps=2, log_every=2,
                                 eval_every=8, checkpoint_every=8,
                                 eval_batches=2, loss_chunk=16))

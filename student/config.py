@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from distill import layers
+from distill.core import configs
+from distill.core.errors import ConfigError
+from distill.nn import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +43,24 @@ class StudentConfig:
 
   def __post_init__(self):
     if not self.layer_pattern:
-      raise ValueError("layer_pattern is empty; give at least one layer kind")
+      raise ConfigError(
+          "StudentConfig.layer_pattern is empty; give at least one layer kind")
     for kind in self.layer_pattern:
       try:
         layers.check_kind(kind)
-      except ValueError as e:
-        raise ValueError(f"StudentConfig.layer_pattern={self.layer_pattern}: {e}") from None
+      except ConfigError as e:
+        raise ConfigError(
+            f"StudentConfig.layer_pattern={self.layer_pattern}: {e}") from None
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise ConfigError(
           f"num_heads={self.num_heads} is not a multiple of"
           f" num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-    if "local" in self.layer_kinds and self.window < 1:
-      raise ValueError(f"window={self.window} must be >= 1 for local layers")
+      raise ConfigError(
+          f"StudentConfig: head_dim={self.head_dim} must be even for RoPE")
+    if layers.AttentionKind.LOCAL in self.layer_kinds and self.window < 1:
+      raise ConfigError(
+          f"StudentConfig: window={self.window} must be >= 1 for local layers")
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
@@ -92,10 +98,4 @@ PRESETS: dict[str, StudentConfig] = {
 
 def get_preset(name: str, **overrides) -> StudentConfig:
   """A named preset, with fields replaced by ``overrides``."""
-  if name not in PRESETS:
-    raise ValueError(f"unknown student preset {name!r}; expected one of {sorted(PRESETS)}")
-  names = {f.name for f in dataclasses.fields(StudentConfig)}
-  unknown = sorted(set(overrides) - names)
-  if unknown:
-    raise ValueError(f"StudentConfig has no field(s) {unknown}; fields are {sorted(names)}")
-  return dataclasses.replace(PRESETS[name], **overrides)
+  return configs.get_preset(PRESETS, name, what="student", **overrides)

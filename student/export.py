@@ -23,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 
 import jax
 from absl import flags, logging
 from flax import nnx
 
-from distill import checkpoint, cli
+from distill.core import checkpoint, cli, files, layout
 from student import hf, load_student
 from student.model import abstract_student
 
@@ -43,48 +41,25 @@ class ExportError(cli.UserError):
   """An export that cannot run as asked; the message says what to do."""
 
 
-def export_dir(workdir: str, run: str, fmt: str) -> str:
-  """``W/export/R/`` (orbax) or ``W/export/R-hf/`` (hf)."""
-  return os.path.join(workdir, "export", run + ("-hf" if fmt == "hf" else ""))
-
-
-def list_runs(workdir: str) -> list[str]:
-  """Runs under ``W/student/`` (folders with a config.json)."""
-  root = os.path.join(workdir, "student")
-  if not os.path.isdir(root):
-    return []
-  return sorted(r for r in os.listdir(root)
-                if os.path.isfile(os.path.join(root, r, checkpoint.CONFIG_FILE)))
-
-
-def missing_run_message(workdir: str, run: str) -> str:
-  """What to say when ``W/student/<run>`` is not a run: the runs there are."""
-  runs = list_runs(workdir)
-  source = os.path.join(workdir, "student", run)
-  return (f"no student run {run!r}: {source} has no {checkpoint.CONFIG_FILE}. "
-          + (f"Runs in {workdir}/student: {', '.join(runs)}" if runs else
-             f"{workdir}/student has no runs yet; run `python -m distill.train` first"))
-
-
 def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -> str:
   """Exports run ``run`` of ``workdir``; returns the export folder."""
   if fmt not in FORMATS:
     raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
   if dtype not in DTYPES:
     raise ExportError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
-  source = os.path.join(workdir, "student", run)
+  source = layout.student_dir(workdir, run)
   if not os.path.isfile(os.path.join(source, checkpoint.CONFIG_FILE)):
-    raise ExportError(missing_run_message(workdir, run))
+    raise ExportError(layout.missing_run_message(workdir, run))
   step = checkpoint.latest_step(source)
   if step is None:
     raise ExportError(f"{source} has no complete checkpoint yet; let"
                       " `python -m distill.train` save one, then export")
-  tokenizer_json = os.path.join(workdir, hf.TOKENIZER_FILE)
+  tokenizer_json = layout.tokenizer_path(workdir)
   if fmt == "hf" and not os.path.isfile(tokenizer_json):
     raise ExportError(f"{tokenizer_json} is missing; the Hugging Face export ships the"
                       " tokenizer. Run `python -m data.prepare` for this workdir first")
 
-  final = export_dir(workdir, run, fmt)
+  final = layout.export_dir(workdir, run, fmt)
   info = {"format": fmt, "run": run, "step": step, "dtype": dtype,
           "source": os.path.abspath(source)}
   if _read_info(final) == info:
@@ -93,19 +68,12 @@ def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -
 
   model = load_student(source)
   logging.info("exporting %s step %d as %s (%s) to %s", run, step, fmt, dtype, final)
-  parent = os.path.dirname(final)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
+  with files.atomic_dir(final) as tmp:  # Replaces an older export.
     if fmt == "hf":
       hf.save_hf(tmp, model, tokenizer_json=tokenizer_json, dtype=dtype)
     else:
       _save_orbax(tmp, model, dtype, step)
-    with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
-    _replace(tmp, final)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    files.write_json(os.path.join(tmp, EXPORT_INFO), info, sort_keys=True)
   return final
 
 
@@ -118,8 +86,8 @@ def export_all(config, workdir: str) -> list[str]:
   settings = config.get("export", None) if config is not None else None
   formats = tuple(settings.get("formats", FORMATS)) if settings else FORMATS
   dtype = settings.get("dtype", "float32") if settings else "float32"
-  runs = [r for r in list_runs(workdir)
-          if checkpoint.latest_step(os.path.join(workdir, "student", r)) is not None]
+  runs = [r for r in layout.list_runs(workdir)
+          if checkpoint.latest_step(layout.student_dir(workdir, r)) is not None]
   if not runs:
     raise ExportError(f"{workdir}/student has no finished runs to export; run"
                       " `python -m distill.train` first")
@@ -143,17 +111,6 @@ def _read_info(directory: str) -> dict | None:
     return None
 
 
-def _replace(tmp: str, final: str) -> None:
-  """Moves the finished ``tmp`` to ``final``, replacing an older export."""
-  old = None
-  if os.path.exists(final):
-    old = f"{tmp}.old"
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _define_flags():
   # Defined only when run as a binary, so that importing export_all into the
   # main job adds no flags there.
@@ -171,7 +128,7 @@ def main(argv):
     raise ExportError(f"--workdir={FLAGS.workdir} is not a folder; pass the workdir"
                       " the pipeline wrote (it holds student/<run>/)")
   workdir = FLAGS.workdir
-  runs = [FLAGS.run] if FLAGS.run else list_runs(workdir)
+  runs = [FLAGS.run] if FLAGS.run else layout.list_runs(workdir)
   if not runs:
     raise ExportError(f"{workdir}/student has no runs; run `python -m distill.train` first")
   for run in runs:

@@ -21,9 +21,13 @@ import sys
 import jax
 from absl import flags
 
-from distill import checkpoint, cli
-from distill import generate as gen
-from student.export import list_runs, missing_run_message
+# Importing the model packages registers their kinds with the registry
+# (``--teacher`` loads the teacher's folder).
+import student as student_lib  # pylint: disable=unused-import
+import teacher as teacher_lib  # pylint: disable=unused-import
+from data import tokenizer as tok
+from distill.core import checkpoint, cli, layout, registry
+from distill.decoding import generate as gen
 
 
 class GenerateError(cli.UserError):
@@ -35,14 +39,13 @@ def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
   if teacher and run:
     raise GenerateError("pass either --run=R (a student) or --teacher, not both")
   if teacher:
-    from teacher.train import teacher_dir  # pylint: disable=g-import-not-at-top
-    path = teacher_dir(workdir)
+    path = layout.teacher_dir(workdir)
     if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
       raise GenerateError(
           f"no teacher in {workdir}: {path}/{checkpoint.CONFIG_FILE} is missing."
           " Run `python -m teacher.train` or `python -m teacher.import_hf` first")
     return path
-  runs = list_runs(workdir)
+  runs = layout.list_runs(workdir)
   if run is None:
     if len(runs) == 1:
       run = runs[0]
@@ -52,8 +55,8 @@ def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
               f"runs in {workdir}/student: {', '.join(runs)}" if runs else
               f"{workdir}/student has no runs yet (run `python -m distill.train`)"))
   if run not in runs:
-    raise GenerateError(missing_run_message(workdir, run))
-  return os.path.join(workdir, "student", run)
+    raise GenerateError(layout.missing_run_message(workdir, run))
+  return layout.student_dir(workdir, run)
 
 
 class TextStream:
@@ -86,8 +89,6 @@ def generate_text(workdir: str, prompt: str, *, run: str | None = None,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                   out=sys.stdout) -> str:
   """Streams ``prompt`` and its continuation to ``out``; returns the new text."""
-  from data import prepare as prep  # pylint: disable=g-import-not-at-top
-  from data import tokenizer as tok  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise GenerateError(f"--workdir={workdir} is not a folder; pass the workdir"
                         " the pipeline wrote")
@@ -97,10 +98,10 @@ def generate_text(workdir: str, prompt: str, *, run: str | None = None,
     raise GenerateError(f"need --temperature >= 0 and 0 < --top_p <= 1, got"
                         f" {temperature} and {top_p}")
   path = model_dir(workdir, run, teacher)
-  tokenizer_path = prep.tokenizer_path(workdir)
+  tokenizer_path = layout.tokenizer_path(workdir)
   tokenizer = tok.load_tokenizer(tokenizer_path)
   eos = tok.special_ids(tokenizer)["eos"]
-  model = checkpoint.load_model(path)
+  model = registry.load_model(path)
   if tokenizer.get_vocab_size() > model.config.vocab_size:
     raise GenerateError(
         f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but"

@@ -37,7 +37,8 @@ import numpy as np
 from flax import nnx
 from safetensors import numpy as st_numpy
 
-from distill import checkpoint
+from data import tokenizer as tok_lib
+from distill.core import checkpoint
 from student.config import StudentConfig
 from student.model import Student, abstract_student
 
@@ -349,7 +350,6 @@ def tokenizer_specials(tokenizer_json: str) -> tuple[dict[str, str], dict[str, i
   tokenizer is matched by the usual names of other families
   (``data.tokenizer.special_ids``).
   """
-  from data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   tok = tok_lib.load_tokenizer(tokenizer_json)
   ids = tok_lib.special_ids(tok)
   strings = {f"{role}_token": tok.id_to_token(i) for role, i in ids.items()}

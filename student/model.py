@@ -1,4 +1,4 @@
-"""The Gemma-3-style dense student (Flax NNX), built from distill.layers.
+"""The Gemma-3-style dense student (Flax NNX), built from the shared layers.
 
 Per block (Gemma 3)::
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill import layers
+from distill.nn import decoder, layers
 from student.config import StudentConfig
 
 
@@ -29,7 +29,7 @@ class Block(nnx.Module):
     c = config
     norm = functools.partial(layers.RMSNorm, c.d_model, eps=c.rms_eps,
                              offset_one=True, param_dtype=c.param_dtype)
-    local = layers.check_kind(kind) == "local"
+    local = layers.check_kind(kind) == layers.AttentionKind.LOCAL
     self.kind = kind
     self.pre_attn_norm = norm()
     self.attn = layers.Attention(
@@ -57,8 +57,11 @@ class Block(nnx.Module):
     return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h))), cache
 
 
-class Student(layers.CachedDecoding, nnx.Module):
+class Student(decoder.Decoder):
   """tokens [B, T] int32 -> logits [B, T, V] float32."""
+
+  kind = "student"
+  config_class = StudentConfig
 
   def __init__(self, config: StudentConfig, rngs: nnx.Rngs):
     c = self.config = config
@@ -67,20 +70,6 @@ class Student(layers.CachedDecoding, nnx.Module):
     self.blocks = nnx.List([Block(c, kind, rngs=rngs) for kind in c.layer_kinds])
     self.final_norm = layers.RMSNorm(c.d_model, eps=c.rms_eps, offset_one=True,
                                      param_dtype=c.param_dtype)
-
-  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-             positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """tokens [B, T] -> (hidden [B, T, D] after the final norm, aux {}).
-
-    segment_ids [B, T] (0 = padding; default all ones), positions [B, T]
-    (default arange(T)). ``aux`` holds auxiliary losses (none: dense model).
-    """
-    segment_ids = layers.default_segment_ids(tokens) if segment_ids is None else segment_ids
-    positions = layers.default_positions(tokens) if positions is None else positions
-    x = self.embed_tokens(tokens)
-    for block in self.blocks:
-      x = block(x, segment_ids, positions)
-    return self.final_norm(x), {}
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> embeddings scaled by sqrt(d_model) [B, T, D]."""
@@ -91,17 +80,7 @@ class Student(layers.CachedDecoding, nnx.Module):
     """hidden [B, T, D] (from ``hidden``) -> logits [B, T, V] float32."""
     return layers.softcap(self.embed.attend(hidden), self.config.final_logit_softcap)
 
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    hidden, _ = self.hidden(tokens, segment_ids, positions)
-    return self.logits_from_hidden(hidden)
-
-  def param_counts(self) -> dict[str, int]:
-    """{"total", "active"} parameters (equal: every parameter is used per token)."""
-    total = layers.count_params(self)
-    return {"total": total, "active": total}
-
 
 def abstract_student(config: StudentConfig) -> Student:
   """The student with abstract parameters (no allocation), for shapes/restore."""
-  return nnx.eval_shape(lambda: Student(config, nnx.Rngs(0)))
+  return Student.abstract(config)

@@ -42,19 +42,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from data import cache, cache_format, pipeline
-from data import prepare as prep
 from data import tokenizer as tok
-from distill import cli
-from distill import checkpoint as ckpt
+from distill.core import checkpoint as ckpt
+from distill.core import cli, files, layout
+from teacher.model import load_teacher
 
 _VERIFY = flags.DEFINE_bool("verify", False, "Verify the existing cache instead of writing it.")
-
-CACHE_DIR = "logits"
-
-
-def cache_dir(workdir: str) -> str:
-  return os.path.join(workdir, CACHE_DIR)
-
 
 def fingerprint(model: nnx.Module) -> str:
   """sha256 of the model's config and every parameter, in a fixed order."""
@@ -157,7 +150,8 @@ def _plan_shards(num_records: int, rows_per_shard: int) -> list[dict[str, Any]]:
 def _write_manifest(directory: str, settings: dict[str, Any]) -> dict[str, Any]:
   manifest = dict(settings)
   manifest["shards"] = cache.shard_states(directory, settings)
-  cache.write_json_atomic(os.path.join(directory, cache.MANIFEST), manifest)
+  files.write_json(os.path.join(directory, cache.MANIFEST), manifest,
+                   sort_keys=True)
   return manifest
 
 
@@ -171,7 +165,7 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
   done = cache.done_path(directory, shard["name"])
   for stale in glob.glob(glob.escape(final) + ".tmp-*") + glob.glob(glob.escape(done) + ".tmp-*"):
     os.remove(stale)
-  tmp = f"{final}.tmp-{os.getpid()}"
+  tmp = files.temp_name(final)
   started = time.time()
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   pending = collections.deque()
@@ -203,7 +197,7 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
   if written != shard["records"]:
     raise RuntimeError(f"wrote {written} records to {tmp}, expected {shard['records']}")
   os.replace(tmp, final)
-  cache.write_json_atomic(done, {
+  files.write_json(done, sort_keys=True, payload={
       "records": written, "bytes": os.path.getsize(final),
       "payload_bytes": payload, "sha256": cache.file_sha256(final),
       "seconds": round(time.time() - started, 3)})  # teacher pass + writing
@@ -211,20 +205,19 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
 
 def cache_logits(config, workdir: str) -> dict[str, Any]:
   """Writes (or finishes) the cache; returns the completed manifest."""
-  from teacher import load_teacher
-  directory = cache_dir(workdir)
-  teacher_path = os.path.join(workdir, "teacher")
+  directory = layout.cache_dir(workdir)
+  teacher_path = layout.teacher_dir(workdir)
   if ckpt.latest_step(teacher_path) is None:
     raise cache.CacheError(f"No trained teacher in {teacher_path}; run `python -m"
                            " teacher.train` or `teacher.import_hf` first.")
   teacher = load_teacher(teacher_path)
-  data_dir = prep.data_dir(workdir)
+  data_dir = layout.data_dir(workdir)
   rows = pipeline.PackedRows(data_dir, "train", config.data.seq_len)
   c = config.cache
   num_records = min(len(rows), c.max_rows) if c.max_rows else len(rows)
   summary_path = os.path.join(data_dir, "prepare.json")
   data_meta = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-  settings = _settings(config, teacher, prep.tokenizer_path(workdir), num_records,
+  settings = _settings(config, teacher, layout.tokenizer_path(workdir), num_records,
                        data_meta)
   settings["shards"] = _plan_shards(num_records, c.rows_per_shard)
 
@@ -291,7 +284,7 @@ def bytes_per_token(manifest: dict[str, Any]) -> dict[str, float]:
 def main(argv):
   config, workdir = cli.setup(argv)
   if _VERIFY.value:
-    result = cache.verify(cache_dir(workdir))
+    result = cache.verify(layout.cache_dir(workdir))
     print(f"cache: verified {result['shards']} shards, {result['records']} records,"
           f" {result['bytes']:,} bytes: all intact.")
     return

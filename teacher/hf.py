@@ -31,8 +31,6 @@ import glob
 import json
 import os
 import re
-import shutil
-import uuid
 from typing import Any, Callable, Iterator
 
 import jax
@@ -42,8 +40,8 @@ from flax import nnx
 from safetensors import safe_open
 
 from data.tokenizer import tokenizer_hash
-from distill import checkpoint
-from distill.errors import UserError
+from distill.core import checkpoint, files, layout
+from distill.core.errors import UserError
 from teacher.config import TeacherConfig
 from teacher.model import abstract_teacher
 
@@ -412,19 +410,19 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
         " uses); create it with transformers: AutoTokenizer.from_pretrained(dir)"
         ".save_pretrained(dir)")
   tok_hash = tokenizer_hash(tokenizer_src)
-  tokenizer_dst = os.path.join(workdir, "tokenizer.json")
+  tokenizer_dst = layout.tokenizer_path(workdir)
   if os.path.exists(tokenizer_dst) and tokenizer_hash(tokenizer_dst) != tok_hash:
     raise HFImportError(
         f"{tokenizer_dst} exists and differs from {tokenizer_src}: this workdir"
         " was prepared with another tokenizer. Use a fresh --workdir (data,"
         " caches and students must share the teacher's tokenizer)")
 
-  teacher_dir = os.path.join(workdir, "teacher")
+  teacher_dir = layout.teacher_dir(workdir)
   if os.path.exists(teacher_dir) and not overwrite:
     existing = _existing_import(teacher_dir)
     if existing == (hf_dir, tok_hash):
       logging.info("%s already holds this import; skipping", teacher_dir)
-      _copy_tokenizer(tokenizer_src, tokenizer_dst)
+      files.copy(tokenizer_src, tokenizer_dst)
       return teacher_dir
     raise HFImportError(
         f"{teacher_dir} already exists and is not an import of {hf_dir};"
@@ -442,20 +440,12 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
   finally:
     reader.close()
 
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, f".teacher.tmp-{uuid.uuid4().hex[:8]}")
-  try:
+  with files.atomic_dir(teacher_dir) as tmp:  # Replaces it on --overwrite.
     checkpoint.write_config(tmp, "teacher", config, family=config.family,
                             source=hf_dir, tokenizer_hash=tok_hash,
                             param_counts=model.param_counts())
     checkpoint.save_params(tmp, model, step=0)
-    if os.path.exists(teacher_dir):  # overwrite
-      shutil.rmtree(teacher_dir)
-    os.replace(tmp, teacher_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-  _copy_tokenizer(tokenizer_src, tokenizer_dst)
+  files.copy(tokenizer_src, tokenizer_dst)
   logging.info("Wrote %s (%s parameters)", teacher_dir, model.param_counts())
   return teacher_dir
 
@@ -468,9 +458,3 @@ def _existing_import(teacher_dir: str):
   if checkpoint.latest_step(teacher_dir) is None:
     return None
   return payload.get("source"), payload.get("tokenizer_hash")
-
-
-def _copy_tokenizer(src: str, dst: str) -> None:
-  tmp = f"{dst}.tmp-{uuid.uuid4().hex[:8]}"
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)

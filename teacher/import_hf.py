@@ -11,7 +11,7 @@ uniformity with the other stages and not needed.
 
 from absl import flags, logging
 
-from distill import cli
+from distill.core import cli
 from teacher import hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Local Hugging Face checkpoint folder.")

@@ -1,4 +1,4 @@
-"""The sparse-MoE teacher (Flax NNX), built from distill.layers and teacher.moe.
+"""The sparse-MoE teacher (Flax NNX), built from the shared layers and the MoE.
 
 Per block (pre-norm, as Mixtral / Qwen-MoE / OLMoE)::
 
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill import checkpoint, layers
-from teacher import moe as moe_lib
+from distill.nn import decoder, layers
+import teacher.moe as moe_lib
 from teacher.config import TeacherConfig
 
 
@@ -77,8 +77,17 @@ class Block(nnx.Module):
     return x + y, cache
 
 
-class Teacher(layers.CachedDecoding, nnx.Module):
-  """tokens [B, T] int32 -> logits [B, T, V] float32."""
+class Teacher(decoder.Decoder):
+  """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+  ``hidden`` returns the router statistics as aux: "load_balancing_loss",
+  "z_loss", "dropped_fraction" (means over the MoE layers, not multiplied by
+  any coefficient) and "expert_load" [num_moe_layers, E] (routed assignments
+  per expert). Padding (segment id 0) is left out of them.
+  """
+
+  kind = "teacher"
+  config_class = TeacherConfig
 
   def __init__(self, config: TeacherConfig, rngs: nnx.Rngs):
     c = self.config = config
@@ -91,42 +100,19 @@ class Teacher(layers.CachedDecoding, nnx.Module):
         c.d_model, c.vocab_size, rngs=rngs, dtype=c.dtype,
         param_dtype=c.param_dtype))
 
-  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-             positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """tokens [B, T] -> (hidden [B, T, D] after the final norm, aux).
-
-    segment_ids [B, T] (0 = padding, left out of the router statistics;
-    default all ones), positions [B, T] (default arange(T)).
-    aux: "load_balancing_loss", "z_loss", "dropped_fraction" (means over the
-    MoE layers, not multiplied by any coefficient) and "expert_load"
-    [num_moe_layers, E] (routed assignments per expert).
-    """
-    segment_ids = (layers.default_segment_ids(tokens) if segment_ids is None
-                   else segment_ids)
-    positions = (layers.default_positions(tokens) if positions is None
-                 else positions)
-    x = self.embed_tokens(tokens)
+  def run_blocks(self, x, segment_ids, positions):
     auxes = []
     for block in self.blocks:
       x, aux = block(x, segment_ids, positions)
       if aux is not None:
         auxes.append(aux)
-    return self.final_norm(x), _merge_aux(auxes, self.config.num_experts)
-
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] -> embeddings [B, T, D] (not scaled)."""
-    return self.embed(tokens)
+    return x, _merge_aux(auxes, self.config.num_experts)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> logits [B, T, V] float32."""
     if self.head is None:
       return self.embed.attend(hidden)
     return self.head(hidden)
-
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    hidden, _ = self.hidden(tokens, segment_ids, positions)
-    return self.logits_from_hidden(hidden)
 
   def param_counts(self) -> dict[str, int]:
     """{"total", "active"}: active counts top_k of the E routed experts."""
@@ -158,16 +144,12 @@ def _merge_aux(auxes: list[dict], num_experts: int) -> dict[str, jax.Array]:
 
 def abstract_teacher(config: TeacherConfig) -> Teacher:
   """The teacher with abstract parameters (no allocation), for shapes/restore."""
-  return nnx.eval_shape(lambda: Teacher(config, nnx.Rngs(0)))
+  return Teacher.abstract(config)
 
 
 def load_teacher(directory: str, step: int | None = None) -> Teacher:
   """The teacher saved in a model folder (``W/teacher``), latest step by default.
 
-  Reads ``config.json`` (kind "teacher"), builds the model abstractly and
-  restores only its parameters, so a training checkpoint and an import load
-  the same way. Raises checkpoint.ModelFolderError with what to do otherwise.
+  Raises checkpoint.ModelFolderError with what to do when it cannot.
   """
-  payload = checkpoint.read_config(directory, kind="teacher")
-  config = checkpoint.config_from_dict(TeacherConfig, payload["model"])
-  return checkpoint.restore_params(directory, abstract_teacher(config), step)
+  return Teacher.load(directory, step)

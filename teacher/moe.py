@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill import layers
+from distill.nn import layers
 
 Array = jax.Array
 

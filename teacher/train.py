@@ -12,7 +12,6 @@ here instead of training (see experiments/hf_moe.py).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,25 +21,22 @@ from absl import logging
 from flax import nnx
 
 from data import pipeline
-from data import prepare as prep
 from data import tokenizer as tok
-from distill import checkpoint as ckpt
-from distill import cli, losses, trainer, validation
-from distill.errors import UserError
+from distill.core import checkpoint as ckpt
+from distill.core import cli, configs, layout
+from distill.evals import validation
+from distill.losses import chunked, terms
+from distill.training import loop as trainer
+from distill.core.errors import UserError
 from teacher import config as teacher_config
+from teacher import hf
 from teacher.model import Teacher
-
-TEACHER_DIR = "teacher"
-
-
-def teacher_dir(workdir: str) -> str:
-  return os.path.join(workdir, TEACHER_DIR)
-
 
 def model_config(config, vocab_size: int) -> teacher_config.TeacherConfig:
   """The TeacherConfig of ``config.teacher`` for a tokenizer of ``vocab_size``."""
-  return teacher_config.get_preset(config.teacher.preset, vocab_size=vocab_size,
-                                   **config.teacher.model.to_dict())
+  return configs.from_preset(teacher_config.PRESETS, config.teacher.preset,
+                             config.teacher.model, what="teacher",
+                             vocab_size=vocab_size)
 
 
 def _check_same_model(out_dir: str, cfg: teacher_config.TeacherConfig) -> None:
@@ -59,8 +55,8 @@ def loss_fn_for(cfg: teacher_config.TeacherConfig, chunk_size: int):
     del step  # No schedule on the loss itself.
     x = pipeline.model_inputs(batch)
     hidden, aux = model.hidden(x["inputs"], x["segment_ids"], x["positions"])
-    ce = losses.chunked_loss(hidden, model.logits_from_hidden,
-                             losses.cross_entropy_per_token, x["labels"],
+    ce = chunked.chunked_loss(hidden, model.logits_from_hidden,
+                             terms.cross_entropy_per_token, x["labels"],
                              x["mask"], chunk_size)
     loss = (ce + cfg.router_aux_loss_coef * aux["load_balancing_loss"]
             + cfg.router_z_loss_coef * aux["z_loss"])
@@ -100,16 +96,16 @@ def expert_load_metrics(expert_load: jax.Array) -> dict[str, jax.Array]:
 
 def train(config, workdir: str) -> dict[str, Any]:
   """Runs the stage; returns the summary written to ``W/teacher/summary.json``."""
-  out_dir = teacher_dir(workdir)
+  out_dir = layout.teacher_dir(workdir)
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="teacher")
     if existing.get("source") == "import_hf":
       print(f"teacher: {out_dir} was imported from {existing.get('hf_dir')};"
             " nothing to train.")
       return {"skipped": True, "imported": True}
-  data_dir = prep.data_dir(workdir)
-  tokenizer_path = prep.tokenizer_path(workdir)
-  vocab_size = prep.prepared_vocab_size(workdir)
+  data_dir = layout.data_dir(workdir)
+  tokenizer_path = layout.tokenizer_path(workdir)
+  vocab_size = pipeline.prepared_vocab_size(workdir)
   cfg = model_config(config, vocab_size)
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     _check_same_model(out_dir, cfg)
@@ -120,7 +116,9 @@ def train(config, workdir: str) -> dict[str, Any]:
   logging.info("Teacher %s: %s parameters", config.teacher.preset, counts)
 
   model = Teacher(cfg, rngs=nnx.Rngs(config.seed))
-  loop = trainer.LoopConfig.from_config(config.teacher.train)
+  loop = configs.from_section(trainer.LoopConfig, config.teacher.train,
+                              where="config.teacher.train",
+                              also=("eval_batches", "loss_chunk"))
   data = config.data
   result = trainer.train(
       out_dir=out_dir, model=model, cfg=loop, desc="teacher",
@@ -132,19 +130,11 @@ def train(config, workdir: str) -> dict[str, Any]:
           data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
           max_batches=config.teacher.train.eval_batches,
           chunk_size=config.teacher.train.loss_chunk))
-  summary_path = os.path.join(out_dir, "summary.json")
+  summary = trainer.summarize(out_dir, result, params=counts)
   if result.status == "finished":
-    summary = {"params": counts, "steps": result.step, **result.last_metrics}
-    with open(summary_path + ".tmp", "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
     print(f"teacher: {result.step} steps, validation loss"
           f" {summary.get('eval/loss', float('nan')):.3f} nats/token")
-    return summary
-  if os.path.isfile(summary_path):
-    with open(summary_path) as f:
-      return json.load(f)
-  return {"status": result.status, "step": result.step}
+  return summary
 
 
 def hf_dir_of(config) -> str | None:
@@ -167,7 +157,6 @@ def stage(config, workdir: str):
   experiment names a Hugging Face checkpoint, else pretrain from scratch."""
   hf_dir = hf_dir_of(config)
   if hf_dir:
-    from teacher import hf  # pylint: disable=g-import-not-at-top
     path = hf.import_hf(hf_dir, workdir,
                         param_dtype=config.teacher.get("param_dtype") or None,
                         dtype=config.teacher.get("dtype") or None)

@@ -25,7 +25,8 @@ from flax import nnx
 
 from data import cache, cache_format, pipeline, prepare
 from data import tokenizer as tok
-from distill import checkpoint as ckpt
+from distill.core import checkpoint as ckpt
+from distill.core import files, layout
 from experiments import stdlib
 from teacher import cache_logits as cl
 from teacher import load_teacher
@@ -63,7 +64,7 @@ def copy(src, dst):
 
 
 def logits_dir(workdir):
-  return cl.cache_dir(workdir)
+  return layout.cache_dir(workdir)
 
 
 def manifest_of(workdir):
@@ -87,8 +88,8 @@ def done_shards(workdir):
 
 
 def expect_for(workdir, seq_len):
-  return {"tokenizer_hash": tok.tokenizer_hash(prepare.tokenizer_path(workdir)),
-          "vocab_size": tok.load_tokenizer(prepare.tokenizer_path(workdir)).get_vocab_size(),
+  return {"tokenizer_hash": tok.tokenizer_hash(layout.tokenizer_path(workdir)),
+          "vocab_size": tok.load_tokenizer(layout.tokenizer_path(workdir)).get_vocab_size(),
           "seq_len": seq_len}
 
 
@@ -126,13 +127,13 @@ def base(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("base"))
   config = stdlib.get_config("tiny")
   prepare.prepare(config, workdir)
-  vocab = tok.load_tokenizer(prepare.tokenizer_path(workdir)).get_vocab_size()
+  vocab = tok.load_tokenizer(layout.tokenizer_path(workdir)).get_vocab_size()
   cfg = teacher_train.model_config(config, vocab)
   model = Teacher(cfg, rngs=nnx.Rngs(0))
   # Random weights give a near-uniform teacher; a larger final-norm scale
   # sharpens it (entropy about 2.3 nats at T=2) without training.
   model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], 8.0)
-  teacher_dir = teacher_train.teacher_dir(workdir)
+  teacher_dir = layout.teacher_dir(workdir)
   ckpt.write_config(teacher_dir, "teacher", cfg, source="test")
   ckpt.save_params(teacher_dir, model)
   return workdir
@@ -151,14 +152,14 @@ def test_records_match_the_teacher_recomputed(cached):
   c = config.cache
   directory = logits_dir(cached)
   manifest = cache.read_manifest(directory)
-  teacher = load_teacher(teacher_train.teacher_dir(cached))
+  teacher = load_teacher(layout.teacher_dir(cached))
   assert manifest["teacher_fingerprint"] == cl.fingerprint(teacher)
   assert manifest["temperature"] == c.temperature == 2.0
   assert (manifest["k"], manifest["num_samples"]) == (c.k, c.num_samples)
   assert [s["records"] for s in manifest["shards"]] == [16, 16, 14]
   assert all(s["complete"] for s in manifest["shards"])
 
-  rows = pipeline.PackedRows(prepare.data_dir(cached), "train", config.data.seq_len)
+  rows = pipeline.PackedRows(layout.data_dir(cached), "train", config.data.seq_len)
   topk, sample = cache.CacheSource(directory, "topk"), cache.CacheSource(directory, "sample")
   assert len(topk) == len(sample) == 46
   picks = [0, 17, 45]  # first shard, second shard, padded last batch
@@ -296,7 +297,7 @@ def _rewrite_shard(directory, name, records):
   for shard in manifest["shards"]:
     if shard["name"] == name:
       shard.update(bytes=os.path.getsize(path), sha256=cache.file_sha256(path))
-  cache.write_json_atomic(os.path.join(directory, cache.MANIFEST), manifest)
+  files.write_json(os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True)
 
 
 def _read_records(path):
@@ -400,7 +401,7 @@ def test_order_matches_the_token_pipeline(cached, process_index, process_count):
   common = dict(batch_size=4, seed=7, num_epochs=1, process_index=process_index,
                 process_count=process_count)
   got = list(cache.make_dataset(logits_dir(cached), expect=expect, target="sample", **common))
-  want = list(pipeline.make_dataset(prepare.data_dir(cached), "train", seq_len=32,
+  want = list(pipeline.make_dataset(layout.data_dir(cached), "train", seq_len=32,
                                     num_rows=46, **common))
   assert len(got) == len(want) == 46 // process_count // (4 // process_count)
   for a, b in zip(got, want):
@@ -408,7 +409,7 @@ def test_order_matches_the_token_pipeline(cached, process_index, process_count):
       np.testing.assert_array_equal(a[key], b[key])
     assert a["counts"].shape == (4 // process_count, 32, 16)
   # Shuffled, so the order is a property worth checking.
-  rows = pipeline.PackedRows(prepare.data_dir(cached), "train", 32)
+  rows = pipeline.PackedRows(layout.data_dir(cached), "train", 32)
   first = np.stack([rows[i]["tokens"] for i in range(len(got[0]["tokens"]))])
   assert not np.array_equal(got[0]["tokens"], first)
 

@@ -14,8 +14,8 @@ import pytest
 
 from data import corpus, pipeline, prepare
 from data import tokenizer as tok
-from distill import cli
-from distill.errors import UserError
+from distill.core import cli, layout
+from distill.core.errors import UserError
 from experiments import stdlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +178,7 @@ def prepared(tmp_path_factory):
 def test_iterator_state_restores_the_exact_batches(prepared):
   config, workdir, _ = prepared
   def make():
-    return pipeline.make_dataset(prepare.data_dir(workdir), "train", seq_len=16,
+    return pipeline.make_dataset(layout.data_dir(workdir), "train", seq_len=16,
                                  batch_size=4, seed=7, process_index=0,
                                  process_count=1)
   it = iter(make())
@@ -227,7 +227,7 @@ def test_prepare_is_idempotent_and_reports(prepared, capsys):
 
 def test_existing_tokenizer_with_another_vocab_is_refused_and_kept(prepared):
   config, workdir, _ = prepared
-  path = prepare.tokenizer_path(workdir)
+  path = layout.tokenizer_path(workdir)
   before = open(path, "rb").read()
   other = config.copy_and_resolve_references()
   other.data.vocab_size = 4096
@@ -240,12 +240,12 @@ def test_imported_tokenizer_is_adopted_not_retrained(prepared, tmp_path):
   config, workdir, _ = prepared
   new_workdir = tmp_path / "w2"
   new_workdir.mkdir()
-  path = prepare.tokenizer_path(str(new_workdir))
-  with open(prepare.tokenizer_path(workdir), "rb") as src, open(path, "wb") as dst:
+  path = layout.tokenizer_path(str(new_workdir))
+  with open(layout.tokenizer_path(workdir), "rb") as src, open(path, "wb") as dst:
     dst.write(src.read())
   summary = prepare.prepare(config, str(new_workdir))
   assert summary["tokenizer"] == "adopted"
-  assert summary["tokenizer_hash"] == tok.tokenizer_hash(prepare.tokenizer_path(workdir))
+  assert summary["tokenizer_hash"] == tok.tokenizer_hash(layout.tokenizer_path(workdir))
 
 
 def test_glob_that_matches_nothing_is_a_clear_error(tmp_path):

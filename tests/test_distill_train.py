@@ -9,10 +9,11 @@ from flax import nnx
 
 from data import prepare
 from data import tokenizer as tok
-from distill import checkpoint as ckpt
+from distill.core import checkpoint as ckpt
+from distill.core import layout
 from distill import train as distill_train
-from distill import trainer
-from distill.errors import UserError
+from distill.training import loop as trainer
+from distill.core.errors import UserError
 from experiments import stdlib
 from teacher import cache_logits
 from teacher import train as teacher_train
@@ -29,7 +30,7 @@ def workdir(tmp_path_factory):
   w = str(tmp_path_factory.mktemp("kd"))
   config = stdlib.get_config("tiny")
   prepare.prepare(config, w)
-  vocab = tok.load_tokenizer(prepare.tokenizer_path(w)).get_vocab_size()
+  vocab = tok.load_tokenizer(layout.tokenizer_path(w)).get_vocab_size()
   cfg = teacher_train.model_config(config, vocab)
   teacher_dir = os.path.join(w, "teacher")
   ckpt.write_config(teacher_dir, "teacher", cfg, source="test")
@@ -52,7 +53,7 @@ def test_every_run_kind_lowers_its_loss(workdir, tmp_path):
   summaries = distill_train.train_all(config, w)
   assert sorted(summaries) == sorted(config.distill.runs)
   for run, summary in summaries.items():
-    records = [r for r in trainer.read_metrics(distill_train.run_dir(w, run)) if "loss" in r]
+    records = [r for r in trainer.read_metrics(layout.student_dir(w, run)) if "loss" in r]
     assert records[-1]["loss"] < records[0]["loss"], run
     assert summary["steps"] == 12
     # The teacher exists, so the eval hook measures the student against it.

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from data import corpus  # noqa: E402
-from distill.errors import UserError  # noqa: E402
+from distill.core.errors import UserError  # noqa: E402
 from experiments import hf_moe, run  # noqa: E402
 from student import load_student  # noqa: E402
 

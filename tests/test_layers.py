@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill import layers
+from distill.nn import layers
 
 B, T, D, N, K, H = 2, 12, 16, 4, 2, 6
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import losses, metrics
+from distill import losses
+from distill.evals import metrics
 
 
 def _ece(confidence, correct, bins=15):

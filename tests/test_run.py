@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from distill import trainer
+from distill.training import loop as trainer
 from experiments import run, stdlib
 
 RUNS = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")

@@ -8,7 +8,7 @@ from flax import nnx
 from scipy import stats
 
 import teacher as teacher_lib
-from distill import generate as gen
+from distill.decoding import generate as gen
 from distill import speculative as spec
 from student import Student, get_preset
 

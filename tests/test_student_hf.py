@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill import checkpoint
+from distill.core import checkpoint
 from student import export, hf, load_student
 from student.config import PRESETS, StudentConfig
 from student.model import Student

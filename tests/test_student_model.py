@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill import checkpoint
+from distill.core import checkpoint
 from student.config import PRESETS, StudentConfig, get_preset
 from student.model import Student, abstract_student
 

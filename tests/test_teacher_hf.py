@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer, models  # noqa: E402
 
-from distill import checkpoint  # noqa: E402
+from distill.core import checkpoint  # noqa: E402
 from teacher import hf, load_teacher  # noqa: E402
 
 VOCAB = 96

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from data import pipeline, prepare
-from distill import checkpoint as ckpt
-from distill.errors import UserError
+from distill.core import checkpoint as ckpt
+from distill.core import layout
+from distill.core.errors import UserError
 from experiments import stdlib
 from teacher import train as teacher_train
 from teacher.model import Teacher
@@ -102,10 +103,10 @@ def test_expert_load_metrics_on_a_hand_built_routing():
 
 def test_loss_function_reports_every_experts_load(prepared):
   config = stdlib.get_config("tiny")
-  cfg = teacher_train.model_config(config, prepare.prepared_vocab_size(prepared))
+  cfg = teacher_train.model_config(config, pipeline.prepared_vocab_size(prepared))
   model = Teacher(cfg, rngs=nnx.Rngs(0))
   batch = next(iter(pipeline.make_dataset(
-      prepare.data_dir(prepared), "train", seq_len=config.data.seq_len,
+      layout.data_dir(prepared), "train", seq_len=config.data.seq_len,
       batch_size=2, seed=0)))
   _, metrics = teacher_train.loss_fn_for(cfg, 16)(model, batch, 0)
   shares = [float(metrics[f"expert_load/{e}"]) for e in range(cfg.num_experts)]

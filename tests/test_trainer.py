@@ -10,8 +10,10 @@ import pytest
 from flax import nnx
 
 from data import pipeline, prepare
-from distill import checkpoint as ckpt
-from distill import losses, trainer
+from distill.core import checkpoint as ckpt
+from distill.core import layout
+from distill import losses
+from distill.training import loop as trainer
 from experiments import stdlib
 
 
@@ -40,7 +42,7 @@ def loss_fn(model, batch, step, *frozen):
 def data_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("w"))
   prepare.prepare(stdlib.get_config("tiny"), workdir)
-  return prepare.data_dir(workdir)
+  return layout.data_dir(workdir)
 
 
 def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):

@@ -2,7 +2,7 @@
 
 Usage in a binary::
 
-    from distill import cli
+    from distill.core import cli
     FLAGS = cli.define_flags()
 
     def main(argv):
@@ -23,7 +23,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill.errors import UserError  # noqa: F401  (re-exported for binaries)
+from distill.core.errors import UserError  # noqa: F401  (re-exported for binaries)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,

@@ -6,7 +6,7 @@ import os
 import platform
 from typing import Any
 
-from distill import trainer
+from distill.training import loop as trainer
 
 
 def machine_description() -> str:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill import losses
+from distill.losses import terms as losses
 
 DEFAULT_CONTEXTS = (1024, 8192, 32768, 131072)
 

@@ -42,6 +42,7 @@ to ``rollback`` tokens are taken back.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -50,21 +51,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from distill.core.errors import ConfigError
+
 Dtype = Any  # a jnp dtype or a name such as "bfloat16"
 
-#: Attention kinds a layer may have: a sliding window of ``window`` tokens
-#: (``local``) or the whole causal prefix (``global``).
-ATTENTION_KINDS = ("local", "global")
+
+
+class AttentionKind(enum.StrEnum):
+  """What a layer attends to: a sliding window of ``window`` tokens
+  (``local``) or the whole causal prefix (``global``).
+
+  Configs hold the plain strings (they are JSON); a ``StrEnum`` member equals
+  its string, so code branches on ``AttentionKind.LOCAL`` either way.
+  """
+  LOCAL = "local"
+  GLOBAL = "global"
+
+
+ATTENTION_KINDS = tuple(k.value for k in AttentionKind)
 QK_NORMS = ("none", "head", "full")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def check_kind(kind: str) -> str:
-  """Returns ``kind`` if it is a known attention kind, else raises ValueError."""
-  if kind not in ATTENTION_KINDS:
-    raise ValueError(
-        f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
-  return kind
+def check_kind(kind: str) -> AttentionKind:
+  """The ``AttentionKind`` named ``kind``; a ConfigError for an unknown one."""
+  try:
+    return AttentionKind(kind)
+  except ValueError:
+    raise ConfigError(
+        f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}"
+    ) from None
 
 
 def _dtype(dtype: Dtype | None):
@@ -283,8 +299,8 @@ class Attention(nnx.Module):
                query_scale: float | None = None,
                clip_qkv: float | None = None, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32):
-    check_kind(kind)
-    if kind == "local" and (window is None or window < 1):
+    kind = check_kind(kind)
+    if kind == AttentionKind.LOCAL and (window is None or window < 1):
       raise ValueError(f"a local attention layer needs window >= 1, got {window}")
     if num_heads % num_kv_heads:
       raise ValueError(
@@ -293,7 +309,7 @@ class Attention(nnx.Module):
       raise ValueError(f"unknown qk_norm {qk_norm!r}; expected one of {QK_NORMS}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.kind = kind
-    self.window = window if kind == "local" else None
+    self.window = window if kind == AttentionKind.LOCAL else None
     self.rope_base = rope_base
     self.rope_scaling_factor = rope_scaling_factor
     self.query_scale = head_dim**-0.5 if query_scale is None else query_scale
@@ -415,40 +431,6 @@ def cached_keys(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
   values = jnp.concatenate([cache["v"], v.astype(dtype)], axis=1)
   kv_pos = jnp.concatenate([past, jnp.where(positions >= 0, positions, -1)], 1)
   return keys, values, kv_pos
-
-
-class CachedDecoding:
-  """KV-cache decoding, mixed into a model (teacher or student) that has
-  ``embed_tokens``, ``blocks`` (each with ``.attn`` and a ``decode(x,
-  positions, layer_cache)``), ``final_norm``, ``logits_from_hidden`` and
-  ``config.dtype``."""
-
-  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
-                 ) -> list[dict[str, jax.Array]]:
-    """An empty KV cache: one ``Attention.init_cache`` dict per layer.
-
-    Global layers hold ``max_len`` positions; local (sliding-window) layers
-    a ring of ``window + rollback`` (``rollback``: how many of the latest
-    tokens a caller may take back, e.g. rejected speculative drafts).
-    """
-    return [block.attn.init_cache(batch, max_len, rollback=rollback,
-                                  dtype=self.config.dtype)
-            for block in self.blocks]
-
-  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
-             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
-    """Feeds new tokens through the KV cache (prefill: the whole prompt).
-
-    tokens [B, t] int32 at positions [B, t] (consecutive per row, after the
-    cache's; -1 = left padding) -> (logits [B, t, V] float32, the updated
-    cache). Equal to ``__call__`` on the whole sequence at these rows.
-    """
-    x = self.embed_tokens(tokens)
-    new_cache = []
-    for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x, layer_cache = block.decode(x, positions, layer_cache)
-      new_cache.append(layer_cache)
-    return self.logits_from_hidden(self.final_norm(x)), new_cache
 
 
 def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,

@@ -34,9 +34,11 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from distill import checkpoint as ckpt
+from distill.core import checkpoint as ckpt
+from distill.core import files
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,6 @@ class LoopConfig:
   eval_every: int = 200
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
-
-  @classmethod
-  def from_config(cls, config) -> "LoopConfig":
-    """From a ConfigDict section; keys that are not fields are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names})
 
 
 def learning_rate_schedule(cfg: LoopConfig) -> optax.Schedule:
@@ -124,9 +120,7 @@ def _truncate_metrics(out_dir: str, step: int) -> None:
   records = [r for r in read_metrics(out_dir) if r["step"] <= step]
   path = os.path.join(out_dir, METRICS_FILE)
   if os.path.isfile(path):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 BEST_DIR = "best"
@@ -145,16 +139,12 @@ def _save_best(out_dir: str, model: nnx.Module, step: int,
         return False
   os.makedirs(best_dir, exist_ok=True)
   with open(os.path.join(out_dir, ckpt.CONFIG_FILE)) as f:
-    config_text = f.read()
-  with open(os.path.join(best_dir, ckpt.CONFIG_FILE), "w") as f:
-    f.write(config_text)
+    files.write_text(os.path.join(best_dir, ckpt.CONFIG_FILE), f.read())
   with ckpt.checkpoint_manager(best_dir, max_to_keep=1) as mngr:
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(nnx.state(model, nnx.Param))), force=True)
     mngr.wait_until_finished()
-  with open(record_path + ".tmp", "w") as f:
-    json.dump({"step": step, key: metrics[key]}, f)
-  os.replace(record_path + ".tmp", record_path)
+  files.write_json(record_path, {"step": step, key: metrics[key]})
   return True
 
 
@@ -188,8 +178,23 @@ class TrainResult:
   last_metrics: dict[str, float]
 
 
-def _to_float(tree: dict[str, Any]) -> dict[str, float]:
-  return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
+def summarize(out_dir: str, result: TrainResult, **fields: Any
+              ) -> dict[str, Any]:
+  """The run's summary, kept in ``out_dir/summary.json``.
+
+  A run that has just finished writes ``fields``, its step count and its last
+  metrics there; a run that was already finished returns what it wrote then;
+  an interrupted one returns its status and step.
+  """
+  path = os.path.join(out_dir, SUMMARY_FILE)
+  if result.status == "finished":
+    summary = {**fields, "steps": result.step, **result.last_metrics}
+    files.write_json(path, summary)
+    return summary
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  return {"status": result.status, "step": result.step}
 
 
 def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from data import pipeline
-from distill import metrics
+from distill.evals import metrics
 
 
 def summarize(totals: dict) -> dict[str, float]:

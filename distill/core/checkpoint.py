@@ -19,14 +19,15 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from distill.errors import UserError
+from distill.core import files, layout
+from distill.core.errors import UserError
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = layout.CONFIG_FILE
 CHECKPOINT_DIR = "checkpoints"
 
 C = TypeVar("C")
@@ -68,53 +69,47 @@ def write_config(directory: str, kind: str, model_config: Any,
                  **extra: Any) -> str:
   """Writes ``directory/config.json`` atomically; returns its path."""
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, CONFIG_FILE)
   payload = {"kind": kind, "model": config_to_dict(model_config), **extra}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
+  return files.write_json(os.path.join(directory, CONFIG_FILE), payload,
+                          sort_keys=True)
 
 
 def read_config(directory: str, kind: str | None = None) -> dict[str, Any]:
-  """Reads ``directory/config.json``, checking the kind when one is given."""
+  """Reads ``directory/config.json``, checking the kind when one is given.
+
+  Without ``kind`` any JSON object is returned (a Hugging Face folder's
+  too); with it, the folder must be one this project wrote for that kind.
+  """
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise ModelFolderError(
         f"{directory!r} is not a model folder: {CONFIG_FILE} is missing. Pass a"
-        " teacher/, student/<run>/ or export/<run>/ folder written by this tool.")
-  with open(path) as f:
-    payload = json.load(f)
-  if kind is not None and payload.get("kind") != kind:
+        " teacher/, student/<run>/ or export/<run>/ folder written by this"
+        " tool, or a Hugging Face folder.")
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+  except ValueError as e:
     raise ModelFolderError(
-        f"{path} describes a {payload.get('kind')!r} model, not a {kind!r} one")
+        f"{path} is not valid JSON ({e}); the folder is damaged.") from e
+  if not isinstance(payload, dict):
+    raise ModelFolderError(f"{path} does not hold a JSON object.")
+  if kind is not None and payload.get("kind") != kind:
+    if "kind" not in payload and "model_type" not in payload:
+      raise ModelFolderError(
+          f"{path} has neither 'kind' (a folder written by this project) nor"
+          " 'model_type' (a Hugging Face folder); cannot tell what it holds")
+    what = payload.get("kind") or f"Hugging Face {payload.get('model_type')}"
+    raise ModelFolderError(
+        f"{path} describes a {what!r} model, not a {kind!r} one")
   return payload
 
 
-def load_model(directory: str):
-  """The teacher or student in a model folder this project wrote, chosen by
-  the "kind" in its config.json."""
-  if read_config(directory).get("kind") == "teacher":
-    from teacher import load_teacher  # pylint: disable=g-import-not-at-top
-    return load_teacher(directory)
-  from student import load_student  # pylint: disable=g-import-not-at-top
-  return load_student(directory)
-
-
 def checkpoint_manager(directory: str, *, max_to_keep: int | None = 3,
-                       best_fn: Callable[[Any], float] | None = None,
-                       keep_checkpoints_without_metrics: bool = True,
                        read_only: bool = False) -> ocp.CheckpointManager:
   """The orbax manager over ``directory/checkpoints``."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=not read_only,
-      best_fn=best_fn,
-      best_mode="min",
-      keep_checkpoints_without_metrics=keep_checkpoints_without_metrics,
-      read_only=read_only,
-  )
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)), options=options)
 

@@ -1,0 +1,79 @@
+"""Atomic writes: a file or folder appears whole under its final name, or not
+at all.
+
+Everything is written under a temporary name unique to the writer (process
+and random suffix, so several hosts writing to one shared filesystem never
+collide) and renamed into place; a crash leaves at most a temporary that the
+next writer ignores or removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterator
+
+
+def temp_name(path: str) -> str:
+  """A sibling of ``path`` that no other writer uses."""
+  return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_text(path: str, text: str) -> str:
+  """Writes ``text`` to ``path`` atomically; returns ``path``."""
+  tmp = temp_name(path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def copy(src: str, dst: str) -> str:
+  """Copies the file ``src`` to ``dst`` atomically; returns ``dst``."""
+  tmp = temp_name(dst)
+  try:
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  return dst
+
+
+def write_json(path: str, payload: Any, *, sort_keys: bool = False) -> str:
+  """Writes ``payload`` as indented JSON to ``path`` atomically."""
+  return write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str) -> Iterator[str]:
+  """Yields a fresh temporary folder that replaces ``final`` on success.
+
+  An older ``final`` is moved aside first and removed after the rename; on an
+  exception the temporary folder is removed and ``final`` is left as it was.
+  """
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, "." + os.path.basename(temp_name(final)))
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(final):
+    old = tmp + ".old"
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
