@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 import grain
+from array_record.python import array_record_module
 import numpy as np
 
 from data import cache_format, pipeline
@@ -61,40 +62,56 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def shard_states(cache_dir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def shard_states(
+    cache_dir: str, manifest: dict[str, Any]
+) -> list[dict[str, Any]]:
   """Per shard: name, planned records, and (when complete) bytes and sha256."""
   states = []
   for shard in manifest["shards"]:
-    state = {"name": shard["name"], "records": shard["records"], "complete": False}
+    state = {
+        "name": shard["name"],
+        "records": shard["records"],
+        "complete": False,
+    }
     path = done_path(cache_dir, shard["name"])
     if os.path.isfile(path):
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         state.update(json.load(f), complete=True)
     states.append(state)
   return states
 
 
-def read_manifest(cache_dir: str, require_complete: bool = True) -> dict[str, Any]:
+def read_manifest(
+    cache_dir: str, require_complete: bool = True
+) -> dict[str, Any]:
   path = os.path.join(cache_dir, MANIFEST)
   if not os.path.isfile(path):
-    raise CacheError(f"No logit cache at {cache_dir} ({MANIFEST} is missing); run"
-                     " `python -m teacher.cache_logits` first.")
-  with open(path) as f:
+    raise CacheError(
+        f"No logit cache at {cache_dir} ({MANIFEST} is missing); run"
+        " `python -m teacher.cache_logits` first."
+    )
+  with open(path, encoding="utf-8") as f:
     manifest = json.load(f)
   if manifest.get("format_version") != FORMAT_VERSION:
-    raise CacheError(f"{path}: cache format {manifest.get('format_version')} is not"
-                     f" {FORMAT_VERSION}; rebuild it with teacher.cache_logits.")
+    raise CacheError(
+        f"{path}: cache format {manifest.get('format_version')} is not"
+        f" {FORMAT_VERSION}; rebuild it with teacher.cache_logits."
+    )
   if require_complete:
     missing = [s["name"] for s in manifest["shards"] if not s.get("complete")]
     if missing:
-      raise CacheError(f"The cache at {cache_dir} is incomplete ({len(missing)} of"
-                       f" {len(manifest['shards'])} shards missing, first"
-                       f" {missing[0]}); rerun `python -m teacher.cache_logits`"
-                       " to finish it.")
+      raise CacheError(
+          f"The cache at {cache_dir} is incomplete ({len(missing)} of"
+          f" {len(manifest['shards'])} shards missing, first"
+          f" {missing[0]}); rerun `python -m teacher.cache_logits`"
+          " to finish it."
+      )
   return manifest
 
 
-def check_matches(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+def check_matches(
+    manifest: dict[str, Any], expect: dict[str, Any], where: str
+) -> None:
   """Refuses a cache that does not fit the student, naming the field."""
   for field, want in expect.items():
     have = manifest.get(field)
@@ -102,13 +119,16 @@ def check_matches(manifest: dict[str, Any], expect: dict[str, Any], where: str) 
       raise CacheError(
           f"The logit cache at {where} does not match this student: {field} is"
           f" {have!r} in the cache but {want!r} here. Rebuild the cache"
-          " (teacher.cache_logits) for this tokenizer and config.")
+          " (teacher.cache_logits) for this tokenizer and config."
+      )
 
 
 def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
   """Positions restarting at 0 where the segment id changes (and at 0)."""
   n = segment_ids.shape[0]
-  starts = np.flatnonzero(np.concatenate([[True], segment_ids[1:] != segment_ids[:-1]]))
+  starts = np.flatnonzero(
+      np.concatenate([[True], segment_ids[1:] != segment_ids[:-1]])
+  )
   run_start = np.repeat(starts, np.diff(np.append(starts, n)))
   return (np.arange(n) - run_start).astype(np.int32)
 
@@ -122,13 +142,17 @@ class CacheSource:
   ``target="sample"``: ``ids``, ``counts`` [L, N] int32.
   """
 
-  def __init__(self, cache_dir: str, target: str, manifest: dict[str, Any] | None = None):
+  def __init__(
+      self, cache_dir: str, target: str, manifest: dict[str, Any] | None = None
+  ):
     self._dir = cache_dir
     self.manifest = manifest or read_manifest(cache_dir)
     if target not in self.manifest["methods"]:
-      raise CacheError(f"The cache at {cache_dir} holds {self.manifest['methods']}"
-                       f" targets, not {target!r}; rebuild it with"
-                       f" --config.cache.methods including {target!r}.")
+      raise CacheError(
+          f"The cache at {cache_dir} holds {self.manifest['methods']}"
+          f" targets, not {target!r}; rebuild it with"
+          f" --config.cache.methods including {target!r}."
+      )
     self.target = target
     self._vocab = self.manifest["vocab_size"]
     self._shards = self.manifest["shards"]
@@ -136,10 +160,12 @@ class CacheSource:
       path = os.path.join(cache_dir, shard["name"])
       size = os.path.getsize(path) if os.path.isfile(path) else None
       if size != shard["bytes"]:
-        raise CacheError(f"Shard {path} is {'missing' if size is None else f'{size} bytes'}"
-                         f" but the manifest says {shard['bytes']} bytes: the cache"
-                         " is damaged. Run `python -m teacher.cache_logits --verify`,"
-                         " then delete the shard and its .done.json to rewrite it.")
+        raise CacheError(
+            f"Shard {path} is {'missing' if size is None else f'{size} bytes'}"
+            f" but the manifest says {shard['bytes']} bytes: the cache"
+            " is damaged. Run `python -m teacher.cache_logits --verify`,"
+            " then delete the shard and its .done.json to rewrite it."
+        )
     self._starts = np.cumsum([0] + [s["records"] for s in self._shards])
     self._source = None
 
@@ -148,8 +174,10 @@ class CacheSource:
       paths = [os.path.join(self._dir, s["name"]) for s in self._shards]
       source = grain.sources.ArrayRecordDataSource(paths)
       if len(source) != self._starts[-1]:
-        raise CacheError(f"The shards under {self._dir} hold {len(source)} records,"
-                         f" the manifest {self._starts[-1]}; run --verify.")
+        raise CacheError(
+            f"The shards under {self._dir} hold {len(source)} records,"
+            f" the manifest {self._starts[-1]}; run --verify."
+        )
       self._source = source
     return self._source
 
@@ -173,32 +201,55 @@ class CacheSource:
       record = cache_format.decode_record(source[index], self._vocab)
     except (cache_format.CacheFormatError, RuntimeError) as e:
       name, offset = self.locate(index)
-      raise CacheError(f"Record {offset} of {name} in {self._dir} is unreadable: {e}."
-                       " Run `python -m teacher.cache_logits --verify`.") from e
-    out = {"tokens": record["tokens"], "segment_ids": record["segment_ids"],
-           "positions": positions_from_segments(record["segment_ids"])}
+      raise CacheError(
+          f"Record {offset} of {name} in {self._dir} is unreadable: {e}."
+          " Run `python -m teacher.cache_logits --verify`."
+      ) from e
+    out = {
+        "tokens": record["tokens"],
+        "segment_ids": record["segment_ids"],
+        "positions": positions_from_segments(record["segment_ids"]),
+    }
     if self.target == "topk":
-      out.update(ids=record["topk_ids"], log_probs=record["topk_log_probs"],
-                 tail=record["topk_tail"])
+      out.update(
+          ids=record["topk_ids"],
+          log_probs=record["topk_log_probs"],
+          tail=record["topk_tail"],
+      )
     else:
       out.update(ids=record["sample_ids"], counts=record["sample_counts"])
     return out
 
 
-def make_dataset(cache_dir: str, *, expect: dict[str, Any], target: str,
-                 batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None,
-                 worker_count: int = 0) -> grain.IterDataset:
+def make_dataset(
+    cache_dir: str,
+    *,
+    expect: dict[str, Any],
+    target: str,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
   """Batches of cached rows, in the same order as ``pipeline.make_dataset``
   with the same seed and ``num_rows`` equal to the cache's record count."""
   manifest = read_manifest(cache_dir)
   check_matches(manifest, expect, cache_dir)
   ds = grain.MapDataset.source(CacheSource(cache_dir, target, manifest))
-  return pipeline.batched(ds, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                          num_epochs=num_epochs, process_index=process_index,
-                          process_count=process_count, drop_remainder=True,
-                          worker_count=worker_count)
+  return pipeline.batched(
+      ds,
+      batch_size=batch_size,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      process_index=process_index,
+      process_count=process_count,
+      drop_remainder=True,
+      worker_count=worker_count,
+  )
 
 
 def verify(cache_dir: str) -> dict[str, Any]:
@@ -214,24 +265,35 @@ def verify(cache_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
       raise CacheError(f"Shard {shard['name']} is missing from {cache_dir}.")
     if file_sha256(path) != shard["sha256"]:
-      raise CacheError(f"Shard {shard['name']} in {cache_dir} does not match its"
-                       " sha256 in the manifest: it was changed or damaged after it"
-                       " was written. Delete it and its .done.json, then rerun"
-                       " teacher.cache_logits to rewrite it.")
-    from array_record.python import array_record_module
+      raise CacheError(
+          f"Shard {shard['name']} in {cache_dir} does not match its"
+          " sha256 in the manifest: it was changed or damaged after it"
+          " was written. Delete it and its .done.json, then rerun"
+          " teacher.cache_logits to rewrite it."
+      )
     reader = array_record_module.ArrayRecordReader(path)
     try:
       count = reader.num_records()
       if count != shard["records"]:
-        raise CacheError(f"Shard {shard['name']} holds {count} records, the manifest"
-                         f" {shard['records']}.")
+        raise CacheError(
+            f"Shard {shard['name']} holds {count} records, the manifest"
+            f" {shard['records']}."
+        )
       for i in range(count):
         try:
-          cache_format.decode_record(reader.read([i])[0], manifest["vocab_size"])
+          cache_format.decode_record(
+              reader.read([i])[0], manifest["vocab_size"]
+          )
         except (cache_format.CacheFormatError, RuntimeError) as e:
-          raise CacheError(f"Record {i} of shard {shard['name']} is unreadable: {e}") from e
+          raise CacheError(
+              f"Record {i} of shard {shard['name']} is unreadable: {e}"
+          ) from e
     finally:
       reader.close()
     records += count
     total_bytes += shard["bytes"]
-  return {"shards": len(manifest["shards"]), "records": records, "bytes": total_bytes}
+  return {
+      "shards": len(manifest["shards"]),
+      "records": records,
+      "bytes": total_bytes,
+  }

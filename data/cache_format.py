@@ -56,6 +56,7 @@ nats below the top decode as GAP_MAX below it (probability error < p0 * e^-30);
 -inf is exact. The tail mass is within 0.5/65535 = 7.7e-6. Ids, tokens,
 segment ids and sample counts are exact.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,320 +78,488 @@ GAP_LEVELS = 254  # codes 0..254 span [0, r]; 255 is -inf
 TAIL_SCALE = 65535
 ERROR_BOUNDS = {
     "top_log_prob": TOP_STEP / 2,  # 2.44e-4 nats
-    "log_prob": max(TOP_STEP, GAP_MAX / GAP_LEVELS) / 2,  # worst case 0.059 nats
+    "log_prob": max(TOP_STEP, GAP_MAX / GAP_LEVELS)
+    / 2,  # worst case 0.059 nats
     "tail": 0.5 / TAIL_SCALE,  # 7.6e-6
 }
 
 
 class CacheFormatError(ValueError):
-    """A record that cannot be encoded or decoded, with the reason."""
+  """A record that cannot be encoded or decoded, with the reason."""
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """Smallest little-endian unsigned dtype holding ids in [0, vocab_size)."""
-    if not 1 <= vocab_size < 2**31:  # decoded ids are int32, as JAX uses
-        raise CacheFormatError(f"vocab_size must be in [1, 2^31 - 1], got {vocab_size}")
-    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+  """Smallest little-endian unsigned dtype holding ids in [0, vocab_size)."""
+  if not 1 <= vocab_size < 2**31:  # decoded ids are int32, as JAX uses
+    raise CacheFormatError(
+        f"vocab_size must be in [1, 2^31 - 1], got {vocab_size}"
+    )
+  return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def log_prob_error_bound(log_probs: np.ndarray) -> np.ndarray:
-    """Per-position bound on |decoded - true| for finite entries within GAP_MAX
-    of the top, for top-k log_probs [L, k] as passed to `encode_record`."""
-    lp = np.asarray(log_probs, np.float64)
-    finite_min = np.where(np.isfinite(lp), lp, np.inf).min(-1)
-    # Gaps are taken from the decoded top (within TOP_STEP/2) and the span is
-    # rounded up to float16 (relative 2^-11); 4e-6 covers the float32 output.
-    span = np.minimum(lp[:, 0] - finite_min + TOP_STEP / 2, GAP_MAX) * (1 + 2.0**-10)
-    return np.maximum(TOP_STEP, span / GAP_LEVELS) / 2 + 4e-6
+  """Per-position bound on |decoded - true| for finite entries within GAP_MAX
+  of the top, for top-k log_probs [L, k] as passed to `encode_record`."""
+  lp = np.asarray(log_probs, np.float64)
+  finite_min = np.where(np.isfinite(lp), lp, np.inf).min(-1)
+  # Gaps are taken from the decoded top (within TOP_STEP/2) and the span is
+  # rounded up to float16 (relative 2^-11); 4e-6 covers the float32 output.
+  span = np.minimum(lp[:, 0] - finite_min + TOP_STEP / 2, GAP_MAX) * (
+      1 + 2.0**-10
+  )
+  return np.maximum(TOP_STEP, span / GAP_LEVELS) / 2 + 4e-6
 
 
 # --------------------------------------------------------------------- encode
 
+
 def _bits_to_bytes(bits: np.ndarray) -> bytes:
-    return np.packbits(bits.astype(np.uint8), bitorder="little").tobytes()
+  return np.packbits(bits.astype(np.uint8), bitorder="little").tobytes()
 
 
 def _encode_topk(ids, log_probs, tail, vocab_size, dt):
-    ids = np.asarray(ids)
-    lp = np.asarray(log_probs, np.float64)
-    length, k = ids.shape
-    if lp.shape != (length, k) or np.shape(tail) != (length,):
-        raise CacheFormatError(f"top-k shapes differ: ids {ids.shape}, log_probs {lp.shape}, tail {np.shape(tail)}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise CacheFormatError(f"top-k ids outside [0, {vocab_size})")
-    if np.isnan(lp).any() or (lp > 1e-3).any():
-        raise CacheFormatError("top-k log_probs must be log-probabilities (<= 0, no NaN), not logits")
-    if not (lp[:, :1] >= lp).all() or not np.isfinite(lp[:, 0]).all() or (lp[:, 0] < TOP_MIN).any():
-        raise CacheFormatError(f"top-k log_probs must be sorted descending with a finite first entry >= {TOP_MIN}")
-    top = np.round(-np.minimum(lp[:, 0], 0.0) / TOP_STEP).astype("<u2")
-    top_hat = -top.astype(np.float64) * TOP_STEP
-    gaps = top_hat[:, None] - lp[:, 1:]
-    finite = np.isfinite(gaps)
-    widest = np.where(finite, gaps, 0.0).max(-1, initial=0.0)
-    span = np.minimum(widest, GAP_MAX).astype("<f2")
-    span = np.where(span.astype(np.float64) < np.minimum(widest, GAP_MAX),  # round up
-                    np.nextafter(span, np.float16(np.inf)), span).astype("<f2")
-    step = span.astype(np.float64)[:, None] / GAP_LEVELS
-    codes = np.round(np.clip(np.where(finite, gaps, 0.0), 0.0, GAP_MAX) / np.where(step > 0, step, 1.0))
-    codes = np.where(finite, np.clip(codes, 0, GAP_LEVELS), 255).astype(np.uint8)
-    tail_q = np.round(np.clip(np.asarray(tail, np.float64), 0.0, 1.0) * TAIL_SCALE).astype("<u2")
-    return b"".join([ids.astype(dt).tobytes(), top.tobytes(), span.tobytes(), codes.tobytes(), tail_q.tobytes()])
+  ids = np.asarray(ids)
+  lp = np.asarray(log_probs, np.float64)
+  length, k = ids.shape
+  if lp.shape != (length, k) or np.shape(tail) != (length,):
+    raise CacheFormatError(
+        f"top-k shapes differ: ids {ids.shape}, log_probs {lp.shape}, tail {np.shape(tail)}"
+    )
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise CacheFormatError(f"top-k ids outside [0, {vocab_size})")
+  if np.isnan(lp).any() or (lp > 1e-3).any():
+    raise CacheFormatError(
+        "top-k log_probs must be log-probabilities (<= 0, no NaN), not logits"
+    )
+  if (
+      not (lp[:, :1] >= lp).all()
+      or not np.isfinite(lp[:, 0]).all()
+      or (lp[:, 0] < TOP_MIN).any()
+  ):
+    raise CacheFormatError(
+        f"top-k log_probs must be sorted descending with a finite first entry >= {TOP_MIN}"
+    )
+  top = np.round(-np.minimum(lp[:, 0], 0.0) / TOP_STEP).astype("<u2")
+  top_hat = -top.astype(np.float64) * TOP_STEP
+  gaps = top_hat[:, None] - lp[:, 1:]
+  finite = np.isfinite(gaps)
+  widest = np.where(finite, gaps, 0.0).max(-1, initial=0.0)
+  span = np.minimum(widest, GAP_MAX).astype("<f2")
+  span = np.where(
+      span.astype(np.float64) < np.minimum(widest, GAP_MAX),  # round up
+      np.nextafter(span, np.float16(np.inf)),
+      span,
+  ).astype("<f2")
+  step = span.astype(np.float64)[:, None] / GAP_LEVELS
+  codes = np.round(
+      np.clip(np.where(finite, gaps, 0.0), 0.0, GAP_MAX)
+      / np.where(step > 0, step, 1.0)
+  )
+  codes = np.where(finite, np.clip(codes, 0, GAP_LEVELS), 255).astype(np.uint8)
+  tail_q = np.round(
+      np.clip(np.asarray(tail, np.float64), 0.0, 1.0) * TAIL_SCALE
+  ).astype("<u2")
+  return b"".join(
+      [
+          ids.astype(dt).tobytes(),
+          top.tobytes(),
+          span.tobytes(),
+          codes.tobytes(),
+          tail_q.tobytes(),
+      ]
+  )
 
 
 def _sample_keys(ids, counts, length, vocab_size):
-    ids, counts = np.asarray(ids), np.asarray(counts)
-    if ids.shape != counts.shape or ids.ndim != 2 or ids.shape[0] != length:
-        raise CacheFormatError(f"sample ids {ids.shape} and counts {counts.shape} must both be [L={length}, width]")
-    if (counts < 0).any():
-        raise CacheFormatError("sample counts must be >= 0 (0 = padding)")
-    totals = counts.sum(-1)
-    draws = int(totals[0]) if length else 0
-    if length and (not 1 <= draws < 2**16 or (totals != draws).any()):
-        raise CacheFormatError(f"sample counts must sum to the same N in [1, 65535] at every position, got {np.unique(totals)[:5]}")
-    rows, cols = np.nonzero(counts > 0)
-    sel_ids = ids[rows, cols].astype(np.int64)
-    if sel_ids.size and (sel_ids.min() < 0 or sel_ids.max() >= vocab_size):
-        raise CacheFormatError(f"sample ids outside [0, {vocab_size})")
-    keys = rows.astype(np.uint64) * np.uint64(vocab_size) + sel_ids.astype(np.uint64)
-    order = np.argsort(keys, kind="stable")
-    keys, sel_counts = keys[order], counts[rows, cols][order]
-    if (np.diff(keys) == 0).any():
-        raise CacheFormatError("sample ids must be unique within a position (merge duplicates into counts)")
-    return keys, sel_counts, draws
+  ids, counts = np.asarray(ids), np.asarray(counts)
+  if ids.shape != counts.shape or ids.ndim != 2 or ids.shape[0] != length:
+    raise CacheFormatError(
+        f"sample ids {ids.shape} and counts {counts.shape} must both be [L={length}, width]"
+    )
+  if (counts < 0).any():
+    raise CacheFormatError("sample counts must be >= 0 (0 = padding)")
+  totals = counts.sum(-1)
+  draws = int(totals[0]) if length else 0
+  if length and (not 1 <= draws < 2**16 or (totals != draws).any()):
+    raise CacheFormatError(
+        "sample counts must sum to the same N in [1, 65535] at every"
+        f" position, got {np.unique(totals)[:5]}"
+    )
+  rows, cols = np.nonzero(counts > 0)
+  sel_ids = ids[rows, cols].astype(np.int64)
+  if sel_ids.size and (sel_ids.min() < 0 or sel_ids.max() >= vocab_size):
+    raise CacheFormatError(f"sample ids outside [0, {vocab_size})")
+  keys = rows.astype(np.uint64) * np.uint64(vocab_size) + sel_ids.astype(
+      np.uint64
+  )
+  order = np.argsort(keys, kind="stable")
+  keys, sel_counts = keys[order], counts[rows, cols][order]
+  if (np.diff(keys) == 0).any():
+    raise CacheFormatError(
+        "sample ids must be unique within a position (merge duplicates into counts)"
+    )
+  return keys, sel_counts, draws
 
 
 def _encode_sample(keys, counts, length, vocab_size, draws):
-    num = len(keys)
-    universe = length * vocab_size
-    low_bits = max(0, (universe // num).bit_length() - 1) if num else 0
-    parts = []
-    if low_bits:
-        shifts = np.arange(low_bits, dtype=np.uint64)
-        parts.append(_bits_to_bytes((keys[:, None] >> shifts) & np.uint64(1)))
-    high = np.zeros(num + ((universe - 1) >> low_bits) + 1, np.uint8)
-    high[(keys >> np.uint64(low_bits)).astype(np.int64) + np.arange(num)] = 1
-    parts.append(_bits_to_bytes(high))
-    as_bytes = draws <= 255 and num <= (length * draws + 7) // 8
-    if as_bytes:
-        parts.append(counts.astype(np.uint8).tobytes())
-    else:
-        unary = np.zeros(length * draws, np.uint8)
-        unary[np.cumsum(counts) - 1] = 1
-        parts.append(_bits_to_bytes(unary))
-    return b"".join(parts), low_bits, as_bytes
+  num = len(keys)
+  universe = length * vocab_size
+  low_bits = max(0, (universe // num).bit_length() - 1) if num else 0
+  parts = []
+  if low_bits:
+    shifts = np.arange(low_bits, dtype=np.uint64)
+    parts.append(_bits_to_bytes((keys[:, None] >> shifts) & np.uint64(1)))
+  high = np.zeros(num + ((universe - 1) >> low_bits) + 1, np.uint8)
+  high[(keys >> np.uint64(low_bits)).astype(np.int64) + np.arange(num)] = 1
+  parts.append(_bits_to_bytes(high))
+  as_bytes = draws <= 255 and num <= (length * draws + 7) // 8
+  if as_bytes:
+    parts.append(counts.astype(np.uint8).tobytes())
+  else:
+    unary = np.zeros(length * draws, np.uint8)
+    unary[np.cumsum(counts) - 1] = 1
+    parts.append(_bits_to_bytes(unary))
+  return b"".join(parts), low_bits, as_bytes
 
 
-def encode_record(tokens, segment_ids, *, vocab_size, topk_ids=None, topk_log_probs=None,
-                  topk_tail=None, sample_ids=None, sample_counts=None) -> bytes:
-    """Encodes one packed sequence and its targets.
+def encode_record(
+    tokens,
+    segment_ids,
+    *,
+    vocab_size,
+    topk_ids=None,
+    topk_log_probs=None,
+    topk_tail=None,
+    sample_ids=None,
+    sample_counts=None,
+) -> bytes:
+  """Encodes one packed sequence and its targets.
 
-    tokens, segment_ids [L+1] int; topk_ids [L, k] (descending prob),
-    topk_log_probs [L, k] float (teacher log-probs at the cache temperature,
-    -inf allowed after the first), topk_tail [L] in [0, 1]; sample_ids,
-    sample_counts [L, W] (unique ids per position, counts 0 = padding, every
-    position's counts summing to the same N). Pass all top-k arrays or none,
-    both sample arrays or none. Raises CacheFormatError on invalid input.
-    """
-    dt = id_dtype(vocab_size)
-    tokens, seg = np.asarray(tokens), np.asarray(segment_ids)
-    if tokens.ndim != 1 or seg.shape != tokens.shape or len(tokens) < 1:
-        raise CacheFormatError(f"tokens {tokens.shape} and segment_ids {seg.shape} must both be [L+1]")
-    if tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise CacheFormatError(f"tokens outside [0, {vocab_size})")
-    if seg.min() < 0 or seg.max() >= 2**32:
-        raise CacheFormatError("segment_ids must be in [0, 2^32)")
-    length = len(tokens) - 1
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1])
-    run_lengths = np.diff(np.append(starts, len(seg)))
-    body = [tokens.astype(dt).tobytes(), seg[starts].astype("<u4").tobytes(), run_lengths.astype("<u4").tobytes()]
-    flags, k, draws, low_bits, num_unique = 0, 0, 0, 0, 0
-    topk = (topk_ids, topk_log_probs, topk_tail)
-    if any(x is not None for x in topk):
-        if any(x is None for x in topk):
-            raise CacheFormatError("pass topk_ids, topk_log_probs and topk_tail together")
-        k = np.shape(topk_ids)[1]
-        if np.shape(topk_ids)[0] != length or not 1 <= k < 2**16:
-            raise CacheFormatError(f"topk_ids must be [L={length}, k] with 1 <= k < 65536, got {np.shape(topk_ids)}")
-        body.append(_encode_topk(topk_ids, topk_log_probs, topk_tail, vocab_size, dt))
-        flags |= FLAG_TOPK
-    if (sample_ids is None) != (sample_counts is None):
-        raise CacheFormatError("pass sample_ids and sample_counts together")
-    if sample_ids is not None:
-        keys, counts, draws = _sample_keys(sample_ids, sample_counts, length, vocab_size)
-        payload, low_bits, as_bytes = _encode_sample(keys, counts, length, vocab_size, draws)
-        body.append(payload)
-        num_unique = len(keys)
-        flags |= FLAG_SAMPLE | (FLAG_COUNT_BYTES if as_bytes else 0)
-    body = b"".join(body)
-    header = HEADER.pack(MAGIC, VERSION, flags, dt.itemsize, low_bits, vocab_size, length, k, draws,
-                         len(starts), num_unique, zlib.crc32(body))
-    return header + body
+  tokens, segment_ids [L+1] int; topk_ids [L, k] (descending prob),
+  topk_log_probs [L, k] float (teacher log-probs at the cache temperature,
+  -inf allowed after the first), topk_tail [L] in [0, 1]; sample_ids,
+  sample_counts [L, W] (unique ids per position, counts 0 = padding, every
+  position's counts summing to the same N). Pass all top-k arrays or none,
+  both sample arrays or none. Raises CacheFormatError on invalid input.
+  """
+  dt = id_dtype(vocab_size)
+  tokens, seg = np.asarray(tokens), np.asarray(segment_ids)
+  if tokens.ndim != 1 or seg.shape != tokens.shape or len(tokens) < 1:
+    raise CacheFormatError(
+        f"tokens {tokens.shape} and segment_ids {seg.shape} must both be [L+1]"
+    )
+  if tokens.min() < 0 or tokens.max() >= vocab_size:
+    raise CacheFormatError(f"tokens outside [0, {vocab_size})")
+  if seg.min() < 0 or seg.max() >= 2**32:
+    raise CacheFormatError("segment_ids must be in [0, 2^32)")
+  length = len(tokens) - 1
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1])
+  run_lengths = np.diff(np.append(starts, len(seg)))
+  body = [
+      tokens.astype(dt).tobytes(),
+      seg[starts].astype("<u4").tobytes(),
+      run_lengths.astype("<u4").tobytes(),
+  ]
+  flags, k, draws, low_bits, num_unique = 0, 0, 0, 0, 0
+  topk = (topk_ids, topk_log_probs, topk_tail)
+  if any(x is not None for x in topk):
+    if any(x is None for x in topk):
+      raise CacheFormatError(
+          "pass topk_ids, topk_log_probs and topk_tail together"
+      )
+    k = np.shape(topk_ids)[1]
+    if np.shape(topk_ids)[0] != length or not 1 <= k < 2**16:
+      raise CacheFormatError(
+          f"topk_ids must be [L={length}, k] with 1 <= k < 65536, got {np.shape(topk_ids)}"
+      )
+    body.append(
+        _encode_topk(topk_ids, topk_log_probs, topk_tail, vocab_size, dt)
+    )
+    flags |= FLAG_TOPK
+  if (sample_ids is None) != (sample_counts is None):
+    raise CacheFormatError("pass sample_ids and sample_counts together")
+  if sample_ids is not None:
+    keys, counts, draws = _sample_keys(
+        sample_ids, sample_counts, length, vocab_size
+    )
+    payload, low_bits, as_bytes = _encode_sample(
+        keys, counts, length, vocab_size, draws
+    )
+    body.append(payload)
+    num_unique = len(keys)
+    flags |= FLAG_SAMPLE | (FLAG_COUNT_BYTES if as_bytes else 0)
+  body = b"".join(body)
+  header = HEADER.pack(
+      MAGIC,
+      VERSION,
+      flags,
+      dt.itemsize,
+      low_bits,
+      vocab_size,
+      length,
+      k,
+      draws,
+      len(starts),
+      num_unique,
+      zlib.crc32(body),
+  )
+  return header + body
 
 
 # --------------------------------------------------------------------- decode
 
-def _section_sizes(flags, id_bytes, low_bits, vocab_size, length, k, draws, runs, num_unique):
-    sizes = [("tokens", (length + 1) * id_bytes), ("runs", 8 * runs)]
-    if flags & FLAG_TOPK:
-        sizes.append(("topk", length * (k * id_bytes + 2 + 2 + (k - 1) + 2)))
-    if flags & FLAG_SAMPLE:
-        high = num_unique + ((length * vocab_size - 1) >> low_bits) + 1
-        counts = num_unique if flags & FLAG_COUNT_BYTES else (length * draws + 7) // 8
-        sizes += [("low", (num_unique * low_bits + 7) // 8), ("high", (high + 7) // 8), ("counts", counts)]
-    return sizes
+
+def _section_sizes(
+    flags, id_bytes, low_bits, vocab_size, length, k, draws, runs, num_unique
+):
+  sizes = [("tokens", (length + 1) * id_bytes), ("runs", 8 * runs)]
+  if flags & FLAG_TOPK:
+    sizes.append(("topk", length * (k * id_bytes + 2 + 2 + (k - 1) + 2)))
+  if flags & FLAG_SAMPLE:
+    high = num_unique + ((length * vocab_size - 1) >> low_bits) + 1
+    counts = (
+        num_unique if flags & FLAG_COUNT_BYTES else (length * draws + 7) // 8
+    )
+    sizes += [
+        ("low", (num_unique * low_bits + 7) // 8),
+        ("high", (high + 7) // 8),
+        ("counts", counts),
+    ]
+  return sizes
 
 
 def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
-    """Decodes `encode_record` output for a reader whose vocabulary has `vocab_size`.
+  """Decodes `encode_record` output for a reader whose vocabulary has `vocab_size`.
 
-    Returns int32 `tokens`, `segment_ids` [L+1]; with top-k: `topk_ids` [L, k]
-    int32, `topk_log_probs` [L, k] float32, `topk_tail` [L] float32; with a
-    sample: `sample_ids`, `sample_counts` [L, N] int32, the unique ids of each
-    position ascending, then padding (id 0, count 0). Raises CacheFormatError
-    for a foreign, newer, truncated or corrupted record or a vocab mismatch.
-    """
-    data = memoryview(data).cast("B")
-    if len(data) < HEADER.size:
-        raise CacheFormatError(f"record truncated: {len(data)} bytes, the header alone needs {HEADER.size}")
-    magic, version, flags, id_bytes, low_bits, vocab, length, k, draws, runs, num_unique, crc = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise CacheFormatError(f"not a logit-cache record: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise CacheFormatError(f"logit-cache record version {version} is not supported (this reader knows "
-                               f"version {VERSION}); rebuild the cache with teacher.cache_logits or update the code")
-    if vocab != vocab_size:
-        raise CacheFormatError(f"record was written for vocab_size {vocab}, the reader expects {vocab_size}")
-    if flags & ~7 or id_bytes != id_dtype(vocab).itemsize:
-        raise CacheFormatError(f"corrupt record header (flags {flags}, id_bytes {id_bytes})")
-    sizes = _section_sizes(flags, id_bytes, low_bits, vocab, length, k, draws, runs, num_unique)
-    expected = HEADER.size + sum(size for _, size in sizes)
-    if len(data) != expected:
-        raise CacheFormatError(f"record is {len(data)} bytes but its header describes {expected}: truncated or corrupted")
-    body = data[HEADER.size:]
-    if zlib.crc32(body) != crc:
-        raise CacheFormatError("record checksum mismatch: the bytes are corrupted")
-    offsets = np.cumsum([0] + [size for _, size in sizes])
-    section = {name: body[offsets[i]:offsets[i + 1]] for i, (name, _) in enumerate(sizes)}
-    dt = id_dtype(vocab)
-    out = {"tokens": np.frombuffer(section["tokens"], dt).astype(np.int32)}
-    run_values = np.frombuffer(section["runs"], "<u4", runs)
-    run_lengths = np.frombuffer(section["runs"], "<u4", runs, offset=4 * runs)
-    if run_lengths.sum() != length + 1:
-        raise CacheFormatError("corrupt record: segment runs do not cover the sequence")
-    out["segment_ids"] = np.repeat(run_values, run_lengths).astype(np.int32)
-    if flags & FLAG_TOPK:
-        out.update(_decode_topk(section["topk"], dt, length, k))
-    if flags & FLAG_SAMPLE:
-        out.update(_decode_sample(section, flags, low_bits, vocab, length, draws, num_unique))
-    return out
+  Returns int32 `tokens`, `segment_ids` [L+1]; with top-k: `topk_ids` [L, k]
+  int32, `topk_log_probs` [L, k] float32, `topk_tail` [L] float32; with a
+  sample: `sample_ids`, `sample_counts` [L, N] int32, the unique ids of each
+  position ascending, then padding (id 0, count 0). Raises CacheFormatError
+  for a foreign, newer, truncated or corrupted record or a vocab mismatch.
+  """
+  data = memoryview(data).cast("B")
+  if len(data) < HEADER.size:
+    raise CacheFormatError(
+        f"record truncated: {len(data)} bytes, the header alone needs {HEADER.size}"
+    )
+  (
+      magic,
+      version,
+      flags,
+      id_bytes,
+      low_bits,
+      vocab,
+      length,
+      k,
+      draws,
+      runs,
+      num_unique,
+      crc,
+  ) = HEADER.unpack_from(data)
+  if magic != MAGIC:
+    raise CacheFormatError(
+        f"not a logit-cache record: magic {bytes(magic)!r}, expected {MAGIC!r}"
+    )
+  if version != VERSION:
+    raise CacheFormatError(
+        f"logit-cache record version {version} is not supported (this reader knows "
+        f"version {VERSION}); rebuild the cache with teacher.cache_logits or update the code"
+    )
+  if vocab != vocab_size:
+    raise CacheFormatError(
+        f"record was written for vocab_size {vocab}, the reader expects {vocab_size}"
+    )
+  if flags & ~7 or id_bytes != id_dtype(vocab).itemsize:
+    raise CacheFormatError(
+        f"corrupt record header (flags {flags}, id_bytes {id_bytes})"
+    )
+  sizes = _section_sizes(
+      flags, id_bytes, low_bits, vocab, length, k, draws, runs, num_unique
+  )
+  expected = HEADER.size + sum(size for _, size in sizes)
+  if len(data) != expected:
+    raise CacheFormatError(
+        f"record is {len(data)} bytes but its header describes {expected}: truncated or corrupted"
+    )
+  body = data[HEADER.size :]
+  if zlib.crc32(body) != crc:
+    raise CacheFormatError("record checksum mismatch: the bytes are corrupted")
+  offsets = np.cumsum([0] + [size for _, size in sizes])
+  section = {
+      name: body[offsets[i] : offsets[i + 1]]
+      for i, (name, _) in enumerate(sizes)
+  }
+  dt = id_dtype(vocab)
+  out = {"tokens": np.frombuffer(section["tokens"], dt).astype(np.int32)}
+  run_values = np.frombuffer(section["runs"], "<u4", runs)
+  run_lengths = np.frombuffer(section["runs"], "<u4", runs, offset=4 * runs)
+  if run_lengths.sum() != length + 1:
+    raise CacheFormatError(
+        "corrupt record: segment runs do not cover the sequence"
+    )
+  out["segment_ids"] = np.repeat(run_values, run_lengths).astype(np.int32)
+  if flags & FLAG_TOPK:
+    out.update(_decode_topk(section["topk"], dt, length, k))
+  if flags & FLAG_SAMPLE:
+    out.update(
+        _decode_sample(
+            section, flags, low_bits, vocab, length, draws, num_unique
+        )
+    )
+  return out
 
 
 def _decode_topk(buf, dt, length, k):
-    sizes = [length * k * dt.itemsize, 2 * length, 2 * length, length * (k - 1), 2 * length]
-    offsets = np.cumsum([0] + sizes)
-    ids, top, span, codes, tail = [np.frombuffer(buf[offsets[i]:offsets[i + 1]], d)
-                                   for i, d in enumerate([dt, "<u2", "<f2", np.uint8, "<u2"])]
-    top_hat = -top.astype(np.float64) * TOP_STEP
-    step = span.astype(np.float64)[:, None] / GAP_LEVELS
-    codes = codes.reshape(length, k - 1)
-    rest = np.where(codes == 255, -np.inf, top_hat[:, None] - codes * step)
-    return {"topk_ids": ids.reshape(length, k).astype(np.int32),
-            "topk_log_probs": np.concatenate([top_hat[:, None], rest], 1).astype(np.float32),
-            "topk_tail": (tail / TAIL_SCALE).astype(np.float32)}
+  sizes = [
+      length * k * dt.itemsize,
+      2 * length,
+      2 * length,
+      length * (k - 1),
+      2 * length,
+  ]
+  offsets = np.cumsum([0] + sizes)
+  ids, top, span, codes, tail = [
+      np.frombuffer(buf[offsets[i] : offsets[i + 1]], d)
+      for i, d in enumerate([dt, "<u2", "<f2", np.uint8, "<u2"])
+  ]
+  top_hat = -top.astype(np.float64) * TOP_STEP
+  step = span.astype(np.float64)[:, None] / GAP_LEVELS
+  codes = codes.reshape(length, k - 1)
+  rest = np.where(codes == 255, -np.inf, top_hat[:, None] - codes * step)
+  return {
+      "topk_ids": ids.reshape(length, k).astype(np.int32),
+      "topk_log_probs": np.concatenate([top_hat[:, None], rest], 1).astype(
+          np.float32
+      ),
+      "topk_tail": (tail / TAIL_SCALE).astype(np.float32),
+  }
 
 
 def _decode_sample(section, flags, low_bits, vocab, length, draws, num):
-    high_bits = np.unpackbits(np.frombuffer(section["high"], np.uint8), bitorder="little")
-    ones = np.flatnonzero(high_bits)
-    if len(ones) != num:
-        raise CacheFormatError("corrupt record: sample key stream does not match its header")
-    keys = (ones - np.arange(num)).astype(np.uint64) << np.uint64(low_bits)
-    if low_bits:
-        bits = np.unpackbits(np.frombuffer(section["low"], np.uint8), count=num * low_bits, bitorder="little")
-        keys |= (bits.reshape(num, low_bits).astype(np.uint64) << np.arange(low_bits, dtype=np.uint64)).sum(1)
-    if flags & FLAG_COUNT_BYTES:
-        counts = np.frombuffer(section["counts"], np.uint8).astype(np.int64)
-    else:
-        unary = np.unpackbits(np.frombuffer(section["counts"], np.uint8), count=length * draws, bitorder="little")
-        counts = np.diff(np.flatnonzero(unary), prepend=-1)
-    rows = (keys // np.uint64(vocab)).astype(np.int64)
-    if len(counts) != num or (num and rows[-1] >= length) or (counts <= 0).any():
-        raise CacheFormatError("corrupt record: sample counts or positions out of range")
-    rank = np.arange(num) - np.searchsorted(rows, rows)
-    if (np.bincount(rows, weights=counts, minlength=length) != draws).any() or (rank >= draws).any():
-        raise CacheFormatError("corrupt record: sample counts do not sum to N at every position")
-    ids = np.zeros((length, draws), np.int32)
-    out_counts = np.zeros((length, draws), np.int32)
-    ids[rows, rank] = (keys % np.uint64(vocab)).astype(np.int64)
-    out_counts[rows, rank] = counts
-    return {"sample_ids": ids, "sample_counts": out_counts}
+  high_bits = np.unpackbits(
+      np.frombuffer(section["high"], np.uint8), bitorder="little"
+  )
+  ones = np.flatnonzero(high_bits)
+  if len(ones) != num:
+    raise CacheFormatError(
+        "corrupt record: sample key stream does not match its header"
+    )
+  keys = (ones - np.arange(num)).astype(np.uint64) << np.uint64(low_bits)
+  if low_bits:
+    bits = np.unpackbits(
+        np.frombuffer(section["low"], np.uint8),
+        count=num * low_bits,
+        bitorder="little",
+    )
+    keys |= (
+        bits.reshape(num, low_bits).astype(np.uint64)
+        << np.arange(low_bits, dtype=np.uint64)
+    ).sum(1)
+  if flags & FLAG_COUNT_BYTES:
+    counts = np.frombuffer(section["counts"], np.uint8).astype(np.int64)
+  else:
+    unary = np.unpackbits(
+        np.frombuffer(section["counts"], np.uint8),
+        count=length * draws,
+        bitorder="little",
+    )
+    counts = np.diff(np.flatnonzero(unary), prepend=-1)
+  rows = (keys // np.uint64(vocab)).astype(np.int64)
+  if len(counts) != num or (num and rows[-1] >= length) or (counts <= 0).any():
+    raise CacheFormatError(
+        "corrupt record: sample counts or positions out of range"
+    )
+  rank = np.arange(num) - np.searchsorted(rows, rows)
+  if (np.bincount(rows, weights=counts, minlength=length) != draws).any() or (
+      rank >= draws
+  ).any():
+    raise CacheFormatError(
+        "corrupt record: sample counts do not sum to N at every position"
+    )
+  ids = np.zeros((length, draws), np.int32)
+  out_counts = np.zeros((length, draws), np.int32)
+  ids[rows, rank] = (keys % np.uint64(vocab)).astype(np.int64)
+  out_counts[rows, rank] = counts
+  return {"sample_ids": ids, "sample_counts": out_counts}
 
 
 # ------------------------------------------------- making targets from teacher
 
+
 def topk_from_log_probs(log_probs: np.ndarray, k: int):
-    """Numpy reference. log_probs [L, V] -> ids [L, k] int32 (descending, ties by
-    lower id), log_probs [L, k] float32, tail [L] float32 = 1 - sum p_topk (float64)."""
-    lp = np.asarray(log_probs)
-    ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
-    vals = np.take_along_axis(lp, ids, -1)
-    tail = np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(-1), 0.0, 1.0)
-    return ids.astype(np.int32), vals.astype(np.float32), tail.astype(np.float32)
+  """Numpy reference. log_probs [L, V] -> ids [L, k] int32 (descending, ties by
+  lower id), log_probs [L, k] float32, tail [L] float32 = 1 - sum p_topk (float64).
+  """
+  lp = np.asarray(log_probs)
+  ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
+  vals = np.take_along_axis(lp, ids, -1)
+  tail = np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(-1), 0.0, 1.0)
+  return ids.astype(np.int32), vals.astype(np.float32), tail.astype(np.float32)
 
 
-def sample_from_log_probs(rng: np.random.Generator, log_probs: np.ndarray, n: int):
-    """Numpy reference: n draws with replacement per position. log_probs [L, V] ->
-    ids, counts [L, n] int32 (unique ids ascending, then padding id 0, count 0)."""
-    lp = np.asarray(log_probs, np.float64)
-    ids = np.zeros((len(lp), n), np.int32)
-    counts = np.zeros((len(lp), n), np.int32)
-    for t, row in enumerate(lp):
-        p = np.exp(row - row.max())
-        drawn = rng.multinomial(n, p / p.sum())
-        nz = np.flatnonzero(drawn)
-        ids[t, :len(nz)], counts[t, :len(nz)] = nz, drawn[nz]
-    return ids, counts
+def sample_from_log_probs(
+    rng: np.random.Generator, log_probs: np.ndarray, n: int
+):
+  """Numpy reference: n draws with replacement per position. log_probs [L, V] ->
+  ids, counts [L, n] int32 (unique ids ascending, then padding id 0, count 0).
+  """
+  lp = np.asarray(log_probs, np.float64)
+  ids = np.zeros((len(lp), n), np.int32)
+  counts = np.zeros((len(lp), n), np.int32)
+  for t, row in enumerate(lp):
+    p = np.exp(row - row.max())
+    drawn = rng.multinomial(n, p / p.sum())
+    nz = np.flatnonzero(drawn)
+    ids[t, : len(nz)], counts[t, : len(nz)] = nz, drawn[nz]
+  return ids, counts
 
 
 @functools.partial(jax.jit, static_argnames="k")
 def topk_targets(log_probs: jax.Array, k: int):
-    """log_probs [B, T, V] -> ids [B, T, k] int32, log_probs [B, T, k], tail [B, T].
+  """log_probs [B, T, V] -> ids [B, T, k] int32, log_probs [B, T, k], tail [B, T].
 
-    tail = 1 - sum p over the k ids, in float32 (absolute error ~1e-6, below the
-    7.6e-6 storage step), clipped to [0, 1].
-    """
-    vals, ids = jax.lax.top_k(log_probs.astype(jnp.float32), k)
-    tail = jnp.clip(1.0 - jnp.sum(jnp.exp(vals), axis=-1), 0.0, 1.0)
-    return ids.astype(jnp.int32), vals, tail
+  tail = 1 - sum p over the k ids, in float32 (absolute error ~1e-6, below the
+  7.6e-6 storage step), clipped to [0, 1].
+  """
+  vals, ids = jax.lax.top_k(log_probs.astype(jnp.float32), k)
+  tail = jnp.clip(1.0 - jnp.sum(jnp.exp(vals), axis=-1), 0.0, 1.0)
+  return ids.astype(jnp.int32), vals, tail
 
 
 def _unique_counts(sorted_ids: jax.Array):
-    """[n] ascending ids -> unique ids [n] (padding 0) and their counts [n] (padding 0)."""
-    n = sorted_ids.shape[0]
-    new = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
-    rank = jnp.cumsum(new) - 1
-    ids = jnp.zeros((n,), jnp.int32).at[rank].max(sorted_ids)
-    counts = jnp.zeros((n,), jnp.int32).at[rank].add(1)
-    return ids, counts
+  """[n] ascending ids -> unique ids [n] (padding 0) and their counts [n] (padding 0)."""
+  n = sorted_ids.shape[0]
+  new = jnp.concatenate(
+      [jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]]
+  )
+  rank = jnp.cumsum(new) - 1
+  ids = jnp.zeros((n,), jnp.int32).at[rank].max(sorted_ids)
+  counts = jnp.zeros((n,), jnp.int32).at[rank].add(1)
+  return ids, counts
 
 
 @functools.partial(jax.jit, static_argnames=("n", "stratified"))
-def sample_targets(key: jax.Array, log_probs: jax.Array, n: int, stratified: bool = False):
-    """n draws per position by inverse-CDF sampling (one cumsum, n binary searches).
+def sample_targets(
+    key: jax.Array, log_probs: jax.Array, n: int, stratified: bool = False
+):
+  """n draws per position by inverse-CDF sampling (one cumsum, n binary searches).
 
-    log_probs [B, T, V] -> ids [B, T, n] int32 (unique ids ascending, then
-    padding 0) and counts [B, T, n] int32 (summing to n; padding 0). Draws are
-    i.i.d. by default; `stratified=True` puts one uniform in each [i/n, (i+1)/n)
-    (still unbiased, lower variance). float32 CDF: each id's probability is
-    resolved to about 2^-24; zero-probability ids are never drawn.
-    """
-    p = jnp.exp(log_probs.astype(jnp.float32))
-    cdf = jnp.cumsum(p, axis=-1)
-    u = jax.random.uniform(key, (*p.shape[:-1], n))
-    u = (jnp.arange(n) + u) / n if stratified else jnp.sort(u, axis=-1)
-    x = u * cdf[..., -1:]
-    search = jnp.vectorize(lambda c, v: jnp.searchsorted(c, v, side="right"), signature="(v),(n)->(n)")
-    idx = search(cdf, x)
-    last_positive = p.shape[-1] - 1 - jnp.argmax(jnp.flip(p > 0, -1), axis=-1)
-    idx = jnp.minimum(idx, last_positive[..., None]).astype(jnp.int32)
-    return jnp.vectorize(_unique_counts, signature="(n)->(n),(n)")(idx)
+  log_probs [B, T, V] -> ids [B, T, n] int32 (unique ids ascending, then
+  padding 0) and counts [B, T, n] int32 (summing to n; padding 0). Draws are
+  i.i.d. by default; `stratified=True` puts one uniform in each [i/n, (i+1)/n)
+  (still unbiased, lower variance). float32 CDF: each id's probability is
+  resolved to about 2^-24; zero-probability ids are never drawn.
+  """
+  p = jnp.exp(log_probs.astype(jnp.float32))
+  cdf = jnp.cumsum(p, axis=-1)
+  u = jax.random.uniform(key, (*p.shape[:-1], n))
+  u = (jnp.arange(n) + u) / n if stratified else jnp.sort(u, axis=-1)
+  x = u * cdf[..., -1:]
+  search = jnp.vectorize(
+      lambda c, v: jnp.searchsorted(c, v, side="right"),
+      signature="(v),(n)->(n)",
+  )
+  idx = search(cdf, x)
+  last_positive = p.shape[-1] - 1 - jnp.argmax(jnp.flip(p > 0, -1), axis=-1)
+  idx = jnp.minimum(idx, last_positive[..., None]).astype(jnp.int32)
+  return jnp.vectorize(_unique_counts, signature="(n)->(n),(n)")(idx)

@@ -36,7 +36,9 @@ import tensorflow_datasets as tfds
 
 from distill.core.errors import UserError
 
-SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+SKIP_DIRS = frozenset(
+    {"test", "tests", "idlelib", "site-packages", "__pycache__"}
+)
 TRAIN, VALIDATION = "train", "validation"
 
 
@@ -54,15 +56,19 @@ def stdlib_files(root: str | None = None) -> list[str]:
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-    files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                 if f.endswith(".py"))
+    files.extend(
+        os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")
+    )
   return files
 
 
 def glob_files(pattern: str) -> list[str]:
   """Sorted regular files matching ``pattern`` (``**`` recurses)."""
-  return sorted(p for p in globlib.glob(os.path.expanduser(pattern),
-                                        recursive=True) if os.path.isfile(p))
+  return sorted(
+      p
+      for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
+      if os.path.isfile(p)
+  )
 
 
 def is_validation(relpath: str, validation_permille: int) -> bool:
@@ -71,12 +77,15 @@ def is_validation(relpath: str, validation_permille: int) -> bool:
   return int.from_bytes(digest[:8], "big") % 1000 < validation_permille
 
 
-def split_files(files: list[str], root: str,
-                validation_permille: int) -> dict[str, list[str]]:
+def split_files(
+    files: list[str], root: str, validation_permille: int
+) -> dict[str, list[str]]:
   splits: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
   for path in files:
     rel = os.path.relpath(path, root)
-    splits[VALIDATION if is_validation(rel, validation_permille) else TRAIN].append(path)
+    splits[
+        VALIDATION if is_validation(rel, validation_permille) else TRAIN
+    ].append(path)
   return splits
 
 
@@ -96,9 +105,10 @@ def read_text(path: str) -> tuple[str, int]:
 @dataclasses.dataclass
 class FilesCorpusConfig(tfds.core.BuilderConfig):
   """Which files make the corpus; the name keys the prepared dataset on disk."""
+
   root: str = ""
-  pattern: str = ""          # empty: the standard library under ``root``
-  max_files: int = 0         # 0: all files (after the split)
+  pattern: str = ""  # empty: the standard library under ``root``
+  max_files: int = 0  # 0: all files (after the split)
   validation_permille: int = 20
 
 
@@ -112,10 +122,12 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description="Local text files, one example per file.",
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "path": tfds.features.Text(),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "text": tfds.features.Text(),
+                "path": tfds.features.Text(),
+            }
+        ),
     )
 
   def _files(self) -> list[str]:
@@ -125,25 +137,36 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
       what = f"the glob {cfg.pattern!r}" if cfg.pattern else f"{cfg.root!r}"
       raise CorpusError(
           f"No input files: {what} matched nothing. Check config.data.files_glob"
-          " (use ** to recurse) or the path.")
+          " (use ** to recurse) or the path."
+      )
     return files
 
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    root = cfg.root if not cfg.pattern else os.path.commonpath(
-        [os.path.dirname(p) for p in self._files()] or ["/"])
+    root = (
+        cfg.root
+        if not cfg.pattern
+        else os.path.commonpath(
+            [os.path.dirname(p) for p in self._files()] or ["/"]
+        )
+    )
     splits = split_files(self._files(), root, cfg.validation_permille)
     if cfg.max_files:
-      splits = {k: v[:max(1, cfg.max_files * len(v) // len(self._files()))]
-                for k, v in splits.items()}
+      splits = {
+          k: v[: max(1, cfg.max_files * len(v) // len(self._files()))]
+          for k, v in splits.items()
+      }
     for name, files in splits.items():
       if not files:
         raise CorpusError(
             f"The {name} split is empty ({len(self._files())} files in all);"
-            " add files or change config.data.validation_permille.")
-    return {name: self._generate_examples(files, root)
-            for name, files in splits.items()}
+            " add files or change config.data.validation_permille."
+        )
+    return {
+        name: self._generate_examples(files, root)
+        for name, files in splits.items()
+    }
 
   def _generate_examples(self, files: list[str], root: str) -> Iterator[Any]:
     bad_files, bad_bytes, first_bad = 0, 0, None
@@ -157,10 +180,16 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     if bad_files:
       logging.warning(
           "%d file(s) had undecodable UTF-8 (%d replacement(s), first: %s);"
-          " decoded with U+FFFD.", bad_files, bad_bytes, first_bad)
+          " decoded with U+FFFD.",
+          bad_files,
+          bad_bytes,
+          first_bad,
+      )
 
 
-def corpus_builder(data_config, data_dir: str) -> tuple[Any, str, dict[str, str]]:
+def corpus_builder(
+    data_config, data_dir: str
+) -> tuple[Any, str, dict[str, str]]:
   """The TFDS builder for ``config.data``, its text key and its split names.
 
   Returns ``(builder, text_key, {"train": ..., "validation": ...})``; the
@@ -170,30 +199,45 @@ def corpus_builder(data_config, data_dir: str) -> tuple[Any, str, dict[str, str]
   if source in ("stdlib", "files"):
     if source == "stdlib":
       root, pattern = stdlib_root(), ""
-      version = "py{}.{}".format(*sys.version_info[:2])
+      version = f"py{sys.version_info[0]}.{sys.version_info[1]}"
       name = f"stdlib-{version}-n{data_config.max_files}-v{data_config.validation_permille}"
     else:
       if not data_config.files_glob:
-        raise CorpusError("config.data.source='files' needs config.data.files_glob")
+        raise CorpusError(
+            "config.data.source='files' needs config.data.files_glob"
+        )
       root, pattern = "", data_config.files_glob
       digest = hashlib.sha1(pattern.encode()).hexdigest()[:10]
       name = f"files-{digest}-n{data_config.max_files}-v{data_config.validation_permille}"
     config = FilesCorpusConfig(
-        name=name, version=FilesCorpus.VERSION, root=root, pattern=pattern,
+        name=name,
+        version=FilesCorpus.VERSION,
+        root=root,
+        pattern=pattern,
         max_files=data_config.max_files,
-        validation_permille=data_config.validation_permille)
-    builder = FilesCorpus(config=config, data_dir=data_dir,
-                          file_format="array_record")
+        validation_permille=data_config.validation_permille,
+    )
+    builder = FilesCorpus(
+        config=config, data_dir=data_dir, file_format="array_record"
+    )
     return builder, "text", {TRAIN: TRAIN, VALIDATION: VALIDATION}
   if source == "tfds":
     if not data_config.tfds_name:
       raise CorpusError("config.data.source='tfds' needs config.data.tfds_name")
-    builder = tfds.builder(data_config.tfds_name, data_dir=data_dir,
-                           file_format="array_record")
-    return builder, data_config.text_key, {
-        TRAIN: data_config.train_split, VALIDATION: data_config.validation_split}
+    builder = tfds.builder(
+        data_config.tfds_name, data_dir=data_dir, file_format="array_record"
+    )
+    return (
+        builder,
+        data_config.text_key,
+        {
+            TRAIN: data_config.train_split,
+            VALIDATION: data_config.validation_split,
+        },
+    )
   raise CorpusError(
-      f"Unknown config.data.source {source!r}; use 'stdlib', 'files' or 'tfds'.")
+      f"Unknown config.data.source {source!r}; use 'stdlib', 'files' or 'tfds'."
+  )
 
 
 def prepare_corpus(data_config, data_dir: str):

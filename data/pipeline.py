@@ -37,8 +37,9 @@ import time
 from typing import Any
 
 import grain
+import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from tqdm import tqdm
 
 from data import tokenizer as tok
@@ -65,7 +66,8 @@ def prepared_vocab_size(workdir: str) -> int:
   if read_meta(layout.data_dir(workdir), "train") is None:
     raise tok.TokenizerError(
         f"No prepared data under {layout.data_dir(workdir)}; run `python -m"
-        " data.prepare` (or experiments.run) first.")
+        " data.prepare` (or experiments.run) first."
+    )
   return tok.load_tokenizer(layout.tokenizer_path(workdir)).get_vocab_size()
 
 
@@ -77,17 +79,27 @@ def read_meta(data_dir: str, split: str) -> dict[str, Any] | None:
   path = os.path.join(tokens_dir(data_dir, split), META)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
 def _decode(example: dict[str, Any], text_key: str) -> str:
   value = example[text_key]
-  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+  return (
+      value.decode("utf-8", errors="replace")
+      if isinstance(value, bytes)
+      else str(value)
+  )
 
 
-def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
-                   split: str, batch_size: int = 64) -> dict[str, Any]:
+def tokenize_split(
+    source,
+    text_key: str,
+    tokenizer_path: str,
+    data_dir: str,
+    split: str,
+    batch_size: int = 64,
+) -> dict[str, Any]:
   """Tokenizes a split's documents into a packed token stream (see module doc).
 
   Skipped when the stream exists for the same tokenizer. Written to a
@@ -102,9 +114,11 @@ def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
   vocab_size = tokenizer.get_vocab_size()
   dtype = token_dtype(vocab_size)
 
-  ds = (grain.MapDataset.source(source)
-        .map(lambda ex: _decode(ex, text_key))
-        .batch(batch_size, batch_fn=list))
+  ds = (
+      grain.MapDataset.source(source)
+      .map(lambda ex: _decode(ex, text_key))
+      .batch(batch_size, batch_fn=list)
+  )
   pieces, lengths, num_bytes = [], [], 0
   start = time.time()
   with tqdm(total=len(source), desc=f"tokenize {split}", unit="doc") as bar:
@@ -135,8 +149,13 @@ def tokenize_split(source, text_key: str, tokenizer_path: str, data_dir: str,
     np.save(os.path.join(tmp, "tokens.npy"), stream)
     np.save(os.path.join(tmp, "doc_offsets.npy"), offsets)
     files.write_json(os.path.join(tmp, META), meta)
-  logging.info("Tokenized %s: %d docs, %d tokens, %.2f bytes/token", split,
-               meta["num_docs"], meta["num_tokens"], meta["bytes_per_token"])
+  logging.info(
+      "Tokenized %s: %d docs, %d tokens, %.2f bytes/token",
+      split,
+      meta["num_docs"],
+      meta["num_tokens"],
+      meta["bytes_per_token"],
+  )
   return meta
 
 
@@ -170,14 +189,16 @@ class PackedRows:
     if meta is None:
       raise DataError(
           f"No tokenized {split!r} split under {self._dir}; run"
-          " `python -m data.prepare` first.")
+          " `python -m data.prepare` first."
+      )
     self.meta = meta
     self.row_len = seq_len + 1
     self._num_rows = meta["num_tokens"] // self.row_len
     if self._num_rows == 0:
       raise DataError(
           f"The {split} split has {meta['num_tokens']} tokens, fewer than one row"
-          f" of seq_len + 1 = {self.row_len}; lower config.data.seq_len.")
+          f" of seq_len + 1 = {self.row_len}; lower config.data.seq_len."
+      )
     self._tokens = None
     self._offsets = None
 
@@ -205,7 +226,9 @@ class PackedRows:
     doc = np.searchsorted(self._offsets, idx, side="right") - 1
     doc_start = np.maximum(self._offsets[doc], start)
     return {
-        "tokens": np.asarray(self._tokens[start:start + self.row_len], np.int32),
+        "tokens": np.asarray(
+            self._tokens[start : start + self.row_len], np.int32
+        ),
         "segment_ids": (doc - doc[0] + 1).astype(np.int32),
         "positions": (idx - doc_start).astype(np.int32),
     }
@@ -220,12 +243,21 @@ def target_mask(segment_ids: np.ndarray) -> np.ndarray:
   return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
 
 
-def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
-                 seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, drop_remainder: bool = True,
-                 num_rows: int | None = None,
-                 worker_count: int = 0) -> grain.IterDataset:
+def make_dataset(
+    data_dir: str,
+    split: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    num_rows: int | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
   """The batched, per-process pipeline over packed rows (see module doc).
 
   ``batch_size`` is the global batch; each of the ``process_count`` processes
@@ -238,19 +270,34 @@ def make_dataset(data_dir: str, split: str, *, seq_len: int, batch_size: int,
     if not 0 < num_rows <= len(ds):
       raise DataError(
           f"num_rows={num_rows} is outside [1, {len(ds)}] for the {split} split"
-          f" under {data_dir}; the cache and the data do not belong together.")
+          f" under {data_dir}; the cache and the data do not belong together."
+      )
     ds = ds[:num_rows]
-  return batched(ds, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                 num_epochs=num_epochs, process_index=process_index,
-                 process_count=process_count, drop_remainder=drop_remainder,
-                 worker_count=worker_count)
+  return batched(
+      ds,
+      batch_size=batch_size,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      process_index=process_index,
+      process_count=process_count,
+      drop_remainder=drop_remainder,
+      worker_count=worker_count,
+  )
 
 
-def batched(ds: grain.MapDataset, *, batch_size: int, seed: int = 0,
-            shuffle: bool = True, num_epochs: int | None = None,
-            process_index: int | None = None, process_count: int | None = None,
-            drop_remainder: bool = True,
-            worker_count: int = 0) -> grain.IterDataset:
+def batched(
+    ds: grain.MapDataset,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+) -> grain.IterDataset:
   """The tail every training input shares: rows -> per-process batches.
 
   Shuffle by seed (a new order each epoch) -> repeat (``num_epochs=None``:
@@ -260,11 +307,12 @@ def batched(ds: grain.MapDataset, *, batch_size: int, seed: int = 0,
   targets), which keeps every run of a config on the same rows.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel  (keeps data/ light)
     process_index, process_count = jax.process_index(), jax.process_count()
   if batch_size % process_count:
-    raise DataError(f"config.data.batch_size={batch_size} is not divisible by"
-                    f" the {process_count} processes; choose a multiple.")
+    raise DataError(
+        f"config.data.batch_size={batch_size} is not divisible by"
+        f" the {process_count} processes; choose a multiple."
+    )
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
@@ -273,11 +321,11 @@ def batched(ds: grain.MapDataset, *, batch_size: int, seed: int = 0,
   ds = ds.batch(batch_size // process_count, drop_remainder=drop_remainder)
   it_ds = ds.to_iter_dataset()
   if worker_count > 0:
-    from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags.
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
+        grain.MultiprocessingOptions(num_workers=worker_count)
+    )
   return it_ds
 
 

@@ -25,9 +25,13 @@ from distill.core import cli, files, layout
 def _training_texts(source, text_key: str, max_bytes: int):
   """Train-split texts for the tokenizer, up to ``max_bytes`` (0: all)."""
   total = 0
-  for i in range(len(source)):
+  for i in range(len(source)):  # pylint: disable=consider-using-enumerate
     value = source[i][text_key]
-    text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+    text = (
+        value.decode("utf-8", errors="replace")
+        if isinstance(value, bytes)
+        else value
+    )
     yield text
     total += len(text)
     if max_bytes and total >= max_bytes:
@@ -42,22 +46,29 @@ def check_existing_tokenizer(data_config, path: str) -> None:
     raise tok.TokenizerError(
         f"{path} has a vocab of {size} but config.data.vocab_size is"
         f" {data_config.vocab_size}. Set --config.data.vocab_size={size} to use"
-        " it, or move the file away to train a new one.")
+        " it, or move the file away to train a new one."
+    )
   tok.special_ids(existing)  # Fails early if it cannot separate documents.
 
 
-def _adopt_or_train_tokenizer(data_config, path: str, train_source,
-                              text_key: str) -> str:
+def _adopt_or_train_tokenizer(
+    data_config, path: str, train_source, text_key: str
+) -> str:
   if os.path.isfile(path):
     check_existing_tokenizer(data_config, path)
     return "adopted"
   start = time.time()
   tokenizer = tok.train_tokenizer(
       _training_texts(train_source, text_key, data_config.tokenizer_max_bytes),
-      data_config.vocab_size)
+      data_config.vocab_size,
+  )
   tok.save_tokenizer(tokenizer, path)
-  logging.info("Trained a %d-entry BPE tokenizer in %.1fs -> %s",
-               tokenizer.get_vocab_size(), time.time() - start, path)
+  logging.info(
+      "Trained a %d-entry BPE tokenizer in %.1fs -> %s",
+      tokenizer.get_vocab_size(),
+      time.time() - start,
+      path,
+  )
   return "trained"
 
 
@@ -70,25 +81,35 @@ def prepare(config, workdir: str) -> dict[str, Any]:
   if os.path.isfile(tpath):
     check_existing_tokenizer(config.data, tpath)
   if os.path.isfile(summary_path) and os.path.isfile(tpath):
-    with open(summary_path) as f:
+    with open(summary_path, encoding="utf-8") as f:
       summary = json.load(f)
-    if (summary.get("dataset") == builder.info.full_name
-        and summary.get("tokenizer_hash") == tok.tokenizer_hash(tpath)):
-      logging.info("prepare: already done (%s, %s); nothing to do.", ddir, tpath)
+    if summary.get("dataset") == builder.info.full_name and summary.get(
+        "tokenizer_hash"
+    ) == tok.tokenizer_hash(tpath):
+      logging.info(
+          "prepare: already done (%s, %s); nothing to do.", ddir, tpath
+      )
       print(f"prepare: already done ({ddir}); nothing to do.")
       summary["skipped"] = True
       return summary
 
   builder.download_and_prepare()
-  sources = {name: builder.as_data_source(split=tfds_split)
-             for name, tfds_split in splits.items()}
+  sources = {
+      name: builder.as_data_source(split=tfds_split)
+      for name, tfds_split in splits.items()
+  }
   for name, source in sources.items():
     if len(source) == 0:
-      raise corpus.CorpusError(f"The {name} split of {builder.info.full_name} is empty.")
-  tokenizer_status = _adopt_or_train_tokenizer(config.data, tpath,
-                                               sources["train"], text_key)
-  metas = {name: pipeline.tokenize_split(source, text_key, tpath, ddir, name)
-           for name, source in sources.items()}
+      raise corpus.CorpusError(
+          f"The {name} split of {builder.info.full_name} is empty."
+      )
+  tokenizer_status = _adopt_or_train_tokenizer(
+      config.data, tpath, sources["train"], text_key
+  )
+  metas = {
+      name: pipeline.tokenize_split(source, text_key, tpath, ddir, name)
+      for name, source in sources.items()
+  }
   summary = {
       "dataset": builder.info.full_name,
       "tokenizer": tokenizer_status,
@@ -98,8 +119,10 @@ def prepare(config, workdir: str) -> dict[str, Any]:
   }
   files.write_json(summary_path, summary)
   for name, meta in metas.items():
-    print(f"prepare: {name}: {meta['num_docs']} docs, {meta['num_bytes']:,} bytes,"
-          f" {meta['num_tokens']:,} tokens ({meta['bytes_per_token']:.2f} bytes/token)")
+    print(
+        f"prepare: {name}: {meta['num_docs']} docs, {meta['num_bytes']:,} bytes,"
+        f" {meta['num_tokens']:,} tokens ({meta['bytes_per_token']:.2f} bytes/token)"
+    )
   return summary
 
 

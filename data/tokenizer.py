@@ -34,13 +34,15 @@ class TokenizerError(UserError):
   """The tokenizer file is missing, unreadable or does not fit the config."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int,
-                    min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2
+) -> Tokenizer:
   """Trains a byte-level BPE with ``vocab_size`` entries, specials first."""
   if vocab_size < 256 + len(SPECIALS):
     raise TokenizerError(
         f"config.data.vocab_size={vocab_size} is too small for a byte-level BPE;"
-        f" use at least {256 + len(SPECIALS)}")
+        f" use at least {256 + len(SPECIALS)}"
+    )
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
@@ -62,7 +64,9 @@ def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
 
 def load_tokenizer(path: str) -> Tokenizer:
   if not os.path.isfile(path):
-    raise TokenizerError(f"No tokenizer at {path}; run `python -m data.prepare` first.")
+    raise TokenizerError(
+        f"No tokenizer at {path}; run `python -m data.prepare` first."
+    )
   try:
     return Tokenizer.from_file(path)
   except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
@@ -87,7 +91,8 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
   if EOS not in ids:
     raise TokenizerError(
         "The tokenizer has no end-of-sequence token (looked for"
-        f" {', '.join(_ALIASES[EOS])}); documents cannot be separated.")
+        f" {', '.join(_ALIASES[EOS])}); documents cannot be separated."
+    )
   ids.setdefault(PAD, ids[EOS])
   ids.setdefault(BOS, ids[EOS])
   return {"pad": ids[PAD], "eos": ids[EOS], "bos": ids[BOS]}

@@ -53,31 +53,42 @@ def model_folders(workdir: str) -> dict[str, str]:
   return folders
 
 
-def validation_prompts(workdir: str, count: int, length: int) -> list[list[int]]:
+def validation_prompts(
+    workdir: str, count: int, length: int
+) -> list[list[int]]:
   """Prompts from the held-out split: EOS then the first ``length - 1`` tokens
   of each of the first ``count`` validation documents that are that long
   (a document starts after an EOS in training, so that is how prompts start).
   """
   directory = pipeline.tokens_dir(layout.data_dir(workdir), "validation")
   stream, offsets = pipeline.load_stream(directory)
-  eos = tok.special_ids(tok.load_tokenizer(layout.tokenizer_path(workdir)))["eos"]
+  eos = tok.special_ids(tok.load_tokenizer(layout.tokenizer_path(workdir)))[
+      "eos"
+  ]
   prompts = []
   for start, stop in zip(offsets[:-1], offsets[1:]):
     if len(prompts) == count:
       break
     if stop - start > length:
-      prompts.append([eos] + [int(t) for t in stream[start:start + length - 1]])
+      prompts.append(
+          [eos] + [int(t) for t in stream[start : start + length - 1]]
+      )
   if not prompts:
-    raise UserError(f"No validation document under {directory} is longer than"
-                    f" {length} tokens; lower config.eval.speculative.prompt_len.")
+    raise UserError(
+        f"No validation document under {directory} is longer than"
+        f" {length} tokens; lower config.eval.speculative.prompt_len."
+    )
   return prompts
 
 
 def speed(model, e) -> dict[str, dict[str, float]]:
   """Prefill and decode tokens/s at each of ``e.batch_sizes`` (``config.eval.speed``)."""
-  return {f"batch_{b}": gen.measure_speed(model, e.prompt_len, e.new_tokens, b,
-                                          repeats=e.repeats)
-          for b in e.batch_sizes}
+  return {
+      f"batch_{b}": gen.measure_speed(
+          model, e.prompt_len, e.new_tokens, b, repeats=e.repeats
+      )
+      for b in e.batch_sizes
+  }
 
 
 def speculative_figures(teacher, student, prompts, baselines, e) -> list[dict]:
@@ -92,23 +103,41 @@ def speculative_figures(teacher, student, prompts, baselines, e) -> list[dict]:
   """
   out = []
   for gamma in e.gammas:
-    runs = [spec.compare(teacher, student, p, e.new_tokens, gamma=gamma,
-                         repeats=e.repeats, baseline=b)
-            for p, b in zip(prompts, baselines)]
-    total = lambda key: sum(r[key] for r in runs)
-    out.append({
-        "gamma": gamma, "prompts": len(runs),
-        "acceptance_rate": total("accepted") / max(total("proposed"), 1),
-        "tokens_per_teacher_call": sum(len(r["tokens"]) for r in runs)
-                                   / max(total("teacher_calls"), 1),
-        "teacher_wall_s": total("teacher_wall_s"),
-        "speculative_wall_s": total("speculative_wall_s"),
-        "speedup": total("teacher_wall_s") / total("speculative_wall_s"),
-        "matches_teacher": all(r["matches_teacher"] for r in runs)})
+    runs = [
+        spec.compare(
+            teacher,
+            student,
+            p,
+            e.new_tokens,
+            gamma=gamma,
+            repeats=e.repeats,
+            baseline=b,
+        )
+        for p, b in zip(prompts, baselines)
+    ]
+
+    def total(key, runs=runs):
+      return sum(r[key] for r in runs)
+
+    out.append(
+        {
+            "gamma": gamma,
+            "prompts": len(runs),
+            "acceptance_rate": total("accepted") / max(total("proposed"), 1),
+            "tokens_per_teacher_call": sum(len(r["tokens"]) for r in runs)
+            / max(total("teacher_calls"), 1),
+            "teacher_wall_s": total("teacher_wall_s"),
+            "speculative_wall_s": total("speculative_wall_s"),
+            "speedup": total("teacher_wall_s") / total("speculative_wall_s"),
+            "matches_teacher": all(r["matches_teacher"] for r in runs),
+        }
+    )
   return out
 
 
-def cache_figures(workdir: str, sample_records: int = 64) -> dict[str, Any] | None:
+def cache_figures(
+    workdir: str, sample_records: int = 64
+) -> dict[str, Any] | None:
   """Bytes per cached token of each method, and the cache's writing time.
 
   A record may hold both targets; each method's size is measured by
@@ -120,31 +149,51 @@ def cache_figures(workdir: str, sample_records: int = 64) -> dict[str, Any] | No
   except cache.CacheError:
     return None
   out: dict[str, Any] = {
-      "records": manifest["num_records"], "seq_len": manifest["seq_len"],
-      "methods": manifest["methods"], "k": manifest["k"],
+      "records": manifest["num_records"],
+      "seq_len": manifest["seq_len"],
+      "methods": manifest["methods"],
+      "k": manifest["k"],
       "num_samples": manifest["num_samples"],
       "seconds": sum(s.get("seconds", 0.0) for s in manifest["shards"]),
       "file_bytes_per_token": sum(s["bytes"] for s in manifest["shards"])
-                              / (manifest["num_records"] * manifest["seq_len"])}
-  source = {m: cache.CacheSource(directory, m, manifest) for m in manifest["methods"]}
+      / (manifest["num_records"] * manifest["seq_len"]),
+  }
+  source = {
+      m: cache.CacheSource(directory, m, manifest) for m in manifest["methods"]
+  }
   vocab = manifest["vocab_size"]
   n = min(sample_records, manifest["num_records"])
   for method, src in source.items():
     sizes = []
     for i in range(n):
       r = src[i]
-      kwargs = ({"topk_ids": r["ids"], "topk_log_probs": r["log_probs"],
-                 "topk_tail": r["tail"]} if method == "topk"
-                else {"sample_ids": r["ids"], "sample_counts": r["counts"]})
-      sizes.append(len(cache_format.encode_record(
-          r["tokens"], r["segment_ids"], vocab_size=vocab, **kwargs)))
-    out[f"{method}_bytes_per_token"] = float(np.mean(sizes)) / manifest["seq_len"]
+      kwargs = (
+          {
+              "topk_ids": r["ids"],
+              "topk_log_probs": r["log_probs"],
+              "topk_tail": r["tail"],
+          }
+          if method == "topk"
+          else {"sample_ids": r["ids"], "sample_counts": r["counts"]}
+      )
+      sizes.append(
+          len(
+              cache_format.encode_record(
+                  r["tokens"], r["segment_ids"], vocab_size=vocab, **kwargs
+              )
+          )
+      )
+    out[f"{method}_bytes_per_token"] = (
+        float(np.mean(sizes)) / manifest["seq_len"]
+    )
   return out
 
 
 def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
-  return {"steps": {n: ckpt.latest_step(p) for n, p in folders.items()},
-          "eval": config.eval.to_dict()}
+  return {
+      "steps": {n: ckpt.latest_step(p) for n, p in folders.items()},
+      "eval": config.eval.to_dict(),
+  }
 
 
 def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -155,18 +204,31 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   the teacher's; ``decode_speedup_b1``: the best student's batch-1 decode
   tokens/s over the teacher's. Missing pieces give None.
   """
-  distilled = {n: e for n, e in models.items()
-               if n != "teacher" and e.get("mode") not in (None, "ce")}
+  distilled = {
+      n: e
+      for n, e in models.items()
+      if n != "teacher" and e.get("mode") not in (None, "ce")
+  }
   ce = report.ce_baseline(models)
   teacher = models.get("teacher")
-  best = min(distilled, key=lambda n: distilled[n]["loss"]) if distilled else None
-  out: dict[str, Any] = {"best_distilled": best, "distill_gain": None,
-                         "teacher_gain": None, "decode_speedup_b1": None}
+  best = (
+      min(distilled, key=lambda n: distilled[n]["loss"]) if distilled else None
+  )
+  out: dict[str, Any] = {
+      "best_distilled": best,
+      "distill_gain": None,
+      "teacher_gain": None,
+      "decode_speedup_b1": None,
+  }
   if best and ce:
     out["distill_gain"] = ce["loss"] - distilled[best]["loss"]
   if teacher and ce:
     out["teacher_gain"] = ce["loss"] - teacher["loss"]
-  decode = lambda e: e.get("decode", {}).get("batch_1", {}).get("decode_tokens_per_s")
+  decode = (
+      lambda e: e.get("decode", {})
+      .get("batch_1", {})
+      .get("decode_tokens_per_s")
+  )
   if best and teacher and decode(distilled[best]) and decode(teacher):
     out["decode_speedup_b1"] = decode(distilled[best]) / decode(teacher)
   return out
@@ -176,13 +238,15 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs the stage; returns the report (also written to W/eval/report.json)."""
   folders = model_folders(workdir)
   if not folders:
-    raise UserError(f"Nothing to evaluate in {workdir}: no teacher/ or student/<run>/"
-                    " with a checkpoint. Run the teacher and distill stages first.")
+    raise UserError(
+        f"Nothing to evaluate in {workdir}: no teacher/ or student/<run>/"
+        " with a checkpoint. Run the teacher and distill stages first."
+    )
   out_dir = layout.eval_dir(workdir)
   json_path = os.path.join(out_dir, "report.json")
   fingerprint = json.loads(json.dumps(_fingerprint(folders, config)))
   if os.path.isfile(json_path):
-    with open(json_path) as f:
+    with open(json_path, encoding="utf-8") as f:
       previous = json.load(f)
     if previous.get("inputs") == fingerprint:
       print(f"evaluate: report is up to date ({json_path}); nothing to do.")
@@ -198,20 +262,35 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     if name != "teacher":
       settings = ckpt.read_config(path).get("settings", {})
       entry["mode"], entry["target"], entry["loss_kind"] = (
-          settings.get("mode"), settings.get("target"), settings.get("loss"))
+          settings.get("mode"),
+          settings.get("target"),
+          settings.get("loss"),
+      )
     entry["params"] = loaded[name].param_counts()
-    entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(loaded[name].config)
+    entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(
+        loaded[name].config
+    )
     models[name] = entry
 
   started = time.time()
   rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
   batches = rows // data.batch_size
-  with tqdm(total=min(e.batches, batches) if e.batches else batches,
-            desc="evaluate: validation", unit="batch") as bar:
+  with tqdm(
+      total=min(e.batches, batches) if e.batches else batches,
+      desc="evaluate: validation",
+      unit="batch",
+  ) as bar:
     scores = validation.validation_pass(
-        loaded, teacher, data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
-        max_batches=e.batches, chunk_size=config.distill.loss_chunk,
-        num_bins=e.ece_bins, progress=lambda i: bar.update(1))
+        loaded,
+        teacher,
+        data_dir,
+        seq_len=data.seq_len,
+        batch_size=data.batch_size,
+        max_batches=e.batches,
+        chunk_size=config.distill.loss_chunk,
+        num_bins=e.ece_bins,
+        progress=lambda i: bar.update(1),
+    )
   for name, values in scores.items():
     models[name].update(values)
   logging.info("validation pass: %.1fs", time.time() - started)
@@ -223,21 +302,29 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   if teacher is not None and students and e.speculative.gammas:
     sp = e.speculative
     prompts = validation_prompts(workdir, sp.prompts, sp.prompt_len)
-    baselines = [spec.teacher_baseline(teacher, p, sp.new_tokens, repeats=sp.repeats)
-                 for p in prompts]
+    baselines = [
+        spec.teacher_baseline(teacher, p, sp.new_tokens, repeats=sp.repeats)
+        for p in prompts
+    ]
     for name in tqdm(students, desc="evaluate: speculative", unit="drafter"):
       models[name]["speculative"] = speculative_figures(
-          teacher, loaded[name], prompts, baselines, sp)
+          teacher, loaded[name], prompts, baselines, sp
+      )
 
-  result = {"inputs": fingerprint, "models": models,
-            "summary": headline(models), "cache": cache_figures(workdir),
-            "machine": report.machine_description(),
-            "seconds": round(time.time() - started, 1)}
+  result = {
+      "inputs": fingerprint,
+      "models": models,
+      "summary": headline(models),
+      "cache": cache_figures(workdir),
+      "machine": report.machine_description(),
+      "seconds": round(time.time() - started, 1),
+  }
   os.makedirs(out_dir, exist_ok=True)
-  result["plots"] = report.write_plots(out_dir, workdir, models)
+  result["plots"] = report.write_plots(out_dir, models)
   files.write_json(json_path, result)
-  md_path = files.write_text(os.path.join(out_dir, "report.md"),
-                             report.markdown(result))
+  md_path = files.write_text(
+      os.path.join(out_dir, "report.md"), report.markdown(result)
+  )
   print(f"evaluate: wrote {md_path} and {json_path}")
   return result
 

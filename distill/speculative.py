@@ -53,6 +53,7 @@ class SpeculativeResult:
   draft_calls: student forward passes while drafting (prefill not counted).
   wall_s: seconds of the whole generation, prefill included.
   """
+
   tokens: list[int]
   proposed: int
   accepted: int
@@ -69,11 +70,16 @@ class SpeculativeResult:
     return len(self.tokens) / max(self.teacher_calls, 1)
 
   def to_dict(self) -> dict[str, Any]:
-    return {"tokens": list(self.tokens), "proposed": self.proposed,
-            "accepted": self.accepted, "teacher_calls": self.teacher_calls,
-            "draft_calls": self.draft_calls, "wall_s": self.wall_s,
-            "acceptance_rate": self.acceptance_rate,
-            "tokens_per_teacher_call": self.tokens_per_teacher_call}
+    return {
+        "tokens": list(self.tokens),
+        "proposed": self.proposed,
+        "accepted": self.accepted,
+        "teacher_calls": self.teacher_calls,
+        "draft_calls": self.draft_calls,
+        "wall_s": self.wall_s,
+        "acceptance_rate": self.acceptance_rate,
+        "tokens_per_teacher_call": self.tokens_per_teacher_call,
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -81,20 +87,35 @@ class SpeculativeResult:
 
 
 @gen.per_model(static_argnames=("gamma", "greedy"), donate_argnames=("cache",))
-def _draft(graphdef, state, cache, tokens, positions, key, round_, temperature,
-           top_p, *, gamma: int, greedy: bool):
+def _draft(
+    graphdef,
+    state,
+    cache,
+    tokens,
+    positions,
+    key,
+    round_,
+    temperature,
+    top_p,
+    *,
+    gamma: int,
+    greedy: bool,
+):
   """Student drafts gamma tokens after the chunk tokens/positions [1, c].
 
   -> drafts [gamma] int32, q [gamma, V] (the draft distributions; zeros
   when greedy), cache.
   """
   model = nnx.merge(graphdef, state)
-  keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, round_), 0),
-                          gamma)
+  keys = jax.random.split(
+      jax.random.fold_in(jax.random.fold_in(key, round_), 0), gamma
+  )
 
   def choose(logits, k):  # logits [1, V]
     if greedy:
-      return gen.pick(logits, k, temperature, top_p, greedy=True), jnp.zeros_like(logits)
+      return gen.pick(
+          logits, k, temperature, top_p, greedy=True
+      ), jnp.zeros_like(logits)
     q = gen.sampling_probs(logits, temperature, top_p)
     return jax.random.categorical(k, jnp.log(q), axis=-1).astype(jnp.int32), q
 
@@ -116,8 +137,21 @@ def _draft(graphdef, state, cache, tokens, positions, key, round_, temperature,
 
 
 @gen.per_model(static_argnames=("greedy",), donate_argnames=("cache",))
-def _verify(graphdef, state, cache, last, drafts, q, position, key, round_,
-            temperature, top_p, *, greedy: bool):
+def _verify(
+    graphdef,
+    state,
+    cache,
+    last,
+    drafts,
+    q,
+    position,
+    key,
+    round_,
+    temperature,
+    top_p,
+    *,
+    greedy: bool,
+):
   """Teacher checks the drafts in one pass.
 
   last: the last committed token (scalar), drafts [gamma], q [gamma, V],
@@ -127,10 +161,10 @@ def _verify(graphdef, state, cache, last, drafts, q, position, key, round_,
   model = nnx.merge(graphdef, state)
   gamma = drafts.shape[0]
   key = jax.random.fold_in(jax.random.fold_in(key, round_), 1)
-  tokens = jnp.concatenate([last[None], drafts])[None]           # [1, gamma+1]
+  tokens = jnp.concatenate([last[None], drafts])[None]  # [1, gamma+1]
   positions = position + jnp.arange(gamma + 1, dtype=jnp.int32)[None]
   logits, cache = model.decode(tokens, cache, positions)
-  logits = logits[0]                                              # [gamma+1, V]
+  logits = logits[0]  # [gamma+1, V]
   if greedy:
     choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     ok = drafts == choice[:gamma]
@@ -140,13 +174,15 @@ def _verify(graphdef, state, cache, last, drafts, q, position, key, round_,
     p = gen.sampling_probs(logits, temperature, top_p)
     accepted, token = accept_reject(key, p, q, drafts)
   i = jnp.arange(gamma + 1)
-  committed = jnp.where(i < accepted, jnp.append(drafts, 0),
-                        jnp.where(i == accepted, token, -1))
+  committed = jnp.where(
+      i < accepted, jnp.append(drafts, 0), jnp.where(i == accepted, token, -1)
+  )
   return jnp.concatenate([accepted[None], committed]).astype(jnp.int32), cache
 
 
-def accept_reject(key: jax.Array, p: jax.Array, q: jax.Array,
-                  drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
+def accept_reject(
+    key: jax.Array, p: jax.Array, q: jax.Array, drafts: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The speculative sampling rule for one round.
 
   p [gamma+1, V] teacher probabilities, q [gamma, V] draft probabilities,
@@ -160,13 +196,15 @@ def accept_reject(key: jax.Array, p: jax.Array, q: jax.Array,
   p_d = p[idx, drafts]
   q_d = q[idx, drafts]
   u = jax.random.uniform(k_accept, (gamma,))
-  ok = u * q_d < p_d                                  # u < min(1, p/q)
+  ok = u * q_d < p_d  # u < min(1, p/q)
   accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
   q_ext = jnp.concatenate([q, jnp.zeros_like(p[:1])])  # bonus: p - 0 = p
   residual = jnp.maximum(p[accepted] - q_ext[accepted], 0.0)
   total = jnp.sum(residual)
   # total == 0 only if p == q there, when a rejection cannot happen.
-  residual = jnp.where(total > 0, residual / jnp.maximum(total, 1e-30), p[accepted])
+  residual = jnp.where(
+      total > 0, residual / jnp.maximum(total, 1e-30), p[accepted]
+  )
   token = jax.random.categorical(k_token, jnp.log(residual)).astype(jnp.int32)
   return accepted, token
 
@@ -180,18 +218,26 @@ def _fill(model, tokens: list[int], max_len: int, rollback: int):
   graphdef, state = nnx.split(model)
   if tokens:
     array, positions = gen.left_pad([tokens], gen.PROMPT_BUCKET)
-    _, cache = gen.prefill(graphdef)(state, array, positions, max_len=max_len,
-                                     rollback=rollback)
+    _, cache = gen.prefill(graphdef)(
+        state, array, positions, max_len=max_len, rollback=rollback
+    )
   else:
     cache = model.init_cache(1, max_len, rollback=rollback)
   return graphdef, state, cache
 
 
-def speculative_generate(teacher: nnx.Module, student: nnx.Module,
-                         prompt_tokens: Sequence[int], max_new_tokens: int, *,
-                         gamma: int = 4, temperature: float = 0.0,
-                         top_p: float = 1.0, eos_id: int | None = None,
-                         key: jax.Array | None = None) -> SpeculativeResult:
+def speculative_generate(
+    teacher: nnx.Module,
+    student: nnx.Module,
+    prompt_tokens: Sequence[int],
+    max_new_tokens: int,
+    *,
+    gamma: int = 4,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+) -> SpeculativeResult:
   """Generates with the student drafting ``gamma`` tokens per teacher call.
 
   prompt_tokens: one prompt (ints, at least one). Greedy (temperature 0)
@@ -203,19 +249,24 @@ def speculative_generate(teacher: nnx.Module, student: nnx.Module,
   start = time.perf_counter()
   prompt = [int(t) for t in np.asarray(prompt_tokens).reshape(-1)]
   if not prompt:
-    raise ValueError("the prompt needs at least one token (e.g. the BOS/EOS id)")
+    raise ValueError(
+        "the prompt needs at least one token (e.g. the BOS/EOS id)"
+    )
   if gamma < 1:
     raise ValueError(f"gamma={gamma} must be >= 1")
   vt, vs = teacher.config.vocab_size, student.config.vocab_size
   if vt != vs:
-    raise ValueError(f"teacher vocab {vt} != student vocab {vs}: the drafter must"
-                     " share the teacher's tokenizer and vocabulary")
+    raise ValueError(
+        f"teacher vocab {vt} != student vocab {vs}: the drafter must"
+        " share the teacher's tokenizer and vocabulary"
+    )
   greedy = temperature <= 0
   key = jax.random.key(0) if key is None else key
   temp = np.float32(max(temperature, 1e-6))
   top_p = np.float32(top_p)
-  max_len = gen.round_up(len(prompt) + max_new_tokens + gamma + 1,
-                         gen.LENGTH_BUCKET)
+  max_len = gen.round_up(
+      len(prompt) + max_new_tokens + gamma + 1, gen.LENGTH_BUCKET
+  )
   t_graph, t_state, t_cache = _fill(teacher, prompt[:-1], max_len, gamma)
   s_graph, s_state, s_cache = _fill(student, prompt[:-1], max_len, gamma)
   draft, verify = _draft(s_graph), _verify(t_graph)
@@ -230,16 +281,36 @@ def speculative_generate(teacher: nnx.Module, student: nnx.Module,
     first = max(0, n - 2)
     chunk = np.asarray([seq[first:n]], np.int32)
     positions = np.arange(first, n, dtype=np.int32)[None]
-    drafts, q, s_cache = draft(s_state, s_cache, chunk, positions, key,
-                               round_, temp, top_p, gamma=gamma, greedy=greedy)
-    verdict, t_cache = verify(t_state, t_cache, np.int32(seq[-1]), drafts, q,
-                              np.int32(n - 1), key, round_, temp, top_p,
-                              greedy=greedy)
+    drafts, q, s_cache = draft(
+        s_state,
+        s_cache,
+        chunk,
+        positions,
+        key,
+        round_,
+        temp,
+        top_p,
+        gamma=gamma,
+        greedy=greedy,
+    )
+    verdict, t_cache = verify(
+        t_state,
+        t_cache,
+        np.int32(seq[-1]),
+        drafts,
+        q,
+        np.int32(n - 1),
+        key,
+        round_,
+        temp,
+        top_p,
+        greedy=greedy,
+    )
     draft_calls += gamma
     teacher_calls += 1
     verdict = np.asarray(verdict)
     a = int(verdict[0])
-    new = [int(t) for t in verdict[1:a + 2]]
+    new = [int(t) for t in verdict[1 : a + 2]]
     proposed += gamma
     accepted_total += a
     for t in new:
@@ -247,28 +318,49 @@ def speculative_generate(teacher: nnx.Module, student: nnx.Module,
         break
       out.append(t)
     seq.extend(new)
-  return SpeculativeResult(out, proposed, accepted_total, teacher_calls,
-                           draft_calls, time.perf_counter() - start)
+  return SpeculativeResult(
+      out,
+      proposed,
+      accepted_total,
+      teacher_calls,
+      draft_calls,
+      time.perf_counter() - start,
+  )
 
 
-def teacher_baseline(teacher: nnx.Module, prompt_tokens: Sequence[int],
-                     max_new_tokens: int, *, eos_id: int | None = None,
-                     repeats: int = 3) -> dict[str, Any]:
+def teacher_baseline(
+    teacher: nnx.Module,
+    prompt_tokens: Sequence[int],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+    repeats: int = 3,
+) -> dict[str, Any]:
   """The teacher's own greedy generation, timed: {"tokens", "wall_s"}.
 
   One warm-up run (compilation), then the median wall time of ``repeats``
   runs. ``compare`` takes it as ``baseline`` so several drafters share it.
   """
   seconds, tokens = gen.median_time(
-      lambda: gen.generate(teacher, [list(prompt_tokens)], max_new_tokens,
-                           eos_id=eos_id)[0], repeats)
+      lambda: gen.generate(
+          teacher, [list(prompt_tokens)], max_new_tokens, eos_id=eos_id
+      )[0],
+      repeats,
+  )
   return {"tokens": tokens, "wall_s": seconds}
 
 
-def compare(teacher: nnx.Module, student: nnx.Module,
-            prompt_tokens: Sequence[int], max_new_tokens: int, *,
-            gamma: int = 4, eos_id: int | None = None, repeats: int = 3,
-            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+def compare(
+    teacher: nnx.Module,
+    student: nnx.Module,
+    prompt_tokens: Sequence[int],
+    max_new_tokens: int,
+    *,
+    gamma: int = 4,
+    eos_id: int | None = None,
+    repeats: int = 3,
+    baseline: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """Greedy speculative decoding against the teacher alone, timed the same way.
 
   Both run once to warm up (compile), then ``repeats`` times; the medians
@@ -279,15 +371,27 @@ def compare(teacher: nnx.Module, student: nnx.Module,
   teacher's greedy output).
   """
   if baseline is None:
-    baseline = teacher_baseline(teacher, prompt_tokens, max_new_tokens,
-                                eos_id=eos_id, repeats=repeats)
+    baseline = teacher_baseline(
+        teacher, prompt_tokens, max_new_tokens, eos_id=eos_id, repeats=repeats
+    )
 
   spec_s, result = gen.median_time(
-      lambda: speculative_generate(teacher, student, prompt_tokens,
-                                   max_new_tokens, gamma=gamma, eos_id=eos_id),
-      repeats)
-  return {**result.to_dict(), "gamma": gamma,
-          "teacher_wall_s": baseline["wall_s"], "speculative_wall_s": spec_s,
-          "speedup": baseline["wall_s"] / spec_s,
-          "teacher_tokens": baseline["tokens"],
-          "matches_teacher": result.tokens == baseline["tokens"]}
+      lambda: speculative_generate(
+          teacher,
+          student,
+          prompt_tokens,
+          max_new_tokens,
+          gamma=gamma,
+          eos_id=eos_id,
+      ),
+      repeats,
+  )
+  return {
+      **result.to_dict(),
+      "gamma": gamma,
+      "teacher_wall_s": baseline["wall_s"],
+      "speculative_wall_s": spec_s,
+      "speedup": baseline["wall_s"] / spec_s,
+      "teacher_tokens": baseline["tokens"],
+      "matches_teacher": result.tokens == baseline["tokens"],
+  }

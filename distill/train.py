@@ -53,9 +53,11 @@ from teacher import load_teacher
 
 @dataclasses.dataclass(frozen=True)
 class RunKind:
-  mode: str                 # ce | online | offline
+  """What a run learns from: its mode, cached target and KD loss."""
+
+  mode: str  # ce | online | offline
   target: str | None = None  # offline: topk | sample
-  loss: str | None = None    # sparse_kl | ghost_kl | sampled_kl | dense
+  loss: str | None = None  # sparse_kl | ghost_kl | sampled_kl | dense
 
 
 RUN_KINDS = {
@@ -67,19 +69,26 @@ RUN_KINDS = {
     "topk_sparse": RunKind("offline", "topk", "sparse_kl"),
 }
 
-_RUN = flags.DEFINE_string("run", None, "Train only this run of config.distill.runs.")
+_RUN = flags.DEFINE_string(
+    "run", None, "Train only this run of config.distill.runs."
+)
 
 
 def model_config(config, vocab_size: int) -> student_config.StudentConfig:
-  return configs.from_preset(student_config.PRESETS, config.student.preset,
-                             config.student.model, what="student",
-                             vocab_size=vocab_size)
+  return configs.from_preset(
+      student_config.PRESETS,
+      config.student.preset,
+      config.student.model,
+      what="student",
+      vocab_size=vocab_size,
+  )
 
 
 def loop_config(config) -> trainer.LoopConfig:
   """The students' optimisation settings, ``config.distill.train``."""
-  return configs.from_section(trainer.LoopConfig, config.distill.train,
-                              where="config.distill.train")
+  return configs.from_section(
+      trainer.LoopConfig, config.distill.train, where="config.distill.train"
+  )
 
 
 def student_vocab_size(workdir: str, teacher=None) -> int:
@@ -98,26 +107,31 @@ def student_vocab_size(workdir: str, teacher=None) -> int:
         f"The teacher in {workdir}/teacher has {teacher.config.vocab_size}"
         f" embedding rows but {layout.tokenizer_path(workdir)} has"
         f" {tokenizer_vocab} tokens: they were not made together. Prepare the"
-        " data with the teacher's tokenizer (import the teacher first).")
+        " data with the teacher's tokenizer (import the teacher first)."
+    )
   return teacher.config.vocab_size
 
 
 def run_kind(run: str) -> RunKind:
   if run not in RUN_KINDS:
-    raise UserError(f"Unknown distillation run {run!r}; the runs are"
-                    f" {sorted(RUN_KINDS)}.")
+    raise UserError(
+        f"Unknown distillation run {run!r}; the runs are"
+        f" {sorted(RUN_KINDS)}."
+    )
   return RUN_KINDS[run]
 
 
 def _schedules(d):
   alpha = losses.schedule(d.alpha_schedule, d.alpha, d.alpha_end, d.train.steps)
-  temperature = losses.schedule(d.temperature_schedule, d.temperature,
-                                d.temperature_end, d.train.steps)
+  temperature = losses.schedule(
+      d.temperature_schedule, d.temperature, d.temperature_end, d.train.steps
+  )
   return alpha, temperature
 
 
-def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None,
-                topk_k: int = 64):
+def loss_fn_for(
+    kind: RunKind, d, cache_temperature: float | None = None, topk_k: int = 64
+):
   """``loss_fn(model, batch, step, *frozen)`` for the trainer.
 
   ``topk_k`` is the k of the ``online_topk`` run (the cache's k).
@@ -136,41 +150,63 @@ def loss_fn_for(kind: RunKind, d, cache_temperature: float | None = None,
     targets: dict[str, Any] = {"labels": x["labels"]}
 
     if kind.mode == "ce":
+
       def per_token(logits, t):
         return losses.cross_entropy_per_token(logits, t["labels"])
+
     elif kind.mode == "online":
-      teacher, = frozen
-      t_hidden, _ = teacher.hidden(x["inputs"], x["segment_ids"], x["positions"])
+      (teacher,) = frozen
+      t_hidden, _ = teacher.hidden(
+          x["inputs"], x["segment_ids"], x["positions"]
+      )
       targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
+
       def per_token(logits, t):
         t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
         if kind.target == "topk":  # What a top-k cache would have stored.
           log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
           ids, log_probs, tail = cache_format.topk_targets(log_p, topk_k)
-          kd = losses.ghost_kl_per_token(logits, ids, log_probs, tail, temperature)
+          kd = losses.ghost_kl_per_token(
+              logits, ids, log_probs, tail, temperature
+          )
         else:
-          kd = losses.dense_kd_per_token(logits, t_logits, temperature,
-                                         d.dense_kind, d.jsd_beta)
-        ce = losses.cross_entropy_per_token(logits, t["labels"])
-        return losses.mix_losses(ce, kd, alpha, temperature)
-    else:
-      # Cached targets are per position: [B, L, K] or [B, L], like the labels.
-      targets.update({k: batch[k] for k in ("ids", "log_probs", "tail", "counts")
-                      if k in batch})
-      def per_token(logits, t):
-        if kind.loss == "sparse_kl":
-          kd = losses.sparse_kl_per_token(logits, t["ids"], t["log_probs"], temperature)
-        elif kind.loss == "ghost_kl":
-          kd = losses.ghost_kl_per_token(logits, t["ids"], t["log_probs"], t["tail"],
-                                         temperature)
-        else:
-          kd = losses.sampled_kl_per_token(logits, t["ids"], t["counts"], temperature)
+          kd = losses.dense_kd_per_token(
+              logits, t_logits, temperature, d.dense_kind, d.jsd_beta
+          )
         ce = losses.cross_entropy_per_token(logits, t["labels"])
         return losses.mix_losses(ce, kd, alpha, temperature)
 
-    loss = losses.chunked_loss(hidden, model.logits_from_hidden, per_token,
-                               targets, x["mask"], chunk)
+    else:
+      # Cached targets are per position: [B, L, K] or [B, L], like the labels.
+      targets.update(
+          {
+              k: batch[k]
+              for k in ("ids", "log_probs", "tail", "counts")
+              if k in batch
+          }
+      )
+
+      def per_token(logits, t):
+        if kind.loss == "sparse_kl":
+          kd = losses.sparse_kl_per_token(
+              logits, t["ids"], t["log_probs"], temperature
+          )
+        elif kind.loss == "ghost_kl":
+          kd = losses.ghost_kl_per_token(
+              logits, t["ids"], t["log_probs"], t["tail"], temperature
+          )
+        else:
+          kd = losses.sampled_kl_per_token(
+              logits, t["ids"], t["counts"], temperature
+          )
+        ce = losses.cross_entropy_per_token(logits, t["labels"])
+        return losses.mix_losses(ce, kd, alpha, temperature)
+
+    loss = losses.chunked_loss(
+        hidden, model.logits_from_hidden, per_token, targets, x["mask"], chunk
+    )
     return loss, {"alpha": alpha, "temperature": temperature}
+
   return loss_fn
 
 
@@ -189,23 +225,37 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   tokenizer_path = layout.tokenizer_path(workdir)
   teacher = _teacher_or_none(workdir)
   if kind.mode == "online" and teacher is None:
-    raise UserError(f"Run {run!r} needs the teacher in {workdir}/teacher; run"
-                    " `python -m teacher.train` or `teacher.import_hf` first.")
+    raise UserError(
+        f"Run {run!r} needs the teacher in {workdir}/teacher; run"
+        " `python -m teacher.train` or `teacher.import_hf` first."
+    )
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
   out_dir = layout.student_dir(workdir, run)
   # As config.json will hold them (tuples become lists), to compare on resume.
-  settings = json.loads(json.dumps(
-      {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}))
+  settings = json.loads(
+      json.dumps(
+          {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}
+      )
+  )
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="student")
-    if existing["model"] != ckpt.config_to_dict(cfg) or existing.get("settings") != settings:
+    if (
+        existing["model"] != ckpt.config_to_dict(cfg)
+        or existing.get("settings") != settings
+    ):
       raise UserError(
           f"{out_dir} holds a run with another configuration; training would mix"
-          " the two. Use a new --workdir or remove that folder to start over.")
+          " the two. Use a new --workdir or remove that folder to start over."
+      )
   else:
-    ckpt.write_config(out_dir, "student", cfg, settings=settings,
-                      tokenizer_hash=tok.tokenizer_hash(tokenizer_path))
+    ckpt.write_config(
+        out_dir,
+        "student",
+        cfg,
+        settings=settings,
+        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
+    )
 
   data, seed = config.data, config.seed
   num_rows = None
@@ -217,32 +267,64 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
     num_rows = manifest["num_records"]
     cache_temperature = manifest["temperature"]
   if kind.mode == "offline":
-    expect = {"tokenizer_hash": tok.tokenizer_hash(tokenizer_path),
-              "vocab_size": vocab_size, "seq_len": data.seq_len}
-    make_iterator = lambda: iter(cache.make_dataset(
-        cache_dir, expect=expect, target=kind.target, batch_size=data.batch_size,
-        seed=seed, worker_count=data.worker_count))
+    expect = {
+        "tokenizer_hash": tok.tokenizer_hash(tokenizer_path),
+        "vocab_size": vocab_size,
+        "seq_len": data.seq_len,
+    }
+    make_iterator = lambda: iter(
+        cache.make_dataset(
+            cache_dir,
+            expect=expect,
+            target=kind.target,
+            batch_size=data.batch_size,
+            seed=seed,
+            worker_count=data.worker_count,
+        )
+    )
   else:
-    make_iterator = lambda: iter(pipeline.make_dataset(
-        data_dir, "train", seq_len=data.seq_len, batch_size=data.batch_size,
-        seed=seed, worker_count=data.worker_count, num_rows=num_rows))
+    make_iterator = lambda: iter(
+        pipeline.make_dataset(
+            data_dir,
+            "train",
+            seq_len=data.seq_len,
+            batch_size=data.batch_size,
+            seed=seed,
+            worker_count=data.worker_count,
+            num_rows=num_rows,
+        )
+    )
 
   model = Student(cfg, rngs=nnx.Rngs(seed))
   result = trainer.train(
-      out_dir=out_dir, model=model, cfg=loop_config(config),
+      out_dir=out_dir,
+      model=model,
+      cfg=loop_config(config),
       desc=f"student {run}",
       loss_fn=loss_fn_for(kind, d, cache_temperature, topk_k=config.cache.k),
       make_iterator=make_iterator,
       frozen=(teacher,) if kind.mode == "online" else (),
       eval_fn=validation.make_validation_fn(
-          data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
-          max_batches=d.eval_batches, chunk_size=d.loss_chunk, teacher=teacher))
-  summary = trainer.summarize(out_dir, result, run=run,
-                              kind=dataclasses.asdict(kind),
-                              params=model.param_counts())
+          data_dir,
+          seq_len=data.seq_len,
+          batch_size=data.batch_size,
+          max_batches=d.eval_batches,
+          chunk_size=d.loss_chunk,
+          teacher=teacher,
+      ),
+  )
+  summary = trainer.summarize(
+      out_dir,
+      result,
+      run=run,
+      kind=dataclasses.asdict(kind),
+      params=model.param_counts(),
+  )
   if result.status == "finished":
-    print(f"student {run}: validation loss"
-          f" {summary.get('eval/loss', float('nan')):.3f}")
+    print(
+        f"student {run}: validation loss"
+        f" {summary.get('eval/loss', float('nan')):.3f}"
+    )
   return summary
 
 

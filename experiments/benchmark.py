@@ -51,23 +51,50 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median).")
 def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * size ** 3 / gen.median_time(lambda: f(a), repeats)[0]
+  return 2 * size**3 / gen.median_time(lambda: f(a), repeats)[0]
 
 
-def _batch(config, vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _batch(
+    config, vocab: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
   b, t = config.data.batch_size, config.data.seq_len
   c = config.cache
-  batch = {"tokens": rng.integers(3, vocab, (b, t + 1)).astype(np.int32),
-           "segment_ids": np.ones((b, t + 1), np.int32),
-           "positions": np.tile(np.arange(t + 1, dtype=np.int32), (b, 1))}
-  log_probs = np.log(rng.dirichlet(np.ones(c.k), (b, t)) * 0.9).astype(np.float32)
-  topk = {"ids": rng.integers(0, vocab, (b, t, c.k)).astype(np.int32),
-          "log_probs": np.sort(log_probs, -1)[..., ::-1].copy(),
-          "tail": np.full((b, t), 0.1, np.float32)}
+  batch = {
+      "tokens": rng.integers(3, vocab, (b, t + 1)).astype(np.int32),
+      "segment_ids": np.ones((b, t + 1), np.int32),
+      "positions": np.tile(np.arange(t + 1, dtype=np.int32), (b, 1)),
+  }
+  log_probs = np.log(rng.dirichlet(np.ones(c.k), (b, t)) * 0.9).astype(
+      np.float32
+  )
+  topk = {
+      "ids": rng.integers(0, vocab, (b, t, c.k)).astype(np.int32),
+      "log_probs": np.sort(log_probs, -1)[..., ::-1].copy(),
+      "tail": np.full((b, t), 0.1, np.float32),
+  }
   counts = rng.multinomial(c.num_samples, np.ones(16) / 16, (b, t))
-  sample = {"ids": np.tile(np.arange(16, dtype=np.int32), (b, t, 1)),
-            "counts": counts.astype(np.int32)}
+  sample = {
+      "ids": np.tile(np.arange(16, dtype=np.int32), (b, t, 1)),
+      "counts": counts.astype(np.int32),
+  }
   return {"base": batch, "topk": topk, "sample": sample}
+
+
+def _step_seconds(loss_fn, model, optimizer, batch, frozen, repeats) -> float:
+  """Median seconds of one compiled training step of ``loss_fn``."""
+
+  @nnx.jit
+  def step(model, optimizer, batch, frozen):
+    def objective(m):
+      return loss_fn(m, batch, jnp.int32(0), *frozen)
+
+    (loss, _), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return gen.median_time(
+      lambda: step(model, optimizer, batch, frozen), repeats
+  )[0]
 
 
 def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
@@ -80,29 +107,27 @@ def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
   seconds = {}
   for run, kind in distill_train.RUN_KINDS.items():
     model = Student(s_cfg, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, trainer.make_optimizer(loop), wrt=nnx.Param)
-    loss_fn = distill_train.loss_fn_for(kind, config.distill, cache_temperature=1.0,
-                                        topk_k=config.cache.k)
+    optimizer = nnx.Optimizer(
+        model, trainer.make_optimizer(loop), wrt=nnx.Param
+    )
+    loss_fn = distill_train.loss_fn_for(
+        kind, config.distill, cache_temperature=1.0, topk_k=config.cache.k
+    )
     batch = dict(batches["base"])
     if kind.mode == "offline":
       batch.update(batches[kind.target])
     frozen = (teacher,) if kind.mode == "online" else ()
-
-    @nnx.jit
-    def step(model, optimizer, batch, frozen):
-      def objective(m):
-        return loss_fn(m, batch, jnp.int32(0), *frozen)
-      (loss, _), grads = nnx.value_and_grad(objective, has_aux=True)(model)
-      optimizer.update(model, grads)
-      return loss
-    seconds[run] = gen.median_time(
-        lambda: step(model, optimizer, batch, frozen), repeats)[0]
+    seconds[run] = _step_seconds(
+        loss_fn, model, optimizer, batch, frozen, repeats
+    )
   tokens = config.data.batch_size * config.data.seq_len
   params = Student(s_cfg, rngs=nnx.Rngs(0)).param_counts()["total"]
   flops = matmul_flops(repeats=repeats)
   return {
       "step_seconds": seconds,
-      "step_time_over_ce": {run: s / seconds["ce"] for run, s in seconds.items()},
+      "step_time_over_ce": {
+          run: s / seconds["ce"] for run, s in seconds.items()
+      },
       "student_params": params,
       "tokens_per_step": tokens,
       "matmul_flops_per_s": flops,
@@ -120,17 +145,24 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
   segments = jnp.ones((b, t), jnp.int32)
   positions = jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1))
   forward = nnx.jit(lambda m, x, s, p: m(x, s, p))
-  targets = cache_logits.make_target_fn(tuple(c.methods), c.k, c.num_samples,
-                                        c.temperature, c.stratified)
+  targets = cache_logits.make_target_fn(
+      tuple(c.methods), c.k, c.num_samples, c.temperature, c.stratified
+  )
   key = jax.random.key(0)
   seconds = {
       "forward": gen.median_time(
-          lambda: forward(teacher, tokens, segments, positions), repeats)[0],
+          lambda: forward(teacher, tokens, segments, positions), repeats
+      )[0],
       "cache_pass": gen.median_time(
-          lambda: targets(teacher, tokens, segments, positions, key, 0),
-          repeats)[0]}
-  return {"seconds": seconds, "methods": list(c.methods), "batch": [b, t],
-          "cache_over_forward": seconds["forward"] / seconds["cache_pass"]}
+          lambda: targets(teacher, tokens, segments, positions, key, 0), repeats
+      )[0],
+  }
+  return {
+      "seconds": seconds,
+      "methods": list(c.methods),
+      "batch": [b, t],
+      "cache_over_forward": seconds["forward"] / seconds["cache_pass"],
+  }
 
 
 def decode_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
@@ -140,21 +172,29 @@ def decode_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
   teacher = Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
   out: dict[str, Any] = {}
   for b in e.batch_sizes:
-    s = gen.measure_speed(student, e.prompt_len, e.new_tokens, b, repeats=repeats)
-    t = gen.measure_speed(teacher, e.prompt_len, e.new_tokens, b, repeats=repeats)
+    s = gen.measure_speed(
+        student, e.prompt_len, e.new_tokens, b, repeats=repeats
+    )
+    t = gen.measure_speed(
+        teacher, e.prompt_len, e.new_tokens, b, repeats=repeats
+    )
     out[f"batch_{b}"] = {
         "student_tokens_per_s": s["decode_tokens_per_s"],
         "teacher_tokens_per_s": t["decode_tokens_per_s"],
-        "decode_student_over_teacher": s["decode_tokens_per_s"] / t["decode_tokens_per_s"]}
+        "decode_student_over_teacher": s["decode_tokens_per_s"]
+        / t["decode_tokens_per_s"],
+    }
   return out
 
 
 def benchmark(config, repeats: int = 5) -> dict[str, Any]:
   vocab = config.data.vocab_size
-  return {"machine": report.machine_description(),
-          "students": step_ratios(config, vocab, repeats),
-          "cache": cache_ratio(config, vocab, repeats),
-          "decode": decode_ratio(config, vocab, repeats)}
+  return {
+      "machine": report.machine_description(),
+      "students": step_ratios(config, vocab, repeats),
+      "cache": cache_ratio(config, vocab, repeats),
+      "decode": decode_ratio(config, vocab, repeats),
+  }
 
 
 def main(argv):
@@ -163,7 +203,7 @@ def main(argv):
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
+    with open(_OUT.value, "w", encoding="utf-8") as f:
       f.write(text + "\n")
 
 

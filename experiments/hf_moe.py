@@ -37,15 +37,17 @@ from student.config import StudentConfig
 def get_config(arg=None):
   variant = arg or "default"
   if variant not in ("default", "cpu"):
-    raise ValueError(f"Unknown variant {variant!r} of experiments/hf_moe.py;"
-                     " use 'default' or 'cpu'.")
+    raise ValueError(
+        f"Unknown variant {variant!r} of experiments/hf_moe.py;"
+        " use 'default' or 'cpu'."
+    )
   c = stdlib.get_config("tiny" if variant == "cpu" else "default")
   c.variant = variant
   with c.unlocked():  # The keys only this experiment has.
-    c.teacher.hf_dir = ""            # required: the checkpoint folder
-    c.teacher.param_dtype = ""       # "": the checkpoint's own dtype
-    c.teacher.dtype = ""             # compute dtype; "": from the weights
-  c.data.vocab_size = 0              # the teacher's tokenizer, whatever its size
+    c.teacher.hf_dir = ""  # required: the checkpoint folder
+    c.teacher.param_dtype = ""  # "": the checkpoint's own dtype
+    c.teacher.dtype = ""  # compute dtype; "": from the weights
+  c.data.vocab_size = 0  # the teacher's tokenizer, whatever its size
   c.distill.runs = ("ce", "sampled", "topk_ghost")
 
   if variant == "default":
@@ -57,14 +59,22 @@ def get_config(arg=None):
     c.data.worker_count = 8
     c.cache.batch_size = 64
     c.cache.rows_per_shard = 4096
-    c.cache.max_rows = 20_000 * 64    # every row the students read
+    c.cache.max_rows = 20_000 * 64  # every row the students read
     c.student.preset = "gemma3_270m"  # its published shape
     c.student.model = configs.model_section(StudentConfig)
     c.distill.loss_chunk = 256
     c.distill.eval_batches = 32
-    c.distill.train.update(dict(
-        steps=20_000, learning_rate=1e-3, warmup_steps=1000, log_every=50,
-        eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
+    c.distill.train.update(
+        dict(
+            steps=20_000,
+            learning_rate=1e-3,
+            warmup_steps=1000,
+            log_every=50,
+            eval_every=1000,
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+        )
+    )
     c.eval.batches = 64
     c.export.dtype = "bfloat16"
   else:  # cpu

@@ -28,50 +28,65 @@ from teacher.config import TeacherConfig
 def get_config(arg=None):
   variant = arg or "default"
   if variant not in ("default", "tiny"):
-    raise ValueError(f"Unknown variant {variant!r} of experiments/stdlib.py;"
-                     " use 'default' or 'tiny'.")
+    raise ValueError(
+        f"Unknown variant {variant!r} of experiments/stdlib.py;"
+        " use 'default' or 'tiny'."
+    )
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"           # stdlib | files | tfds
-  c.data.files_glob = ""             # source=files: e.g. "~/corpus/**/*.txt"
-  c.data.tfds_name = ""              # source=tfds: e.g. "lm1b"
+  c.data.source = "stdlib"  # stdlib | files | tfds
+  c.data.files_glob = ""  # source=files: e.g. "~/corpus/**/*.txt"
+  c.data.tfds_name = ""  # source=tfds: e.g. "lm1b"
   c.data.text_key = "text"
   c.data.train_split = "train"
   c.data.validation_split = "validation"
-  c.data.max_files = 0               # 0: every file of the corpus
-  c.data.validation_permille = 50    # share of files held out, by path hash
-  c.data.vocab_size = 8192           # 0: whatever an existing tokenizer has
-  c.data.tokenizer_max_bytes = 0     # 0: train the tokenizer on all of train
+  c.data.max_files = 0  # 0: every file of the corpus
+  c.data.validation_permille = 50  # share of files held out, by path hash
+  c.data.vocab_size = 8192  # 0: whatever an existing tokenizer has
+  c.data.tokenizer_max_bytes = 0  # 0: train the tokenizer on all of train
   c.data.seq_len = 128
   c.data.batch_size = 32
-  c.data.worker_count = 0            # grain multiprocess prefetch workers
+  c.data.worker_count = 0  # grain multiprocess prefetch workers
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.preset = "demo"          # teacher/config.py presets
+  c.teacher.preset = "demo"  # teacher/config.py presets
   # Every TeacherConfig field, None = the preset's; set only what differs.
   c.teacher.model = configs.model_section(TeacherConfig)
-  c.teacher.train = ml_collections.ConfigDict(dict(
-      steps=110, learning_rate=3e-3, warmup_steps=11,
-      end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-      grad_clip=1.0, log_every=10, eval_every=55, checkpoint_every=55,
-      keep_checkpoints=2, eval_batches=8, loss_chunk=128))
+  c.teacher.train = ml_collections.ConfigDict(
+      dict(
+          steps=110,
+          learning_rate=3e-3,
+          warmup_steps=11,
+          end_learning_rate_fraction=0.1,
+          weight_decay=0.01,
+          b1=0.9,
+          b2=0.95,
+          grad_clip=1.0,
+          log_every=10,
+          eval_every=55,
+          checkpoint_every=55,
+          keep_checkpoints=2,
+          eval_batches=8,
+          loss_chunk=128,
+      )
+  )
 
   c.cache = ml_collections.ConfigDict()
   c.cache.methods = ("sample", "topk")  # one teacher pass feeds both
   c.cache.k = 64
   c.cache.num_samples = 64
   c.cache.temperature = 1.0
-  c.cache.stratified = False         # True: one uniform per 1/N stratum
-  c.cache.max_rows = 0               # 0: every packed train row; set below
+  c.cache.stratified = False  # True: one uniform per 1/N stratum
+  c.cache.max_rows = 0  # 0: every packed train row; set below
   c.cache.rows_per_shard = 1024
-  c.cache.batch_size = 32            # rows per teacher forward pass
-  c.cache.writer_threads = 2         # host threads encoding records
+  c.cache.batch_size = 32  # rows per teacher forward pass
+  c.cache.writer_threads = 2  # host threads encoding records
 
   c.student = ml_collections.ConfigDict()
-  c.student.preset = "demo"          # student/config.py presets
+  c.student.preset = "demo"  # student/config.py presets
   c.student.model = configs.model_section(StudentConfig, window=64)
 
   c.distill = ml_collections.ConfigDict()
@@ -79,37 +94,54 @@ def get_config(arg=None):
   # sampled target; top-k variants and online KD are for comparison; ce is
   # the baseline trained on labels alone.
   c.distill.runs = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
-  c.distill.alpha = 0.0              # weight of hard-label CE in the mix
+  c.distill.alpha = 0.0  # weight of hard-label CE in the mix
   c.distill.alpha_end = 0.0
-  c.distill.alpha_schedule = "constant"   # constant | linear | cosine
-  c.distill.temperature = 1.0        # online runs; offline use the cache's
+  c.distill.alpha_schedule = "constant"  # constant | linear | cosine
+  c.distill.temperature = 1.0  # online runs; offline use the cache's
   c.distill.temperature_end = 1.0
   c.distill.temperature_schedule = "constant"
-  c.distill.dense_kind = "forward"   # forward | reverse | jsd
+  c.distill.dense_kind = "forward"  # forward | reverse | jsd
   c.distill.jsd_beta = 0.5
-  c.distill.loss_chunk = 128         # sequence chunk of the loss
+  c.distill.loss_chunk = 128  # sequence chunk of the loss
   c.distill.same_rows_as_cache = True  # ce/online read only the cached rows
-  c.distill.eval_batches = 4         # training-time hook; 0: the whole split
-  c.distill.train = ml_collections.ConfigDict(dict(
-      steps=56, learning_rate=3e-3, warmup_steps=6,
-      end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
-      grad_clip=1.0, log_every=8, eval_every=28, checkpoint_every=28,
-      keep_checkpoints=2))
+  c.distill.eval_batches = 4  # training-time hook; 0: the whole split
+  c.distill.train = ml_collections.ConfigDict(
+      dict(
+          steps=56,
+          learning_rate=3e-3,
+          warmup_steps=6,
+          end_learning_rate_fraction=0.1,
+          weight_decay=0.01,
+          b1=0.9,
+          b2=0.95,
+          grad_clip=1.0,
+          log_every=8,
+          eval_every=28,
+          checkpoint_every=28,
+          keep_checkpoints=2,
+      )
+  )
   # Cache the rows the students read (steps x batch), not the whole corpus.
   c.cache.max_rows = c.distill.train.steps * c.data.batch_size
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batches = 12                # a fixed-seed sample of validation
-                                     # batches (49k tokens); 0: the whole split
+  c.eval.batches = 12  # a fixed-seed sample of validation
+  # batches (49k tokens); 0: the whole split
   c.eval.ece_bins = 15
-  c.eval.speed = ml_collections.ConfigDict(dict(   # prefill/decode tokens/s
-      prompt_len=64, new_tokens=64, batch_sizes=(1, 8), repeats=5))
-  c.eval.speculative = ml_collections.ConfigDict(dict(  # students draft
-      gammas=(4,), prompts=2, prompt_len=32, new_tokens=48, repeats=3))
+  c.eval.speed = ml_collections.ConfigDict(
+      dict(  # prefill/decode tokens/s
+          prompt_len=64, new_tokens=64, batch_sizes=(1, 8), repeats=5
+      )
+  )
+  c.eval.speculative = ml_collections.ConfigDict(
+      dict(  # students draft
+          gammas=(4,), prompts=2, prompt_len=32, new_tokens=48, repeats=3
+      )
+  )
 
   c.export = ml_collections.ConfigDict()
   c.export.formats = ("orbax", "hf")  # every student run, in each format
-  c.export.dtype = "float32"         # or bfloat16 (halves the files)
+  c.export.dtype = "float32"  # or bfloat16 (halves the files)
 
   # Every key exists now: from here on a misspelt one fails (with a
   # suggestion), here and in files that build on this one.
@@ -118,20 +150,37 @@ def get_config(arg=None):
   if variant == "tiny":
     c.eval.batches = 4
     c.eval.speed.update(dict(prompt_len=8, new_tokens=4, repeats=1))
-    c.eval.speculative.update(dict(gammas=(2,), prompts=1, prompt_len=8,
-                                   new_tokens=8, repeats=1))
+    c.eval.speculative.update(
+        dict(gammas=(2,), prompts=1, prompt_len=8, new_tokens=8, repeats=1)
+    )
     c.student.preset = "tiny"
     c.student.model = configs.model_section(StudentConfig)
     c.distill.loss_chunk = 16
     c.distill.eval_batches = 2
-    c.distill.train.update(dict(steps=8, warmup_steps=2, log_every=2,
-                                eval_every=8, checkpoint_every=8))
-    c.cache.update(dict(k=8, num_samples=16, max_rows=48, rows_per_shard=16,
-                        batch_size=4))
+    c.distill.train.update(
+        dict(
+            steps=8,
+            warmup_steps=2,
+            log_every=2,
+            eval_every=8,
+            checkpoint_every=8,
+        )
+    )
+    c.cache.update(
+        dict(k=8, num_samples=16, max_rows=48, rows_per_shard=16, batch_size=4)
+    )
     c.teacher.preset = "tiny"
-    c.teacher.train.update(dict(steps=8, warmup_steps=2, log_every=2,
-                                eval_every=8, checkpoint_every=8,
-                                eval_batches=2, loss_chunk=16))
+    c.teacher.train.update(
+        dict(
+            steps=8,
+            warmup_steps=2,
+            log_every=2,
+            eval_every=8,
+            checkpoint_every=8,
+            eval_batches=2,
+            loss_chunk=16,
+        )
+    )
     c.data.max_files = 40
     c.data.vocab_size = 512
     c.data.seq_len = 32

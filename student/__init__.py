@@ -16,8 +16,14 @@ from student import hf
 from student.config import PRESETS, StudentConfig, get_preset
 from student.model import Student, abstract_student
 
-__all__ = ["PRESETS", "Student", "StudentConfig", "abstract_student",
-           "get_preset", "load_student"]
+__all__ = [
+    "PRESETS",
+    "Student",
+    "StudentConfig",
+    "abstract_student",
+    "get_preset",
+    "load_student",
+]
 
 
 def load_student(directory: str) -> Student:

@@ -23,6 +23,7 @@ class StudentConfig:
   layers (positions / factor). ``dtype``: compute dtype; ``param_dtype``:
   parameter dtype (float32 for training; a bfloat16 export says so here).
   """
+
   vocab_size: int = 256
   d_model: int = 32
   num_layers: int = 2
@@ -44,23 +45,28 @@ class StudentConfig:
   def __post_init__(self):
     if not self.layer_pattern:
       raise ConfigError(
-          "StudentConfig.layer_pattern is empty; give at least one layer kind")
+          "StudentConfig.layer_pattern is empty; give at least one layer kind"
+      )
     for kind in self.layer_pattern:
       try:
         layers.check_kind(kind)
       except ConfigError as e:
         raise ConfigError(
-            f"StudentConfig.layer_pattern={self.layer_pattern}: {e}") from None
+            f"StudentConfig.layer_pattern={self.layer_pattern}: {e}"
+        ) from None
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_heads={self.num_heads} is not a multiple of"
-          f" num_kv_heads={self.num_kv_heads}")
+          f" num_kv_heads={self.num_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ConfigError(
-          f"StudentConfig: head_dim={self.head_dim} must be even for RoPE")
+          f"StudentConfig: head_dim={self.head_dim} must be even for RoPE"
+      )
     if layers.AttentionKind.LOCAL in self.layer_kinds and self.window < 1:
       raise ConfigError(
-          f"StudentConfig: window={self.window} must be >= 1 for local layers")
+          f"StudentConfig: window={self.window} must be >= 1 for local layers"
+      )
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
@@ -77,22 +83,51 @@ class StudentConfig:
 PRESETS: dict[str, StudentConfig] = {
     # Runs in seconds in tests: both kinds, GQA, a short window.
     "tiny": StudentConfig(
-        vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=8, d_ff=64, layer_pattern=("local", "global"), window=8),
+        vocab_size=256,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        d_ff=64,
+        layer_pattern=("local", "global"),
+        window=8,
+    ),
     # ~2.5M parameters (1.05M of them the 8192 x 128 embedding): a student a
     # 2-core CPU trains in minutes.
     "demo": StudentConfig(
-        vocab_size=8192, d_model=128, num_layers=6, num_heads=4,
-        num_kv_heads=1, head_dim=32, d_ff=512, window=128),
+        vocab_size=8192,
+        d_model=128,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=32,
+        d_ff=512,
+        window=128,
+    ),
     # Published shapes (google/gemma-3-270m and gemma-3-1b-pt config.json).
     "gemma3_270m": StudentConfig(
-        vocab_size=262_144, d_model=640, num_layers=18, num_heads=4,
-        num_kv_heads=1, head_dim=256, d_ff=2048, window=512,
-        query_pre_attn_scalar=256),
+        vocab_size=262_144,
+        d_model=640,
+        num_layers=18,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        d_ff=2048,
+        window=512,
+        query_pre_attn_scalar=256,
+    ),
     "gemma3_1b": StudentConfig(
-        vocab_size=262_144, d_model=1152, num_layers=26, num_heads=4,
-        num_kv_heads=1, head_dim=256, d_ff=6912, window=512,
-        query_pre_attn_scalar=256),
+        vocab_size=262_144,
+        d_model=1152,
+        num_layers=26,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        d_ff=6912,
+        window=512,
+        query_pre_attn_scalar=256,
+    ),
 }
 
 

@@ -41,7 +41,9 @@ class ExportError(cli.UserError):
   """An export that cannot run as asked; the message says what to do."""
 
 
-def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -> str:
+def export(
+    workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32"
+) -> str:
   """Exports run ``run`` of ``workdir``; returns the export folder."""
   if fmt not in FORMATS:
     raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -52,22 +54,39 @@ def export(workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32") -
     raise ExportError(layout.missing_run_message(workdir, run))
   step = checkpoint.latest_step(source)
   if step is None:
-    raise ExportError(f"{source} has no complete checkpoint yet; let"
-                      " `python -m distill.train` save one, then export")
+    raise ExportError(
+        f"{source} has no complete checkpoint yet; let"
+        " `python -m distill.train` save one, then export"
+    )
   tokenizer_json = layout.tokenizer_path(workdir)
   if fmt == "hf" and not os.path.isfile(tokenizer_json):
-    raise ExportError(f"{tokenizer_json} is missing; the Hugging Face export ships the"
-                      " tokenizer. Run `python -m data.prepare` for this workdir first")
+    raise ExportError(
+        f"{tokenizer_json} is missing; the Hugging Face export ships the"
+        " tokenizer. Run `python -m data.prepare` for this workdir first"
+    )
 
   final = layout.export_dir(workdir, run, fmt)
-  info = {"format": fmt, "run": run, "step": step, "dtype": dtype,
-          "source": os.path.abspath(source)}
+  info = {
+      "format": fmt,
+      "run": run,
+      "step": step,
+      "dtype": dtype,
+      "source": os.path.abspath(source),
+  }
   if _read_info(final) == info:
-    logging.info("%s already holds step %d of %s (%s); nothing to do", final, step, run, dtype)
+    logging.info(
+        "%s already holds step %d of %s (%s); nothing to do",
+        final,
+        step,
+        run,
+        dtype,
+    )
     return final
 
   model = load_student(source)
-  logging.info("exporting %s step %d as %s (%s) to %s", run, step, fmt, dtype, final)
+  logging.info(
+      "exporting %s step %d as %s (%s) to %s", run, step, fmt, dtype, final
+  )
   with files.atomic_dir(final) as tmp:  # Replaces an older export.
     if fmt == "hf":
       hf.save_hf(tmp, model, tokenizer_json=tokenizer_json, dtype=dtype)
@@ -86,11 +105,16 @@ def export_all(config, workdir: str) -> list[str]:
   settings = config.get("export", None) if config is not None else None
   formats = tuple(settings.get("formats", FORMATS)) if settings else FORMATS
   dtype = settings.get("dtype", "float32") if settings else "float32"
-  runs = [r for r in layout.list_runs(workdir)
-          if checkpoint.latest_step(layout.student_dir(workdir, r)) is not None]
+  runs = [
+      r
+      for r in layout.list_runs(workdir)
+      if checkpoint.latest_step(layout.student_dir(workdir, r)) is not None
+  ]
   if not runs:
-    raise ExportError(f"{workdir}/student has no finished runs to export; run"
-                      " `python -m distill.train` first")
+    raise ExportError(
+        f"{workdir}/student has no finished runs to export; run"
+        " `python -m distill.train` first"
+    )
   return [export(workdir, run, fmt, dtype) for run in runs for fmt in formats]
 
 
@@ -105,7 +129,7 @@ def _save_orbax(directory: str, model, dtype: str, step: int) -> None:
 
 def _read_info(directory: str) -> dict | None:
   try:
-    with open(os.path.join(directory, EXPORT_INFO)) as f:
+    with open(os.path.join(directory, EXPORT_INFO), encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
@@ -114,25 +138,37 @@ def _read_info(directory: str) -> dict | None:
 def _define_flags():
   # Defined only when run as a binary, so that importing export_all into the
   # main job adds no flags there.
-  flags.DEFINE_string("run", None, "Run under WORKDIR/student/ (default: all runs).")
-  flags.DEFINE_enum("format", "orbax", FORMATS, "orbax: params-only model folder;"
-                    " hf: Hugging Face Gemma 3 text folder.")
-  flags.DEFINE_enum("dtype", "float32", DTYPES, "Dtype of the exported parameters.")
+  flags.DEFINE_string(
+      "run", None, "Run under WORKDIR/student/ (default: all runs)."
+  )
+  flags.DEFINE_enum(
+      "format",
+      "orbax",
+      FORMATS,
+      "orbax: params-only model folder;"
+      " hf: Hugging Face Gemma 3 text folder.",
+  )
+  flags.DEFINE_enum(
+      "dtype", "float32", DTYPES, "Dtype of the exported parameters."
+  )
 
 
 def main(argv):
-  FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.workdir or not os.path.isdir(FLAGS.workdir):
-    raise ExportError(f"--workdir={FLAGS.workdir} is not a folder; pass the workdir"
-                      " the pipeline wrote (it holds student/<run>/)")
-  workdir = FLAGS.workdir
-  runs = [FLAGS.run] if FLAGS.run else layout.list_runs(workdir)
+  if not flags.FLAGS.workdir or not os.path.isdir(flags.FLAGS.workdir):
+    raise ExportError(
+        f"--workdir={flags.FLAGS.workdir} is not a folder; pass the workdir"
+        " the pipeline wrote (it holds student/<run>/)"
+    )
+  workdir = flags.FLAGS.workdir
+  runs = [flags.FLAGS.run] if flags.FLAGS.run else layout.list_runs(workdir)
   if not runs:
-    raise ExportError(f"{workdir}/student has no runs; run `python -m distill.train` first")
+    raise ExportError(
+        f"{workdir}/student has no runs; run `python -m distill.train` first"
+    )
   for run in runs:
-    print(export(workdir, run, FLAGS.format, FLAGS.dtype))
+    print(export(workdir, run, flags.FLAGS.format, flags.FLAGS.dtype))
 
 
 if __name__ == "__main__":

@@ -37,13 +37,16 @@ class GenerateError(cli.UserError):
 def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
   """The model folder to load, or a GenerateError that says what exists."""
   if teacher and run:
-    raise GenerateError("pass either --run=R (a student) or --teacher, not both")
+    raise GenerateError(
+        "pass either --run=R (a student) or --teacher, not both"
+    )
   if teacher:
     path = layout.teacher_dir(workdir)
     if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
       raise GenerateError(
           f"no teacher in {workdir}: {path}/{checkpoint.CONFIG_FILE} is missing."
-          " Run `python -m teacher.train` or `python -m teacher.import_hf` first")
+          " Run `python -m teacher.train` or `python -m teacher.import_hf` first"
+      )
     return path
   runs = layout.list_runs(workdir)
   if run is None:
@@ -51,9 +54,13 @@ def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
       run = runs[0]
     else:
       raise GenerateError(
-          "pass --run=R or --teacher; " + (
-              f"runs in {workdir}/student: {', '.join(runs)}" if runs else
-              f"{workdir}/student has no runs yet (run `python -m distill.train`)"))
+          "pass --run=R or --teacher; "
+          + (
+              f"runs in {workdir}/student: {', '.join(runs)}"
+              if runs
+              else f"{workdir}/student has no runs yet (run `python -m distill.train`)"
+          )
+      )
   if run not in runs:
     raise GenerateError(layout.missing_run_message(workdir, run))
   return layout.student_dir(workdir, run)
@@ -79,24 +86,36 @@ class TextStream:
     text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
     if not final and text.endswith("\ufffd"):
       return
-    self.out.write(text[self.shown:])
+    self.out.write(text[self.shown :])
     self.out.flush()
     self.shown = len(text)
 
 
-def generate_text(workdir: str, prompt: str, *, run: str | None = None,
-                  teacher: bool = False, max_new_tokens: int = 128,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                  out=sys.stdout) -> str:
+def generate_text(
+    workdir: str,
+    prompt: str,
+    *,
+    run: str | None = None,
+    teacher: bool = False,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    out=sys.stdout,
+) -> str:
   """Streams ``prompt`` and its continuation to ``out``; returns the new text."""
   if not os.path.isdir(workdir):
-    raise GenerateError(f"--workdir={workdir} is not a folder; pass the workdir"
-                        " the pipeline wrote")
+    raise GenerateError(
+        f"--workdir={workdir} is not a folder; pass the workdir"
+        " the pipeline wrote"
+    )
   if max_new_tokens < 1:
     raise GenerateError(f"--max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0 or not 0 < top_p <= 1:
-    raise GenerateError(f"need --temperature >= 0 and 0 < --top_p <= 1, got"
-                        f" {temperature} and {top_p}")
+    raise GenerateError(
+        f"need --temperature >= 0 and 0 < --top_p <= 1, got"
+        f" {temperature} and {top_p}"
+    )
   path = model_dir(workdir, run, teacher)
   tokenizer_path = layout.tokenizer_path(workdir)
   tokenizer = tok.load_tokenizer(tokenizer_path)
@@ -106,14 +125,21 @@ def generate_text(workdir: str, prompt: str, *, run: str | None = None,
     raise GenerateError(
         f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but"
         f" the model in {path} only {model.config.vocab_size}; they were not"
-        " trained together")
+        " trained together"
+    )
   prompt_ids = [eos] + tokenizer.encode(prompt, add_special_tokens=False).ids
   out.write(prompt)
   out.flush()
   text = TextStream(tokenizer, out)
-  for tokens in gen.stream(model, [prompt_ids], max_new_tokens,
-                           temperature=temperature, top_p=top_p, eos_id=eos,
-                           key=jax.random.key(seed)):
+  for tokens in gen.stream(
+      model,
+      [prompt_ids],
+      max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      eos_id=eos,
+      key=jax.random.key(seed),
+  ):
     if tokens[0] >= 0:
       text.add(tokens[0])
   text.flush()
@@ -128,21 +154,28 @@ def _define_flags():
   flags.DEFINE_bool("teacher", False, "Generate with WORKDIR/teacher instead.")
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
-  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sampling temperature.")
+  flags.DEFINE_float(
+      "temperature", 0.0, "0 = greedy; else sampling temperature."
+  )
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv):
-  FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.workdir:
+  if not flags.FLAGS.workdir:
     raise GenerateError("--workdir is required: the folder the pipeline wrote")
-  generate_text(FLAGS.workdir, FLAGS.prompt, run=FLAGS.run,
-                teacher=FLAGS.teacher, max_new_tokens=FLAGS.max_new_tokens,
-                temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                seed=FLAGS.seed)
+  generate_text(
+      flags.FLAGS.workdir,
+      flags.FLAGS.prompt,
+      run=flags.FLAGS.run,
+      teacher=flags.FLAGS.teacher,
+      max_new_tokens=flags.FLAGS.max_new_tokens,
+      temperature=flags.FLAGS.temperature,
+      top_p=flags.FLAGS.top_p,
+      seed=flags.FLAGS.seed,
+  )
 
 
 if __name__ == "__main__":

@@ -27,27 +27,49 @@ class Block(nnx.Module):
 
   def __init__(self, config: StudentConfig, kind: str, *, rngs: nnx.Rngs):
     c = config
-    norm = functools.partial(layers.RMSNorm, c.d_model, eps=c.rms_eps,
-                             offset_one=True, param_dtype=c.param_dtype)
+    norm = functools.partial(
+        layers.RMSNorm,
+        c.d_model,
+        eps=c.rms_eps,
+        offset_one=True,
+        param_dtype=c.param_dtype,
+    )
     local = layers.check_kind(kind) == layers.AttentionKind.LOCAL
     self.kind = kind
     self.pre_attn_norm = norm()
     self.attn = layers.Attention(
-        c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rngs=rngs,
-        kind=kind, window=c.window if local else None,
+        c.d_model,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        rngs=rngs,
+        kind=kind,
+        window=c.window if local else None,
         rope_base=c.rope_local_base if local else c.rope_global_base,
         rope_scaling_factor=1.0 if local else c.rope_global_scaling,
-        qk_norm="head", norm_eps=c.rms_eps, norm_offset_one=True,
-        query_scale=c.query_scale, dtype=c.dtype, param_dtype=c.param_dtype)
+        qk_norm="head",
+        norm_eps=c.rms_eps,
+        norm_offset_one=True,
+        query_scale=c.query_scale,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
     self.post_attn_norm = norm()
     self.pre_mlp_norm = norm()
-    self.mlp = layers.MLP(c.d_model, c.d_ff, rngs=rngs, activation="gelu_tanh",
-                          dtype=c.dtype, param_dtype=c.param_dtype)
+    self.mlp = layers.MLP(
+        c.d_model,
+        c.d_ff,
+        rngs=rngs,
+        activation="gelu_tanh",
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
     self.post_mlp_norm = norm()
 
   def __call__(self, x, segment_ids, positions):
     h = x + self.post_attn_norm(
-        self.attn(self.pre_attn_norm(x), segment_ids, positions))
+        self.attn(self.pre_attn_norm(x), segment_ids, positions)
+    )
     return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
 
   def decode(self, x, positions, cache):
@@ -65,11 +87,19 @@ class Student(decoder.Decoder):
 
   def __init__(self, config: StudentConfig, rngs: nnx.Rngs):
     c = self.config = config
-    self.embed = layers.Embed(c.vocab_size, c.d_model, rngs=rngs, dtype=c.dtype,
-                              param_dtype=c.param_dtype)
-    self.blocks = nnx.List([Block(c, kind, rngs=rngs) for kind in c.layer_kinds])
-    self.final_norm = layers.RMSNorm(c.d_model, eps=c.rms_eps, offset_one=True,
-                                     param_dtype=c.param_dtype)
+    self.embed = layers.Embed(
+        c.vocab_size,
+        c.d_model,
+        rngs=rngs,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
+    self.blocks = nnx.List(
+        [Block(c, kind, rngs=rngs) for kind in c.layer_kinds]
+    )
+    self.final_norm = layers.RMSNorm(
+        c.d_model, eps=c.rms_eps, offset_one=True, param_dtype=c.param_dtype
+    )
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> embeddings scaled by sqrt(d_model) [B, T, D]."""
@@ -78,7 +108,9 @@ class Student(decoder.Decoder):
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] (from ``hidden``) -> logits [B, T, V] float32."""
-    return layers.softcap(self.embed.attend(hidden), self.config.final_logit_softcap)
+    return layers.softcap(
+        self.embed.attend(hidden), self.config.final_logit_softcap
+    )
 
 
 def abstract_student(config: StudentConfig) -> Student:

@@ -14,5 +14,11 @@ from teacher.model import Teacher, abstract_teacher, load_teacher
 
 registry.register(Teacher.kind, load_teacher)
 
-__all__ = ["TeacherConfig", "Teacher", "abstract_teacher", "get_preset",
-           "load_teacher", "param_counts"]
+__all__ = [
+    "TeacherConfig",
+    "Teacher",
+    "abstract_teacher",
+    "get_preset",
+    "load_teacher",
+    "param_counts",
+]

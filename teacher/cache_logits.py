@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from array_record.python import array_record_module
 from flax import nnx
 from tqdm import tqdm
 
@@ -47,12 +48,16 @@ from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout
 from teacher.model import load_teacher
 
-_VERIFY = flags.DEFINE_bool("verify", False, "Verify the existing cache instead of writing it.")
+_VERIFY = flags.DEFINE_bool(
+    "verify", False, "Verify the existing cache instead of writing it."
+)
+
 
 def fingerprint(model: nnx.Module) -> str:
   """sha256 of the model's config and every parameter, in a fixed order."""
-  digest = hashlib.sha256(json.dumps(ckpt.config_to_dict(model.config),
-                                     sort_keys=True).encode())
+  digest = hashlib.sha256(
+      json.dumps(ckpt.config_to_dict(model.config), sort_keys=True).encode()
+  )
   leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     digest.update(jax.tree_util.keystr(path).encode())
@@ -60,8 +65,9 @@ def fingerprint(model: nnx.Module) -> str:
   return digest.hexdigest()
 
 
-def make_target_fn(methods, k: int, num_samples: int, temperature: float,
-                   stratified: bool):
+def make_target_fn(
+    methods, k: int, num_samples: int, temperature: float, stratified: bool
+):
   """Jitted ``(teacher, tokens, segment_ids, positions, base_key, first_row)
   -> targets``: the one teacher pass over a batch of rows [B, L].
 
@@ -72,15 +78,20 @@ def make_target_fn(methods, k: int, num_samples: int, temperature: float,
   0.22 s a row at a time), and for the whole batch at once elsewhere; the
   records are the same either way.
   """
+
   def row_targets(logits, key):  # logits [L, V]
-    log_probs = jax.nn.log_softmax(logits[None].astype(jnp.float32) / temperature, axis=-1)
+    log_probs = jax.nn.log_softmax(
+        logits[None].astype(jnp.float32) / temperature, axis=-1
+    )
     out = {}
     if "topk" in methods:
       out["topk_ids"], out["topk_log_probs"], out["topk_tail"] = (
-          cache_format.topk_targets(log_probs, k))
+          cache_format.topk_targets(log_probs, k)
+      )
     if "sample" in methods:
       out["sample_ids"], out["sample_counts"] = cache_format.sample_targets(
-          key, log_probs, num_samples, stratified)
+          key, log_probs, num_samples, stratified
+      )
     return {name: value[0] for name, value in out.items()}
 
   @nnx.jit
@@ -89,31 +100,53 @@ def make_target_fn(methods, k: int, num_samples: int, temperature: float,
     rows = first_row + jnp.arange(tokens.shape[0])
     keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(rows)
     one_row_at_a_time = jax.default_backend() == "cpu"
-    return jax.lax.map(lambda args: row_targets(*args), (logits, keys),
-                       batch_size=None if one_row_at_a_time else tokens.shape[0])
+    return jax.lax.map(
+        lambda args: row_targets(*args),
+        (logits, keys),
+        batch_size=None if one_row_at_a_time else tokens.shape[0],
+    )
+
   return targets
 
 
-def _encode_batch(rows: list[dict[str, np.ndarray]], outputs, vocab_size: int) -> list[bytes]:
-  outputs = {name: np.asarray(value) for name, value in outputs.items()}  # Waits for the device.
-  return [cache_format.encode_record(
-      row["tokens"], row["segment_ids"], vocab_size=vocab_size,
-      **{name: value[i] for name, value in outputs.items()})
-      for i, row in enumerate(rows)]
+def _encode_batch(
+    rows: list[dict[str, np.ndarray]], outputs, vocab_size: int
+) -> list[bytes]:
+  outputs = {
+      name: np.asarray(value) for name, value in outputs.items()
+  }  # Waits for the device.
+  return [
+      cache_format.encode_record(
+          row["tokens"],
+          row["segment_ids"],
+          vocab_size=vocab_size,
+          **{name: value[i] for name, value in outputs.items()},
+      )
+      for i, row in enumerate(rows)
+  ]
 
 
-def _settings(config, teacher, tokenizer_path: str, num_records: int,
-              data_meta: dict[str, Any]) -> dict[str, Any]:
+def _settings(
+    config,
+    teacher,
+    tokenizer_path: str,
+    num_records: int,
+    data_meta: dict[str, Any],
+) -> dict[str, Any]:
   c = config.cache
   methods = sorted(c.methods)
   unknown = sorted(set(methods) - {"topk", "sample"})
   if unknown or not methods:
-    raise cache.CacheError(f"config.cache.methods={tuple(c.methods)}: use 'topk',"
-                           " 'sample' or both.")
+    raise cache.CacheError(
+        f"config.cache.methods={tuple(c.methods)}: use 'topk',"
+        " 'sample' or both."
+    )
   vocab = teacher.config.vocab_size
   if "sample" in methods and not 1 <= c.num_samples <= 255:
-    raise cache.CacheError(f"config.cache.num_samples={c.num_samples}: counts are"
-                           " stored in a byte, so use 1..255 draws.")
+    raise cache.CacheError(
+        f"config.cache.num_samples={c.num_samples}: counts are"
+        " stored in a byte, so use 1..255 draws."
+    )
   if "topk" in methods and not 1 <= c.k <= vocab:
     raise cache.CacheError(f"config.cache.k={c.k} must be in [1, {vocab}].")
   return {
@@ -132,38 +165,58 @@ def _settings(config, teacher, tokenizer_path: str, num_records: int,
           "ids": cache_format.id_dtype(vocab).name,
           "error_bounds": cache_format.ERROR_BOUNDS,
           "description": "data/cache_format.py (record version"
-                         f" {cache_format.VERSION})",
+          f" {cache_format.VERSION})",
       },
-      "source": {"data": data_meta.get("dataset", ""), "split": "train",
-                 "seed": config.seed, "rows_per_shard": c.rows_per_shard},
+      "source": {
+          "data": data_meta.get("dataset", ""),
+          "split": "train",
+          "seed": config.seed,
+          "rows_per_shard": c.rows_per_shard,
+      },
       "num_records": num_records,
   }
 
 
 def _plan_shards(num_records: int, rows_per_shard: int) -> list[dict[str, Any]]:
   count = math.ceil(num_records / rows_per_shard)
-  return [{"name": cache.shard_name(s, count),
-           "records": min(rows_per_shard, num_records - s * rows_per_shard)}
-          for s in range(count)]
+  return [
+      {
+          "name": cache.shard_name(s, count),
+          "records": min(rows_per_shard, num_records - s * rows_per_shard),
+      }
+      for s in range(count)
+  ]
 
 
 def _write_manifest(directory: str, settings: dict[str, Any]) -> dict[str, Any]:
   manifest = dict(settings)
   manifest["shards"] = cache.shard_states(directory, settings)
-  files.write_json(os.path.join(directory, cache.MANIFEST), manifest,
-                   sort_keys=True)
+  files.write_json(
+      os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True
+  )
   return manifest
 
 
-def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_source,
-                 target_fn, teacher, base_key, batch_size: int, vocab_size: int,
-                 pool, bar) -> None:
-  from array_record.python import array_record_module
+def _write_shard(
+    directory: str,
+    shard: dict[str, Any],
+    first_row: int,
+    rows_source,
+    target_fn,
+    teacher,
+    base_key,
+    batch_size: int,
+    vocab_size: int,
+    pool,
+    bar,
+) -> None:
   final = os.path.join(directory, shard["name"])
   # What a killed run of this shard's process left (only that process
   # writes this shard, so nothing else owns these).
   done = cache.done_path(directory, shard["name"])
-  for stale in glob.glob(glob.escape(final) + ".tmp-*") + glob.glob(glob.escape(done) + ".tmp-*"):
+  for stale in glob.glob(glob.escape(final) + ".tmp-*") + glob.glob(
+      glob.escape(done) + ".tmp-*"
+  ):
     os.remove(stale)
   tmp = files.temp_name(final)
   started = time.time()
@@ -185,22 +238,39 @@ def _write_shard(directory: str, shard: dict[str, Any], first_row: int, rows_sou
     stop = min(start + batch_size, first_row + shard["records"])
     rows = [rows_source[i] for i in range(start, stop)]
     padded = rows + [rows[-1]] * (batch_size - len(rows))  # One compiled shape.
-    batch = {key: np.stack([r[key] for r in padded])[:, :-1]
-             for key in ("tokens", "segment_ids", "positions")}
-    outputs = target_fn(teacher, batch["tokens"], batch["segment_ids"],
-                        batch["positions"], base_key, np.int32(start))
-    outputs = {name: value[:len(rows)] for name, value in outputs.items()}
+    batch = {
+        key: np.stack([r[key] for r in padded])[:, :-1]
+        for key in ("tokens", "segment_ids", "positions")
+    }
+    outputs = target_fn(
+        teacher,
+        batch["tokens"],
+        batch["segment_ids"],
+        batch["positions"],
+        base_key,
+        np.int32(start),
+    )
+    outputs = {name: value[: len(rows)] for name, value in outputs.items()}
     pending.append(pool.submit(_encode_batch, rows, outputs, vocab_size))
     drain(limit=2)  # The device runs ahead while host threads encode.
   drain(limit=0)
   writer.close()
   if written != shard["records"]:
-    raise RuntimeError(f"wrote {written} records to {tmp}, expected {shard['records']}")
+    raise RuntimeError(
+        f"wrote {written} records to {tmp}, expected {shard['records']}"
+    )
   os.replace(tmp, final)
-  files.write_json(done, sort_keys=True, payload={
-      "records": written, "bytes": os.path.getsize(final),
-      "payload_bytes": payload, "sha256": cache.file_sha256(final),
-      "seconds": round(time.time() - started, 3)})  # teacher pass + writing
+  files.write_json(
+      done,
+      sort_keys=True,
+      payload={
+          "records": written,
+          "bytes": os.path.getsize(final),
+          "payload_bytes": payload,
+          "sha256": cache.file_sha256(final),
+          "seconds": round(time.time() - started, 3),
+      },
+  )  # teacher pass + writing
 
 
 def cache_logits(config, workdir: str) -> dict[str, Any]:
@@ -208,17 +278,23 @@ def cache_logits(config, workdir: str) -> dict[str, Any]:
   directory = layout.cache_dir(workdir)
   teacher_path = layout.teacher_dir(workdir)
   if ckpt.latest_step(teacher_path) is None:
-    raise cache.CacheError(f"No trained teacher in {teacher_path}; run `python -m"
-                           " teacher.train` or `teacher.import_hf` first.")
+    raise cache.CacheError(
+        f"No trained teacher in {teacher_path}; run `python -m"
+        " teacher.train` or `teacher.import_hf` first."
+    )
   teacher = load_teacher(teacher_path)
   data_dir = layout.data_dir(workdir)
   rows = pipeline.PackedRows(data_dir, "train", config.data.seq_len)
   c = config.cache
   num_records = min(len(rows), c.max_rows) if c.max_rows else len(rows)
   summary_path = os.path.join(data_dir, "prepare.json")
-  data_meta = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-  settings = _settings(config, teacher, layout.tokenizer_path(workdir), num_records,
-                       data_meta)
+  data_meta = {}
+  if os.path.isfile(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      data_meta = json.load(f)
+  settings = _settings(
+      config, teacher, layout.tokenizer_path(workdir), num_records, data_meta
+  )
   settings["shards"] = _plan_shards(num_records, c.rows_per_shard)
 
   os.makedirs(directory, exist_ok=True)
@@ -233,39 +309,68 @@ def cache_logits(config, workdir: str) -> dict[str, Any]:
         raise cache.CacheError(
             f"{directory} holds a cache made with other settings ({field} differs);"
             " resuming would mix them. Remove that folder to rebuild it, or use"
-            " another --workdir.")
+            " another --workdir."
+        )
   if jax.process_index() == 0:
     _write_manifest(directory, settings)
 
   states = cache.shard_states(directory, settings)
-  mine = [s for s in range(len(states)) if s % jax.process_count() == jax.process_index()]
+  mine = [
+      s
+      for s in range(len(states))
+      if s % jax.process_count() == jax.process_index()
+  ]
   todo = [s for s in mine if not states[s]["complete"]]
   if not todo:
     print(f"cache: already complete ({directory}); nothing to do.")
     return _write_manifest(directory, settings)
 
-  target_fn = make_target_fn(settings["methods"], c.k, c.num_samples,
-                             c.temperature, c.stratified)
+  target_fn = make_target_fn(
+      settings["methods"], c.k, c.num_samples, c.temperature, c.stratified
+  )
   base_key = jax.random.key(config.seed)
-  done_records = sum(states[s]["records"] for s in mine if states[s]["complete"])
+  done_records = sum(
+      states[s]["records"] for s in mine if states[s]["complete"]
+  )
   started = time.time()
-  with concurrent.futures.ThreadPoolExecutor(max_workers=c.writer_threads) as pool, \
-      tqdm(total=sum(states[s]["records"] for s in mine), initial=done_records,
-           desc="cache", unit="row", dynamic_ncols=True) as bar:
+  with (
+      concurrent.futures.ThreadPoolExecutor(
+          max_workers=c.writer_threads
+      ) as pool,
+      tqdm(
+          total=sum(states[s]["records"] for s in mine),
+          initial=done_records,
+          desc="cache",
+          unit="row",
+          dynamic_ncols=True,
+      ) as bar,
+  ):
     for s in todo:
-      _write_shard(directory, settings["shards"][s], s * c.rows_per_shard, rows,
-                   target_fn, teacher, base_key, c.batch_size,
-                   settings["vocab_size"], pool, bar)
+      _write_shard(
+          directory,
+          settings["shards"][s],
+          s * c.rows_per_shard,
+          rows,
+          target_fn,
+          teacher,
+          base_key,
+          c.batch_size,
+          settings["vocab_size"],
+          pool,
+          bar,
+      )
       if jax.process_index() == 0:
         _write_manifest(directory, settings)
   seconds = time.time() - started
   manifest = _write_manifest(directory, settings)
   written = sum(settings["shards"][s]["records"] for s in todo)
   sizes = bytes_per_token(manifest)
-  print(f"cache: {written} rows in {seconds:.1f}s"
-        f" ({written * config.data.seq_len / seconds:,.0f} tokens/s);"
-        f" {sizes['records']:.1f} bytes/token in records,"
-        f" {sizes['files']:.1f} in files; {directory}")
+  print(
+      f"cache: {written} rows in {seconds:.1f}s"
+      f" ({written * config.data.seq_len / seconds:,.0f} tokens/s);"
+      f" {sizes['records']:.1f} bytes/token in records,"
+      f" {sizes['files']:.1f} in files; {directory}"
+  )
   return manifest
 
 
@@ -277,16 +382,20 @@ def bytes_per_token(manifest: dict[str, Any]) -> dict[str, float]:
   """
   complete = [s for s in manifest["shards"] if s["complete"]]
   tokens = max(sum(s["records"] for s in complete) * manifest["seq_len"], 1)
-  return {"records": sum(s["payload_bytes"] for s in complete) / tokens,
-          "files": sum(s["bytes"] for s in complete) / tokens}
+  return {
+      "records": sum(s["payload_bytes"] for s in complete) / tokens,
+      "files": sum(s["bytes"] for s in complete) / tokens,
+  }
 
 
 def main(argv):
   config, workdir = cli.setup(argv)
   if _VERIFY.value:
     result = cache.verify(layout.cache_dir(workdir))
-    print(f"cache: verified {result['shards']} shards, {result['records']} records,"
-          f" {result['bytes']:,} bytes: all intact.")
+    print(
+        f"cache: verified {result['shards']} shards, {result['records']} records,"
+        f" {result['bytes']:,} bytes: all intact."
+    )
     return
   cache_logits(config, workdir)
 

@@ -95,13 +95,25 @@ class TeacherConfig:
   def __post_init__(self):
     def bad(msg):
       raise ConfigError(f"TeacherConfig: {msg}")
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "d_ff", "num_experts", "top_k"):
+
+    for name in (
+        "vocab_size",
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "d_ff",
+        "num_experts",
+        "top_k",
+    ):
       if getattr(self, name) <= 0:
         bad(f"{name}={getattr(self, name)} must be positive")
     if self.num_heads % self.num_kv_heads:
-      bad(f"num_heads={self.num_heads} is not a multiple of "
-          f"num_kv_heads={self.num_kv_heads}")
+      bad(
+          f"num_heads={self.num_heads} is not a multiple of "
+          f"num_kv_heads={self.num_kv_heads}"
+      )
     if self.top_k > self.num_experts:
       bad(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
     if self.qk_norm not in QK_NORMS:
@@ -168,35 +180,87 @@ def param_counts(config: TeacherConfig) -> dict[str, int]:
 PRESETS: dict[str, TeacherConfig] = {
     # Tests: compiles and runs in well under a second.
     "tiny": TeacherConfig(
-        vocab_size=128, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=8, d_ff=48, num_experts=5, top_k=2, tie_embeddings=True),
+        vocab_size=128,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        num_experts=5,
+        top_k=2,
+        tie_embeddings=True,
+    ),
     # A CPU-trainable teacher: about 17.5M total / 6.8M active parameters.
     "demo": TeacherConfig(
-        vocab_size=8192, d_model=256, num_layers=6, num_heads=4,
-        num_kv_heads=2, head_dim=64, d_ff=384, num_experts=8, top_k=2,
-        tie_embeddings=True, rope_base=10_000.0),
+        vocab_size=8192,
+        d_model=256,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        d_ff=384,
+        num_experts=8,
+        top_k=2,
+        tie_embeddings=True,
+        rope_base=10_000.0,
+    ),
     # mistralai/Mixtral-8x7B-v0.1: 46.7B total, 12.9B active.
     "mixtral_8x7b": TeacherConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, d_ff=14336, num_experts=8, top_k=2,
-        norm_topk_prob=True, rope_base=1e6, rms_eps=1e-5,
-        router_aux_loss_coef=0.02, family="mixtral"),
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        num_experts=8,
+        top_k=2,
+        norm_topk_prob=True,
+        rope_base=1e6,
+        rms_eps=1e-5,
+        router_aux_loss_coef=0.02,
+        family="mixtral",
+    ),
     # Qwen/Qwen3-30B-A3B: 30.5B total, 3.3B active.
     "qwen3_30b_a3b": TeacherConfig(
-        vocab_size=151936, d_model=2048, num_layers=48, num_heads=32,
-        num_kv_heads=4, head_dim=128, d_ff=768, num_experts=128, top_k=8,
-        norm_topk_prob=True, qk_norm="head", rope_base=1e6, rms_eps=1e-6,
-        router_aux_loss_coef=0.001, family="qwen3_moe"),
+        vocab_size=151936,
+        d_model=2048,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        d_ff=768,
+        num_experts=128,
+        top_k=8,
+        norm_topk_prob=True,
+        qk_norm="head",
+        rope_base=1e6,
+        rms_eps=1e-6,
+        router_aux_loss_coef=0.001,
+        family="qwen3_moe",
+    ),
     # allenai/OLMoE-1B-7B-0924: 6.9B total, 1.3B active.
     "olmoe_1b_7b": TeacherConfig(
-        vocab_size=50304, d_model=2048, num_layers=16, num_heads=16,
-        num_kv_heads=16, head_dim=128, d_ff=1024, num_experts=64, top_k=8,
-        norm_topk_prob=False, qk_norm="full", rope_base=10_000.0,
-        rms_eps=1e-5, router_aux_loss_coef=0.01, family="olmoe"),
+        vocab_size=50304,
+        d_model=2048,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        d_ff=1024,
+        num_experts=64,
+        top_k=8,
+        norm_topk_prob=False,
+        qk_norm="full",
+        rope_base=10_000.0,
+        rms_eps=1e-5,
+        router_aux_loss_coef=0.01,
+        family="olmoe",
+    ),
 }
 
 
 def get_preset(name: str, **overrides) -> TeacherConfig:
   """A named preset with fields overridden, e.g. get_preset("tiny", top_k=1)."""
   return configs.get_preset(PRESETS, name, what="teacher", **overrides)
-

@@ -27,6 +27,7 @@ Weight layouts (torch Linear weights are [out, in]; ours are [in, ...out]):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -63,8 +64,9 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise HFImportError(
         f"{hf_dir!r} has no config.json: pass the folder of a Hugging Face"
-        " checkpoint (the one holding config.json and *.safetensors)")
-  with open(path) as f:
+        " checkpoint (the one holding config.json and *.safetensors)"
+    )
+  with open(path, encoding="utf-8") as f:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
@@ -75,17 +77,23 @@ def _rope(hf: dict[str, Any]) -> float:
   """rope_theta from `rope_parameters` (transformers 5) or the top level."""
   params = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
-  rope_type = params.get("rope_type", scaling.get("rope_type",
-                                                  scaling.get("type", "default")))
+  rope_type = params.get(
+      "rope_type", scaling.get("rope_type", scaling.get("type", "default"))
+  )
   if rope_type != "default":
     raise HFImportError(
         f"RoPE type {rope_type!r} is not supported (only the default, unscaled"
-        " RoPE of the base checkpoints); import a checkpoint without rope_scaling")
+        " RoPE of the base checkpoints); import a checkpoint without rope_scaling"
+    )
   return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
 
 
-def teacher_config_from_hf(hf: dict[str, Any], *, dtype: str | None = None,
-                           param_dtype: str = "float32") -> TeacherConfig:
+def teacher_config_from_hf(
+    hf: dict[str, Any],
+    *,
+    dtype: str | None = None,
+    param_dtype: str = "float32",
+) -> TeacherConfig:
   """Maps a transformers config.json (as a dict) to a TeacherConfig.
 
   Defaults follow each family's transformers configuration class (a missing
@@ -96,66 +104,105 @@ def teacher_config_from_hf(hf: dict[str, Any], *, dtype: str | None = None,
   if family not in FAMILIES:
     raise HFImportError(
         f"model_type {family!r} is not supported; the importer reads"
-        f" {', '.join(FAMILIES)} checkpoints")
+        f" {', '.join(FAMILIES)} checkpoints"
+    )
   if hf.get("quantization_config"):
-    raise HFImportError("quantized checkpoints are not supported; import the"
-                        " unquantized (bf16/fp32) weights")
+    raise HFImportError(
+        "quantized checkpoints are not supported; import the"
+        " unquantized (bf16/fp32) weights"
+    )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
-    raise HFImportError(f"hidden_act={act!r}: only 'silu' experts are supported")
+    raise HFImportError(
+        f"hidden_act={act!r}: only 'silu' experts are supported"
+    )
   d = hf.get("hidden_size", {"mixtral": 4096, "olmoe": 2048}.get(family, 2048))
-  heads = hf.get("num_attention_heads", 32 if family in ("mixtral", "qwen3_moe") else 16)
-  kv_default = {"mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4}.get(family, heads)
+  heads = hf.get(
+      "num_attention_heads", 32 if family in ("mixtral", "qwen3_moe") else 16
+  )
+  kv_default = {"mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4}.get(
+      family, heads
+  )
   kv = hf.get("num_key_value_heads") or kv_default
   head_dim = hf.get("head_dim") or d // heads
   layers = hf["num_hidden_layers"]
   fields: dict[str, Any] = dict(
-      vocab_size=hf["vocab_size"], d_model=d, num_layers=layers,
-      num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-      rope_base=_rope(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      rms_eps=float(hf.get("rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6)),
-      router_aux_loss_coef=float(hf.get("router_aux_loss_coef",
-                                        0.01 if family == "olmoe" else 0.001)),
-      family=family, param_dtype=param_dtype,
-      dtype=dtype or ("float32" if param_dtype == "float32" else "bfloat16"))
+      vocab_size=hf["vocab_size"],
+      d_model=d,
+      num_layers=layers,
+      num_heads=heads,
+      num_kv_heads=kv,
+      head_dim=head_dim,
+      rope_base=_rope(hf),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      rms_eps=float(
+          hf.get(
+              "rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6
+          )
+      ),
+      router_aux_loss_coef=float(
+          hf.get("router_aux_loss_coef", 0.01 if family == "olmoe" else 0.001)
+      ),
+      family=family,
+      param_dtype=param_dtype,
+      dtype=dtype or ("float32" if param_dtype == "float32" else "bfloat16"),
+  )
 
   # transformers' attribute_map aliases the expert count, and version 5 writes
   # Qwen3-MoE's as num_local_experts while the hub configs say num_experts.
   num_experts = hf.get("num_experts", hf.get("num_local_experts"))
   if num_experts is None:
-    num_experts = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128,
-                   "olmoe": 64}[family]
+    num_experts = {
+        "mixtral": 8,
+        "qwen2_moe": 60,
+        "qwen3_moe": 128,
+        "olmoe": 64,
+    }[family]
   fields["num_experts"] = num_experts
   if family == "mixtral":
     fields.update(
         top_k=hf.get("num_experts_per_tok", 2),
         d_ff=hf.get("intermediate_size", 14336),
-        norm_topk_prob=True)  # hard-coded in MixtralTopKRouter
+        norm_topk_prob=True,
+    )  # hard-coded in MixtralTopKRouter
     fields["sliding_window"] = hf.get("sliding_window") or None
   else:
     fields.update(
-        top_k=hf.get("num_experts_per_tok", {"qwen2_moe": 4, "qwen3_moe": 8,
-                                             "olmoe": 8}[family]),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+        top_k=hf.get(
+            "num_experts_per_tok",
+            {"qwen2_moe": 4, "qwen3_moe": 8, "olmoe": 8}[family],
+        ),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
   if fields["num_experts"] <= 0:
-    raise HFImportError(f"num_experts={fields['num_experts']}: a dense model,"
-                        " not an MoE; the teacher importer needs experts")
+    raise HFImportError(
+        f"num_experts={fields['num_experts']}: a dense model,"
+        " not an MoE; the teacher importer needs experts"
+    )
 
   if family in ("qwen2_moe", "qwen3_moe"):
-    fields["d_ff"] = hf.get("moe_intermediate_size",
-                            1408 if family == "qwen2_moe" else 768)
+    fields["d_ff"] = hf.get(
+        "moe_intermediate_size", 1408 if family == "qwen2_moe" else 768
+    )
     step = hf.get("decoder_sparse_step", 1) or 1
     mlp_only = set(hf.get("mlp_only_layers") or [])
-    dense = tuple(i for i in range(layers)
-                  if i in mlp_only or (i + 1) % step != 0)
+    dense = tuple(
+        i for i in range(layers) if i in mlp_only or (i + 1) % step != 0
+    )
     if dense:
-      fields.update(dense_layers=dense, dense_d_ff=hf.get(
-          "intermediate_size", 5632 if family == "qwen2_moe" else 6144))
+      fields.update(
+          dense_layers=dense,
+          dense_d_ff=hf.get(
+              "intermediate_size", 5632 if family == "qwen2_moe" else 6144
+          ),
+      )
     fields["sliding_window"] = _qwen_window(hf, family, layers)
 
   if family == "qwen2_moe":
     fields["qkv_bias"] = bool(hf.get("qkv_bias", True))
-    fields["shared_expert_d_ff"] = hf.get("shared_expert_intermediate_size", 5632)
+    fields["shared_expert_d_ff"] = hf.get(
+        "shared_expert_intermediate_size", 5632
+    )
     if hf.get("attention_bias"):
       raise HFImportError("qwen2_moe with attention_bias is not supported")
   elif family == "qwen3_moe":
@@ -167,15 +214,19 @@ def teacher_config_from_hf(hf: dict[str, Any], *, dtype: str | None = None,
     if head_dim * heads != d:
       raise HFImportError(
           f"OLMoE with head_dim={head_dim} * heads={heads} != hidden_size={d}"
-          " is not supported (its q/k norms assume hidden_size // heads)")
+          " is not supported (its q/k norms assume hidden_size // heads)"
+      )
   if family in ("mixtral", "qwen3_moe", "olmoe") and hf.get("attention_bias"):
     raise HFImportError(
         f"{family} with attention_bias=true (a bias on o_proj too) is not"
-        " supported")
+        " supported"
+    )
   try:
     return TeacherConfig(**fields)
   except ValueError as e:
-    raise HFImportError(f"config.json describes an unsupported model: {e}") from e
+    raise HFImportError(
+        f"config.json describes an unsupported model: {e}"
+    ) from e
 
 
 def _qwen_window(hf: dict[str, Any], family: str, layers: int) -> int | None:
@@ -185,8 +236,11 @@ def _qwen_window(hf: dict[str, Any], family: str, layers: int) -> int | None:
   if family == "qwen3_moe":  # every layer slides (Qwen3MoeAttention)
     return window
   types = hf.get("layer_types") or [
-      "sliding_attention" if (i + 1) % 2 and i < hf.get("max_window_layers", 28)
-      else "full_attention" for i in range(layers)]
+      "sliding_attention"
+      if (i + 1) % 2 and i < hf.get("max_window_layers", 28)
+      else "full_attention"
+      for i in range(layers)
+  ]
   if all(t == "full_attention" for t in types):
     return None
   if all(t == "sliding_attention" for t in types):
@@ -195,7 +249,8 @@ def _qwen_window(hf: dict[str, Any], family: str, layers: int) -> int | None:
       "this Qwen2-MoE config uses a sliding window on some layers only"
       f" (layer_types={types}); the teacher supports all-global or"
       " all-sliding attention. Set use_sliding_window=false if the checkpoint"
-      " was trained without it")
+      " was trained without it"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -208,30 +263,40 @@ class SafetensorsReader:
   def __init__(self, hf_dir: str):
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-      with open(index) as f:
+      with open(index, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
       self._files = {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
-      missing = sorted({v for v in self._files.values() if not os.path.isfile(v)})
+      missing = sorted(
+          {v for v in self._files.values() if not os.path.isfile(v)}
+      )
       if missing:
         raise HFImportError(f"shards listed in {index} are missing: {missing}")
     else:
-      files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-      if not files:
-        pickled = sorted(os.path.basename(p) for pat in _PICKLE_PATTERNS
-                         for p in glob.glob(os.path.join(hf_dir, pat)))
-        what = (f"only pickled weights ({', '.join(pickled)})" if pickled
-                else "no *.safetensors weights")
+      shards = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+      if not shards:
+        pickled = sorted(
+            os.path.basename(p)
+            for pat in _PICKLE_PATTERNS
+            for p in glob.glob(os.path.join(hf_dir, pat))
+        )
+        what = (
+            f"only pickled weights ({', '.join(pickled)})"
+            if pickled
+            else "no *.safetensors weights"
+        )
         raise HFImportError(
             f"{hf_dir!r} has {what}. Only safetensors are read (unpickling"
             " can run arbitrary code); convert them first, e.g. load the"
             " model in transformers and save_pretrained(..., "
-            "safe_serialization=True)")
+            "safe_serialization=True)"
+        )
       self._files = {}
-      for path in files:
+      for path in shards:
         with safe_open(path, framework="flax") as f:
           for key in f.keys():
             self._files[key] = path
     self._open: dict[str, Any] = {}
+    self._stack = contextlib.ExitStack()
 
   def keys(self) -> set[str]:
     return set(self._files)
@@ -240,8 +305,10 @@ class SafetensorsReader:
     handle = self._handle(key)
     name = handle.get_slice(key).get_dtype()
     if name not in _DTYPES:
-      raise HFImportError(f"tensor {key} has dtype {name}; expected one of"
-                          f" {sorted(_DTYPES)}")
+      raise HFImportError(
+          f"tensor {key} has dtype {name}; expected one of"
+          f" {sorted(_DTYPES)}"
+      )
     return _DTYPES[name]
 
   def get(self, key: str) -> jax.Array:
@@ -252,25 +319,30 @@ class SafetensorsReader:
   def _handle(self, key):
     path = self._files[key]
     if path not in self._open:
-      self._open[path] = safe_open(path, framework="flax").__enter__()
+      self._open[path] = self._stack.enter_context(
+          safe_open(path, framework="flax")
+      )
     return self._open[path]
 
   def close(self):
-    for handle in self._open.values():
-      handle.__exit__(None, None, None)
+    self._stack.close()
     self._open.clear()
 
 
 def _normalise(key: str) -> str:
   """One spelling for the families' tensor names (Mixtral's legacy names)."""
   key = key.replace(".block_sparse_moe.", ".mlp.")
-  return re.sub(r"(\.experts\.\d+)\.w([123])\.",
-                lambda m: m.group(1) + {"1": ".gate_proj.", "2": ".down_proj.",
-                                        "3": ".up_proj."}[m.group(2)], key)
+  return re.sub(
+      r"(\.experts\.\d+)\.w([123])\.",
+      lambda m: m.group(1)
+      + {"1": ".gate_proj.", "2": ".down_proj.", "3": ".up_proj."}[m.group(2)],
+      key,
+  )
 
 
-def _param_sources(config: TeacherConfig, names: set[str]
-                   ) -> Iterator[tuple[tuple, list[str], Callable]]:
+def _param_sources(
+    config: TeacherConfig, names: set[str]
+) -> Iterator[tuple[tuple, list[str], Callable]]:
   """(our param path, HF tensor names, fn(tensors) -> our array) per param."""
   c = config
   n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model
@@ -279,21 +351,39 @@ def _param_sources(config: TeacherConfig, names: set[str]
   for i in range(c.num_layers):
     p = f"model.layers.{i}."
     b = ("blocks", i)
-    yield b + ("attn_norm", "scale"), [p + "input_layernorm.weight"], lambda w: w
-    yield b + ("ffn_norm", "scale"), [p + "post_attention_layernorm.weight"], lambda w: w
+    yield b + ("attn_norm", "scale"), [
+        p + "input_layernorm.weight"
+    ], lambda w: w
+    yield b + ("ffn_norm", "scale"), [
+        p + "post_attention_layernorm.weight"
+    ], lambda w: w
     a = p + "self_attn."
-    yield (b + ("attn", "q_proj", "kernel"), [a + "q_proj.weight"],
-           lambda w: w.T.reshape(d, n, h))
+    yield (
+        b + ("attn", "q_proj", "kernel"),
+        [a + "q_proj.weight"],
+        lambda w: w.T.reshape(d, n, h),
+    )
     for name in ("k_proj", "v_proj"):
-      yield (b + ("attn", name, "kernel"), [a + name + ".weight"],
-             lambda w: w.T.reshape(d, k, h))
-    yield (b + ("attn", "o_proj", "kernel"), [a + "o_proj.weight"],
-           lambda w: w.T.reshape(n, h, d))
+      yield (
+          b + ("attn", name, "kernel"),
+          [a + name + ".weight"],
+          lambda w: w.T.reshape(d, k, h),
+      )
+    yield (
+        b + ("attn", "o_proj", "kernel"),
+        [a + "o_proj.weight"],
+        lambda w: w.T.reshape(n, h, d),
+    )
     if c.qkv_bias:
-      yield b + ("attn", "q_proj", "bias"), [a + "q_proj.bias"], lambda w: w.reshape(n, h)
+      yield b + ("attn", "q_proj", "bias"), [
+          a + "q_proj.bias"
+      ], lambda w: w.reshape(n, h)
       for name in ("k_proj", "v_proj"):
-        yield (b + ("attn", name, "bias"), [a + name + ".bias"],
-               lambda w: w.reshape(k, h))
+        yield (
+            b + ("attn", name, "bias"),
+            [a + name + ".bias"],
+            lambda w: w.reshape(k, h),
+        )
     if c.qk_norm != "none":
       for name in ("q_norm", "k_norm"):
         yield b + ("attn", name, "scale"), [a + name + ".weight"], lambda w: w
@@ -305,30 +395,49 @@ def _param_sources(config: TeacherConfig, names: set[str]
     yield b + ("moe", "router"), [m + "gate.weight"], t
     if m + "experts.gate_up_proj" in names:
       f = c.d_ff
-      yield (b + ("moe", "gate"), [m + "experts.gate_up_proj"],
-             lambda w: jnp.swapaxes(w[:, :f], 1, 2))
-      yield (b + ("moe", "up"), [m + "experts.gate_up_proj"],
-             lambda w: jnp.swapaxes(w[:, f:], 1, 2))
-      yield (b + ("moe", "down"), [m + "experts.down_proj"],
-             lambda w: jnp.swapaxes(w, 1, 2))
+      yield (
+          b + ("moe", "gate"),
+          [m + "experts.gate_up_proj"],
+          lambda w, f=f: jnp.swapaxes(w[:, :f], 1, 2),
+      )
+      yield (
+          b + ("moe", "up"),
+          [m + "experts.gate_up_proj"],
+          lambda w, f=f: jnp.swapaxes(w[:, f:], 1, 2),
+      )
+      yield (
+          b + ("moe", "down"),
+          [m + "experts.down_proj"],
+          lambda w: jnp.swapaxes(w, 1, 2),
+      )
     else:
-      for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"),
-                           ("down", "down_proj")):
+      for ours, theirs in (
+          ("gate", "gate_proj"),
+          ("up", "up_proj"),
+          ("down", "down_proj"),
+      ):
         keys = [f"{m}experts.{e}.{theirs}.weight" for e in range(c.num_experts)]
         yield b + ("moe", ours), keys, lambda *ws: jnp.stack([w.T for w in ws])
     if c.shared_expert_d_ff:
       for name in ("gate_proj", "up_proj", "down_proj"):
-        yield (b + ("moe", "shared_expert", name, "kernel"),
-               [m + "shared_expert." + name + ".weight"], t)
-      yield (b + ("moe", "shared_expert_gate", "kernel"),
-             [m + "shared_expert_gate.weight"], t)
+        yield (
+            b + ("moe", "shared_expert", name, "kernel"),
+            [m + "shared_expert." + name + ".weight"],
+            t,
+        )
+      yield (
+          b + ("moe", "shared_expert_gate", "kernel"),
+          [m + "shared_expert_gate.weight"],
+          t,
+      )
   yield ("final_norm", "scale"), ["model.norm.weight"], lambda w: w
   if not c.tie_embeddings:
     yield ("head", "kernel"), ["lm_head.weight"], t
 
 
-def load_hf_weights(hf_dir: str, config: TeacherConfig,
-                    reader: SafetensorsReader | None = None) -> nnx.Module:
+def load_hf_weights(
+    hf_dir: str, config: TeacherConfig, reader: SafetensorsReader | None = None
+) -> nnx.Module:
   """The teacher for `config` with its parameters read from `hf_dir`.
 
   Tensors are read one at a time (a layer's experts are stacked as they are
@@ -350,13 +459,15 @@ def load_hf_weights(hf_dir: str, config: TeacherConfig,
       if missing:
         raise HFImportError(
             f"the checkpoint lacks {missing[0]!r} (needed for"
-            f" {'.'.join(map(str, path))}); is config.json from the same model?")
+            f" {'.'.join(map(str, path))}); is config.json from the same model?"
+        )
       value = convert(*(reader.get(raw[name]) for name in names))
       target = flat[path]
       if tuple(value.shape) != tuple(target.shape):
         raise HFImportError(
             f"{names[0]} converts to shape {tuple(value.shape)} but"
-            f" {'.'.join(map(str, path))} needs {tuple(target.shape)}")
+            f" {'.'.join(map(str, path))} needs {tuple(target.shape)}"
+        )
       target.set_value(jnp.asarray(value, dtype))
       used.update(names)
       del flat[path]
@@ -368,7 +479,8 @@ def load_hf_weights(hf_dir: str, config: TeacherConfig,
       raise HFImportError(
           f"the checkpoint has {len(unused)} tensor(s) this config does not"
           f" use, e.g. {unused[:3]}; the config and weights disagree or the"
-          " architecture has parts the teacher lacks")
+          " architecture has parts the teacher lacks"
+      )
     nnx.update(model, state)
     return model
   finally:
@@ -380,8 +492,14 @@ def load_hf_weights(hf_dir: str, config: TeacherConfig,
 # The stage
 
 
-def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
-              dtype: str | None = None, overwrite: bool = False) -> str:
+def import_hf(
+    hf_dir: str,
+    workdir: str,
+    *,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> str:
   """Imports a Hugging Face MoE checkpoint into ``workdir/teacher``.
 
   Writes the model folder under a temporary name and renames it when complete;
@@ -401,21 +519,29 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
   if not os.path.isdir(hf_dir):
     raise HFImportError(f"--hf_dir={hf_dir} is not a folder")
   hf = read_hf_config(hf_dir)
-  config = teacher_config_from_hf(hf, dtype=dtype,  # refuse early, before I/O
-                                  param_dtype=param_dtype or "float32")
+  config = teacher_config_from_hf(
+      hf,
+      dtype=dtype,  # refuse early, before I/O
+      param_dtype=param_dtype or "float32",
+  )
   tokenizer_src = os.path.join(hf_dir, "tokenizer.json")
   if not os.path.isfile(tokenizer_src):
     raise HFImportError(
         f"{hf_dir} has no tokenizer.json (the fast-tokenizer file the pipeline"
         " uses); create it with transformers: AutoTokenizer.from_pretrained(dir)"
-        ".save_pretrained(dir)")
+        ".save_pretrained(dir)"
+    )
   tok_hash = tokenizer_hash(tokenizer_src)
   tokenizer_dst = layout.tokenizer_path(workdir)
-  if os.path.exists(tokenizer_dst) and tokenizer_hash(tokenizer_dst) != tok_hash:
+  if (
+      os.path.exists(tokenizer_dst)
+      and tokenizer_hash(tokenizer_dst) != tok_hash
+  ):
     raise HFImportError(
         f"{tokenizer_dst} exists and differs from {tokenizer_src}: this workdir"
         " was prepared with another tokenizer. Use a fresh --workdir (data,"
-        " caches and students must share the teacher's tokenizer)")
+        " caches and students must share the teacher's tokenizer)"
+    )
 
   teacher_dir = layout.teacher_dir(workdir)
   if os.path.exists(teacher_dir) and not overwrite:
@@ -426,14 +552,22 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
       return teacher_dir
     raise HFImportError(
         f"{teacher_dir} already exists and is not an import of {hf_dir};"
-        " remove it or pass --overwrite")
+        " remove it or pass --overwrite"
+    )
 
   reader = SafetensorsReader(hf_dir)
   try:
     if param_dtype is None:
-      param_dtype = reader.dtype(next(
-          (k for k in sorted(reader.keys()) if k.endswith("embed_tokens.weight")),
-          sorted(reader.keys())[0]))
+      param_dtype = reader.dtype(
+          next(
+              (
+                  k
+                  for k in sorted(reader.keys())
+                  if k.endswith("embed_tokens.weight")
+              ),
+              sorted(reader.keys())[0],
+          )
+      )
       config = teacher_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
     logging.info("Importing %s (%s) as %s", hf_dir, config.family, config)
     model = load_hf_weights(hf_dir, config, reader)
@@ -441,9 +575,15 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
     reader.close()
 
   with files.atomic_dir(teacher_dir) as tmp:  # Replaces it on --overwrite.
-    checkpoint.write_config(tmp, "teacher", config, family=config.family,
-                            source=hf_dir, tokenizer_hash=tok_hash,
-                            param_counts=model.param_counts())
+    checkpoint.write_config(
+        tmp,
+        "teacher",
+        config,
+        family=config.family,
+        source=hf_dir,
+        tokenizer_hash=tok_hash,
+        param_counts=model.param_counts(),
+    )
     checkpoint.save_params(tmp, model, step=0)
   files.copy(tokenizer_src, tokenizer_dst)
   logging.info("Wrote %s (%s parameters)", teacher_dir, model.param_counts())

@@ -14,13 +14,21 @@ from absl import flags, logging
 from distill.core import cli
 from teacher import hf
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Local Hugging Face checkpoint folder.")
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "Local Hugging Face checkpoint folder."
+)
 _PARAM_DTYPE = flags.DEFINE_enum(
-    "param_dtype", None, ["float32", "bfloat16", "float16"],
-    "Stored parameter dtype (default: the checkpoint's).")
+    "param_dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "Stored parameter dtype (default: the checkpoint's).",
+)
 _DTYPE = flags.DEFINE_enum(
-    "dtype", None, ["float32", "bfloat16"],
-    "Compute dtype (default: float32 for float32 weights, else bfloat16).")
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Compute dtype (default: float32 for float32 weights, else bfloat16).",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace WORKDIR/teacher.")
 
 
@@ -30,8 +38,13 @@ def main(argv):
   if not _HF_DIR.value:
     raise cli.UserError("--hf_dir is required: the checkpoint folder to import")
   workdir = cli.check_workdir(flags.FLAGS.workdir)
-  path = hf.import_hf(_HF_DIR.value, workdir, param_dtype=_PARAM_DTYPE.value,
-                      dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+  path = hf.import_hf(
+      _HF_DIR.value,
+      workdir,
+      param_dtype=_PARAM_DTYPE.value,
+      dtype=_DTYPE.value,
+      overwrite=_OVERWRITE.value,
+  )
   logging.info("Teacher written to %s", path)
   print(path)
 

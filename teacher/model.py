@@ -27,30 +27,53 @@ class Block(nnx.Module):
 
   def __init__(self, config: TeacherConfig, layer: int, *, rngs: nnx.Rngs):
     c = config
-    norm = functools.partial(layers.RMSNorm, c.d_model, eps=c.rms_eps,
-                             param_dtype=c.param_dtype)
+    norm = functools.partial(
+        layers.RMSNorm, c.d_model, eps=c.rms_eps, param_dtype=c.param_dtype
+    )
     local = c.sliding_window is not None
     self.attn_norm = norm()
     self.attn = layers.Attention(
-        c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, rngs=rngs,
-        kind="local" if local else "global", window=c.sliding_window,
-        rope_base=c.rope_base, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
-        norm_eps=c.rms_eps, clip_qkv=c.clip_qkv, dtype=c.dtype,
-        param_dtype=c.param_dtype)
+        c.d_model,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        rngs=rngs,
+        kind="local" if local else "global",
+        window=c.sliding_window,
+        rope_base=c.rope_base,
+        qkv_bias=c.qkv_bias,
+        qk_norm=c.qk_norm,
+        norm_eps=c.rms_eps,
+        clip_qkv=c.clip_qkv,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
     self.ffn_norm = norm()
     self.is_moe = c.is_moe_layer(layer)
     if self.is_moe:
       self.moe = moe_lib.MoE(
-          c.d_model, c.d_ff, c.num_experts, c.top_k, rngs=rngs,
+          c.d_model,
+          c.d_ff,
+          c.num_experts,
+          c.top_k,
+          rngs=rngs,
           norm_topk_prob=c.norm_topk_prob,
           shared_expert_d_ff=c.shared_expert_d_ff,
-          capacity_factor=c.capacity_factor, impl=c.moe_impl, dtype=c.dtype,
-          param_dtype=c.param_dtype)
+          capacity_factor=c.capacity_factor,
+          impl=c.moe_impl,
+          dtype=c.dtype,
+          param_dtype=c.param_dtype,
+      )
       self.mlp = None
     else:
       self.moe = None
-      self.mlp = layers.MLP(c.d_model, c.dense_d_ff, rngs=rngs, dtype=c.dtype,
-                            param_dtype=c.param_dtype)
+      self.mlp = layers.MLP(
+          c.d_model,
+          c.dense_d_ff,
+          rngs=rngs,
+          dtype=c.dtype,
+          param_dtype=c.param_dtype,
+      )
 
   def __call__(self, x, segment_ids, positions):
     x = x + self.attn(self.attn_norm(x), segment_ids, positions)
@@ -91,14 +114,30 @@ class Teacher(decoder.Decoder):
 
   def __init__(self, config: TeacherConfig, rngs: nnx.Rngs):
     c = self.config = config
-    self.embed = layers.Embed(c.vocab_size, c.d_model, rngs=rngs, dtype=c.dtype,
-                              param_dtype=c.param_dtype)
-    self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
-    self.final_norm = layers.RMSNorm(c.d_model, eps=c.rms_eps,
-                                     param_dtype=c.param_dtype)
-    self.head = (None if c.tie_embeddings else layers.Unembed(
-        c.d_model, c.vocab_size, rngs=rngs, dtype=c.dtype,
-        param_dtype=c.param_dtype))
+    self.embed = layers.Embed(
+        c.vocab_size,
+        c.d_model,
+        rngs=rngs,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+    )
+    self.blocks = nnx.List(
+        [Block(c, i, rngs=rngs) for i in range(c.num_layers)]
+    )
+    self.final_norm = layers.RMSNorm(
+        c.d_model, eps=c.rms_eps, param_dtype=c.param_dtype
+    )
+    self.head = (
+        None
+        if c.tie_embeddings
+        else layers.Unembed(
+            c.d_model,
+            c.vocab_size,
+            rngs=rngs,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+        )
+    )
 
   def run_blocks(self, x, segment_ids, positions):
     auxes = []
@@ -122,7 +161,9 @@ class Teacher(decoder.Decoder):
     for block in self.blocks:
       if block.is_moe:
         m = block.moe
-        per_expert = sum(w.shape[1] * w.shape[2] for w in (m.gate, m.up, m.down))
+        per_expert = sum(
+            w.shape[1] * w.shape[2] for w in (m.gate, m.up, m.down)
+        )
         idle += (c.num_experts - c.top_k) * per_expert
     return {"total": total, "active": total - idle}
 
@@ -130,9 +171,12 @@ class Teacher(decoder.Decoder):
 def _merge_aux(auxes: list[dict], num_experts: int) -> dict[str, jax.Array]:
   if not auxes:
     zero = jnp.zeros((), jnp.float32)
-    return {"load_balancing_loss": zero, "z_loss": zero,
-            "dropped_fraction": zero,
-            "expert_load": jnp.zeros((0, num_experts), jnp.float32)}
+    return {
+        "load_balancing_loss": zero,
+        "z_loss": zero,
+        "dropped_fraction": zero,
+        "expert_load": jnp.zeros((0, num_experts), jnp.float32),
+    }
   mean = lambda key: jnp.mean(jnp.stack([a[key] for a in auxes]))
   return {
       "load_balancing_loss": mean("load_balancing_loss"),

@@ -48,14 +48,16 @@ from distill.nn import layers
 Array = jax.Array
 
 
-def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int,
-                    num_experts: int) -> int:
+def expert_capacity(
+    capacity_factor: float, num_tokens: int, top_k: int, num_experts: int
+) -> int:
   """Per-expert capacity ceil(cf * tokens * k / E), at least 1."""
   return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def route(logits: Array, top_k: int, norm_topk_prob: bool
-          ) -> tuple[Array, Array, Array]:
+def route(
+    logits: Array, top_k: int, norm_topk_prob: bool
+) -> tuple[Array, Array, Array]:
   """Softmax-then-top-k routing.
 
   Args:
@@ -70,8 +72,9 @@ def route(logits: Array, top_k: int, norm_topk_prob: bool
   return probs, weights, experts.astype(jnp.int32)
 
 
-def router_stats(logits: Array, probs: Array, experts: Array,
-                 valid: Array) -> dict[str, Array]:
+def router_stats(
+    logits: Array, probs: Array, experts: Array, valid: Array
+) -> dict[str, Array]:
   """Load-balancing loss, z-loss and expert load over the valid tokens.
 
   Args:
@@ -81,8 +84,11 @@ def router_stats(logits: Array, probs: Array, experts: Array,
   top_k = experts.shape[-1]
   v = valid.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(v), 1.0)
-  load = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(
-      jnp.repeat(v, top_k))
+  load = (
+      jnp.zeros((num_experts,), jnp.float32)
+      .at[experts.reshape(-1)]
+      .add(jnp.repeat(v, top_k))
+  )
   f = load / (n * top_k)
   p = jnp.sum(probs * v[:, None], axis=0) / n
   z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
@@ -117,22 +123,35 @@ def _experts_blocked(xs, sorted_experts, group_sizes, w_gate, w_up, w_down):
   padded_start = padded_end - padded
   start = jnp.cumsum(group_sizes) - group_sizes
   rank = jnp.arange(m, dtype=jnp.int32) - start[sorted_experts]
-  dest = padded_start[sorted_experts] + rank                      # [M]
-  xp = jnp.zeros((num_blocks * b, d), xs.dtype).at[dest].set(
-      xs, unique_indices=True).reshape(num_blocks, b, d)
+  dest = padded_start[sorted_experts] + rank  # [M]
+  xp = (
+      jnp.zeros((num_blocks * b, d), xs.dtype)
+      .at[dest]
+      .set(xs, unique_indices=True)
+      .reshape(num_blocks, b, d)
+  )
   block_expert = jnp.searchsorted(
-      padded_end, jnp.arange(num_blocks, dtype=jnp.int32) * b, side="right")
-  block_expert = jnp.minimum(block_expert, e - 1)                 # [NB]
+      padded_end, jnp.arange(num_blocks, dtype=jnp.int32) * b, side="right"
+  )
+  block_expert = jnp.minimum(block_expert, e - 1)  # [NB]
   h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xp, w_gate[block_expert]))
   h = h * jnp.einsum("nbd,ndf->nbf", xp, w_up[block_expert])
   y = jnp.einsum("nbf,nfd->nbd", h, w_down[block_expert])
   return y.reshape(num_blocks * b, d)[dest]
 
 
-def dispatch(x: Array, weights: Array, experts: Array, w_gate: Array,
-             w_up: Array, w_down: Array, *, valid: Array | None = None,
-             capacity: int | None = None, impl: str = "ragged"
-             ) -> tuple[Array, Array]:
+def dispatch(
+    x: Array,
+    weights: Array,
+    experts: Array,
+    w_gate: Array,
+    w_up: Array,
+    w_down: Array,
+    *,
+    valid: Array | None = None,
+    capacity: int | None = None,
+    impl: str = "ragged",
+) -> tuple[Array, Array]:
   """Runs every token through its experts and combines the outputs.
 
   Args:
@@ -149,12 +168,12 @@ def dispatch(x: Array, weights: Array, experts: Array, w_gate: Array,
   n, d = x.shape
   k = experts.shape[-1]
   e = w_gate.shape[0]
-  flat = experts.reshape(-1)                                      # [M]
+  flat = experts.reshape(-1)  # [M]
   if capacity is not None and valid is not None:
-    flat = jnp.where(jnp.repeat(valid, k), flat, e)               # padding last
+    flat = jnp.where(jnp.repeat(valid, k), flat, e)  # padding last
   order = jnp.argsort(flat, stable=True)
   sorted_experts = flat[order]
-  xs = x[order // k]                                              # [M, D]
+  xs = x[order // k]  # [M, D]
   group_sizes = jnp.bincount(flat, length=e + 1).astype(jnp.int32)
   if capacity is None:
     gs = group_sizes[:e]
@@ -169,16 +188,22 @@ def dispatch(x: Array, weights: Array, experts: Array, w_gate: Array,
     start = jnp.cumsum(group_sizes) - group_sizes
     rank = jnp.arange(n * k, dtype=jnp.int32) - start[sorted_experts]
     kept_sorted = (rank < capacity) & (sorted_experts < e)
-    slot = jnp.where(kept_sorted, sorted_experts * capacity + rank, e * capacity)
+    slot = jnp.where(
+        kept_sorted, sorted_experts * capacity + rank, e * capacity
+    )
     buf = jnp.zeros((e * capacity + 1, d), x.dtype).at[slot].set(xs)
     buf = buf[:-1].reshape(e, capacity, d)
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, w_gate))
     h = h * jnp.einsum("ecd,edf->ecf", buf, w_up)
     y = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(e * capacity, d)
-    ys = jnp.where(kept_sorted[:, None], y[jnp.minimum(slot, e * capacity - 1)],
-                   0)
-  inverse = jnp.zeros_like(order).at[order].set(
-      jnp.arange(n * k, dtype=order.dtype), unique_indices=True)
+    ys = jnp.where(
+        kept_sorted[:, None], y[jnp.minimum(slot, e * capacity - 1)], 0
+    )
+  inverse = (
+      jnp.zeros_like(order)
+      .at[order]
+      .set(jnp.arange(n * k, dtype=order.dtype), unique_indices=True)
+  )
   y = ys[inverse].reshape(n, k, d).astype(jnp.float32)
   kept = kept_sorted[inverse].reshape(n, k)
   w = jnp.where(kept, weights, 0.0).astype(jnp.float32)
@@ -188,13 +213,25 @@ def dispatch(x: Array, weights: Array, experts: Array, w_gate: Array,
 class MoE(nnx.Module):
   """MoE FFN: [B, T, D] -> ([B, T, D], aux dict). See the module docstring."""
 
-  def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *,
-               rngs: nnx.Rngs, norm_topk_prob: bool = True,
-               shared_expert_d_ff: int = 0,
-               capacity_factor: float | None = None, impl: str = "auto",
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+      self,
+      d_model: int,
+      d_ff: int,
+      num_experts: int,
+      top_k: int,
+      *,
+      rngs: nnx.Rngs,
+      norm_topk_prob: bool = True,
+      shared_expert_d_ff: int = 0,
+      capacity_factor: float | None = None,
+      impl: str = "auto",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+  ):
     if impl not in ("auto", "ragged", "blocked"):
-      raise ValueError(f"unknown MoE impl {impl!r}; use auto, ragged or blocked")
+      raise ValueError(
+          f"unknown MoE impl {impl!r}; use auto, ragged or blocked"
+      )
     self.num_experts, self.top_k = num_experts, top_k
     self.norm_topk_prob = norm_topk_prob
     self.capacity_factor = capacity_factor
@@ -204,19 +241,33 @@ class MoE(nnx.Module):
     e, d, f = num_experts, d_model, d_ff
     # Fan-in scaling as in distill.layers.Einsum; axis 0 of experts is a batch.
     init = nnx.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-        batch_axis=(0,))
-    self.router = nnx.Param(nnx.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal")(rngs.params(), (d, e), param_dtype))
+        1.0,
+        "fan_in",
+        "truncated_normal",
+        in_axis=-2,
+        out_axis=-1,
+        batch_axis=(0,),
+    )
+    self.router = nnx.Param(
+        nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
+            rngs.params(), (d, e), param_dtype
+        )
+    )
     self.gate = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
     self.up = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
     self.down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
     if shared_expert_d_ff:
-      self.shared_expert = layers.MLP(d, shared_expert_d_ff, rngs=rngs,
-                                      dtype=dtype, param_dtype=param_dtype)
+      self.shared_expert = layers.MLP(
+          d, shared_expert_d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+      )
       self.shared_expert_gate = layers.Einsum(
-          "...D,DO->...O", (d, 1), in_axes=(0,), rngs=rngs, dtype=dtype,
-          param_dtype=param_dtype)
+          "...D,DO->...O",
+          (d, 1),
+          in_axes=(0,),
+          rngs=rngs,
+          dtype=dtype,
+          param_dtype=param_dtype,
+      )
     else:
       self.shared_expert = self.shared_expert_gate = None
 
@@ -225,8 +276,9 @@ class MoE(nnx.Module):
       return self.impl
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
-  def __call__(self, x: Array, mask: Array | None = None
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+      self, x: Array, mask: Array | None = None
+  ) -> tuple[Array, dict[str, Array]]:
     """x: [B, T, D]; mask: [B, T] bool, False = padding (None = all real).
 
     Returns y [B, T, D] and aux: load_balancing_loss, z_loss (scalars),
@@ -235,23 +287,37 @@ class MoE(nnx.Module):
     b, t, d = x.shape
     n = b * t
     xf = x.reshape(n, d).astype(self.dtype)
-    valid = (jnp.ones((n,), bool) if mask is None
-             else mask.reshape(n).astype(bool))
+    valid = (
+        jnp.ones((n,), bool) if mask is None else mask.reshape(n).astype(bool)
+    )
     logits = xf.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
     probs, weights, experts = route(logits, self.top_k, self.norm_topk_prob)
     capacity = None
     if self.capacity_factor is not None:
-      capacity = expert_capacity(self.capacity_factor, n, self.top_k,
-                                 self.num_experts)
-    wg, wu, wd = (w[...].astype(self.dtype)
-                  for w in (self.gate, self.up, self.down))
-    y, kept = dispatch(xf, weights, experts, wg, wu, wd, valid=valid,
-                       capacity=capacity, impl=self._impl())
+      capacity = expert_capacity(
+          self.capacity_factor, n, self.top_k, self.num_experts
+      )
+    wg, wu, wd = (
+        w[...].astype(self.dtype) for w in (self.gate, self.up, self.down)
+    )
+    y, kept = dispatch(
+        xf,
+        weights,
+        experts,
+        wg,
+        wu,
+        wd,
+        valid=valid,
+        capacity=capacity,
+        impl=self._impl(),
+    )
     if self.shared_expert is not None:
-      y = y + jax.nn.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(xf)
+      y = y + jax.nn.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(
+          xf
+      )
     aux = router_stats(logits, probs, experts, valid)
     real = jnp.repeat(valid, self.top_k).reshape(n, self.top_k)
     aux["dropped_fraction"] = (
-        jnp.sum(real & ~kept) / jnp.maximum(jnp.sum(real), 1)).astype(
-            jnp.float32)
+        jnp.sum(real & ~kept) / jnp.maximum(jnp.sum(real), 1)
+    ).astype(jnp.float32)
     return y.reshape(b, t, d).astype(x.dtype), aux

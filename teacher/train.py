@@ -32,11 +32,16 @@ from teacher import config as teacher_config
 from teacher import hf
 from teacher.model import Teacher
 
+
 def model_config(config, vocab_size: int) -> teacher_config.TeacherConfig:
   """The TeacherConfig of ``config.teacher`` for a tokenizer of ``vocab_size``."""
-  return configs.from_preset(teacher_config.PRESETS, config.teacher.preset,
-                             config.teacher.model, what="teacher",
-                             vocab_size=vocab_size)
+  return configs.from_preset(
+      teacher_config.PRESETS,
+      config.teacher.preset,
+      config.teacher.model,
+      what="teacher",
+      vocab_size=vocab_size,
+  )
 
 
 def _check_same_model(out_dir: str, cfg: teacher_config.TeacherConfig) -> None:
@@ -46,20 +51,30 @@ def _check_same_model(out_dir: str, cfg: teacher_config.TeacherConfig) -> None:
   if existing["model"] != ckpt.config_to_dict(cfg):
     raise UserError(
         f"{out_dir} holds a teacher with another configuration; training would"
-        " mix the two. Use a new --workdir, or remove that folder to start over.")
+        " mix the two. Use a new --workdir, or remove that folder to start over."
+    )
 
 
 def loss_fn_for(cfg: teacher_config.TeacherConfig, chunk_size: int):
   """Next-token CE plus the weighted router losses; MoE statistics as metrics."""
+
   def loss_fn(model, batch, step):
     del step  # No schedule on the loss itself.
     x = pipeline.model_inputs(batch)
     hidden, aux = model.hidden(x["inputs"], x["segment_ids"], x["positions"])
-    ce = chunked.chunked_loss(hidden, model.logits_from_hidden,
-                             terms.cross_entropy_per_token, x["labels"],
-                             x["mask"], chunk_size)
-    loss = (ce + cfg.router_aux_loss_coef * aux["load_balancing_loss"]
-            + cfg.router_z_loss_coef * aux["z_loss"])
+    ce = chunked.chunked_loss(
+        hidden,
+        model.logits_from_hidden,
+        terms.cross_entropy_per_token,
+        x["labels"],
+        x["mask"],
+        chunk_size,
+    )
+    loss = (
+        ce
+        + cfg.router_aux_loss_coef * aux["load_balancing_loss"]
+        + cfg.router_z_loss_coef * aux["z_loss"]
+    )
     metrics = {
         "ce": ce,
         "load_balancing_loss": aux["load_balancing_loss"],
@@ -68,6 +83,7 @@ def loss_fn_for(cfg: teacher_config.TeacherConfig, chunk_size: int):
         **expert_load_metrics(aux["expert_load"]),
     }
     return loss, metrics
+
   return loss_fn
 
 
@@ -90,7 +106,10 @@ def expert_load_metrics(expert_load: jax.Array) -> dict[str, jax.Array]:
   return {
       "expert_load_max_over_uniform": jnp.mean(relative.max(-1)),
       "expert_load_min_over_uniform": jnp.mean(relative.min(-1)),
-      **{f"expert_load/{e:0{width}d}": per_expert[e] for e in range(num_experts)},
+      **{
+          f"expert_load/{e:0{width}d}": per_expert[e]
+          for e in range(num_experts)
+      },
   }
 
 
@@ -100,8 +119,10 @@ def train(config, workdir: str) -> dict[str, Any]:
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="teacher")
     if existing.get("source") == "import_hf":
-      print(f"teacher: {out_dir} was imported from {existing.get('hf_dir')};"
-            " nothing to train.")
+      print(
+          f"teacher: {out_dir} was imported from {existing.get('hf_dir')};"
+          " nothing to train."
+      )
       return {"skipped": True, "imported": True}
   data_dir = layout.data_dir(workdir)
   tokenizer_path = layout.tokenizer_path(workdir)
@@ -110,30 +131,54 @@ def train(config, workdir: str) -> dict[str, Any]:
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     _check_same_model(out_dir, cfg)
   else:
-    ckpt.write_config(out_dir, "teacher", cfg, source="teacher.train",
-                      tokenizer_hash=tok.tokenizer_hash(tokenizer_path))
+    ckpt.write_config(
+        out_dir,
+        "teacher",
+        cfg,
+        source="teacher.train",
+        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
+    )
   counts = teacher_config.param_counts(cfg)
   logging.info("Teacher %s: %s parameters", config.teacher.preset, counts)
 
   model = Teacher(cfg, rngs=nnx.Rngs(config.seed))
-  loop = configs.from_section(trainer.LoopConfig, config.teacher.train,
-                              where="config.teacher.train",
-                              also=("eval_batches", "loss_chunk"))
+  loop = configs.from_section(
+      trainer.LoopConfig,
+      config.teacher.train,
+      where="config.teacher.train",
+      also=("eval_batches", "loss_chunk"),
+  )
   data = config.data
   result = trainer.train(
-      out_dir=out_dir, model=model, cfg=loop, desc="teacher",
+      out_dir=out_dir,
+      model=model,
+      cfg=loop,
+      desc="teacher",
       loss_fn=loss_fn_for(cfg, config.teacher.train.loss_chunk),
-      make_iterator=lambda: iter(pipeline.make_dataset(
-          data_dir, "train", seq_len=data.seq_len, batch_size=data.batch_size,
-          seed=config.seed, worker_count=data.worker_count)),
+      make_iterator=lambda: iter(
+          pipeline.make_dataset(
+              data_dir,
+              "train",
+              seq_len=data.seq_len,
+              batch_size=data.batch_size,
+              seed=config.seed,
+              worker_count=data.worker_count,
+          )
+      ),
       eval_fn=validation.make_validation_fn(
-          data_dir, seq_len=data.seq_len, batch_size=data.batch_size,
+          data_dir,
+          seq_len=data.seq_len,
+          batch_size=data.batch_size,
           max_batches=config.teacher.train.eval_batches,
-          chunk_size=config.teacher.train.loss_chunk))
+          chunk_size=config.teacher.train.loss_chunk,
+      ),
+  )
   summary = trainer.summarize(out_dir, result, params=counts)
   if result.status == "finished":
-    print(f"teacher: {result.step} steps, validation loss"
-          f" {summary.get('eval/loss', float('nan')):.3f} nats/token")
+    print(
+        f"teacher: {result.step} steps, validation loss"
+        f" {summary.get('eval/loss', float('nan')):.3f} nats/token"
+    )
   return summary
 
 
@@ -146,9 +191,11 @@ def hf_dir_of(config) -> str | None:
   if "hf_dir" not in config.teacher:
     return None
   if not config.teacher.hf_dir:
-    raise UserError("This experiment distils an imported teacher: pass"
-                    " --config.teacher.hf_dir=/path/to/hf_checkpoint (a Mixtral,"
-                    " Qwen2-MoE, Qwen3-MoE or OLMoE folder with safetensors).")
+    raise UserError(
+        "This experiment distils an imported teacher: pass"
+        " --config.teacher.hf_dir=/path/to/hf_checkpoint (a Mixtral,"
+        " Qwen2-MoE, Qwen3-MoE or OLMoE folder with safetensors)."
+    )
   return config.teacher.hf_dir
 
 
@@ -157,9 +204,12 @@ def stage(config, workdir: str):
   experiment names a Hugging Face checkpoint, else pretrain from scratch."""
   hf_dir = hf_dir_of(config)
   if hf_dir:
-    path = hf.import_hf(hf_dir, workdir,
-                        param_dtype=config.teacher.get("param_dtype") or None,
-                        dtype=config.teacher.get("dtype") or None)
+    path = hf.import_hf(
+        hf_dir,
+        workdir,
+        param_dtype=config.teacher.get("param_dtype") or None,
+        dtype=config.teacher.get("dtype") or None,
+    )
     print(f"teacher: imported {hf_dir} into {path}")
     return {"imported": hf_dir}
   return train(config, workdir)

@@ -12,9 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def binary(module, *args, timeout=300):
   """Runs ``python -m module args`` in the repo; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def last_step(metrics_path):
@@ -30,9 +35,14 @@ def sigterm_after(module, args, metrics_path, after_step, timeout=300):
 
   Returns ``(returncode, stdout+stderr)``.
   """
-  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   deadline = time.time() + timeout
   while proc.poll() is None and time.time() < deadline:
     if last_step(metrics_path) >= after_step:

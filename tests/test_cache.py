@@ -54,7 +54,9 @@ def tiny_config(seq_len=None, **cache_overrides):
 
 
 def flags_for(seq_len=None, **cache_overrides):
-  args = [TINY] + [f"--config.cache.{key}={value}" for key, value in cache_overrides.items()]
+  args = [TINY] + [
+      f"--config.cache.{key}={value}" for key, value in cache_overrides.items()
+  ]
   return args + ([f"--config.data.seq_len={seq_len}"] if seq_len else [])
 
 
@@ -78,19 +80,27 @@ def manifest_of(workdir):
 
 
 def file_hashes(directory):
-  return {name: cache.file_sha256(os.path.join(directory, name))
-          for name in sorted(os.listdir(directory))}
+  return {
+      name: cache.file_sha256(os.path.join(directory, name))
+      for name in sorted(os.listdir(directory))
+  }
 
 
 def done_shards(workdir):
-  return sorted(os.path.basename(p).replace(".done.json", ".array_record")
-                for p in glob.glob(os.path.join(logits_dir(workdir), "*.done.json")))
+  return sorted(
+      os.path.basename(p).replace(".done.json", ".array_record")
+      for p in glob.glob(os.path.join(logits_dir(workdir), "*.done.json"))
+  )
 
 
 def expect_for(workdir, seq_len):
-  return {"tokenizer_hash": tok.tokenizer_hash(layout.tokenizer_path(workdir)),
-          "vocab_size": tok.load_tokenizer(layout.tokenizer_path(workdir)).get_vocab_size(),
-          "seq_len": seq_len}
+  return {
+      "tokenizer_hash": tok.tokenizer_hash(layout.tokenizer_path(workdir)),
+      "vocab_size": tok.load_tokenizer(
+          layout.tokenizer_path(workdir)
+      ).get_vocab_size(),
+      "seq_len": seq_len,
+  }
 
 
 def assert_same_records(dir_a, dir_b):
@@ -101,7 +111,9 @@ def assert_same_records(dir_a, dir_b):
       ra, rb = a[i], b[i]
       assert ra.keys() == rb.keys()
       for key in ra:
-        np.testing.assert_array_equal(ra[key], rb[key], err_msg=f"{target} {i} {key}")
+        np.testing.assert_array_equal(
+            ra[key], rb[key], err_msg=f"{target} {i} {key}"
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -159,23 +171,37 @@ def test_records_match_the_teacher_recomputed(cached):
   assert [s["records"] for s in manifest["shards"]] == [16, 16, 14]
   assert all(s["complete"] for s in manifest["shards"])
 
-  rows = pipeline.PackedRows(layout.data_dir(cached), "train", config.data.seq_len)
-  topk, sample = cache.CacheSource(directory, "topk"), cache.CacheSource(directory, "sample")
+  rows = pipeline.PackedRows(
+      layout.data_dir(cached), "train", config.data.seq_len
+  )
+  topk, sample = cache.CacheSource(directory, "topk"), cache.CacheSource(
+      directory, "sample"
+  )
   assert len(topk) == len(sample) == 46
   picks = [0, 17, 45]  # first shard, second shard, padded last batch
   batch = {key: np.stack([rows[i][key] for i in picks]) for key in rows[0]}
   logits = nnx.jit(lambda model, *x: model(*x))(
-      teacher, batch["tokens"][:, :-1], batch["segment_ids"][:, :-1],
-      batch["positions"][:, :-1])
-  log_probs = np.asarray(jax.nn.log_softmax(logits / c.temperature, axis=-1), np.float64)
-  top_vals, top_ids = (np.asarray(x) for x in jax.lax.top_k(jnp.asarray(log_probs, jnp.float32), c.k))
+      teacher,
+      batch["tokens"][:, :-1],
+      batch["segment_ids"][:, :-1],
+      batch["positions"][:, :-1],
+  )
+  log_probs = np.asarray(
+      jax.nn.log_softmax(logits / c.temperature, axis=-1), np.float64
+  )
+  top_vals, top_ids = (
+      np.asarray(x)
+      for x in jax.lax.top_k(jnp.asarray(log_probs, jnp.float32), c.k)
+  )
 
   top1_counts = top1_expected = top1_var = 0.0
   for b, i in enumerate(picks):
     lp, got, drawn = log_probs[b], topk[i], sample[i]
     for record in (got, drawn):
       for key in ("tokens", "segment_ids", "positions"):
-        np.testing.assert_array_equal(record[key], rows[i][key], err_msg=f"{i} {key}")
+        np.testing.assert_array_equal(
+            record[key], rows[i][key], err_msg=f"{i} {key}"
+        )
 
     # Top-k: the right ids in descending order (ties aside), values within
     # the stated bound of the teacher's log-probs, tail within its bound.
@@ -190,8 +216,9 @@ def test_records_match_the_teacher_recomputed(cached):
     assert (bound[:, 1:] <= cache_format.ERROR_BOUNDS["log_prob"] + 1e-5).all()
     tail = 1.0 - np.exp(true_at_ids).sum(-1)
     assert tail.mean() > 0.05  # A real tail to check, not zero.
-    np.testing.assert_allclose(got["tail"], tail, rtol=0,
-                               atol=cache_format.ERROR_BOUNDS["tail"] + 2e-6)
+    np.testing.assert_allclose(
+        got["tail"], tail, rtol=0, atol=cache_format.ERROR_BOUNDS["tail"] + 2e-6
+    )
 
     # Sample: N draws a position, unique ids ascending, then padding.
     counts, sids = drawn["counts"], drawn["ids"]
@@ -199,7 +226,7 @@ def test_records_match_the_teacher_recomputed(cached):
     assert (counts.sum(-1) == c.num_samples).all()
     for t in range(config.data.seq_len):
       used = counts[t] > 0
-      assert used[:used.sum()].all() and (np.diff(sids[t][used]) > 0).all()
+      assert used[: used.sum()].all() and (np.diff(sids[t][used]) > 0).all()
       assert (sids[t][~used] == 0).all()
     # Draws follow the teacher at the cache temperature: the top id's total
     # count is within 5 standard deviations of N * p_top summed.
@@ -207,15 +234,27 @@ def test_records_match_the_teacher_recomputed(cached):
     top1_counts += np.where(sids == lp.argmax(-1)[:, None], counts, 0).sum()
     top1_expected += (c.num_samples * p_top).sum()
     top1_var += (c.num_samples * p_top * (1 - p_top)).sum()
-  assert abs(top1_counts - top1_expected) < 5 * np.sqrt(top1_var), (top1_counts, top1_expected)
+  assert abs(top1_counts - top1_expected) < 5 * np.sqrt(top1_var), (
+      top1_counts,
+      top1_expected,
+  )
 
 
 def _poll_and_kill(workdir, args, timeout=120):
   """Starts the writer; SIGKILLs it once a shard but not all are done."""
-  proc = subprocess.Popen([sys.executable, "-m", "teacher.cache_logits", *args,
-                           f"--workdir={workdir}"], cwd=procs.REPO,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          "-m",
+          "teacher.cache_logits",
+          *args,
+          f"--workdir={workdir}",
+      ],
+      cwd=procs.REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + timeout
   try:
     while proc.poll() is None and time.time() < deadline:
@@ -239,14 +278,21 @@ def test_killed_run_resumes_to_the_same_cache(base, tmp_path):
   code = _poll_and_kill(killed, args)
   assert code == -signal.SIGKILL
   done = done_shards(killed)
-  assert 1 <= len(done) < 10, f"not killed mid-run: {len(done)} of 10 shards done"
+  assert (
+      1 <= len(done) < 10
+  ), f"not killed mid-run: {len(done)} of 10 shards done"
   with pytest.raises(cache.CacheError, match="incomplete"):
     cache.read_manifest(directory)
   # Nothing half-written under a final name: every shard file there is a
   # complete one (its .done.json matches it, or, killed between the rename
   # and the .done.json, it holds all its records); partial ones are *.tmp-*.
-  states = {s["name"]: s for s in cache.shard_states(directory, manifest_of(killed))}
-  finals = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.array_record")))
+  states = {
+      s["name"]: s for s in cache.shard_states(directory, manifest_of(killed))
+  }
+  finals = sorted(
+      os.path.basename(p)
+      for p in glob.glob(os.path.join(directory, "*.array_record"))
+  )
   assert set(done) <= set(finals) and len(finals) <= len(done) + 1
   for name in finals:
     path = os.path.join(directory, name)
@@ -259,21 +305,33 @@ def test_killed_run_resumes_to_the_same_cache(base, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   rewritten = int(re.search(r"cache: (\d+) rows in", result.stdout).group(1))
   assert rewritten == 320 - 32 * len(done)  # Resumed, not restarted.
-  assert not glob.glob(os.path.join(directory, "shard-*.tmp-*"))  # Stale ones removed.
+  assert not glob.glob(
+      os.path.join(directory, "shard-*.tmp-*")
+  )  # Stale ones removed.
 
   config = tiny_config(KILL_SEQ_LEN, **KILL_OVERRIDES)
   cl.cache_logits(config, straight)
   want = manifest_of(straight)
   assert manifest_of(killed) == want
-  assert [s["sha256"] for s in want["shards"]] == [s["sha256"] for s in manifest_of(killed)["shards"]]
-  assert all(s["complete"] for s in want["shards"]) and len(want["shards"]) == 10
+  assert [s["sha256"] for s in want["shards"]] == [
+      s["sha256"] for s in manifest_of(killed)["shards"]
+  ]
+  assert (
+      all(s["complete"] for s in want["shards"]) and len(want["shards"]) == 10
+  )
   assert_same_records(directory, logits_dir(straight))
 
   before = file_hashes(directory)
-  mtimes = {n: os.path.getmtime(os.path.join(directory, n)) for n in before if n != cache.MANIFEST}
+  mtimes = {
+      n: os.path.getmtime(os.path.join(directory, n))
+      for n in before
+      if n != cache.MANIFEST
+  }
   cl.cache_logits(config, killed)
   assert file_hashes(directory) == before
-  assert mtimes == {n: os.path.getmtime(os.path.join(directory, n)) for n in mtimes}
+  assert mtimes == {
+      n: os.path.getmtime(os.path.join(directory, n)) for n in mtimes
+  }
 
 
 def test_nothing_to_do_on_a_finished_cache(cached, tmp_path, capsys):
@@ -287,6 +345,7 @@ def test_nothing_to_do_on_a_finished_cache(cached, tmp_path, capsys):
 def _rewrite_shard(directory, name, records):
   """Replaces a shard by these records and makes the manifest agree with it."""
   from array_record.python import array_record_module
+
   path = os.path.join(directory, name)
   os.remove(path)
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
@@ -297,11 +356,14 @@ def _rewrite_shard(directory, name, records):
   for shard in manifest["shards"]:
     if shard["name"] == name:
       shard.update(bytes=os.path.getsize(path), sha256=cache.file_sha256(path))
-  files.write_json(os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True)
+  files.write_json(
+      os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True
+  )
 
 
 def _read_records(path):
   from array_record.python import array_record_module
+
   reader = array_record_module.ArrayRecordReader(path)
   try:
     return [reader.read([i])[0] for i in range(reader.num_records())]
@@ -313,7 +375,10 @@ def test_damaged_shards_are_named(cached, tmp_path):
   manifest = manifest_of(cached)
   names = [s["name"] for s in manifest["shards"]]
   assert cache.verify(logits_dir(cached)) == {
-      "shards": 3, "records": 46, "bytes": sum(s["bytes"] for s in manifest["shards"])}
+      "shards": 3,
+      "records": 46,
+      "bytes": sum(s["bytes"] for s in manifest["shards"]),
+  }
 
   # One flipped byte inside shard 1's data: verify names the shard; the
   # reader names the shard and the record, and reads the others.
@@ -329,6 +394,7 @@ def test_damaged_shards_are_named(cached, tmp_path):
   # (ArrayRecord compresses and checksums each record, so the record's
   # bytes are not in the file as such).
   from array_record.python import array_record_module
+
   reader = array_record_module.ArrayRecordReader(path)
   bad = []
   for j in range(reader.num_records()):
@@ -339,7 +405,9 @@ def test_damaged_shards_are_named(cached, tmp_path):
   reader.close()
   assert len(bad) == 1, bad
   source = cache.CacheSource(directory, "topk")
-  with pytest.raises(cache.CacheError, match=rf"Record {bad[0]} of {re.escape(names[1])}"):
+  with pytest.raises(
+      cache.CacheError, match=rf"Record {bad[0]} of {re.escape(names[1])}"
+  ):
     source[16 + bad[0]]
   source[16 + (bad[0] + 1) % 16]  # The rest still reads.
 
@@ -352,9 +420,14 @@ def test_damaged_shards_are_named(cached, tmp_path):
   damaged[cache_format.HEADER.size + 40] ^= 0x01
   records[5] = bytes(damaged)
   _rewrite_shard(directory, names[2], records)
-  with pytest.raises(cache.CacheError, match=rf"Record 5 of shard {re.escape(names[2])}.*checksum"):
+  with pytest.raises(
+      cache.CacheError,
+      match=rf"Record 5 of shard {re.escape(names[2])}.*checksum",
+  ):
     cache.verify(directory)
-  with pytest.raises(cache.CacheError, match=rf"Record 5 of {re.escape(names[2])}.*checksum"):
+  with pytest.raises(
+      cache.CacheError, match=rf"Record 5 of {re.escape(names[2])}.*checksum"
+  ):
     cache.CacheSource(directory, "sample")[32 + 5]
 
   # A truncated shard: the reader refuses to open the cache, naming it (size
@@ -365,11 +438,16 @@ def test_damaged_shards_are_named(cached, tmp_path):
   path = os.path.join(directory, names[0])
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(cache.CacheError, match=rf"{re.escape(names[0])} is \d+ bytes but the manifest"):
+  with pytest.raises(
+      cache.CacheError,
+      match=rf"{re.escape(names[0])} is \d+ bytes but the manifest",
+  ):
     cache.CacheSource(directory, "topk")
   with pytest.raises(cache.CacheError, match=re.escape(names[0])):
     cache.verify(directory)
-  result = procs.binary("teacher.cache_logits", TINY, f"--workdir={truncated}", "--verify")
+  result = procs.binary(
+      "teacher.cache_logits", TINY, f"--workdir={truncated}", "--verify"
+  )
   assert result.returncode == 1, result.stdout + result.stderr
   output = result.stdout + result.stderr
   assert "Traceback" not in output, output
@@ -380,11 +458,26 @@ def test_damaged_shards_are_named(cached, tmp_path):
 def test_cache_that_does_not_fit_the_student_is_refused(cached, base, tmp_path):
   directory = logits_dir(cached)
   expect = expect_for(cached, 32)
-  kwargs = dict(target="topk", batch_size=4, num_epochs=1, process_index=0, process_count=1)
+  kwargs = dict(
+      target="topk",
+      batch_size=4,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+  )
   next(iter(cache.make_dataset(directory, expect=expect, **kwargs)))  # Fits.
-  for field, value in [("tokenizer_hash", "other"), ("vocab_size", 513), ("seq_len", 64)]:
-    with pytest.raises(cache.CacheError, match=rf"{field} is .* in the cache but {re.escape(repr(value))}"):
-      cache.make_dataset(directory, expect=dict(expect, **{field: value}), **kwargs)
+  for field, value in [
+      ("tokenizer_hash", "other"),
+      ("vocab_size", 513),
+      ("seq_len", 64),
+  ]:
+    with pytest.raises(
+        cache.CacheError,
+        match=rf"{field} is .* in the cache but {re.escape(repr(value))}",
+    ):
+      cache.make_dataset(
+          directory, expect=dict(expect, **{field: value}), **kwargs
+      )
 
   topk_only = copy(base, tmp_path / "topk_only")
   cl.cache_logits(tiny_config(methods=("topk",), max_rows=16), topk_only)
@@ -392,17 +485,31 @@ def test_cache_that_does_not_fit_the_student_is_refused(cached, base, tmp_path):
   assert manifest_of(topk_only)["methods"] == ["topk"]
   next(iter(cache.make_dataset(directory, expect=expect, **kwargs)))
   with pytest.raises(cache.CacheError, match="not 'sample'"):
-    cache.make_dataset(directory, expect=expect, **dict(kwargs, target="sample"))
+    cache.make_dataset(
+        directory, expect=expect, **dict(kwargs, target="sample")
+    )
 
 
 @pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
 def test_order_matches_the_token_pipeline(cached, process_index, process_count):
   expect = expect_for(cached, 32)
-  common = dict(batch_size=4, seed=7, num_epochs=1, process_index=process_index,
-                process_count=process_count)
-  got = list(cache.make_dataset(logits_dir(cached), expect=expect, target="sample", **common))
-  want = list(pipeline.make_dataset(layout.data_dir(cached), "train", seq_len=32,
-                                    num_rows=46, **common))
+  common = dict(
+      batch_size=4,
+      seed=7,
+      num_epochs=1,
+      process_index=process_index,
+      process_count=process_count,
+  )
+  got = list(
+      cache.make_dataset(
+          logits_dir(cached), expect=expect, target="sample", **common
+      )
+  )
+  want = list(
+      pipeline.make_dataset(
+          layout.data_dir(cached), "train", seq_len=32, num_rows=46, **common
+      )
+  )
   assert len(got) == len(want) == 46 // process_count // (4 // process_count)
   for a, b in zip(got, want):
     for key in ("tokens", "segment_ids", "positions"):
@@ -430,7 +537,9 @@ class _AsProcess:
     return self._count
 
 
-def test_two_writer_processes_write_disjoint_shards(cached, base, tmp_path, monkeypatch):
+def test_two_writer_processes_write_disjoint_shards(
+    cached, base, tmp_path, monkeypatch
+):
   workdir = copy(base, tmp_path / "w")
   names = [s["name"] for s in manifest_of(cached)["shards"]]
   config = tiny_config(**CACHE)
@@ -443,8 +552,9 @@ def test_two_writer_processes_write_disjoint_shards(cached, base, tmp_path, monk
   assert done_shards(workdir) == names
   assert manifest_of(workdir) == manifest_of(cached)
   for name in names:
-    assert (cache.file_sha256(os.path.join(logits_dir(workdir), name))
-            == cache.file_sha256(os.path.join(logits_dir(cached), name)))
+    assert cache.file_sha256(
+        os.path.join(logits_dir(workdir), name)
+    ) == cache.file_sha256(os.path.join(logits_dir(cached), name))
 
 
 def test_other_settings_are_refused_on_resume(cached, tmp_path):
@@ -457,7 +567,9 @@ def test_other_settings_are_refused_on_resume(cached, tmp_path):
     before = file_hashes(logits_dir(workdir))
     for change in (dict(k=4), dict(temperature=1.0), dict(num_samples=8)):
       field = next(iter(change))
-      with pytest.raises(cache.CacheError, match=rf"other settings \({field} differs\)"):
+      with pytest.raises(
+          cache.CacheError, match=rf"other settings \({field} differs\)"
+      ):
         cl.cache_logits(tiny_config(**dict(CACHE, **change)), workdir)
       assert file_hashes(logits_dir(workdir)) == before
   # The same settings finish the partial cache, byte for byte.
@@ -479,11 +591,16 @@ def test_records_do_not_depend_on_the_batch_size(cached, base, tmp_path):
       ra, rb = a[i], b[i]
       np.testing.assert_array_equal(ra["tokens"], rb["tokens"])
       if target == "sample":
-        same.append(((ra["ids"] == rb["ids"]) & (ra["counts"] == rb["counts"])).all(-1))
+        same.append(
+            ((ra["ids"] == rb["ids"]) & (ra["counts"] == rb["counts"])).all(-1)
+        )
       else:
         # Each within its bound of the teacher (the quantisation step
         # follows the row's span), so within twice the bound of each other.
-        np.testing.assert_allclose(ra["log_probs"], rb["log_probs"],
-                                   atol=2 * cache_format.ERROR_BOUNDS["log_prob"])
+        np.testing.assert_allclose(
+            ra["log_probs"],
+            rb["log_probs"],
+            atol=2 * cache_format.ERROR_BOUNDS["log_prob"],
+        )
         same.append((ra["ids"] == rb["ids"]).all(-1))
     assert np.mean(same) > 0.99, (target, np.mean(same))

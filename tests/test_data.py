@@ -37,7 +37,10 @@ def _write_corpus(root, n=12, extra=None):
   os.makedirs(root, exist_ok=True)
   texts = {}
   for i in range(n):
-    text = f"def f{i}(x):\n    return x * {i}  # número {i} — ünïcode 日本\n" * (3 + i)
+    text = (
+        f"def f{i}(x):\n    return x * {i}  # número {i} — ünïcode 日本\n"
+        * (3 + i)
+    )
     texts[f"doc{i:02d}.txt"] = text
   texts.update(extra or {})
   for name, text in texts.items():
@@ -49,7 +52,9 @@ def _write_corpus(root, n=12, extra=None):
 def test_stdlib_split_is_deterministic_and_disjoint():
   files = corpus.stdlib_files()
   assert len(files) > 300
-  assert not any(f"{os.sep}{d}{os.sep}" in f for f in files for d in ("test", "idlelib"))
+  assert not any(
+      f"{os.sep}{d}{os.sep}" in f for f in files for d in ("test", "idlelib")
+  )
   a = corpus.split_files(files, corpus.stdlib_root(), 25)
   b = corpus.split_files(list(reversed(files)), corpus.stdlib_root(), 25)
   assert sorted(a["validation"]) == sorted(b["validation"])
@@ -89,7 +94,9 @@ def _synthetic_stream(data_dir, split, docs):
   out = pipeline.tokens_dir(data_dir, split)
   os.makedirs(out)
   stream = np.concatenate(docs).astype(np.uint16)
-  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(
+      np.int64
+  )
   np.save(os.path.join(out, "tokens.npy"), stream)
   np.save(os.path.join(out, "doc_offsets.npy"), offsets)
   with open(os.path.join(out, pipeline.META), "w") as f:
@@ -151,15 +158,24 @@ def test_packing_loses_and_duplicates_no_token_over_an_epoch(tmp_path):
   docs = [rng.integers(3, 500, size=rng.integers(1, 40)) for _ in range(200)]
   stream = _synthetic_stream(str(tmp_path), "train", docs)
   seq_len = 15
-  ds = pipeline.make_dataset(str(tmp_path), "train", seq_len=seq_len, batch_size=7,
-                             seed=3, num_epochs=1, process_index=0,
-                             process_count=1, drop_remainder=False)
+  ds = pipeline.make_dataset(
+      str(tmp_path),
+      "train",
+      seq_len=seq_len,
+      batch_size=7,
+      seed=3,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+      drop_remainder=False,
+  )
   rows = np.concatenate([b["tokens"] for b in ds])
   num_rows = stream.size // (seq_len + 1)
   assert rows.shape == (num_rows, seq_len + 1)
-  kept = stream[:num_rows * (seq_len + 1)]
-  np.testing.assert_array_equal(np.bincount(rows.ravel(), minlength=500),
-                                np.bincount(kept, minlength=500))
+  kept = stream[: num_rows * (seq_len + 1)]
+  np.testing.assert_array_equal(
+      np.bincount(rows.ravel(), minlength=500), np.bincount(kept, minlength=500)
+  )
   # Shuffled, but each row exactly once.
   starts = sorted(map(tuple, rows))
   assert starts == sorted(map(tuple, kept.reshape(num_rows, -1)))
@@ -177,10 +193,18 @@ def prepared(tmp_path_factory):
 
 def test_iterator_state_restores_the_exact_batches(prepared):
   config, workdir, _ = prepared
+
   def make():
-    return pipeline.make_dataset(layout.data_dir(workdir), "train", seq_len=16,
-                                 batch_size=4, seed=7, process_index=0,
-                                 process_count=1)
+    return pipeline.make_dataset(
+        layout.data_dir(workdir),
+        "train",
+        seq_len=16,
+        batch_size=4,
+        seed=7,
+        process_index=0,
+        process_count=1,
+    )
+
   it = iter(make())
   for _ in range(5):
     next(it)
@@ -204,9 +228,17 @@ def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
   num_rows = 3000 // 17
   seen = []
   for index in range(3):
-    ds = pipeline.make_dataset(str(tmp_path), "train", seq_len=16, batch_size=3,
-                               seed=1, num_epochs=1, process_index=index,
-                               process_count=3, drop_remainder=False)
+    ds = pipeline.make_dataset(
+        str(tmp_path),
+        "train",
+        seq_len=16,
+        batch_size=3,
+        seed=1,
+        num_epochs=1,
+        process_index=index,
+        process_count=3,
+        drop_remainder=False,
+    )
     firsts = [int(r[0]) for b in ds for r in b["tokens"]]
     assert len(firsts) == len(set(firsts))
     seen.append(set(firsts))
@@ -241,11 +273,16 @@ def test_imported_tokenizer_is_adopted_not_retrained(prepared, tmp_path):
   new_workdir = tmp_path / "w2"
   new_workdir.mkdir()
   path = layout.tokenizer_path(str(new_workdir))
-  with open(layout.tokenizer_path(workdir), "rb") as src, open(path, "wb") as dst:
+  with (
+      open(layout.tokenizer_path(workdir), "rb") as src,
+      open(path, "wb") as dst,
+  ):
     dst.write(src.read())
   summary = prepare.prepare(config, str(new_workdir))
   assert summary["tokenizer"] == "adopted"
-  assert summary["tokenizer_hash"] == tok.tokenizer_hash(layout.tokenizer_path(workdir))
+  assert summary["tokenizer_hash"] == tok.tokenizer_hash(
+      layout.tokenizer_path(workdir)
+  )
 
 
 def test_glob_that_matches_nothing_is_a_clear_error(tmp_path):
@@ -276,15 +313,37 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 def test_prepare_binary_prints_one_line_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "data.prepare", "--config=experiments/stdlib.py:tiny",
-       "--config.data.source=files", f"--config.data.files_glob={tmp_path}/none/*.txt",
-       f"--workdir={tmp_path}/w"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "data.prepare",
+          "--config=experiments/stdlib.py:tiny",
+          "--config.data.source=files",
+          f"--config.data.files_glob={tmp_path}/none/*.txt",
+          f"--workdir={tmp_path}/w",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 1
   assert "error: No input files" in proc.stderr
   assert "Traceback" not in proc.stderr
   proc = subprocess.run(
-      [sys.executable, "-m", "data.prepare", "--config=experiments/stdlib.py:tiny",
-       "--config.data.vocab_sise=10", f"--workdir={tmp_path}/w"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "data.prepare",
+          "--config=experiments/stdlib.py:tiny",
+          "--config.data.vocab_sise=10",
+          f"--workdir={tmp_path}/w",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode != 0 and "vocab_sise" in proc.stderr

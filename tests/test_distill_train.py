@@ -53,30 +53,51 @@ def test_every_run_kind_lowers_its_loss(workdir, tmp_path):
   summaries = distill_train.train_all(config, w)
   assert sorted(summaries) == sorted(config.distill.runs)
   for run, summary in summaries.items():
-    records = [r for r in trainer.read_metrics(layout.student_dir(w, run)) if "loss" in r]
+    records = [
+        r
+        for r in trainer.read_metrics(layout.student_dir(w, run))
+        if "loss" in r
+    ]
     assert records[-1]["loss"] < records[0]["loss"], run
     assert summary["steps"] == 12
     # The teacher exists, so the eval hook measures the student against it.
-    assert 0 <= summary["eval/top1_agreement"] <= 1 and summary["eval/kl_to_teacher"] > 0
-  assert summaries["sampled"]["kind"] == {"mode": "offline", "target": "sample",
-                                          "loss": "sampled_kl"}
+    assert (
+        0 <= summary["eval/top1_agreement"] <= 1
+        and summary["eval/kl_to_teacher"] > 0
+    )
+  assert summaries["sampled"]["kind"] == {
+      "mode": "offline",
+      "target": "sample",
+      "loss": "sampled_kl",
+  }
 
 
 @pytest.mark.slow  # ~70 s: two binaries, one stopped and resumed
-def test_offline_run_sigterm_and_resume_match_running_through(workdir, tmp_path):
-  args = ["--run=sampled", "--config.distill.train.steps=30",
-          "--config.distill.train.log_every=1",
-          "--config.distill.train.checkpoint_every=50",
-          "--config.distill.train.eval_every=50"]
+def test_offline_run_sigterm_and_resume_match_running_through(
+    workdir, tmp_path
+):
+  args = [
+      "--run=sampled",
+      "--config.distill.train.steps=30",
+      "--config.distill.train.log_every=1",
+      "--config.distill.train.checkpoint_every=50",
+      "--config.distill.train.eval_every=50",
+  ]
   straight = _copy(workdir, tmp_path / "a")
   result = procs.binary("distill.train", TINY, f"--workdir={straight}", *args)
   assert result.returncode == 0, result.stderr[-2000:]
-  want = procs.losses_by_step(os.path.join(straight, "student", "sampled", "metrics.jsonl"))
+  want = procs.losses_by_step(
+      os.path.join(straight, "student", "sampled", "metrics.jsonl")
+  )
 
   stopped = _copy(workdir, tmp_path / "b")
   metrics = os.path.join(stopped, "student", "sampled", "metrics.jsonl")
-  code, out = procs.sigterm_after("distill.train", [TINY, f"--workdir={stopped}", *args],
-                                  metrics, after_step=3)
+  code, out = procs.sigterm_after(
+      "distill.train",
+      [TINY, f"--workdir={stopped}", *args],
+      metrics,
+      after_step=3,
+  )
   assert code == 0 and "stopped by SIGTERM" in out, out[-2000:]
   assert 3 <= ckpt.latest_step(os.path.join(stopped, "student", "sampled")) < 30
   result = procs.binary("distill.train", TINY, f"--workdir={stopped}", *args)
@@ -101,7 +122,9 @@ def test_unknown_run_is_refused_before_training(workdir):
     distill_train.train_all(config, workdir)
 
 
-def test_offline_run_refuses_a_cache_for_another_sequence_length(workdir, tmp_path):
+def test_offline_run_refuses_a_cache_for_another_sequence_length(
+    workdir, tmp_path
+):
   w = _copy(workdir, tmp_path / "w")
   manifest_path = os.path.join(w, "logits", "manifest.json")
   manifest = json.load(open(manifest_path))

@@ -24,15 +24,23 @@ T = 21  # longer than every window below, so the rings wrap
 
 
 def _student(vocab=64, window=4, seed=0):
-  return Student(get_preset("tiny", vocab_size=vocab, window=window,
-                            num_layers=3, layer_pattern=("local", "local", "global")),
-                 nnx.Rngs(seed))
+  return Student(
+      get_preset(
+          "tiny",
+          vocab_size=vocab,
+          window=window,
+          num_layers=3,
+          layer_pattern=("local", "local", "global"),
+      ),
+      nnx.Rngs(seed),
+  )
 
 
 def _teacher(vocab=64, window=None, seed=1):
   return teacher_lib.Teacher(
       teacher_lib.get_preset("tiny", vocab_size=vocab, sliding_window=window),
-      nnx.Rngs(seed))
+      nnx.Rngs(seed),
+  )
 
 
 MODELS = {
@@ -57,7 +65,7 @@ def _forward(model):
 def _last_logits(forward, prompt, width=32):
   """Logits after ``prompt`` from one fixed-width (right-padded) forward."""
   padded = np.zeros((1, width), np.int32)
-  padded[0, :len(prompt)] = prompt
+  padded[0, : len(prompt)] = prompt
   return forward(padded)[0, len(prompt) - 1]
 
 
@@ -66,7 +74,9 @@ def _tokens(vocab, shape, seed=0):
 
 
 def _positions(b, start, stop):
-  return jnp.broadcast_to(jnp.arange(start, stop, dtype=jnp.int32), (b, stop - start))
+  return jnp.broadcast_to(
+      jnp.arange(start, stop, dtype=jnp.int32), (b, stop - start)
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -82,8 +92,12 @@ def test_every_decode_step_matches_full_forward(model):
   logits, cache = decode(state, tokens[:, :3], cache, _positions(2, 0, 3))
   np.testing.assert_allclose(logits, full[:, :3], atol=TOL)
   for i in range(3, T):  # one token at a time, far past the window
-    logits, cache = decode(state, tokens[:, i:i + 1], cache, _positions(2, i, i + 1))
-    np.testing.assert_allclose(logits[:, 0], full[:, i], atol=TOL, err_msg=f"step {i}")
+    logits, cache = decode(
+        state, tokens[:, i : i + 1], cache, _positions(2, i, i + 1)
+    )
+    np.testing.assert_allclose(
+        logits[:, 0], full[:, i], atol=TOL, err_msg=f"step {i}"
+    )
 
 
 def test_local_layers_keep_a_ring_of_the_window(model):
@@ -106,18 +120,25 @@ def test_chunks_and_rollback_match_full_forward(model):
   forward = _forward(model)
   full = forward(tokens)
   for start in range(0, 15, 3):
-    logits, cache = decode(state, tokens[:, start:start + 3], cache,
-                           _positions(2, start, start + 3))
-    np.testing.assert_allclose(logits, full[:, start:start + 3], atol=TOL)
+    logits, cache = decode(
+        state,
+        tokens[:, start : start + 3],
+        cache,
+        _positions(2, start, start + 3),
+    )
+    np.testing.assert_allclose(logits, full[:, start : start + 3], atol=TOL)
   # Positions 12..14 are now written (the rings wrapped). Rewind to 12 with
   # a different continuation: the stale entries must never be seen.
   other = tokens.at[:, 12:].set(_tokens(vocab, (2, T - 12), seed=7))
   full_other = forward(other)
   assert not np.allclose(full_other[:, 13:], full[:, 13:], atol=1e-3)
   for i in range(12, T):
-    logits, cache = decode(state, other[:, i:i + 1], cache, _positions(2, i, i + 1))
-    np.testing.assert_allclose(logits[:, 0], full_other[:, i], atol=TOL,
-                               err_msg=f"step {i}")
+    logits, cache = decode(
+        state, other[:, i : i + 1], cache, _positions(2, i, i + 1)
+    )
+    np.testing.assert_allclose(
+        logits[:, 0], full_other[:, i], atol=TOL, err_msg=f"step {i}"
+    )
 
 
 def test_without_rollback_slots_a_rewind_breaks_the_window():
@@ -143,11 +164,14 @@ def test_left_padded_prompts_match_unpadded_rows(name):
   # and the padded prefill's last logits equal the unpadded forward's
   tokens, positions = gen.left_pad(prompts)
   assert tokens.shape == (3, 6) and (positions[1] == [-1] * 5 + [0]).all()
-  logits, _ = gen.prefill(nnx.split(model)[0])(nnx.state(model), tokens, positions,
-                                               max_len=8)
+  logits, _ = gen.prefill(nnx.split(model)[0])(
+      nnx.state(model), tokens, positions, max_len=8
+  )
   forward = _forward(model)
   for b, prompt in enumerate(prompts):
-    np.testing.assert_allclose(logits[b], _last_logits(forward, prompt), atol=TOL)
+    np.testing.assert_allclose(
+        logits[b], _last_logits(forward, prompt), atol=TOL
+    )
   assert max(map(max, batched)) < vocab
 
 
@@ -162,7 +186,7 @@ def test_greedy_generate_is_argmax_of_full_forward(model):
   seq = list(prompt)
   for _ in range(24):
     seq.append(int(jnp.argmax(_last_logits(forward, seq))))
-  assert new == seq[len(prompt):]
+  assert new == seq[len(prompt) :]
 
 
 def test_eos_stops_each_row_on_its_own():
@@ -170,13 +194,16 @@ def test_eos_stops_each_row_on_its_own():
   prompts = [[1, 2, 3], [7, 5, 9]]
   free = gen.generate(model, prompts, 20)
   # An id that row 0 produces, as early as possible, and row 1 later or never.
-  candidates = [(free[0].index(t), t) for t in set(free[0])
-                if t not in free[1][:free[0].index(t) + 2]]
+  candidates = [
+      (free[0].index(t), t)
+      for t in set(free[0])
+      if t not in free[1][: free[0].index(t) + 2]
+  ]
   assert candidates, free
   first, eos = min(candidates)
   stopped = gen.generate(model, prompts, 20, eos_id=eos)
-  assert stopped[0] == free[0][:first + 1]
-  want1 = free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1]
+  assert stopped[0] == free[0][: first + 1]
+  want1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
   assert stopped[1] == want1
   assert len(stopped[1]) > len(stopped[0])
 
@@ -194,14 +221,21 @@ def test_decode_step_compiles_once_per_shape():
 
 def test_sampling_probs_temperature_and_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
-  np.testing.assert_allclose(gen.sampling_probs(logits, 1.0, 1.0), [[0.5, 0.05, 0.3, 0.15]],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      gen.sampling_probs(logits, 1.0, 1.0), [[0.5, 0.05, 0.3, 0.15]], atol=1e-6
+  )
   # top_p 0.8: 0.5 (before 0) and 0.3 (before 0.5) stay; 0.15 (before 0.8) goes.
-  np.testing.assert_allclose(gen.sampling_probs(logits, 1.0, 0.8), [[0.625, 0, 0.375, 0]],
-                             atol=1e-6)
-  np.testing.assert_allclose(gen.sampling_probs(logits, 1.0, 0.81), [[0.5 / 0.95, 0, 0.3 / 0.95,
-                                                                      0.15 / 0.95]], atol=1e-6)
-  np.testing.assert_allclose(gen.sampling_probs(logits, 1.0, 0.1), [[1, 0, 0, 0]], atol=1e-6)
+  np.testing.assert_allclose(
+      gen.sampling_probs(logits, 1.0, 0.8), [[0.625, 0, 0.375, 0]], atol=1e-6
+  )
+  np.testing.assert_allclose(
+      gen.sampling_probs(logits, 1.0, 0.81),
+      [[0.5 / 0.95, 0, 0.3 / 0.95, 0.15 / 0.95]],
+      atol=1e-6,
+  )
+  np.testing.assert_allclose(
+      gen.sampling_probs(logits, 1.0, 0.1), [[1, 0, 0, 0]], atol=1e-6
+  )
   hot = gen.sampling_probs(logits, 0.5, 1.0)
   want = np.array([0.5, 0.05, 0.3, 0.15]) ** 2
   np.testing.assert_allclose(hot[0], want / want.sum(), atol=1e-6)
@@ -212,23 +246,38 @@ def test_sampled_first_tokens_follow_the_model(model):
   prompt = [2, 7, 1]
   temperature, top_p = 0.8, 0.9
   draws = 4000
-  rows = gen.generate(model, [prompt] * draws, 1, temperature=temperature,
-                      top_p=top_p, key=jax.random.key(3))
+  rows = gen.generate(
+      model,
+      [prompt] * draws,
+      1,
+      temperature=temperature,
+      top_p=top_p,
+      key=jax.random.key(3),
+  )
   counts = np.bincount([r[0] for r in rows], minlength=model.config.vocab_size)
-  probs = np.asarray(gen.sampling_probs(_last_logits(_forward(model), prompt),
-                                        temperature, top_p), np.float64)
+  probs = np.asarray(
+      gen.sampling_probs(
+          _last_logits(_forward(model), prompt), temperature, top_p
+      ),
+      np.float64,
+  )
   assert counts[probs == 0].sum() == 0  # nothing outside the nucleus
   keep = probs > 0
-  _, p_value = stats.chisquare(counts[keep], probs[keep] / probs[keep].sum() * draws)
+  _, p_value = stats.chisquare(
+      counts[keep], probs[keep] / probs[keep].sum() * draws
+  )
   assert p_value > 1e-3
 
 
 def test_measure_speed_reports_positive_throughput():
   model = _student()
   for batch in (1, 8):
-    speed = gen.measure_speed(model, prompt_len=8, new_tokens=4, batch=batch,
-                              repeats=2)
-    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    speed = gen.measure_speed(
+        model, prompt_len=8, new_tokens=4, batch=batch, repeats=2
+    )
+    assert (
+        speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    )
     assert speed["batch"] == batch
 
 
@@ -240,7 +289,8 @@ def test_measure_speed_reports_positive_throughput():
 def workdir(tmp_path_factory):
   w = str(tmp_path_factory.mktemp("gen"))
   texts = ["def hello(name):\n    return 'hello ' + name\n"] * 20 + [
-      "import os\nprint(os.getcwd())\n"] * 20
+      "import os\nprint(os.getcwd())\n"
+  ] * 20
   tokenizer = tok.train_tokenizer(texts, vocab_size=300)
   tok.save_tokenizer(tokenizer, os.path.join(w, "tokenizer.json"))
   config = get_preset("tiny", vocab_size=tokenizer.get_vocab_size(), window=4)
@@ -252,19 +302,31 @@ def workdir(tmp_path_factory):
 
 
 def test_binary_streams_text(workdir):
-  proc = procs.binary("student.generate", f"--workdir={workdir}", "--run=r1",
-                      "--prompt=def hello", "--max_new_tokens=12", timeout=120)
+  proc = procs.binary(
+      "student.generate",
+      f"--workdir={workdir}",
+      "--run=r1",
+      "--prompt=def hello",
+      "--max_new_tokens=12",
+      timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   out = io.StringIO()
-  text = student_generate.generate_text(workdir, "def hello", run="r1",
-                                        max_new_tokens=12, out=out)
+  text = student_generate.generate_text(
+      workdir, "def hello", run="r1", max_new_tokens=12, out=out
+  )
   assert proc.stdout == out.getvalue() == "def hello" + text + "\n"
   assert text  # a random model still writes something
 
 
 def test_binary_errors_name_the_runs(workdir):
-  proc = procs.binary("student.generate", f"--workdir={workdir}", "--run=nope",
-                      "--prompt=x", timeout=120)
+  proc = procs.binary(
+      "student.generate",
+      f"--workdir={workdir}",
+      "--run=nope",
+      "--prompt=x",
+      timeout=120,
+  )
   assert proc.returncode == 1
   assert "no student run 'nope'" in proc.stderr and "r1" in proc.stderr
   assert "Traceback" not in proc.stderr

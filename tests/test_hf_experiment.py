@@ -21,8 +21,8 @@ from distill.core.errors import UserError  # noqa: E402
 from experiments import hf_moe, run  # noqa: E402
 from student import load_student  # noqa: E402
 
-TOKENS = 300        # the tokenizer's vocabulary
-PADDED = 320        # the checkpoint's embedding rows, as real ones pad
+TOKENS = 300  # the tokenizer's vocabulary
+PADDED = 320  # the checkpoint's embedding rows, as real ones pad
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -32,9 +32,15 @@ def _qwen_like_tokenizer(path):
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=TOKENS, special_tokens=QWEN_SPECIALS, show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.train_from_iterator(
+      texts,
+      trainers.BpeTrainer(
+          vocab_size=TOKENS,
+          special_tokens=QWEN_SPECIALS,
+          show_progress=False,
+          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      ),
+  )
   assert tokenizer.get_vocab_size() == TOKENS
   tokenizer.save(path)
 
@@ -44,11 +50,20 @@ def hf_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp("qwen3_moe_tiny")
   torch.manual_seed(0)
   config = transformers.Qwen3MoeConfig(
-      vocab_size=PADDED, hidden_size=32, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-      intermediate_size=48, moe_intermediate_size=16, num_experts=5,
-      num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=0,
-      tie_word_embeddings=False)
+      vocab_size=PADDED,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      num_experts=5,
+      num_experts_per_tok=2,
+      norm_topk_prob=True,
+      eos_token_id=0,
+      tie_word_embeddings=False,
+  )
   transformers.Qwen3MoeForCausalLM(config).save_pretrained(directory)
   _qwen_like_tokenizer(str(directory / "tokenizer.json"))
   return str(directory)
@@ -60,8 +75,10 @@ def test_cpu_variant_imports_distils_and_exports(hf_dir, tmp_path):
   workdir = str(tmp_path)
   ran = run.run_all(config, workdir)
   assert ran[:2] == ["teacher", "prepare"]  # the teacher's tokenizer first
-  with open(os.path.join(hf_dir, "tokenizer.json")) as a, \
-       open(os.path.join(workdir, "tokenizer.json")) as b:
+  with (
+      open(os.path.join(hf_dir, "tokenizer.json")) as a,
+      open(os.path.join(workdir, "tokenizer.json")) as b,
+  ):
     assert a.read() == b.read()
   with open(os.path.join(workdir, "logits", "manifest.json")) as f:
     assert json.load(f)["vocab_size"] == PADDED
@@ -80,8 +97,10 @@ def test_cpu_variant_imports_distils_and_exports(hf_dir, tmp_path):
     want = hf_student(torch.tensor(tokens)).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours(tokens)), want, atol=1e-4)
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
-  assert tokenizer.decode(tokenizer.encode("def f(x):\n    return x")) == \
-      "def f(x):\n    return x"
+  assert (
+      tokenizer.decode(tokenizer.encode("def f(x):\n    return x"))
+      == "def f(x):\n    return x"
+  )
 
 
 def test_missing_hf_dir_is_refused_before_any_stage(tmp_path):

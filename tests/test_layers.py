@@ -16,8 +16,9 @@ def _x(seed=0, shape=(B, T, D)):
 
 
 def _attn(**kw):
-  args = dict(d_model=D, num_heads=N, num_kv_heads=K, head_dim=H,
-              rngs=nnx.Rngs(0))
+  args = dict(
+      d_model=D, num_heads=N, num_kv_heads=K, head_dim=H, rngs=nnx.Rngs(0)
+  )
   args.update(kw)
   return layers.Attention(**args)
 
@@ -74,8 +75,8 @@ def test_local_attention_window():
   x = _x()
   moved = _perturbation_reach(attn, x, None, [3])
   # Position 3 is visible from 3..3+window-1 and nowhere else.
-  assert moved[:, 3:3 + window].all()
-  assert not moved[:, :3].any() and not moved[:, 3 + window:].any()
+  assert moved[:, 3 : 3 + window].all()
+  assert not moved[:, :3].any() and not moved[:, 3 + window :].any()
 
 
 def test_unknown_kind_and_bad_settings_rejected():
@@ -103,17 +104,28 @@ def test_param_shapes_are_named_axes():
   assert attn.o_proj.bias is None
   assert attn.q_norm.scale.shape == (H,)
   full = _attn(qk_norm="full")
-  assert full.q_norm.scale.shape == (N * H,) and full.k_norm.scale.shape == (K * H,)
+  assert full.q_norm.scale.shape == (N * H,) and full.k_norm.scale.shape == (
+      K * H,
+  )
 
 
-@pytest.mark.parametrize("extra", [
-    dict(), dict(qkv_bias=True), dict(qk_norm="head"),
-    dict(qk_norm="full", clip_qkv=0.5), dict(kind="local", window=3)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(),
+        dict(qkv_bias=True),
+        dict(qk_norm="head"),
+        dict(qk_norm="full", clip_qkv=0.5),
+        dict(kind="local", window=3),
+    ],
+)
 def test_gqa_equals_mha_with_repeated_kv(extra):
   gqa = _attn(**extra)
   mha = _attn(num_kv_heads=N, **extra)
   g = N // K
-  rep = lambda a: jnp.repeat(a, g, axis=1)  # kv head k serves heads k*g..k*g+g-1
+  rep = lambda a: jnp.repeat(
+      a, g, axis=1
+  )  # kv head k serves heads k*g..k*g+g-1
   mha.q_proj.kernel[...] = gqa.q_proj.kernel[...]
   mha.o_proj.kernel[...] = gqa.o_proj.kernel[...]
   mha.k_proj.kernel[...] = rep(gqa.k_proj.kernel[...])
@@ -122,7 +134,9 @@ def test_gqa_equals_mha_with_repeated_kv(extra):
     for name in ("q_proj", "k_proj", "v_proj"):
       b = jax.random.normal(jax.random.key(3), getattr(gqa, name).bias.shape)
       getattr(gqa, name).bias[...] = b
-      getattr(mha, name).bias[...] = b if name == "q_proj" else jnp.repeat(b, g, 0)
+      getattr(mha, name).bias[...] = (
+          b if name == "q_proj" else jnp.repeat(b, g, 0)
+      )
   if extra.get("qk_norm") == "head":
     w = jax.random.normal(jax.random.key(4), (H,))
     gqa.k_norm.scale[...] = w
@@ -166,14 +180,20 @@ def test_rope_scores_depend_only_on_relative_position():
   k = _x(4, (1, 1, 1, 16))
 
   def score(pq, pk, base=10_000.0, factor=1.0):
-    rq = layers.apply_rope(q, jnp.array([[pq]]), base=base, scaling_factor=factor)
-    rk = layers.apply_rope(k, jnp.array([[pk]]), base=base, scaling_factor=factor)
+    rq = layers.apply_rope(
+        q, jnp.array([[pq]]), base=base, scaling_factor=factor
+    )
+    rk = layers.apply_rope(
+        k, jnp.array([[pk]]), base=base, scaling_factor=factor
+    )
     return float(jnp.sum(rq * rk))
 
   for base, factor in [(10_000.0, 1.0), (1e6, 8.0)]:
     ref = score(7, 3, base, factor)
     for shift in (0, 1, 50, 1000):
-      assert score(7 + shift, 3 + shift, base, factor) == pytest.approx(ref, abs=1e-4)
+      assert score(7 + shift, 3 + shift, base, factor) == pytest.approx(
+          ref, abs=1e-4
+      )
   assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
   # Linear scaling is positions / factor.
   assert score(16, 8, factor=4.0) == pytest.approx(score(4, 2), abs=1e-4)
@@ -196,18 +216,30 @@ def test_rmsnorm_against_numpy(offset_one):
   np.testing.assert_allclose(norm(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
   y16 = norm(jnp.asarray(x, jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y16, np.float32), ref, rtol=2e-2, atol=5e-2)
+  np.testing.assert_allclose(
+      np.asarray(y16, np.float32), ref, rtol=2e-2, atol=5e-2
+  )
 
 
-@pytest.mark.parametrize("act,fn", [
-    ("silu", lambda a: a / (1 + np.exp(-a))),
-    ("gelu_tanh", lambda a: 0.5 * a * (1 + np.tanh(
-        np.sqrt(2 / np.pi) * (a + 0.044715 * a**3))))])
+@pytest.mark.parametrize(
+    "act,fn",
+    [
+        ("silu", lambda a: a / (1 + np.exp(-a))),
+        (
+            "gelu_tanh",
+            lambda a: 0.5
+            * a
+            * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3))),
+        ),
+    ],
+)
 def test_mlp_against_numpy(act, fn):
   mlp = layers.MLP(D, 24, activation=act, rngs=nnx.Rngs(0))
   x = np.asarray(_x(5))
-  g, u, d = (np.asarray(p.kernel[...]) for p in
-             (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+  g, u, d = (
+      np.asarray(p.kernel[...])
+      for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+  )
   ref = (fn(x @ g) * (x @ u)) @ d
   np.testing.assert_allclose(mlp(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="unknown activation"):
@@ -222,11 +254,17 @@ def test_embed_tied_and_untied():
   np.testing.assert_array_equal(h[0], table[[1, 2, 49]])
   logits = emb.attend(h)
   assert logits.shape == (1, 3, 50) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, np.asarray(h) @ table.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      logits, np.asarray(h) @ table.T, rtol=1e-5, atol=1e-5
+  )
   head = layers.Unembed(D, 50, rngs=nnx.Rngs(1))
   assert head.kernel.shape == (D, 50)
-  np.testing.assert_allclose(head(h), np.asarray(h) @ np.asarray(head.kernel[...]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      head(h),
+      np.asarray(h) @ np.asarray(head.kernel[...]),
+      rtol=1e-5,
+      atol=1e-5,
+  )
   emb16 = layers.Embed(50, D, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   assert emb16(tokens).dtype == jnp.bfloat16
   assert emb16.attend(emb16(tokens)).dtype == jnp.float32
@@ -241,4 +279,6 @@ def test_count_params_abstract():
 def test_softcap():
   x = jnp.array([-100.0, 0.0, 3.0])
   assert layers.softcap(x, None) is x
-  np.testing.assert_allclose(layers.softcap(x, 30.0), 30 * np.tanh(np.asarray(x) / 30))
+  np.testing.assert_allclose(
+      layers.softcap(x, 30.0), 30 * np.tanh(np.asarray(x) / 30)
+  )

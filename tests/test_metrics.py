@@ -10,15 +10,21 @@ from distill.evals import metrics
 
 
 def _ece(confidence, correct, bins=15):
-  sums = metrics.calibration_bins(jnp.asarray(confidence), jnp.asarray(correct),
-                                  jnp.ones_like(jnp.asarray(confidence)), bins)
+  sums = metrics.calibration_bins(
+      jnp.asarray(confidence),
+      jnp.asarray(correct),
+      jnp.ones_like(jnp.asarray(confidence)),
+      bins,
+  )
   return metrics.expected_calibration_error(jax.device_get(sums))
 
 
 def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
   rng = np.random.default_rng(0)
   confidence = rng.uniform(0.05, 1.0, size=200_000)
-  calibrated = rng.uniform(size=confidence.size) < confidence  # P(correct) = conf
+  calibrated = (
+      rng.uniform(size=confidence.size) < confidence
+  )  # P(correct) = conf
   assert _ece(confidence, calibrated) < 0.01
   # Always 95% sure, right half the time: ECE = 0.45.
   sure = np.full(100_000, 0.95)
@@ -29,10 +35,14 @@ def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
 def test_ece_matches_a_direct_binned_computation():
   rng = np.random.default_rng(1)
   confidence = rng.uniform(size=5000)
-  correct = rng.uniform(size=5000) < confidence ** 2
+  correct = rng.uniform(size=5000) < confidence**2
   bins = np.minimum((confidence * 10).astype(int), 9)
-  want = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean())
-             * np.mean(bins == b) for b in range(10) if np.any(bins == b))
+  want = sum(
+      abs(correct[bins == b].mean() - confidence[bins == b].mean())
+      * np.mean(bins == b)
+      for b in range(10)
+      if np.any(bins == b)
+  )
   assert _ece(confidence, correct, bins=10) == pytest.approx(want, abs=1e-5)
 
 
@@ -63,16 +73,26 @@ class _Linear:
 def test_token_sums_equal_the_unchunked_metrics():
   rng = np.random.default_rng(2)
   b, t, d, v = 2, 11, 6, 17
-  student = _Linear(jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
-                    jnp.asarray(rng.normal(size=(d, v)), jnp.float32))
-  teacher = _Linear(jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
-                    jnp.asarray(rng.normal(size=(d, v)), jnp.float32))
+  student = _Linear(
+      jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+      jnp.asarray(rng.normal(size=(d, v)), jnp.float32),
+  )
+  teacher = _Linear(
+      jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+      jnp.asarray(rng.normal(size=(d, v)), jnp.float32),
+  )
   labels = jnp.asarray(rng.integers(0, v, size=(b, t)))
   mask = jnp.asarray(rng.uniform(size=(b, t)) < 0.8)
-  inputs = {"inputs": labels, "segment_ids": None, "positions": None,
-            "labels": labels, "mask": mask}
-  sums = jax.device_get(metrics.token_sums(student, teacher, inputs, chunk_size=4,
-                                           num_bins=5))
+  inputs = {
+      "inputs": labels,
+      "segment_ids": None,
+      "positions": None,
+      "labels": labels,
+      "mask": mask,
+  }
+  sums = jax.device_get(
+      metrics.token_sums(student, teacher, inputs, chunk_size=4, num_bins=5)
+  )
   logits = student.logits_from_hidden(student._hidden)
   t_logits = teacher.logits_from_hidden(teacher._hidden)
   w = np.asarray(mask, np.float32)

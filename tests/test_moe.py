@@ -40,8 +40,9 @@ def _dense_reference(layer, x, keep=None):
     weights /= weights.sum(-1, keepdims=True)
   if keep is not None:
     weights = weights * keep
-  wg, wu, wd = (np.asarray(w[...], np.float64)
-                for w in (layer.gate, layer.up, layer.down))
+  wg, wu, wd = (
+      np.asarray(w[...], np.float64) for w in (layer.gate, layer.up, layer.down)
+  )
   y = np.zeros_like(xf)
   for e in range(E):
     h = xf @ wg[e]
@@ -99,11 +100,14 @@ def test_tiny_capacity_drops_latest_tokens_and_reports_fraction():
       seen[e] += 1
   expected_dropped = 1 - keep.sum() / (n * K)
   assert expected_dropped > 0.2
-  np.testing.assert_allclose(aux["dropped_fraction"], expected_dropped, rtol=1e-6)
+  np.testing.assert_allclose(
+      aux["dropped_fraction"], expected_dropped, rtol=1e-6
+  )
   ref, _ = _dense_reference(layer, x, keep=keep)
   np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-5)
-  np.testing.assert_array_equal(aux["expert_load"], np.bincount(
-      experts.reshape(-1), minlength=E))
+  np.testing.assert_array_equal(
+      aux["expert_load"], np.bincount(experts.reshape(-1), minlength=E)
+  )
 
 
 def test_padding_takes_no_capacity_and_no_statistics():
@@ -119,36 +123,44 @@ def test_padding_takes_no_capacity_and_no_statistics():
   logits = xf @ layer_alone.router[...]
   probs, w, ex = moe_lib.route(logits, K, True)
   y_alone, kept = jax.jit(moe_lib.dispatch, static_argnames="capacity")(
-      xf, w, ex, layer.gate[...], layer.up[...], layer.down[...], capacity=cap)
-  np.testing.assert_allclose(
-      y[mask], y_alone, atol=1e-5, rtol=1e-5)
+      xf, w, ex, layer.gate[...], layer.up[...], layer.down[...], capacity=cap
+  )
+  np.testing.assert_allclose(y[mask], y_alone, atol=1e-5, rtol=1e-5)
   stats = moe_lib.router_stats(logits, probs, ex, jnp.ones(13, bool))
   for key in ("load_balancing_loss", "z_loss", "expert_load"):
     np.testing.assert_allclose(aux[key], stats[key], rtol=1e-5)
-  np.testing.assert_allclose(aux["dropped_fraction"],
-                             1 - kept.sum() / kept.size, rtol=1e-6)
+  np.testing.assert_allclose(
+      aux["dropped_fraction"], 1 - kept.sum() / kept.size, rtol=1e-6
+  )
 
 
 def test_load_balancing_loss_formula_on_hand_built_routing():
-  logits = jnp.log(jnp.array([
-      [0.7, 0.2, 0.1],
-      [0.6, 0.3, 0.1],
-      [0.1, 0.3, 0.6],
-      [0.2, 0.5, 0.3],
-  ]))
+  logits = jnp.log(
+      jnp.array(
+          [
+              [0.7, 0.2, 0.1],
+              [0.6, 0.3, 0.1],
+              [0.1, 0.3, 0.6],
+              [0.2, 0.5, 0.3],
+          ]
+      )
+  )
   probs, _, experts = moe_lib.route(logits, 1, False)
   np.testing.assert_array_equal(experts[:, 0], [0, 0, 2, 1])
   stats = moe_lib.router_stats(logits, probs, experts, jnp.ones(4, bool))
   f = np.array([2, 1, 1]) / 4
   p = np.array([1.6, 1.3, 1.1]) / 4
-  np.testing.assert_allclose(stats["load_balancing_loss"], 3 * np.sum(f * p),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      stats["load_balancing_loss"], 3 * np.sum(f * p), rtol=1e-6
+  )
   np.testing.assert_allclose(stats["z_loss"], 0.0, atol=1e-6)  # logsumexp = 0
   np.testing.assert_array_equal(stats["expert_load"], [2, 1, 1])
   # Padding rows are left out of every statistic.
   padded = jnp.concatenate([logits, jnp.log(jnp.array([[0.9, 0.05, 0.05]]))])
   p2, _, e2 = moe_lib.route(padded, 1, False)
-  masked = moe_lib.router_stats(padded, p2, e2, jnp.array([1, 1, 1, 1, 0], bool))
+  masked = moe_lib.router_stats(
+      padded, p2, e2, jnp.array([1, 1, 1, 1, 0], bool)
+  )
   for key in stats:
     np.testing.assert_allclose(masked[key], stats[key], rtol=1e-6, atol=1e-6)
 
@@ -167,8 +179,13 @@ def test_uniform_router_gives_the_balanced_value_and_collapse_gives_e():
   values = []
   for lg in (balanced, collapsed):
     p, _, ex = moe_lib.route(lg, 1, False)
-    values.append(float(moe_lib.router_stats(
-        lg, p, ex, jnp.ones(n, bool))["load_balancing_loss"]))
+    values.append(
+        float(
+            moe_lib.router_stats(lg, p, ex, jnp.ones(n, bool))[
+                "load_balancing_loss"
+            ]
+        )
+    )
   np.testing.assert_allclose(values, [1.0, e], rtol=1e-5)
 
 
@@ -178,7 +195,7 @@ def test_gradients_reach_router_and_every_expert():
 
   def loss_fn(layer):
     y, aux = _apply(layer, x)
-    return jnp.sum(y ** 2) + aux["load_balancing_loss"] + aux["z_loss"]
+    return jnp.sum(y**2) + aux["load_balancing_loss"] + aux["z_loss"]
 
   grads = nnx.jit(nnx.grad(loss_fn))(layer)
   for name, g in nnx.to_flat_state(grads):
@@ -197,8 +214,11 @@ def test_shared_expert_adds_sigmoid_gated_mlp():
   xf = np.asarray(x, np.float64)
   mlp = layer.shared_expert
   h = xf @ np.asarray(mlp.gate_proj.kernel[...], np.float64)
-  s = ((h / (1 + np.exp(-h))) * (xf @ np.asarray(mlp.up_proj.kernel[...]))
-       @ np.asarray(mlp.down_proj.kernel[...]))
+  s = (
+      (h / (1 + np.exp(-h)))
+      * (xf @ np.asarray(mlp.up_proj.kernel[...]))
+      @ np.asarray(mlp.down_proj.kernel[...])
+  )
   g = 1 / (1 + np.exp(-(xf @ np.asarray(layer.shared_expert_gate.kernel[...]))))
   np.testing.assert_allclose(y, ref + g * s, atol=1e-5, rtol=1e-5)
 

@@ -9,11 +9,28 @@ from distill.training import loop as trainer
 from experiments import run, stdlib
 
 RUNS = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
-MODEL_FIELDS = ("path", "step", "loss", "perplexity", "ece", "tokens", "params",
-                "kv_cache_bytes_per_token", "decode")
+MODEL_FIELDS = (
+    "path",
+    "step",
+    "loss",
+    "perplexity",
+    "ece",
+    "tokens",
+    "params",
+    "kv_cache_bytes_per_token",
+    "decode",
+)
 STUDENT_FIELDS = ("mode", "kl_to_teacher", "top1_agreement", "speculative")
-SPEC_FIELDS = ("gamma", "prompts", "acceptance_rate", "tokens_per_teacher_call",
-               "teacher_wall_s", "speculative_wall_s", "speedup", "matches_teacher")
+SPEC_FIELDS = (
+    "gamma",
+    "prompts",
+    "acceptance_rate",
+    "tokens_per_teacher_call",
+    "teacher_wall_s",
+    "speculative_wall_s",
+    "speedup",
+    "matches_teacher",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +45,31 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_stage(tiny_run):
   workdir, _, ran = tiny_run
-  assert ran == [name for name, _, _ in run.STAGES]
-  for path in ("tokenizer.json", "data/tokens/train/tokens.npy",
-               "teacher/config.json", "teacher/summary.json",
-               "logits/manifest.json", "eval/report.json", "eval/report.md"):
+  assert ran == [name for name, _ in run.STAGES]
+  for path in (
+      "tokenizer.json",
+      "data/tokens/train/tokens.npy",
+      "teacher/config.json",
+      "teacher/summary.json",
+      "logits/manifest.json",
+      "eval/report.json",
+      "eval/report.md",
+  ):
     assert os.path.isfile(os.path.join(workdir, path)), path
   for name in RUNS:
-    assert os.path.isfile(os.path.join(workdir, "student", name, "summary.json"))
-    records = [r for r in trainer.read_metrics(os.path.join(workdir, "student", name))
-               if "loss" in r]
+    assert os.path.isfile(
+        os.path.join(workdir, "student", name, "summary.json")
+    )
+    records = [
+        r
+        for r in trainer.read_metrics(os.path.join(workdir, "student", name))
+        if "loss" in r
+    ]
     assert records[-1]["loss"] < records[0]["loss"], name  # every run learns
     assert os.path.isfile(os.path.join(workdir, "export", name, "config.json"))
-    assert os.path.isfile(os.path.join(workdir, "export", f"{name}-hf",
-                                       "model.safetensors"))
+    assert os.path.isfile(
+        os.path.join(workdir, "export", f"{name}-hf", "model.safetensors")
+    )
 
 
 def test_report_has_every_field_and_plots(tiny_run):
@@ -53,10 +82,17 @@ def test_report_has_every_field_and_plots(tiny_run):
     for field in MODEL_FIELDS:
       assert field in entry, (name, field)
     assert entry["loss"] > 0 and 0 <= entry["ece"] <= 1
-    assert set(entry["kv_cache_bytes_per_token"]) == {"1024", "8192", "32768", "131072"}
+    assert set(entry["kv_cache_bytes_per_token"]) == {
+        "1024",
+        "8192",
+        "32768",
+        "131072",
+    }
     for b in config.eval.speed.batch_sizes:
       speed = entry["decode"][f"batch_{b}"]
-      assert speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+      assert (
+          speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+      )
     if name == "teacher":
       assert "kl_to_teacher" not in entry
       continue
@@ -69,12 +105,17 @@ def test_report_has_every_field_and_plots(tiny_run):
   summary = report["summary"]
   assert summary["best_distilled"] in RUNS[1:]
   best = models[summary["best_distilled"]]
-  assert summary["distill_gain"] == pytest.approx(models["ce"]["loss"] - best["loss"])
+  assert summary["distill_gain"] == pytest.approx(
+      models["ce"]["loss"] - best["loss"]
+  )
   assert summary["teacher_gain"] == pytest.approx(
-      models["ce"]["loss"] - models["teacher"]["loss"])
+      models["ce"]["loss"] - models["teacher"]["loss"]
+  )
   assert summary["decode_speedup_b1"] > 0
   cache = report["cache"]
-  assert cache["sample_bytes_per_token"] > 0 and cache["topk_bytes_per_token"] > 0
+  assert (
+      cache["sample_bytes_per_token"] > 0 and cache["topk_bytes_per_token"] > 0
+  )
   assert report["plots"] == ["validation_loss.png", "quality_vs_speed.png"]
   for plot in report["plots"]:
     with open(os.path.join(workdir, "eval", plot), "rb") as f:
@@ -82,9 +123,14 @@ def test_report_has_every_field_and_plots(tiny_run):
     assert head.startswith(b"\x89PNG") and len(head) > 5000, plot
   with open(os.path.join(workdir, "eval", "report.md")) as f:
     text = f.read()
-  for heading in ("## Quality", "## Distillation against the CE baseline",
-                  "## KV cache", "## Speed", "## Speculative decoding",
-                  "## Logit cache"):
+  for heading in (
+      "## Quality",
+      "## Distillation against the CE baseline",
+      "## KV cache",
+      "## Speed",
+      "## Speculative decoding",
+      "## Logit cache",
+  ):
     assert heading in text, heading
   for name in RUNS:
     assert f"| {name} |" in text

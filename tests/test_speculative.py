@@ -19,14 +19,24 @@ P_MIN = 1e-3  # significance of the chi-square tests (fixed seeds)
 @pytest.fixture(scope="module")
 def teacher():
   return teacher_lib.Teacher(
-      teacher_lib.get_preset("tiny", vocab_size=V, sliding_window=5), nnx.Rngs(1))
+      teacher_lib.get_preset("tiny", vocab_size=V, sliding_window=5),
+      nnx.Rngs(1),
+  )
 
 
 @pytest.fixture(scope="module")
 def student():
   # local layers with a window of 3 and a global one: the rings wrap often
-  return Student(get_preset("tiny", vocab_size=V, window=3, num_layers=3,
-                            layer_pattern=("local", "local", "global")), nnx.Rngs(5))
+  return Student(
+      get_preset(
+          "tiny",
+          vocab_size=V,
+          window=3,
+          num_layers=3,
+          layer_pattern=("local", "local", "global"),
+      ),
+      nnx.Rngs(5),
+  )
 
 
 PROMPT = [3, 7, 2, 9, 4]
@@ -47,13 +57,20 @@ def test_greedy_equals_teacher_greedy(teacher, student, gamma):
 def _spy(model, records):
   """A copy of ``model`` whose decode also reports (tokens, positions, logits),
   in the order the calls run."""
+
   class Spy(type(model)):
+
     def decode(self, tokens, cache, positions):
       logits, cache = super().decode(tokens, cache, positions)
       jax.debug.callback(
           lambda *a: records.append([np.asarray(x)[0] for x in a]),
-          tokens, positions, logits, ordered=True)
+          tokens,
+          positions,
+          logits,
+          ordered=True,
+      )
       return logits, cache
+
   spy = nnx.eval_shape(lambda: Spy(model.config, nnx.Rngs(0)))
   nnx.update(spy, nnx.state(model))
   return spy
@@ -66,8 +83,14 @@ def test_every_call_sees_exactly_its_context(teacher, student, temperature):
   tokens last fed at each earlier position, then its own."""
   records = {"teacher": [], "student": []}
   got = spec.speculative_generate(
-      _spy(teacher, records["teacher"]), _spy(student, records["student"]),
-      PROMPT, 30, gamma=4, temperature=temperature, key=jax.random.key(1))
+      _spy(teacher, records["teacher"]),
+      _spy(student, records["student"]),
+      PROMPT,
+      30,
+      gamma=4,
+      temperature=temperature,
+      key=jax.random.key(1),
+  )
   assert 0 < got.acceptance_rate < 1
   final = PROMPT + got.tokens
   for name, model in (("teacher", teacher), ("student", student)):
@@ -81,8 +104,8 @@ def test_every_call_sees_exactly_its_context(teacher, student, temperature):
       fed.update(zip(positions.tolist(), tokens.tolist()))
       context = [fed[i] for i in range(positions[-1] + 1)]
       padded = np.zeros((1, 64), np.int32)
-      padded[0, :len(context)] = context
-      want = forward(state, padded)[0, positions[0]:len(context)]
+      padded[0, : len(context)] = context
+      want = forward(state, padded)[0, positions[0] : len(context)]
       np.testing.assert_allclose(logits, want, atol=1e-4, err_msg=name)
     # the teacher was fed exactly the committed tokens (all but the last)
     if name == "teacher":
@@ -104,8 +127,10 @@ def test_one_token_prompt_and_eos(teacher, student):
   assert got.tokens == want
   eos = want[6]
   stop = want.index(eos)
-  got = spec.speculative_generate(teacher, student, [5], 20, gamma=3, eos_id=eos)
-  assert got.tokens == want[:stop + 1]
+  got = spec.speculative_generate(
+      teacher, student, [5], 20, gamma=3, eos_id=eos
+  )
+  assert got.tokens == want[: stop + 1]
 
 
 def test_compare_reports_speedup_and_identity(teacher, student):
@@ -113,11 +138,13 @@ def test_compare_reports_speedup_and_identity(teacher, student):
   assert out["matches_teacher"] and out["tokens"] == out["teacher_tokens"]
   assert out["teacher_wall_s"] > 0 and out["speculative_wall_s"] > 0
   assert out["speedup"] == pytest.approx(
-      out["teacher_wall_s"] / out["speculative_wall_s"])
+      out["teacher_wall_s"] / out["speculative_wall_s"]
+  )
   # A shared baseline is used as given (its tokens decide the comparison).
   wrong = {"tokens": out["teacher_tokens"][:-1] + [-1], "wall_s": 2.0}
-  again = spec.compare(teacher, student, PROMPT, 16, gamma=2, repeats=1,
-                       baseline=wrong)
+  again = spec.compare(
+      teacher, student, PROMPT, 16, gamma=2, repeats=1, baseline=wrong
+  )
   assert not again["matches_teacher"] and again["teacher_wall_s"] == 2.0
 
 
@@ -153,8 +180,7 @@ def test_accept_reject_rule_keeps_the_target_distribution():
     second = jnp.where(accepted >= 2, drafts[1], token)
     return accepted, first, second
 
-  accepted, first, second = jax.jit(jax.vmap(one))(
-      jax.random.split(kd, draws))
+  accepted, first, second = jax.jit(jax.vmap(one))(jax.random.split(kd, draws))
   first = np.asarray(first)
   assert _chi2_p(np.bincount(first, minlength=V), p[0]) > P_MIN
   after = np.asarray(second)[np.asarray(accepted) >= 1]
@@ -162,7 +188,9 @@ def test_accept_reject_rule_keeps_the_target_distribution():
   # the test can tell: the drafts alone follow q, which it rejects
   assert _chi2_p(np.bincount(first, minlength=V), q[0]) < 1e-6
   rate = float(np.mean(np.asarray(accepted) >= 1))
-  assert rate == pytest.approx(float(jnp.sum(jnp.minimum(p[0], q[0]))), abs=0.01)
+  assert rate == pytest.approx(
+      float(jnp.sum(jnp.minimum(p[0], q[0]))), abs=0.01
+  )
 
 
 def _joint(model, temperature, top_p):
@@ -176,9 +204,12 @@ def _joint(model, temperature, top_p):
   return np.asarray(p1)[:, None] * np.asarray(p2)
 
 
-@pytest.mark.parametrize("gamma,temperature,top_p", [(1, 0.7, 1.0), (3, 1.0, 0.9)])
-def test_sampled_pairs_follow_the_teacher(teacher, student, gamma, temperature,
-                                          top_p):
+@pytest.mark.parametrize(
+    "gamma,temperature,top_p", [(1, 0.7, 1.0), (3, 1.0, 0.9)]
+)
+def test_sampled_pairs_follow_the_teacher(
+    teacher, student, gamma, temperature, top_p
+):
   """End to end: the first two sampled tokens, over many seeds, follow the
   teacher's joint distribution (chi-square), not the student's."""
   draws = 500
@@ -186,8 +217,15 @@ def test_sampled_pairs_follow_the_teacher(teacher, student, gamma, temperature,
   accepted = proposed = 0
   for seed in range(draws):
     result = spec.speculative_generate(
-        teacher, student, PROMPT, 2, gamma=gamma, temperature=temperature,
-        top_p=top_p, key=jax.random.key(seed))
+        teacher,
+        student,
+        PROMPT,
+        2,
+        gamma=gamma,
+        temperature=temperature,
+        top_p=top_p,
+        key=jax.random.key(seed),
+    )
     counts[result.tokens[0], result.tokens[1]] += 1
     accepted += result.accepted
     proposed += result.proposed

@@ -23,10 +23,22 @@ transformers = pytest.importorskip("transformers")
 # != d_model / num_heads, a query scalar != head_dim, linear RoPE scaling on
 # global layers, distinct RoPE bases, logit soft-capping.
 CONFIG = StudentConfig(
-    vocab_size=96, d_model=24, num_layers=3, num_heads=4, num_kv_heads=2,
-    head_dim=8, d_ff=40, layer_pattern=("local", "global"), window=3,
-    rope_local_base=50.0, rope_global_base=500.0, rope_global_scaling=2.0,
-    query_pre_attn_scalar=12.0, rms_eps=1e-6, final_logit_softcap=5.0)
+    vocab_size=96,
+    d_model=24,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    d_ff=40,
+    layer_pattern=("local", "global"),
+    window=3,
+    rope_local_base=50.0,
+    rope_global_base=500.0,
+    rope_global_scaling=2.0,
+    query_pre_attn_scalar=12.0,
+    rms_eps=1e-6,
+    final_logit_softcap=5.0,
+)
 T = 10
 TOKENS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, T))
 
@@ -40,7 +52,9 @@ def _randomize_norms(model: Student, seed: int = 1) -> Student:
   new = {}
   for i, (path, var) in enumerate(flat):
     if path[-1] == "scale":
-      new[path] = 0.5 * jax.random.normal(jax.random.fold_in(key, i), var.get_value().shape)
+      new[path] = 0.5 * jax.random.normal(
+          jax.random.fold_in(key, i), var.get_value().shape
+      )
   nnx.update(model, nnx.State.from_flat_path(new))
   return model
 
@@ -57,31 +71,56 @@ def _hf_logits(model, tokens=TOKENS):
 
 
 def _max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+  return float(
+      np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
+  )
 
 
 def test_export_loads_in_transformers_with_same_logits(tmp_path, student):
   folder = hf.save_hf(str(tmp_path / "hf"), student)
   model, info = transformers.Gemma3ForCausalLM.from_pretrained(
-      folder, output_loading_info=True)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+      folder, output_loading_info=True
+  )
+  assert not any(
+      info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+  ), info
   assert model.dtype == torch.float32
-  assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+  assert model.config.layer_types == [
+      "sliding_attention",
+      "full_attention",
+      "sliding_attention",
+  ]
   assert model.config.rope_parameters["full_attention"]["factor"] == 2.0
-  assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+  assert (
+      model.lm_head.weight.data_ptr()
+      == model.model.embed_tokens.weight.data_ptr()
+  )
   diff = _max_diff(_forward(student, jnp.asarray(TOKENS)), _hf_logits(model))
   assert diff < 1e-4, diff
 
 
 def _random_hf_model(seed=0):
   config = transformers.Gemma3TextConfig(
-      vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+      vocab_size=96,
+      hidden_size=24,
+      intermediate_size=40,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
       layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-      sliding_window=3, query_pre_attn_scalar=12, final_logit_softcapping=5.0,
+      sliding_window=3,
+      query_pre_attn_scalar=12,
+      final_logit_softcapping=5.0,
       rope_parameters={
           "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
-          "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}})
+          "full_attention": {
+              "rope_type": "linear",
+              "factor": 2.0,
+              "rope_theta": 500.0,
+          },
+      },
+  )
   torch.manual_seed(seed)
   model = transformers.Gemma3ForCausalLM(config)
   with torch.no_grad():
@@ -95,7 +134,9 @@ def _random_hf_model(seed=0):
 def test_transformers_folder_loads_into_student(tmp_path, shard):
   reference = _random_hf_model()
   kwargs = {"max_shard_size": shard} if shard else {}
-  reference.save_pretrained(tmp_path, **kwargs)  # transformers 5: always safetensors
+  reference.save_pretrained(
+      tmp_path, **kwargs
+  )  # transformers 5: always safetensors
   index = os.path.isfile(tmp_path / hf.WEIGHTS_INDEX)
   assert index == bool(shard)
   ours = load_student(str(tmp_path))
@@ -106,16 +147,27 @@ def test_transformers_folder_loads_into_student(tmp_path, shard):
 
 def test_legacy_rope_keys_and_published_270m_config():
   published = {  # google/gemma-3-270m config.json (older rope keys)
-      "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-      "attention_bias": False, "attn_logit_softcapping": None,
-      "final_logit_softcapping": None, "head_dim": 256,
-      "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640,
-      "intermediate_size": 2048, "max_position_embeddings": 32768,
-      "num_attention_heads": 4, "num_hidden_layers": 18,
-      "num_key_value_heads": 1, "query_pre_attn_scalar": 256,
-      "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
-      "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": 512,
-      "vocab_size": 262144, "_sliding_window_pattern": 6,
+      "architectures": ["Gemma3ForCausalLM"],
+      "model_type": "gemma3_text",
+      "attention_bias": False,
+      "attn_logit_softcapping": None,
+      "final_logit_softcapping": None,
+      "head_dim": 256,
+      "hidden_activation": "gelu_pytorch_tanh",
+      "hidden_size": 640,
+      "intermediate_size": 2048,
+      "max_position_embeddings": 32768,
+      "num_attention_heads": 4,
+      "num_hidden_layers": 18,
+      "num_key_value_heads": 1,
+      "query_pre_attn_scalar": 256,
+      "rms_norm_eps": 1e-06,
+      "rope_local_base_freq": 10000.0,
+      "rope_scaling": None,
+      "rope_theta": 1000000.0,
+      "sliding_window": 512,
+      "vocab_size": 262144,
+      "_sliding_window_pattern": 6,
       "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
   }
   assert hf.config_from_hf(published) == PRESETS["gemma3_270m"]
@@ -126,17 +178,23 @@ def test_legacy_rope_keys_and_published_270m_config():
   # Our writer round-trips through our reader.
   assert hf.config_from_hf(hf.hf_config(CONFIG)) == CONFIG
   with pytest.raises(hf.HFFormatError, match="RoPE type 'yarn'"):
-    hf.config_from_hf(dict(published, rope_scaling={"rope_type": "yarn", "factor": 8.0}))
+    hf.config_from_hf(
+        dict(published, rope_scaling={"rope_type": "yarn", "factor": 8.0})
+    )
   with pytest.raises(hf.HFFormatError, match="attn_logit_softcapping"):
     hf.config_from_hf(dict(published, attn_logit_softcapping=50.0))
 
 
 def _tokenizer(path, specials=("<pad>", "<eos>", "<bos>")):
   from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE(unk_token=None))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=list(specials))
-  text = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+  text = [
+      "def add(a, b):\n    return a + b\n",
+      "import os\nprint(os.getcwd())\n",
+  ] * 20
   tok.train_from_iterator(text, trainer)
   tok.save(str(path))
   return tok
@@ -159,35 +217,70 @@ def test_export_binary_end_to_end(tmp_path, student):
   # The binary, as a user runs it.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-m", "student.export", f"--workdir={workdir}", "--run=run1",
-       "--format=hf"], capture_output=True, text=True, env=env,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "student.export",
+          f"--workdir={workdir}",
+          "--run=run1",
+          "--format=hf",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   hf_dir = os.path.join(workdir, "export", "run1-hf")
   assert proc.stdout.strip().endswith(hf_dir)
   names = set(os.listdir(hf_dir))
-  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json"} <= names
+  assert {
+      "config.json",
+      "model.safetensors",
+      "tokenizer.json",
+      "tokenizer_config.json",
+      "special_tokens_map.json",
+  } <= names
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf_json = json.load(f)
-  assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (0, 1, 2)
-  assert (hf_json["pad_token_id"], hf_json["eos_token_id"], hf_json["bos_token_id"]) == (0, 1, 2)
-  assert tokenizer.decode(tokenizer("return a + b")["input_ids"]).replace(" ", "") == "returna+b"
-  assert _max_diff(_forward(load_student(hf_dir), jnp.asarray(TOKENS)), want) < 1e-5
+  assert (
+      tokenizer.pad_token_id,
+      tokenizer.eos_token_id,
+      tokenizer.bos_token_id,
+  ) == (0, 1, 2)
+  assert (
+      hf_json["pad_token_id"],
+      hf_json["eos_token_id"],
+      hf_json["bos_token_id"],
+  ) == (0, 1, 2)
+  assert (
+      tokenizer.decode(tokenizer("return a + b")["input_ids"]).replace(" ", "")
+      == "returna+b"
+  )
+  assert (
+      _max_diff(_forward(load_student(hf_dir), jnp.asarray(TOKENS)), want)
+      < 1e-5
+  )
 
   # The library call the binary makes: orbax, float32 and bfloat16.
   orbax_dir = export.export(workdir, "run1", "orbax")
   assert orbax_dir == os.path.join(workdir, "export", "run1")
   assert checkpoint.latest_step(orbax_dir) == 7
-  assert _max_diff(_forward(load_student(orbax_dir), jnp.asarray(TOKENS)), want) == 0.0
+  assert (
+      _max_diff(_forward(load_student(orbax_dir), jnp.asarray(TOKENS)), want)
+      == 0.0
+  )
   info_path = os.path.join(orbax_dir, export.EXPORT_INFO)
   mtime = os.path.getmtime(info_path)
   assert export.export(workdir, "run1", "orbax") == orbax_dir  # nothing to redo
   assert os.path.getmtime(info_path) == mtime
 
-  export.export(workdir, "run1", "orbax", dtype="bfloat16")  # replaces the f32 one
+  export.export(
+      workdir, "run1", "orbax", dtype="bfloat16"
+  )  # replaces the f32 one
   half = load_student(orbax_dir)
   assert half.embed.embedding[...].dtype == jnp.bfloat16
   assert _max_diff(_forward(half, jnp.asarray(TOKENS)), want) < 0.1
@@ -195,7 +288,11 @@ def test_export_binary_end_to_end(tmp_path, student):
   half_torch = transformers.Gemma3ForCausalLM.from_pretrained(hf_half)
   assert half_torch.dtype == torch.bfloat16
   assert _max_diff(_hf_logits(half_torch), want) < 0.1
-  leftovers = [n for n in os.listdir(os.path.join(workdir, "export")) if n.startswith(".")]
+  leftovers = [
+      n
+      for n in os.listdir(os.path.join(workdir, "export"))
+      if n.startswith(".")
+  ]
   assert not leftovers
 
   # The pipeline stage: every run, both formats (float32 replaces bfloat16).
@@ -210,9 +307,17 @@ def test_export_with_another_familys_tokenizer(tmp_path, student):
   folder = hf.save_hf(str(tmp_path / "hf"), student, tokenizer_json=str(path))
   with open(os.path.join(folder, "config.json")) as f:
     hf_json = json.load(f)
-  assert (hf_json["bos_token_id"], hf_json["eos_token_id"], hf_json["pad_token_id"]) == (1, 2, 2)
+  assert (
+      hf_json["bos_token_id"],
+      hf_json["eos_token_id"],
+      hf_json["pad_token_id"],
+  ) == (1, 2, 2)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-  assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "</s>")
+  assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+      "<s>",
+      "</s>",
+      "</s>",
+  )
   assert tokenizer.eos_token_id == 2
 
 
@@ -220,7 +325,9 @@ def test_export_errors_say_what_to_do(tmp_path, student):
   workdir = _workdir(tmp_path, student, with_tokenizer=False)
   with pytest.raises(export.ExportError, match="no student run 'nope'.*run1"):
     export.export(workdir, "nope", "orbax")
-  with pytest.raises(export.ExportError, match="tokenizer.json is missing.*data.prepare"):
+  with pytest.raises(
+      export.ExportError, match="tokenizer.json is missing.*data.prepare"
+  ):
     export.export(workdir, "run1", "hf")
   assert not os.path.exists(os.path.join(workdir, "export", "run1-hf"))
 
@@ -235,16 +342,22 @@ def _hf_folder(tmp_path, **config):
 def test_bad_folders_are_refused_clearly(tmp_path):
   pickled = _hf_folder(tmp_path / "bin")
   (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not unpickled")
-  with pytest.raises(hf.HFFormatError, match="pickled weights.*pytorch_model.bin.*safetensors"):
+  with pytest.raises(
+      hf.HFFormatError, match="pickled weights.*pytorch_model.bin.*safetensors"
+  ):
     load_student(pickled)
   llama = _hf_folder(tmp_path / "llama", model_type="llama")
   with pytest.raises(hf.HFFormatError, match="unsupported model_type 'llama'"):
     load_student(llama)
   with pytest.raises(hf.HFFormatError, match="multimodal"):
     load_student(_hf_folder(tmp_path / "mm", model_type="gemma3"))
-  with pytest.raises(checkpoint.ModelFolderError, match="config.json is missing"):
+  with pytest.raises(
+      checkpoint.ModelFolderError, match="config.json is missing"
+  ):
     load_student(str(tmp_path / "nowhere"))
   teacher = tmp_path / "teacher"
   checkpoint.write_config(str(teacher), "teacher", CONFIG)
-  with pytest.raises(checkpoint.ModelFolderError, match="'teacher' model, not a 'student'"):
+  with pytest.raises(
+      checkpoint.ModelFolderError, match="'teacher' model, not a 'student'"
+  ):
     load_student(str(teacher))

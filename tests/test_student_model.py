@@ -22,14 +22,35 @@ def _hf_param_count(**kw):
   return sum(p.numel() for p in model.parameters())  # tied head counted once
 
 
-@pytest.mark.parametrize("name,hf_kw,published", [
-    ("gemma3_270m", dict(hidden_size=640, num_hidden_layers=18,
-                         num_attention_heads=4, num_key_value_heads=1,
-                         head_dim=256, intermediate_size=2048), 268e6),
-    ("gemma3_1b", dict(hidden_size=1152, num_hidden_layers=26,
-                       num_attention_heads=4, num_key_value_heads=1,
-                       head_dim=256, intermediate_size=6912), 1.0e9),
-])
+@pytest.mark.parametrize(
+    "name,hf_kw,published",
+    [
+        (
+            "gemma3_270m",
+            dict(
+                hidden_size=640,
+                num_hidden_layers=18,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=256,
+                intermediate_size=2048,
+            ),
+            268e6,
+        ),
+        (
+            "gemma3_1b",
+            dict(
+                hidden_size=1152,
+                num_hidden_layers=26,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=256,
+                intermediate_size=6912,
+            ),
+            1.0e9,
+        ),
+    ],
+)
 def test_full_size_param_counts_match_transformers(name, hf_kw, published):
   model = abstract_student(get_preset(name))  # no allocation
   counts = model.param_counts()
@@ -37,7 +58,10 @@ def test_full_size_param_counts_match_transformers(name, hf_kw, published):
   assert counts["total"] == _hf_param_count(**hf_kw)
   assert counts["total"] == pytest.approx(published, rel=0.01)
   leaf = model.embed.embedding.get_value()
-  assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (262_144, hf_kw["hidden_size"])
+  assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (
+      262_144,
+      hf_kw["hidden_size"],
+  )
 
 
 def test_full_size_pattern_is_five_local_one_global():
@@ -47,7 +71,9 @@ def test_full_size_pattern_is_five_local_one_global():
 
 
 def test_layer_pattern_tiles_and_reaches_the_blocks():
-  config = get_preset("tiny", num_layers=5, layer_pattern=("local", "local", "global"))
+  config = get_preset(
+      "tiny", num_layers=5, layer_pattern=("local", "local", "global")
+  )
   assert config.layer_kinds == ("local", "local", "global", "local", "local")
   model = abstract_student(config)
   assert [b.kind for b in model.blocks] == list(config.layer_kinds)
@@ -73,7 +99,9 @@ def test_presets_sizes():
 
 def test_config_round_trips_through_json():
   config = get_preset("gemma3_1b", final_logit_softcap=30.0)
-  again = checkpoint.config_from_dict(StudentConfig, checkpoint.config_to_dict(config))
+  again = checkpoint.config_from_dict(
+      StudentConfig, checkpoint.config_to_dict(config)
+  )
   assert again == config
 
 
@@ -89,12 +117,15 @@ def test_tiny_forward_shapes_dtypes_and_hidden_path(tiny):
   model, config = tiny, tiny.config
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
   logits = _forward(model, tokens)
-  assert logits.shape == (2, 12, config.vocab_size) and logits.dtype == jnp.float32
+  assert (
+      logits.shape == (2, 12, config.vocab_size) and logits.dtype == jnp.float32
+  )
   assert np.isfinite(np.asarray(logits)).all()
   hidden, aux = nnx.jit(lambda m, t: m.hidden(t))(model, tokens)
   assert hidden.shape == (2, 12, config.d_model) and aux == {}
-  np.testing.assert_allclose(model.logits_from_hidden(hidden[:, 4:8]),
-                             logits[:, 4:8], atol=1e-6)
+  np.testing.assert_allclose(
+      model.logits_from_hidden(hidden[:, 4:8]), logits[:, 4:8], atol=1e-6
+  )
 
 
 def test_packed_documents_match_separate_runs(tiny):
@@ -115,7 +146,9 @@ def test_softcap_and_bfloat16_compute():
   logits = _forward(model, jnp.zeros((1, 4), jnp.int32))
   assert logits.dtype == jnp.float32 and float(jnp.abs(logits).max()) <= 2.0
   assert model.embed.embedding[...].dtype == jnp.float32
-  hidden, _ = nnx.jit(lambda m, t: m.hidden(t))(model, jnp.zeros((1, 4), jnp.int32))
+  hidden, _ = nnx.jit(lambda m, t: m.hidden(t))(
+      model, jnp.zeros((1, 4), jnp.int32)
+  )
   assert hidden.dtype == jnp.bfloat16
 
 

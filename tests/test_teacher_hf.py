@@ -18,31 +18,70 @@ from distill.core import checkpoint  # noqa: E402
 from teacher import hf, load_teacher  # noqa: E402
 
 VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2,
-              attn_implementation="eager")
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_implementation="eager",
+)
 
 # Tiny random configs: GQA, an odd number of experts, top-k > 1, and each
 # family's own options.
 FAMILIES = {
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
-                dict(intermediate_size=24, num_local_experts=5,
-                     num_experts_per_tok=2, sliding_window=4,
-                     rope_theta=5000.0)),
-    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
-                  dict(intermediate_size=28, moe_intermediate_size=12,
-                       shared_expert_intermediate_size=20, num_experts=5,
-                       num_experts_per_tok=3, norm_topk_prob=False,
-                       mlp_only_layers=[1], qkv_bias=True)),
-    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
-                  dict(intermediate_size=28, moe_intermediate_size=12,
-                       num_experts=5, num_experts_per_tok=2, head_dim=8,
-                       norm_topk_prob=True, decoder_sparse_step=2,
-                       num_hidden_layers=3)),
-    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
-              dict(intermediate_size=12, num_experts=5, num_experts_per_tok=3,
-                   norm_topk_prob=False, clip_qkv=1.5,
-                   tie_word_embeddings=True, eos_token_id=2)),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(
+            intermediate_size=24,
+            num_local_experts=5,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            rope_theta=5000.0,
+        ),
+    ),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        transformers.Qwen2MoeForCausalLM,
+        dict(
+            intermediate_size=28,
+            moe_intermediate_size=12,
+            shared_expert_intermediate_size=20,
+            num_experts=5,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            qkv_bias=True,
+        ),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(
+            intermediate_size=28,
+            moe_intermediate_size=12,
+            num_experts=5,
+            num_experts_per_tok=2,
+            head_dim=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            num_hidden_layers=3,
+        ),
+    ),
+    "olmoe": (
+        transformers.OlmoeConfig,
+        transformers.OlmoeForCausalLM,
+        dict(
+            intermediate_size=12,
+            num_experts=5,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            clip_qkv=1.5,
+            tie_word_embeddings=True,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 
@@ -89,16 +128,19 @@ def test_logits_match_transformers(family, tmp_path):
   hf_model = _hf_model(family)
   # Qwen3: transformers' own fused expert layout; others: the legacy per-expert
   # names real checkpoints use.
-  src = _save(hf_model, tmp_path / "hf",
-              save_original_format=family != "qwen3_moe")
+  src = _save(
+      hf_model, tmp_path / "hf", save_original_format=family != "qwen3_moe"
+  )
   teacher_dir = hf.import_hf(src, str(tmp_path / "work"))
   payload = checkpoint.read_config(teacher_dir, kind="teacher")
   assert payload["family"] == family and payload["source"] == src
   assert payload["model"]["num_experts"] == 5
   expected_total = sum(p.numel() for p in hf_model.parameters())
   assert payload["param_counts"]["total"] == expected_total
-  with open(tmp_path / "work" / "tokenizer.json") as a, \
-       open(os.path.join(src, "tokenizer.json")) as b:
+  with (
+      open(tmp_path / "work" / "tokenizer.json") as a,
+      open(os.path.join(src, "tokenizer.json")) as b,
+  ):
     assert a.read() == b.read()
   _assert_parity(hf_model, teacher_dir)
 
@@ -115,8 +157,13 @@ def test_binary_imports_skips_a_rerun_and_guards_the_tokenizer(tmp_path):
   hf_model = _hf_model("olmoe", seed=4)
   src = _save(hf_model, tmp_path / "hf")
   work = tmp_path / "work"
-  cmd = [sys.executable, "-m", "teacher.import_hf", f"--hf_dir={src}",
-         f"--workdir={work}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "teacher.import_hf",
+      f"--hf_dir={src}",
+      f"--workdir={work}",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
@@ -129,8 +176,9 @@ def test_binary_imports_skips_a_rerun_and_guards_the_tokenizer(tmp_path):
   assert os.path.getmtime(work / "teacher" / "config.json") == stamp
   # A workdir prepared with another tokenizer is refused, not overwritten.
   _write_tokenizer(str(work / "tokenizer.json"), vocab=VOCAB - 1)
-  done = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True,
-                        env=env, cwd=root)
+  done = subprocess.run(
+      cmd + ["--overwrite"], capture_output=True, text=True, env=env, cwd=root
+  )
   assert done.returncode == 1
   assert "differs" in done.stderr and "Traceback" not in done.stderr
 
@@ -149,24 +197,34 @@ def test_pickle_weights_are_refused(tmp_path):
 def test_unknown_architecture_is_refused(tmp_path):
   src = tmp_path / "hf"
   src.mkdir()
-  (src / "config.json").write_text(json.dumps(
-      {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-       "auto_map": {"AutoModelForCausalLM": "modeling_evil.Model"}}))
+  (src / "config.json").write_text(
+      json.dumps(
+          {
+              "model_type": "llama",
+              "architectures": ["LlamaForCausalLM"],
+              "auto_map": {"AutoModelForCausalLM": "modeling_evil.Model"},
+          }
+      )
+  )
   _write_tokenizer(str(src / "tokenizer.json"))
-  with pytest.raises(hf.HFImportError, match="model_type 'llama' is not supported"):
+  with pytest.raises(
+      hf.HFImportError, match="model_type 'llama' is not supported"
+  ):
     hf.import_hf(str(src), str(tmp_path / "work"))
 
 
 def test_unsupported_options_are_refused_clearly():
   base = {"model_type": "qwen2_moe", "vocab_size": 64, "num_hidden_layers": 4}
   with pytest.raises(hf.HFImportError, match="sliding window on some layers"):
-    hf.teacher_config_from_hf({**base, "use_sliding_window": True,
-                               "max_window_layers": 2})
+    hf.teacher_config_from_hf(
+        {**base, "use_sliding_window": True, "max_window_layers": 2}
+    )
   with pytest.raises(hf.HFImportError, match="RoPE type 'yarn'"):
     hf.teacher_config_from_hf({**base, "rope_scaling": {"type": "yarn"}})
   with pytest.raises(hf.HFImportError, match="o_proj"):
-    hf.teacher_config_from_hf({**base, "model_type": "olmoe",
-                               "attention_bias": True})
+    hf.teacher_config_from_hf(
+        {**base, "model_type": "olmoe", "attention_bias": True}
+    )
   with pytest.raises(hf.HFImportError, match="hidden_act"):
     hf.teacher_config_from_hf({**base, "hidden_act": "gelu"})
 
@@ -183,10 +241,24 @@ def test_config_and_weights_that_disagree_are_refused(tmp_path):
 
 
 def test_load_teacher_explains_a_bad_folder(tmp_path):
-  with pytest.raises(checkpoint.ModelFolderError, match="config.json is missing"):
+  with pytest.raises(
+      checkpoint.ModelFolderError, match="config.json is missing"
+  ):
     load_teacher(str(tmp_path))
-  checkpoint.write_config(str(tmp_path), "student", hf.TeacherConfig(
-      vocab_size=8, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
-      head_dim=8, d_ff=8, num_experts=2, top_k=1))
+  checkpoint.write_config(
+      str(tmp_path),
+      "student",
+      hf.TeacherConfig(
+          vocab_size=8,
+          d_model=8,
+          num_layers=1,
+          num_heads=1,
+          num_kv_heads=1,
+          head_dim=8,
+          d_ff=8,
+          num_experts=2,
+          top_k=1,
+      ),
+  )
   with pytest.raises(checkpoint.ModelFolderError, match="not a 'teacher'"):
     load_teacher(str(tmp_path))

@@ -14,31 +14,68 @@ from teacher.model import Teacher, abstract_teacher
 # and the published parameter counts in billions (total, active).
 REAL = {
     "mixtral_8x7b": (
-        {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
-         "intermediate_size": 14336, "num_hidden_layers": 32,
-         "num_attention_heads": 32, "num_key_value_heads": 8,
-         "num_local_experts": 8, "num_experts_per_tok": 2,
-         "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
-         "router_aux_loss_coef": 0.02, "tie_word_embeddings": False},
-        (46.7, 12.9)),
+        {
+            "model_type": "mixtral",
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1e6,
+            "sliding_window": None,
+            "router_aux_loss_coef": 0.02,
+            "tie_word_embeddings": False,
+        },
+        (46.7, 12.9),
+    ),
     "qwen3_30b_a3b": (
-        {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
-         "intermediate_size": 6144, "moe_intermediate_size": 768,
-         "num_hidden_layers": 48, "num_attention_heads": 32,
-         "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
-         "num_experts_per_tok": 8, "norm_topk_prob": True,
-         "decoder_sparse_step": 1, "mlp_only_layers": [],
-         "rms_norm_eps": 1e-6, "rope_theta": 1e6, "use_sliding_window": False,
-         "router_aux_loss_coef": 0.001, "tie_word_embeddings": False},
-        (30.5, 3.3)),
+        {
+            "model_type": "qwen3_moe",
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": 768,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6,
+            "use_sliding_window": False,
+            "router_aux_loss_coef": 0.001,
+            "tie_word_embeddings": False,
+        },
+        (30.5, 3.3),
+    ),
     "olmoe_1b_7b": (
-        {"model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048,
-         "intermediate_size": 1024, "num_hidden_layers": 16,
-         "num_attention_heads": 16, "num_key_value_heads": 16,
-         "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
-         "clip_qkv": None, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-         "router_aux_loss_coef": 0.01, "tie_word_embeddings": False},
-        (6.9, 1.3)),
+        {
+            "model_type": "olmoe",
+            "vocab_size": 50304,
+            "hidden_size": 2048,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "num_experts": 64,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": False,
+            "clip_qkv": None,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "router_aux_loss_coef": 0.01,
+            "tie_word_embeddings": False,
+        },
+        (6.9, 1.3),
+    ),
 }
 
 
@@ -56,9 +93,11 @@ def test_real_presets_match_published_and_transformers_counts(name):
 
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  cls = {"mixtral": transformers.MixtralForCausalLM,
-         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
-         "olmoe": transformers.OlmoeForCausalLM}[preset.family]
+  cls = {
+      "mixtral": transformers.MixtralForCausalLM,
+      "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+      "olmoe": transformers.OlmoeForCausalLM,
+  }[preset.family]
   config = transformers.AutoConfig.for_model(**hf_config)
   with torch.device("meta"):
     model = cls(config)
@@ -92,8 +131,9 @@ def _hidden(model, tokens, segment_ids, positions):
 
 
 def test_forward_shapes_and_aux():
-  model = _tiny(dense_layers=(0,), dense_d_ff=20, shared_expert_d_ff=12,
-                num_layers=3)
+  model = _tiny(
+      dense_layers=(0,), dense_d_ff=20, shared_expert_d_ff=12, num_layers=3
+  )
   c = model.config
   tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, c.vocab_size)
   hidden, aux = nnx.jit(lambda m, t: m.hidden(t))(model, tokens)
@@ -104,8 +144,9 @@ def test_forward_shapes_and_aux():
     assert aux[key].shape == () and np.isfinite(aux[key])
   logits = nnx.jit(lambda m, t: m(t))(model, tokens)
   assert logits.shape == (2, 6, c.vocab_size) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, model.logits_from_hidden(hidden),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      logits, model.logits_from_hidden(hidden), atol=1e-5
+  )
   counts = model.param_counts()
   assert counts["total"] == config_lib.param_counts(c)["total"]
   assert counts["active"] < counts["total"]
@@ -125,22 +166,26 @@ def test_packed_documents_do_not_see_each_other(window):
   # Document A is unaffected by what follows it in the row ...
   np.testing.assert_allclose(h1[:, :5], h2[:, :5], atol=1e-5)
   # ... and document B computes as if it were alone.
-  alone, _ = _hidden(model, jnp.asarray(b[None], jnp.int32),
-                     jnp.ones((1, 4), jnp.int32), positions[:, 5:])
+  alone, _ = _hidden(
+      model,
+      jnp.asarray(b[None], jnp.int32),
+      jnp.ones((1, 4), jnp.int32),
+      positions[:, 5:],
+  )
   np.testing.assert_allclose(h1[:, 5:], alone, atol=1e-5)
   assert not np.allclose(h1[:, 5:], h2[:, 5:], atol=1e-3)
 
 
 def test_padding_is_left_out_of_router_statistics():
   model = _tiny()
-  tokens = jnp.asarray(np.random.RandomState(1).randint(0, 128, (1, 7)),
-                       jnp.int32)
+  tokens = jnp.asarray(
+      np.random.RandomState(1).randint(0, 128, (1, 7)), jnp.int32
+  )
   padded = jnp.concatenate([tokens, jnp.zeros((1, 5), jnp.int32)], axis=1)
   segments = jnp.asarray([[1] * 7 + [0] * 5], jnp.int32)
   positions = jnp.asarray([list(range(7)) + [0] * 5], jnp.int32)
   h_pad, aux_pad = _hidden(model, padded, segments, positions)
-  h, aux = _hidden(model, tokens, jnp.ones((1, 7), jnp.int32),
-                   positions[:, :7])
+  h, aux = _hidden(model, tokens, jnp.ones((1, 7), jnp.int32), positions[:, :7])
   np.testing.assert_allclose(h_pad[:, :7], h, atol=1e-5)
   for key in aux:
     np.testing.assert_allclose(aux_pad[key], aux[key], rtol=1e-5, atol=1e-7)

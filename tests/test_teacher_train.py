@@ -21,9 +21,12 @@ import procs
 
 TINY = "--config=experiments/stdlib.py:tiny"
 # Long enough that a SIGTERM lands mid-run; logged every step.
-OVERRIDES = ["--config.teacher.train.steps=40", "--config.teacher.train.log_every=1",
-             "--config.teacher.train.checkpoint_every=50",
-             "--config.teacher.train.eval_every=50"]
+OVERRIDES = [
+    "--config.teacher.train.steps=40",
+    "--config.teacher.train.log_every=1",
+    "--config.teacher.train.checkpoint_every=50",
+    "--config.teacher.train.eval_every=50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +44,33 @@ def _copy(prepared, path):
 @pytest.mark.slow  # ~70 s: two binaries, one stopped and resumed
 def test_sigterm_and_resume_match_running_through(prepared, tmp_path):
   straight = _copy(prepared, tmp_path / "a")
-  result = procs.binary("teacher.train", TINY, f"--workdir={straight}", *OVERRIDES)
+  result = procs.binary(
+      "teacher.train", TINY, f"--workdir={straight}", *OVERRIDES
+  )
   assert result.returncode == 0, result.stderr[-2000:]
-  want = procs.losses_by_step(os.path.join(straight, "teacher", "metrics.jsonl"))
+  want = procs.losses_by_step(
+      os.path.join(straight, "teacher", "metrics.jsonl")
+  )
   assert sorted(want) == list(range(1, 41))
-  assert sum(want[s] for s in range(36, 41)) < sum(want[s] for s in range(1, 6)) - 0.5
+  assert (
+      sum(want[s] for s in range(36, 41))
+      < sum(want[s] for s in range(1, 6)) - 0.5
+  )
 
   stopped = _copy(prepared, tmp_path / "b")
   metrics = os.path.join(stopped, "teacher", "metrics.jsonl")
-  code, out = procs.sigterm_after("teacher.train", [TINY, f"--workdir={stopped}", *OVERRIDES],
-                                  metrics, after_step=3)
+  code, out = procs.sigterm_after(
+      "teacher.train",
+      [TINY, f"--workdir={stopped}", *OVERRIDES],
+      metrics,
+      after_step=3,
+  )
   assert code == 0 and "stopped by SIGTERM" in out, out[-2000:]
   stop_step = ckpt.latest_step(os.path.join(stopped, "teacher"))
   assert 3 <= stop_step < 40
-  result = procs.binary("teacher.train", TINY, f"--workdir={stopped}", *OVERRIDES)
+  result = procs.binary(
+      "teacher.train", TINY, f"--workdir={stopped}", *OVERRIDES
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   got = procs.losses_by_step(metrics)
   assert sorted(got) == list(range(1, 41))
@@ -65,7 +81,9 @@ def test_sigterm_and_resume_match_running_through(prepared, tmp_path):
   assert 0 < summary["eval/loss"] < 10
 
 
-def test_other_config_is_refused_and_imported_teacher_is_kept(prepared, tmp_path):
+def test_other_config_is_refused_and_imported_teacher_is_kept(
+    prepared, tmp_path
+):
   workdir = _copy(prepared, tmp_path / "w")
   config = stdlib.get_config("tiny")
   config.teacher.train.steps = 2
@@ -91,26 +109,48 @@ def test_expert_load_metrics_on_a_hand_built_routing():
   # Two layers, four experts, 8 assignments each. Layer 0: 4, 2, 2, 0;
   # layer 1: even. Relative to the uniform share (2 of 8): 2, 1, 1, 0 and 1s.
   load = np.array([[4, 2, 2, 0], [2, 2, 2, 2]])
-  metrics = {k: float(v) for k, v in
-             teacher_train.expert_load_metrics(jnp.asarray(load)).items()}
-  assert metrics == pytest.approx({
-      "expert_load/0": 1.5, "expert_load/1": 1.0, "expert_load/2": 1.0,
-      "expert_load/3": 0.5,
-      "expert_load_max_over_uniform": 1.5, "expert_load_min_over_uniform": 0.5})
+  metrics = {
+      k: float(v)
+      for k, v in teacher_train.expert_load_metrics(jnp.asarray(load)).items()
+  }
+  assert metrics == pytest.approx(
+      {
+          "expert_load/0": 1.5,
+          "expert_load/1": 1.0,
+          "expert_load/2": 1.0,
+          "expert_load/3": 0.5,
+          "expert_load_max_over_uniform": 1.5,
+          "expert_load_min_over_uniform": 0.5,
+      }
+  )
   # No MoE layer: nothing to report rather than a division by zero.
   assert teacher_train.expert_load_metrics(jnp.zeros((0, 4))) == {}
 
 
 def test_loss_function_reports_every_experts_load(prepared):
   config = stdlib.get_config("tiny")
-  cfg = teacher_train.model_config(config, pipeline.prepared_vocab_size(prepared))
+  cfg = teacher_train.model_config(
+      config, pipeline.prepared_vocab_size(prepared)
+  )
   model = Teacher(cfg, rngs=nnx.Rngs(0))
-  batch = next(iter(pipeline.make_dataset(
-      layout.data_dir(prepared), "train", seq_len=config.data.seq_len,
-      batch_size=2, seed=0)))
+  batch = next(
+      iter(
+          pipeline.make_dataset(
+              layout.data_dir(prepared),
+              "train",
+              seq_len=config.data.seq_len,
+              batch_size=2,
+              seed=0,
+          )
+      )
+  )
   _, metrics = teacher_train.loss_fn_for(cfg, 16)(model, batch, 0)
   shares = [float(metrics[f"expert_load/{e}"]) for e in range(cfg.num_experts)]
   # Shares relative to uniform average to exactly 1 across experts.
   assert np.mean(shares) == pytest.approx(1.0, abs=1e-5)
-  assert (float(metrics["expert_load_min_over_uniform"]) <= min(shares)
-          <= max(shares) <= float(metrics["expert_load_max_over_uniform"]))
+  assert (
+      float(metrics["expert_load_min_over_uniform"])
+      <= min(shares)
+      <= max(shares)
+      <= float(metrics["expert_load_max_over_uniform"])
+  )

@@ -34,7 +34,9 @@ class Bigram(nnx.Module):
 def loss_fn(model, batch, step, *frozen):
   x = pipeline.model_inputs(batch)
   hidden, _ = model.hidden(x["inputs"])
-  ce = losses.cross_entropy(model.logits_from_hidden(hidden), x["labels"], x["mask"])
+  ce = losses.cross_entropy(
+      model.logits_from_hidden(hidden), x["labels"], x["mask"]
+  )
   return ce, {"ce": ce}
 
 
@@ -51,8 +53,14 @@ def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
     with open(os.path.join(out_dir, ckpt.CONFIG_FILE), "w") as f:
       f.write('{"kind": "test", "model": {}}')
   model = Bigram(512, 16, nnx.Rngs(0))
-  cfg = trainer.LoopConfig(steps=steps, learning_rate=lr, warmup_steps=2,
-                           log_every=1, eval_every=4, checkpoint_every=4)
+  cfg = trainer.LoopConfig(
+      steps=steps,
+      learning_rate=lr,
+      warmup_steps=2,
+      log_every=1,
+      eval_every=4,
+      checkpoint_every=4,
+  )
   seen = [0]
 
   def maybe_stop(batch):
@@ -63,25 +71,42 @@ def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
     return batch
 
   def make_iterator():
-    return iter(pipeline.make_dataset(data_dir, "train", seq_len=32, batch_size=4,
-                                      seed=0, process_index=0, process_count=1)
-                .map(maybe_stop))
+    return iter(
+        pipeline.make_dataset(
+            data_dir,
+            "train",
+            seq_len=32,
+            batch_size=4,
+            seed=0,
+            process_index=0,
+            process_count=1,
+        ).map(maybe_stop)
+    )
 
   evals = []
+
   def eval_fn(model, step):
     evals.append(step)
     # A made-up validation curve with its minimum at step 12.
     return {"loss": abs(step - 12) + 1.0}
 
-  result = trainer.train(out_dir=out_dir, model=model, loss_fn=loss_fn,
-                         make_iterator=make_iterator, cfg=cfg, eval_fn=eval_fn)
+  result = trainer.train(
+      out_dir=out_dir,
+      model=model,
+      loss_fn=loss_fn,
+      make_iterator=make_iterator,
+      cfg=cfg,
+      eval_fn=eval_fn,
+  )
   return result, evals
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
   result, evals = _run(str(tmp_path / "run"), data_dir, steps=30, lr=5e-2)
   assert result.status == "finished" and result.step == 30
-  records = [r for r in trainer.read_metrics(str(tmp_path / "run")) if "loss" in r]
+  records = [
+      r for r in trainer.read_metrics(str(tmp_path / "run")) if "loss" in r
+  ]
   assert len(records) == 30
   assert np.mean([r["loss"] for r in records[-5:]]) < records[0]["loss"] - 0.5
   assert evals == [4, 8, 12, 16, 20, 24, 28, 30]
@@ -89,9 +114,14 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
   assert os.listdir(tmp_path / "run" / "tb")
   best = str(tmp_path / "run" / trainer.BEST_DIR)
   assert ckpt.latest_step(best) == 12
-  assert json.load(open(os.path.join(best, "best.json"))) == {"step": 12, "loss": 1.0}
+  assert json.load(open(os.path.join(best, "best.json"))) == {
+      "step": 12,
+      "loss": 1.0,
+  }
   restored = ckpt.restore_params(best, Bigram(512, 16, nnx.Rngs(5)))
-  final = ckpt.restore_params(str(tmp_path / "run"), Bigram(512, 16, nnx.Rngs(5)))
+  final = ckpt.restore_params(
+      str(tmp_path / "run"), Bigram(512, 16, nnx.Rngs(5))
+  )
   assert not np.allclose(restored.head.kernel[...], final.head.kernel[...])
 
 
@@ -102,8 +132,16 @@ def test_sigterm_then_resume_matches_running_through(tmp_path, data_dir):
   assert ckpt.latest_step(str(tmp_path / "b")) == interrupted.step
   resumed, _ = _run(str(tmp_path / "b"), data_dir)
   assert resumed.status == "finished"
-  want = {r["step"]: r["loss"] for r in trainer.read_metrics(str(tmp_path / "a")) if "loss" in r}
-  got = {r["step"]: r["loss"] for r in trainer.read_metrics(str(tmp_path / "b")) if "loss" in r}
+  want = {
+      r["step"]: r["loss"]
+      for r in trainer.read_metrics(str(tmp_path / "a"))
+      if "loss" in r
+  }
+  got = {
+      r["step"]: r["loss"]
+      for r in trainer.read_metrics(str(tmp_path / "b"))
+      if "loss" in r
+  }
   assert sorted(got) == list(range(1, 9))
   for step in range(1, 9):
     assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
@@ -118,8 +156,12 @@ def test_a_finished_run_is_not_trained_again(tmp_path, data_dir, capsys):
 
 
 def test_schedule_warms_up_and_decays():
-  cfg = trainer.LoopConfig(steps=100, learning_rate=1.0, warmup_steps=10,
-                           end_learning_rate_fraction=0.1)
+  cfg = trainer.LoopConfig(
+      steps=100,
+      learning_rate=1.0,
+      warmup_steps=10,
+      end_learning_rate_fraction=0.1,
+  )
   schedule = trainer.learning_rate_schedule(cfg)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(1.0)

@@ -49,7 +49,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
   if unknown:
     raise ModelFolderError(
         f"{cls.__name__} has no field(s) {unknown}; the folder was written by an"
-        " incompatible version")
+        " incompatible version"
+    )
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for key, value in data.items():
@@ -65,13 +66,15 @@ def _to_tuple(value):
   return tuple(_to_tuple(v) if isinstance(v, list) else v for v in value)
 
 
-def write_config(directory: str, kind: str, model_config: Any,
-                 **extra: Any) -> str:
+def write_config(
+    directory: str, kind: str, model_config: Any, **extra: Any
+) -> str:
   """Writes ``directory/config.json`` atomically; returns its path."""
   os.makedirs(directory, exist_ok=True)
   payload = {"kind": kind, "model": config_to_dict(model_config), **extra}
-  return files.write_json(os.path.join(directory, CONFIG_FILE), payload,
-                          sort_keys=True)
+  return files.write_json(
+      os.path.join(directory, CONFIG_FILE), payload, sort_keys=True
+  )
 
 
 def read_config(directory: str, kind: str | None = None) -> dict[str, Any]:
@@ -85,40 +88,52 @@ def read_config(directory: str, kind: str | None = None) -> dict[str, Any]:
     raise ModelFolderError(
         f"{directory!r} is not a model folder: {CONFIG_FILE} is missing. Pass a"
         " teacher/, student/<run>/ or export/<run>/ folder written by this"
-        " tool, or a Hugging Face folder.")
+        " tool, or a Hugging Face folder."
+    )
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       payload = json.load(f)
   except ValueError as e:
     raise ModelFolderError(
-        f"{path} is not valid JSON ({e}); the folder is damaged.") from e
+        f"{path} is not valid JSON ({e}); the folder is damaged."
+    ) from e
   if not isinstance(payload, dict):
     raise ModelFolderError(f"{path} does not hold a JSON object.")
   if kind is not None and payload.get("kind") != kind:
     if "kind" not in payload and "model_type" not in payload:
       raise ModelFolderError(
           f"{path} has neither 'kind' (a folder written by this project) nor"
-          " 'model_type' (a Hugging Face folder); cannot tell what it holds")
+          " 'model_type' (a Hugging Face folder); cannot tell what it holds"
+      )
     what = payload.get("kind") or f"Hugging Face {payload.get('model_type')}"
     raise ModelFolderError(
-        f"{path} describes a {what!r} model, not a {kind!r} one")
+        f"{path} describes a {what!r} model, not a {kind!r} one"
+    )
   return payload
 
 
-def checkpoint_manager(directory: str, *, max_to_keep: int | None = 3,
-                       read_only: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(
+    directory: str, *, max_to_keep: int | None = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The orbax manager over ``directory/checkpoints``."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+  )
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)), options=options)
+      os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)), options=options
+  )
 
 
 def save_params(directory: str, model: nnx.Module, step: int = 0) -> None:
   """Writes a params-only checkpoint of ``model`` at ``step``."""
   with checkpoint_manager(directory, max_to_keep=None) as mngr:
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.state(model, nnx.Param))), force=True)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.state(model, nnx.Param))
+        ),
+        force=True,
+    )
     mngr.wait_until_finished()
 
 
@@ -130,17 +145,20 @@ def latest_step(directory: str) -> int | None:
     return mngr.latest_step()
 
 
-def restore_params(directory: str, model: nnx.Module,
-                   step: int | None = None) -> nnx.Module:
+def restore_params(
+    directory: str, model: nnx.Module, step: int | None = None
+) -> nnx.Module:
   """Restores the "params" item into ``model`` (abstract or concrete)."""
   step = latest_step(directory) if step is None else step
   if step is None:
     raise ModelFolderError(
         f"{directory!r} has no complete checkpoint under {CHECKPOINT_DIR}/; the"
-        " stage that writes it has not finished (rerun it to resume)")
+        " stage that writes it has not finished (rerun it to resume)"
+    )
   target = nnx.state(model, nnx.Param)
   with checkpoint_manager(directory, read_only=True) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
   nnx.update(model, restored["params"])
   return model

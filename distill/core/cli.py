@@ -23,36 +23,38 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill.core.errors import UserError  # noqa: F401  (re-exported for binaries)
+from distill.core.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
+    "config",
+    None,
     "Experiment config file, e.g. experiments/stdlib.py or experiments/stdlib.py:tiny."
     " Single values are overridden with --config.KEY=VALUE.",
-    lock_config=True)
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Folder every stage reads from and writes into.")
-
-
-def define_flags():
-  """The shared flags (already defined on import); returns absl's FLAGS."""
-  return flags.FLAGS
+    "workdir", None, "Folder every stage reads from and writes into."
+)
 
 
 def check_workdir(workdir: str | None) -> str:
   """Creates ``workdir`` if needed and proves it is writable."""
   if not workdir:
-    raise UserError("--workdir is required: the folder every stage writes into.")
+    raise UserError(
+        "--workdir is required: the folder every stage writes into."
+    )
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-test-{uuid.uuid4().hex}")
-    with open(probe, "w") as f:
+    with open(probe, "w", encoding="utf-8") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise UserError(f"--workdir={workdir} is not writable ({e.strerror});"
-                    " choose a folder you can write to.") from e
+    raise UserError(
+        f"--workdir={workdir} is not writable ({e.strerror});"
+        " choose a folder you can write to."
+    ) from e
   return workdir
 
 
@@ -78,6 +80,7 @@ def setup(argv):
 
 def run(main: Callable):
   """``app.run`` that prints a UserError as one line and exits 1."""
+
   def guarded(argv):
     try:
       return main(argv)
@@ -85,4 +88,5 @@ def run(main: Callable):
       logging.error("%s", e)
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
+
   app.run(guarded)

@@ -38,21 +38,26 @@ def _suggest(key: str, known: Iterable[str]) -> str:
   return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def check_keys(where: str, keys: Iterable[str], known: Iterable[str], *,
-               noun: str = "key") -> None:
+def check_keys(
+    where: str, keys: Iterable[str], known: Iterable[str], *, noun: str = "key"
+) -> None:
   """Raises ConfigError for the first of ``keys`` that is not ``known``."""
   known = sorted(known)
   for key in keys:
     if key not in known:
       raise ConfigError(
           f"{where} has no {noun} {key!r}.{_suggest(key, known)} Known"
-          f" {noun}s: {', '.join(known)}.")
+          f" {noun}s: {', '.join(known)}."
+      )
 
 
 def _field_type(hint: Any) -> type:
   """The plain type ml_collections checks and parses for a dataclass field."""
-  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if (
+      isinstance(hint, types.UnionType)
+      or typing.get_origin(hint) is typing.Union
+  ):
+    args = [a for a in typing.get_args(hint) if a is not types.NoneType]
     hint = args[0]
   origin = typing.get_origin(hint)
   return origin if origin is not None else hint
@@ -83,8 +88,9 @@ def overrides_of(section: Mapping[str, Any] | None) -> dict[str, Any]:
   return {k: v for k, v in dict(items).items() if v is not None}
 
 
-def get_preset(presets: Mapping[str, C], name: str, *, what: str,
-               **overrides: Any) -> C:
+def get_preset(
+    presets: Mapping[str, C], name: str, *, what: str, **overrides: Any
+) -> C:
   """The preset ``name`` with fields replaced by ``overrides``.
 
   ``what`` names the model in errors ("teacher", "student").
@@ -92,24 +98,40 @@ def get_preset(presets: Mapping[str, C], name: str, *, what: str,
   if name not in presets:
     raise ConfigError(
         f"unknown {what} preset {name!r}.{_suggest(name, presets)}"
-        f" Presets: {', '.join(sorted(presets))}.")
+        f" Presets: {', '.join(sorted(presets))}."
+    )
   preset = presets[name]
   cls = type(preset)
-  check_keys(cls.__name__, overrides,
-             [f.name for f in dataclasses.fields(cls)], noun="field")
+  check_keys(
+      cls.__name__,
+      overrides,
+      [f.name for f in dataclasses.fields(cls)],
+      noun="field",
+  )
   return dataclasses.replace(preset, **overrides)
 
 
-def from_preset(presets: Mapping[str, C], name: str,
-                section: Mapping[str, Any] | None, *, what: str,
-                **fixed: Any) -> C:
+def from_preset(
+    presets: Mapping[str, C],
+    name: str,
+    section: Mapping[str, Any] | None,
+    *,
+    what: str,
+    **fixed: Any,
+) -> C:
   """``get_preset`` with a ``model_section``'s values, then ``fixed``."""
-  return get_preset(presets, name, what=what,
-                    **{**overrides_of(section), **fixed})
+  return get_preset(
+      presets, name, what=what, **{**overrides_of(section), **fixed}
+  )
 
 
-def from_section(cls: type[C], section: Mapping[str, Any], *, where: str,
-                 also: Iterable[str] = ()) -> C:
+def from_section(
+    cls: type[C],
+    section: Mapping[str, Any],
+    *,
+    where: str,
+    also: Iterable[str] = (),
+) -> C:
   """``cls`` from a config section; every key must be a field or in ``also``.
 
   ``where`` names the section in errors (``config.teacher.train``).

@@ -26,7 +26,7 @@ def write_text(path: str, text: str) -> str:
   """Writes ``text`` to ``path`` atomically; returns ``path``."""
   tmp = temp_name(path)
   try:
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
     os.replace(tmp, path)
   except BaseException:

@@ -70,11 +70,8 @@ def missing_run_message(workdir: str, run: str) -> str:
   runs = list_runs(workdir)
   source = student_dir(workdir, run)
   root = students_dir(workdir)
-  return (
-      f"no student run {run!r}: {source} has no {CONFIG_FILE}. "
-      + (
-          f"Runs in {root}: {', '.join(runs)}"
-          if runs
-          else f"{root} has no runs yet; run `python -m distill.train` first"
-      )
+  return f"no student run {run!r}: {source} has no {CONFIG_FILE}. " + (
+      f"Runs in {root}: {', '.join(runs)}"
+      if runs
+      else f"{root} has no runs yet; run `python -m distill.train` first"
   )

@@ -32,7 +32,8 @@ def folder_kind(directory: str) -> str:
     raise checkpoint.ModelFolderError(
         f"{directory}/{checkpoint.CONFIG_FILE} has neither 'kind' (a folder"
         " written by this project) nor 'model_type' (a Hugging Face folder);"
-        " cannot tell what it holds")
+        " cannot tell what it holds"
+    )
   return kind
 
 
@@ -42,5 +43,6 @@ def load_model(directory: str):
   if kind not in _LOADERS:
     raise checkpoint.ModelFolderError(
         f"{directory!r} holds a {kind!r} model, which no imported model package"
-        f" reads (known: {sorted(_LOADERS)}).")
+        f" reads (known: {sorted(_LOADERS)})."
+    )
   return _LOADERS[kind](directory)

@@ -59,8 +59,9 @@ def sampling_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
   return probs / jnp.sum(probs, axis=-1, keepdims=True)
 
 
-def pick(logits: jax.Array, key: jax.Array, temperature, top_p, *,
-         greedy: bool) -> jax.Array:
+def pick(
+    logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool
+) -> jax.Array:
   """Next tokens from logits [..., V] -> [...] int32 (argmax when greedy)."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -79,20 +80,26 @@ def per_model(static_argnames=(), donate_argnames=()):
   is cached per structure, so a call costs no hashing of the graphdef (a
   static argument would be hashed at every call, ~1 ms per token).
   """
+
   def wrap(fn):
     @functools.lru_cache(maxsize=32)
     def for_graph(graphdef):
-      return jax.jit(functools.partial(fn, graphdef),
-                     static_argnames=static_argnames,
-                     donate_argnames=donate_argnames)
+      return jax.jit(
+          functools.partial(fn, graphdef),
+          static_argnames=static_argnames,
+          donate_argnames=donate_argnames,
+      )
+
     for_graph.__doc__ = fn.__doc__
     return for_graph
+
   return wrap
 
 
 @per_model(static_argnames=("max_len", "rollback"))
-def prefill(graphdef, state, tokens, positions, *, max_len: int,
-            rollback: int = 0):
+def prefill(
+    graphdef, state, tokens, positions, *, max_len: int, rollback: int = 0
+):
   """A fresh cache filled with a prompt: ``prefill(graphdef)(state, ...)``.
 
   tokens, positions [B, P] -> (logits of the last column [B, V], cache).
@@ -111,17 +118,32 @@ def decode(graphdef, state, tokens, cache, positions):
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
 def _pick(logits, key, step, temperature, top_p, *, greedy):
-  return pick(logits, jax.random.fold_in(key, step), temperature, top_p,
-              greedy=greedy)
+  return pick(
+      logits, jax.random.fold_in(key, step), temperature, top_p, greedy=greedy
+  )
 
 
 @per_model(static_argnames=("greedy",), donate_argnames=("cache",))
-def _step(graphdef, state, cache, tokens, positions, key, step, temperature,
-          top_p, *, greedy):
+def _step(
+    graphdef,
+    state,
+    cache,
+    tokens,
+    positions,
+    key,
+    step,
+    temperature,
+    top_p,
+    *,
+    greedy,
+):
   """Feeds tokens [B] at positions [B]; returns (next tokens [B], cache)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model.decode(tokens[:, None], cache, positions[:, None])
-  return _pick(logits[:, 0], key, step, temperature, top_p, greedy=greedy), cache
+  return (
+      _pick(logits[:, 0], key, step, temperature, top_p, greedy=greedy),
+      cache,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -138,8 +160,9 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def left_pad(prompts: Sequence[Sequence[int]], bucket: int = 1
-             ) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], bucket: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-aligns prompts: (tokens [B, P] int32 (0 padded), positions [B, P]).
 
   Real tokens of row b sit at positions 0..len_b-1; padding has position -1.
@@ -147,13 +170,15 @@ def left_pad(prompts: Sequence[Sequence[int]], bucket: int = 1
   """
   lengths = [len(p) for p in prompts]
   if not prompts or min(lengths) < 1:
-    raise ValueError("every prompt needs at least one token (e.g. the BOS/EOS id)")
+    raise ValueError(
+        "every prompt needs at least one token (e.g. the BOS/EOS id)"
+    )
   width = round_up(max(lengths), bucket)
   tokens = np.zeros((len(prompts), width), np.int32)
   positions = np.full((len(prompts), width), -1, np.int32)
   for b, p in enumerate(prompts):
-    tokens[b, width - len(p):] = p
-    positions[b, width - len(p):] = np.arange(len(p))
+    tokens[b, width - len(p) :] = p
+    positions[b, width - len(p) :] = np.arange(len(p))
   return tokens, positions
 
 
@@ -167,10 +192,16 @@ def _as_rows(prompt_tokens) -> list[list[int]]:
   return [[int(t) for t in np.asarray(r).reshape(-1)] for r in rows]
 
 
-def stream(model: nnx.Module, prompt_tokens, max_new_tokens: int, *,
-           temperature: float = 0.0, top_p: float = 1.0,
-           eos_id: int | None = None, key: jax.Array | None = None
-           ) -> Iterator[np.ndarray]:
+def stream(
+    model: nnx.Module,
+    prompt_tokens,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+) -> Iterator[np.ndarray]:
   """Yields the next token of every row, [B] int32, one step at a time.
 
   prompt_tokens: [B, P] ints, or a list of prompts of any lengths (they are
@@ -196,8 +227,17 @@ def stream(model: nnx.Module, prompt_tokens, max_new_tokens: int, *,
   for i in range(max_new_tokens):
     nxt = None
     if i + 1 < max_new_tokens:  # dispatch the next step before reading this one
-      nxt, cache = step(state, cache, token, next_pos + i, key, i + 1,
-                        temperature, top_p, greedy=greedy)
+      nxt, cache = step(
+          state,
+          cache,
+          token,
+          next_pos + i,
+          key,
+          i + 1,
+          temperature,
+          top_p,
+          greedy=greedy,
+      )
     host = np.asarray(token)
     yield np.where(done, -1, host).astype(np.int32)
     if eos_id is not None:
@@ -207,10 +247,17 @@ def stream(model: nnx.Module, prompt_tokens, max_new_tokens: int, *,
     token = nxt
 
 
-def generate(model: nnx.Module, prompt_tokens, max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0,
-             eos_id: int | None = None, key: jax.Array | None = None,
-             callback=None) -> list[list[int]]:
+def generate(
+    model: nnx.Module,
+    prompt_tokens,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+    callback=None,
+) -> list[list[int]]:
   """New tokens of every prompt: a list (one per row) of token lists.
 
   A row stops after ``max_new_tokens`` tokens or at ``eos_id`` (included).
@@ -218,8 +265,15 @@ def generate(model: nnx.Module, prompt_tokens, max_new_tokens: int, *,
   """
   rows = _as_rows(prompt_tokens)
   out: list[list[int]] = [[] for _ in rows]
-  for tokens in stream(model, rows, max_new_tokens, temperature=temperature,
-                       top_p=top_p, eos_id=eos_id, key=key):
+  for tokens in stream(
+      model,
+      rows,
+      max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      eos_id=eos_id,
+      key=key,
+  ):
     for b, t in enumerate(tokens):
       if t >= 0:
         out[b].append(int(t))
@@ -260,9 +314,15 @@ def median_time(fn, repeats: int) -> tuple[float, Any]:
   return statistics.median(times), result
 
 
-def measure_speed(model: nnx.Module, prompt_len: int, new_tokens: int,
-                  batch: int = 1, *, repeats: int = 3, seed: int = 0
-                  ) -> dict[str, Any]:
+def measure_speed(
+    model: nnx.Module,
+    prompt_len: int,
+    new_tokens: int,
+    batch: int = 1,
+    *,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
   """Prefill and decode throughput of ``model`` on random tokens.
 
   Prefill: one jitted call over [batch, prompt_len] tokens (cache included).
@@ -276,22 +336,31 @@ def measure_speed(model: nnx.Module, prompt_len: int, new_tokens: int,
   if prompt_len < 1 or new_tokens < 1 or batch < 1:
     raise ValueError("prompt_len, new_tokens and batch must be >= 1")
   vocab = model.config.vocab_size
-  tokens = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0,
-                              vocab, jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32),
-                               (batch, prompt_len))
+  tokens = jax.random.randint(
+      jax.random.key(seed), (batch, prompt_len), 0, vocab, jnp.int32
+  )
+  positions = jnp.broadcast_to(
+      jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len)
+  )
   graphdef, state = nnx.split(model)
   max_len = prompt_len + new_tokens
-  run_prefill = lambda: prefill(graphdef)(state, tokens, positions,
-                                          max_len=max_len)
+  run_prefill = lambda: prefill(graphdef)(
+      state, tokens, positions, max_len=max_len
+  )
   prefill_s, (logits, cache) = median_time(run_prefill, repeats)
   start = jnp.full((batch,), prompt_len, jnp.int32)
   decode_s, _ = median_time(
-      lambda: _greedy_loop(graphdef)(state, cache, logits, start,
-                                     steps=new_tokens), repeats)
+      lambda: _greedy_loop(graphdef)(
+          state, cache, logits, start, steps=new_tokens
+      ),
+      repeats,
+  )
   return {
       "prefill_tokens_per_s": batch * prompt_len / prefill_s,
       "decode_tokens_per_s": batch * new_tokens / decode_s,
-      "prefill_s": prefill_s, "decode_s": decode_s,
-      "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+      "prefill_s": prefill_s,
+      "decode_s": decode_s,
+      "batch": batch,
+      "prompt_len": prompt_len,
+      "new_tokens": new_tokens,
   }

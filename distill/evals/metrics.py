@@ -23,20 +23,28 @@ from distill.losses import terms as losses
 DEFAULT_CONTEXTS = (1024, 8192, 32768, 131072)
 
 
-def calibration_bins(confidence: jax.Array, correct: jax.Array, weight: jax.Array,
-                     num_bins: int) -> dict[str, jax.Array]:
+def calibration_bins(
+    confidence: jax.Array, correct: jax.Array, weight: jax.Array, num_bins: int
+) -> dict[str, jax.Array]:
   """Per-bin sums of weight, confidence and correctness ([num_bins] each).
 
   Bins split [0, 1] evenly; confidence 1.0 falls in the last bin.
   """
   index = jnp.clip((confidence * num_bins).astype(jnp.int32), 0, num_bins - 1)
   weight = weight.astype(jnp.float32)
+
   def total(values):
-    return jnp.zeros(num_bins, jnp.float32).at[index.ravel()].add(
-        (values * weight).ravel())
-  return {"count": total(jnp.ones_like(confidence)),
-          "confidence": total(confidence.astype(jnp.float32)),
-          "correct": total(correct.astype(jnp.float32))}
+    return (
+        jnp.zeros(num_bins, jnp.float32)
+        .at[index.ravel()]
+        .add((values * weight).ravel())
+    )
+
+  return {
+      "count": total(jnp.ones_like(confidence)),
+      "confidence": total(confidence.astype(jnp.float32)),
+      "correct": total(correct.astype(jnp.float32)),
+  }
 
 
 def expected_calibration_error(bins: dict[str, Any]) -> float:
@@ -45,13 +53,21 @@ def expected_calibration_error(bins: dict[str, Any]) -> float:
   n = count.sum()
   if n == 0:
     return float("nan")
-  gap = np.abs(np.asarray(bins["correct"], np.float64) - np.asarray(bins["confidence"], np.float64))
+  gap = np.abs(
+      np.asarray(bins["correct"], np.float64)
+      - np.asarray(bins["confidence"], np.float64)
+  )
   return float(gap.sum() / n)  # sum_b |n_b acc_b - n_b conf_b| / n
 
 
-def kv_cache_bytes_per_token(layer_kinds: tuple[str, ...], num_kv_heads: int,
-                             head_dim: int, window: int | None, context: int,
-                             bytes_per_value: int = 2) -> float:
+def kv_cache_bytes_per_token(
+    layer_kinds: tuple[str, ...],
+    num_kv_heads: int,
+    head_dim: int,
+    window: int | None,
+    context: int,
+    bytes_per_value: int = 2,
+) -> float:
   """Bytes of K and V cache per token when ``context`` tokens are cached.
 
   Global layers store every position; local (sliding-window) layers at most
@@ -78,20 +94,31 @@ def model_kv_bytes(config, contexts=DEFAULT_CONTEXTS) -> dict[str, float]:
   else:  # The teacher: every layer global, or every layer sliding.
     window = config.sliding_window
     kinds = ("local" if window else "global",) * config.num_layers
-  return {str(c): kv_cache_bytes_per_token(kinds, config.num_kv_heads,
-                                           config.head_dim, window, c)
-          for c in contexts}
+  return {
+      str(c): kv_cache_bytes_per_token(
+          kinds, config.num_kv_heads, config.head_dim, window, c
+      )
+      for c in contexts
+  }
 
 
 def hidden_of(model, inputs: dict[str, jax.Array]) -> jax.Array:
   """The model's final hidden states [B, T, D] for ``model_inputs(batch)``."""
-  hidden, _ = model.hidden(inputs["inputs"], inputs["segment_ids"], inputs["positions"])
+  hidden, _ = model.hidden(
+      inputs["inputs"], inputs["segment_ids"], inputs["positions"]
+  )
   return hidden
 
 
-def token_sums(model, teacher, inputs: dict[str, jax.Array], chunk_size: int,
-               num_bins: int, teacher_hidden: jax.Array | None = None,
-               hidden: jax.Array | None = None) -> dict[str, Any]:
+def token_sums(
+    model,
+    teacher,
+    inputs: dict[str, jax.Array],
+    chunk_size: int,
+    num_bins: int,
+    teacher_hidden: jax.Array | None = None,
+    hidden: jax.Array | None = None,
+) -> dict[str, Any]:
   """Sums over the valid tokens of one batch (see module doc).
 
   ``inputs`` is ``data.pipeline.model_inputs(batch)``. Returns ``count``,
@@ -105,7 +132,9 @@ def token_sums(model, teacher, inputs: dict[str, jax.Array], chunk_size: int,
   hidden = hidden_of(model, inputs) if hidden is None else hidden
   t_hidden = None
   if teacher is not None:
-    t_hidden = hidden_of(teacher, inputs) if teacher_hidden is None else teacher_hidden
+    t_hidden = (
+        hidden_of(teacher, inputs) if teacher_hidden is None else teacher_hidden
+    )
   batch, length = mask.shape
   size = max(1, min(chunk_size, length))
   num = -(-length // size)
@@ -126,17 +155,30 @@ def token_sums(model, teacher, inputs: dict[str, jax.Array], chunk_size: int,
     w = x["w"]
     ce = losses.cross_entropy_per_token(logits, x["labels"])
     prediction = jnp.argmax(logits, axis=-1)
-    out = {"ce": jnp.sum(ce * w), "count": jnp.sum(w),
-           "bins": calibration_bins(jnp.exp(jnp.max(log_q, -1)),
-                                    prediction == x["labels"], w, num_bins)}
+    out = {
+        "ce": jnp.sum(ce * w),
+        "count": jnp.sum(w),
+        "bins": calibration_bins(
+            jnp.exp(jnp.max(log_q, -1)), prediction == x["labels"], w, num_bins
+        ),
+    }
     if "t" in x:
       t_logits = teacher.logits_from_hidden(x["t"])
-      out["kl_to_teacher"] = jnp.sum(losses.dense_kd_per_token(logits, t_logits) * w)
-      out["top1_agreement"] = jnp.sum((prediction == jnp.argmax(t_logits, -1)) * w)
+      out["kl_to_teacher"] = jnp.sum(
+          losses.dense_kd_per_token(logits, t_logits) * w
+      )
+      out["top1_agreement"] = jnp.sum(
+          (prediction == jnp.argmax(t_logits, -1)) * w
+      )
     return jax.tree.map(jnp.add, carry, out), None
 
-  zero = {"ce": 0.0, "count": 0.0,
-          "bins": {k: jnp.zeros(num_bins) for k in ("count", "confidence", "correct")}}
+  zero = {
+      "ce": 0.0,
+      "count": 0.0,
+      "bins": {
+          k: jnp.zeros(num_bins) for k in ("count", "confidence", "correct")
+      },
+  }
   if t_hidden is not None:
     zero.update(kl_to_teacher=0.0, top1_agreement=0.0)
   zero = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), zero)

@@ -6,14 +6,17 @@ import os
 import platform
 from typing import Any
 
+import jax
+
 from distill.training import loop as trainer
 
 
 def machine_description() -> str:
-  import jax
   devices = jax.devices()
-  return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {devices[0].platform}"
-          f" x{len(devices)} ({devices[0].device_kind}), jax {jax.__version__}")
+  return (
+      f"{platform.machine()}, {os.cpu_count()} CPU cores, {devices[0].platform}"
+      f" x{len(devices)} ({devices[0].device_kind}), jax {jax.__version__}"
+  )
 
 
 def _fmt(value, digits=3) -> str:
@@ -37,22 +40,33 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _kind(entry: dict[str, Any]) -> str:
   if entry.get("mode") is None:
     return "teacher"
-  return " / ".join(str(entry[k]) for k in ("mode", "target", "loss_kind") if entry.get(k))
+  return " / ".join(
+      str(entry[k]) for k in ("mode", "target", "loss_kind") if entry.get(k)
+  )
 
 
-def write_plots(out_dir: str, workdir: str, models: dict[str, dict[str, Any]]) -> list[str]:
+def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
   """Validation loss over training per run; quality against decode speed."""
-  import matplotlib
+  # Imported here: only the evaluate stage draws, and matplotlib is slow to
+  # import and sets a backend.
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   written = []
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name, entry in models.items():
-    records = [r for r in trainer.read_metrics(entry["path"]) if "eval/loss" in r]
+    records = [
+        r for r in trainer.read_metrics(entry["path"]) if "eval/loss" in r
+    ]
     if records:
-      ax.plot([r["step"] for r in records], [r["eval/loss"] for r in records],
-              marker="o", label=name)
+      ax.plot(
+          [r["step"] for r in records],
+          [r["eval/loss"] for r in records],
+          marker="o",
+          label=name,
+      )
   ax.set_xlabel("training step")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("Validation loss during training")
@@ -64,13 +78,18 @@ def write_plots(out_dir: str, workdir: str, models: dict[str, dict[str, Any]]) -
   plt.close(fig)
   written.append(os.path.basename(path))
 
-  points = [(n, e["decode"]["batch_1"]["decode_tokens_per_s"], e["loss"])
-            for n, e in models.items() if e.get("decode")]
+  points = [
+      (n, e["decode"]["batch_1"]["decode_tokens_per_s"], e["loss"])
+      for n, e in models.items()
+      if e.get("decode")
+  ]
   if points:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, speed, loss in points:
       ax.scatter(speed, loss, s=40)
-      ax.annotate(name, (speed, loss), textcoords="offset points", xytext=(5, 4))
+      ax.annotate(
+          name, (speed, loss), textcoords="offset points", xytext=(5, 4)
+      )
     ax.set_xscale("log")
     ax.set_xlabel("decode tokens/s, batch 1 (log scale)")
     ax.set_ylabel("validation loss (nats/token)")
@@ -88,15 +107,21 @@ def _headline(result: dict[str, Any]) -> str:
   h = result.get("summary") or {}
   lines = []
   if h.get("distill_gain") is not None:
-    lines.append(f"- Best distilled student `{h['best_distilled']}`:"
-                 f" {h['distill_gain']:+.3f} nats/token against the CE baseline"
-                 " (positive: distillation helped).")
+    lines.append(
+        f"- Best distilled student `{h['best_distilled']}`:"
+        f" {h['distill_gain']:+.3f} nats/token against the CE baseline"
+        " (positive: distillation helped)."
+    )
   if h.get("teacher_gain") is not None:
-    lines.append(f"- Teacher: {h['teacher_gain']:+.3f} nats/token against the CE"
-                 " baseline.")
+    lines.append(
+        f"- Teacher: {h['teacher_gain']:+.3f} nats/token against the CE"
+        " baseline."
+    )
   if h.get("decode_speedup_b1") is not None:
-    lines.append(f"- `{h['best_distilled']}` decodes {h['decode_speedup_b1']:.1f}x"
-                 " as many tokens/s as the teacher (batch 1).")
+    lines.append(
+        f"- `{h['best_distilled']}` decodes {h['decode_speedup_b1']:.1f}x"
+        " as many tokens/s as the teacher (batch 1)."
+    )
   return "\n".join(lines) + "\n\n" if lines else ""
 
 
@@ -112,73 +137,180 @@ def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
   for name, e in models.items():
     if name == "teacher":
       continue
-    method = e.get("target") if e.get("mode") == "offline" else None  # cache method
-    per_token = cache.get(f"{method}_bytes_per_token") if cache and method else None
+    method = (
+        e.get("target") if e.get("mode") == "offline" else None
+    )  # cache method
+    per_token = (
+        cache.get(f"{method}_bytes_per_token") if cache and method else None
+    )
     seconds = cache["seconds"] if cache and method else None
-    rows.append([name, _kind(e), e["loss"],
-                 None if ce is None else ce["loss"] - e["loss"],
-                 e.get("kl_to_teacher"), e["ece"], per_token, seconds])
-  return _table(["student", "kind", "val loss", "gain over CE", "KL to teacher",
-                 "ECE", "cache bytes/token", "cache s"], rows)
+    rows.append(
+        [
+            name,
+            _kind(e),
+            e["loss"],
+            None if ce is None else ce["loss"] - e["loss"],
+            e.get("kl_to_teacher"),
+            e["ece"],
+            per_token,
+            seconds,
+        ]
+    )
+  return _table(
+      [
+          "student",
+          "kind",
+          "val loss",
+          "gain over CE",
+          "KL to teacher",
+          "ECE",
+          "cache bytes/token",
+          "cache s",
+      ],
+      rows,
+  )
 
 
 def markdown(result: dict[str, Any]) -> str:
   models = result["models"]
-  parts = ["# Evaluation report\n\n",
-           f"Machine: {result['machine']}. Validation split; every number is"
-           " also in `report.json`.\n\n", _headline(result),
-           "## Quality\n\n",
-           "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
-           " expected calibration error.\n\n"]
-  parts.append(_table(
-      ["model", "kind", "step", "val loss", "perplexity", "KL to teacher",
-       "top-1 agreement", "ECE", "params", "active params"],
-      [[n, _kind(e), e["step"], e["loss"], e["perplexity"], e.get("kl_to_teacher"),
-        e.get("top1_agreement"), e["ece"], e["params"]["total"], e["params"]["active"]]
-       for n, e in models.items()]))
+  parts = [
+      "# Evaluation report\n\n",
+      f"Machine: {result['machine']}. Validation split; every number is"
+      " also in `report.json`.\n\n",
+      _headline(result),
+      "## Quality\n\n",
+      "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
+      " expected calibration error.\n\n",
+  ]
+  parts.append(
+      _table(
+          [
+              "model",
+              "kind",
+              "step",
+              "val loss",
+              "perplexity",
+              "KL to teacher",
+              "top-1 agreement",
+              "ECE",
+              "params",
+              "active params",
+          ],
+          [
+              [
+                  n,
+                  _kind(e),
+                  e["step"],
+                  e["loss"],
+                  e["perplexity"],
+                  e.get("kl_to_teacher"),
+                  e.get("top1_agreement"),
+                  e["ece"],
+                  e["params"]["total"],
+                  e["params"]["active"],
+              ]
+              for n, e in models.items()
+          ],
+      )
+  )
   if any(n != "teacher" for n in models):
-    parts.append("\n## Distillation against the CE baseline\n\n"
-                 "Same student, same rows in the same order; \"gain over CE\" is"
-                 " the CE baseline's loss minus this student's. Cache bytes are"
-                 " per token of this run's target alone (tokens included); the"
-                 " cache time is the one teacher pass that wrote every target.\n\n")
+    parts.append(
+        "\n## Distillation against the CE baseline\n\n"
+        'Same student, same rows in the same order; "gain over CE" is'
+        " the CE baseline's loss minus this student's. Cache bytes are"
+        " per token of this run's target alone (tokens included); the"
+        " cache time is the one teacher pass that wrote every target.\n\n"
+    )
     parts.append(_comparison(models, result.get("cache")))
   contexts = list(next(iter(models.values()))["kv_cache_bytes_per_token"])
-  parts.append("\n## KV cache\n\nBytes per token of context (bfloat16 K and V).\n\n")
-  parts.append(_table(["model"] + [f"{int(c) // 1024}k" for c in contexts],
-                      [[n] + [e["kv_cache_bytes_per_token"][c] for c in contexts]
-                       for n, e in models.items()]))
-  sizes = sorted({b for e in models.values() for b in e.get("decode", {})},
-                 key=lambda b: int(b.split("_")[1]))
-  speed_rows = [[n] + [e["decode"].get(b, {}).get(k) for b in sizes
-                       for k in ("prefill_tokens_per_s", "decode_tokens_per_s")]
-                for n, e in models.items() if e.get("decode")]
+  parts.append(
+      "\n## KV cache\n\nBytes per token of context (bfloat16 K and V).\n\n"
+  )
+  parts.append(
+      _table(
+          ["model"] + [f"{int(c) // 1024}k" for c in contexts],
+          [
+              [n] + [e["kv_cache_bytes_per_token"][c] for c in contexts]
+              for n, e in models.items()
+          ],
+      )
+  )
+  sizes = sorted(
+      {b for e in models.values() for b in e.get("decode", {})},
+      key=lambda b: int(b.split("_")[1]),
+  )
+  speed_rows = [
+      [n]
+      + [
+          e["decode"].get(b, {}).get(k)
+          for b in sizes
+          for k in ("prefill_tokens_per_s", "decode_tokens_per_s")
+      ]
+      for n, e in models.items()
+      if e.get("decode")
+  ]
   if speed_rows:
-    parts.append("\n## Speed\n\nTokens/s summed over the batch, medians of"
-                 " timed runs after a warm-up (compilation excluded).\n\n")
-    header = ["model"] + [f"{what} tok/s (b{b.split('_')[1]})" for b in sizes
-                          for what in ("prefill", "decode")]
+    parts.append(
+        "\n## Speed\n\nTokens/s summed over the batch, medians of"
+        " timed runs after a warm-up (compilation excluded).\n\n"
+    )
+    header = ["model"] + [
+        f"{what} tok/s (b{b.split('_')[1]})"
+        for b in sizes
+        for what in ("prefill", "decode")
+    ]
     parts.append(_table(header, speed_rows))
-  spec_rows = [[n, s["gamma"], s["acceptance_rate"], s["tokens_per_teacher_call"],
-                s["speedup"], s["matches_teacher"]]
-               for n, e in models.items() for s in e.get("speculative", [])]
+  spec_rows = [
+      [
+          n,
+          s["gamma"],
+          s["acceptance_rate"],
+          s["tokens_per_teacher_call"],
+          s["speedup"],
+          s["matches_teacher"],
+      ]
+      for n, e in models.items()
+      for s in e.get("speculative", [])
+  ]
   if spec_rows:
-    parts.append("\n## Speculative decoding (student drafts, teacher verifies)\n\n"
-                 "Greedy; wall speed-up is the teacher alone over teacher +"
-                 " drafter on the same prompts.\n\n")
-    parts.append(_table(["drafter", "γ", "acceptance", "tokens per teacher call",
-                         "wall speed-up", "output = teacher greedy"], spec_rows))
+    parts.append(
+        "\n## Speculative decoding (student drafts, teacher verifies)\n\n"
+        "Greedy; wall speed-up is the teacher alone over teacher +"
+        " drafter on the same prompts.\n\n"
+    )
+    parts.append(
+        _table(
+            [
+                "drafter",
+                "γ",
+                "acceptance",
+                "tokens per teacher call",
+                "wall speed-up",
+                "output = teacher greedy",
+            ],
+            spec_rows,
+        )
+    )
   cache = result.get("cache")
   if cache:
     parts.append("\n## Logit cache\n\n")
-    rows = [[m, cache.get(f"{m}_bytes_per_token"),
-             cache["k"] if m == "topk" else cache["num_samples"]]
-            for m in cache["methods"]]
-    parts.append(_table(["method", "bytes per token (records)", "k or N"], rows))
-    parts.append(f"\n{cache['records']:,} records of {cache['seq_len']} positions;"
-                 f" {cache['file_bytes_per_token']:.1f} bytes per token in the shard"
-                 f" files (both methods together, with the container overhead);"
-                 f" written in {cache['seconds']:.1f} s.\n")
+    rows = [
+        [
+            m,
+            cache.get(f"{m}_bytes_per_token"),
+            cache["k"] if m == "topk" else cache["num_samples"],
+        ]
+        for m in cache["methods"]
+    ]
+    parts.append(
+        _table(["method", "bytes per token (records)", "k or N"], rows)
+    )
+    parts.append(
+        f"\n{cache['records']:,} records of {cache['seq_len']} positions;"
+        f" {cache['file_bytes_per_token']:.1f} bytes per token in the shard"
+        f" files (both methods together, with the container overhead);"
+        f" written in {cache['seconds']:.1f} s.\n"
+    )
   for plot in result.get("plots", []):
     parts.append(f"\n![{plot}]({plot})\n")
   return "".join(parts)

@@ -28,8 +28,11 @@ from distill.evals import metrics
 def summarize(totals: dict) -> dict[str, float]:
   """Per-token metrics from summed ``token_sums`` (numpy, summed over batches)."""
   count = max(float(totals["count"]), 1.0)
-  out = {"loss": float(totals["ce"]) / count, "tokens": float(totals["count"]),
-         "ece": metrics.expected_calibration_error(totals["bins"])}
+  out = {
+      "loss": float(totals["ce"]) / count,
+      "tokens": float(totals["count"]),
+      "ece": metrics.expected_calibration_error(totals["bins"]),
+  }
   out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
   for key in ("kl_to_teacher", "top1_agreement"):
     if key in totals:
@@ -38,12 +41,19 @@ def summarize(totals: dict) -> dict[str, float]:
 
 
 @functools.partial(nnx.jit, static_argnames=("chunk_size", "num_bins"))
-def _scores(model, teacher, batch, t_hidden, hidden, *, chunk_size: int,
-            num_bins: int):
+def _scores(
+    model, teacher, batch, t_hidden, hidden, *, chunk_size: int, num_bins: int
+):
   """token_sums of one batch; teacher None: the model alone."""
-  return metrics.token_sums(model, teacher, pipeline.model_inputs(batch),
-                            chunk_size, num_bins, teacher_hidden=t_hidden,
-                            hidden=hidden)
+  return metrics.token_sums(
+      model,
+      teacher,
+      pipeline.model_inputs(batch),
+      chunk_size,
+      num_bins,
+      teacher_hidden=t_hidden,
+      hidden=hidden,
+  )
 
 
 @nnx.jit
@@ -51,11 +61,18 @@ def _hidden(model, batch):
   return metrics.hidden_of(model, pipeline.model_inputs(batch))
 
 
-def validation_pass(models: dict[str, nnx.Module], teacher: nnx.Module | None,
-                    data_dir: str, *, seq_len: int, batch_size: int,
-                    max_batches: int, chunk_size: int, num_bins: int = 15,
-                    progress: Callable | None = None
-                    ) -> dict[str, dict[str, float]]:
+def validation_pass(
+    models: dict[str, nnx.Module],
+    teacher: nnx.Module | None,
+    data_dir: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    chunk_size: int,
+    num_bins: int = 15,
+    progress: Callable | None = None,
+) -> dict[str, dict[str, float]]:
   """``{name: metrics}`` of every model over the first ``max_batches`` batches.
 
   A model that *is* ``teacher`` is scored alone (no KL to itself); the others
@@ -67,10 +84,18 @@ def validation_pass(models: dict[str, nnx.Module], teacher: nnx.Module | None,
   # Shuffled with a fixed seed: every model and every call sees the same
   # rows, and a capped pass is a sample of the whole split, not its first
   # files.
-  ds = pipeline.make_dataset(data_dir, "validation", seq_len=seq_len,
-                             batch_size=batch_size, shuffle=True, seed=0,
-                             num_epochs=1, drop_remainder=True,
-                             process_index=0, process_count=1)
+  ds = pipeline.make_dataset(
+      data_dir,
+      "validation",
+      seq_len=seq_len,
+      batch_size=batch_size,
+      shuffle=True,
+      seed=0,
+      num_epochs=1,
+      drop_remainder=True,
+      process_index=0,
+      process_count=1,
+  )
   totals: dict[str, dict] = {}
   for i, batch in enumerate(ds):
     if max_batches and i >= max_batches:
@@ -84,28 +109,47 @@ def validation_pass(models: dict[str, nnx.Module], teacher: nnx.Module | None,
       else:
         sums = _scores(model, teacher, batch, t_hidden, None, **sizes)
       sums = jax.device_get(sums)
-      totals[name] = sums if name not in totals else jax.tree.map(
-          np.add, totals[name], sums)
+      totals[name] = (
+          sums
+          if name not in totals
+          else jax.tree.map(np.add, totals[name], sums)
+      )
     if progress is not None:
       progress(i)
   if not totals:
     raise ValueError(
         f"The validation split under {data_dir} has no full batch of"
-        f" {batch_size} rows of {seq_len + 1} tokens; lower the batch size.")
+        f" {batch_size} rows of {seq_len + 1} tokens; lower the batch size."
+    )
   return {name: summarize(t) for name, t in totals.items()}
 
 
-def make_validation_fn(data_dir: str, *, seq_len: int, batch_size: int,
-                       max_batches: int, chunk_size: int,
-                       teacher: nnx.Module | None = None, num_bins: int = 15
-                       ) -> Callable[[nnx.Module, int], dict[str, float]]:
+def make_validation_fn(
+    data_dir: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    chunk_size: int,
+    teacher: nnx.Module | None = None,
+    num_bins: int = 15,
+) -> Callable[[nnx.Module, int], dict[str, float]]:
   """``fn(model, step) -> metrics`` over the first ``max_batches`` batches.
 
   ``max_batches=0`` uses the whole validation split.
   """
+
   def fn(model: nnx.Module, step: int = 0) -> dict[str, float]:
     del step
-    return validation_pass({"model": model}, teacher, data_dir, seq_len=seq_len,
-                           batch_size=batch_size, max_batches=max_batches,
-                           chunk_size=chunk_size, num_bins=num_bins)["model"]
+    return validation_pass(
+        {"model": model},
+        teacher,
+        data_dir,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        chunk_size=chunk_size,
+        num_bins=num_bins,
+    )["model"]
+
   return fn

@@ -28,6 +28,12 @@ from distill.nn import layers
 class Decoder(nnx.Module):
   """tokens [B, T] int32 -> logits [B, T, V] float32."""
 
+  # Set by the subclass's __init__.
+  config: Any
+  embed: layers.Embed
+  blocks: nnx.List
+  final_norm: layers.RMSNorm
+
   #: The "kind" a model folder of this model records in its config.json.
   kind: ClassVar[str]
   #: The frozen dataclass its ``config`` is.
@@ -42,8 +48,9 @@ class Decoder(nnx.Module):
     """tokens [B, T] -> embeddings [B, T, D]."""
     return self.embed(tokens)
 
-  def run_blocks(self, x: jax.Array, segment_ids: jax.Array,
-                 positions: jax.Array) -> tuple[jax.Array, dict]:
+  def run_blocks(
+      self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array
+  ) -> tuple[jax.Array, dict]:
     """x [B, T, D] through every block -> (x [B, T, D], aux dict)."""
     for block in self.blocks:
       x = block(x, segment_ids, positions)
@@ -53,8 +60,12 @@ class Decoder(nnx.Module):
     """hidden [B, T, D] (from ``hidden``) -> logits [B, T, V] float32."""
     raise NotImplementedError
 
-  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-             positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def hidden(
+      self,
+      tokens: jax.Array,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict]:
     """tokens [B, T] -> (hidden [B, T, D] after the final norm, aux).
 
     segment_ids [B, T] (0 = padding; default all ones), positions [B, T]
@@ -68,27 +79,39 @@ class Decoder(nnx.Module):
     x, aux = self.run_blocks(self.embed_tokens(tokens), segment_ids, positions)
     return self.final_norm(x), aux
 
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      tokens: jax.Array,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+  ) -> jax.Array:
     hidden, _ = self.hidden(tokens, segment_ids, positions)
     return self.logits_from_hidden(hidden)
 
   # -------------------------------------------------------------- decoding
 
-  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0
-                 ) -> list[dict[str, jax.Array]]:
+  def init_cache(
+      self, batch: int, max_len: int, *, rollback: int = 0
+  ) -> list[dict[str, jax.Array]]:
     """An empty KV cache: one ``Attention.init_cache`` dict per layer.
 
     Global layers hold ``max_len`` positions; local (sliding-window) layers
     a ring of ``window + rollback`` (``rollback``: how many of the latest
     tokens a caller may take back, e.g. rejected speculative drafts).
     """
-    return [block.attn.init_cache(batch, max_len, rollback=rollback,
-                                  dtype=self.config.dtype)
-            for block in self.blocks]
+    return [
+        block.attn.init_cache(
+            batch, max_len, rollback=rollback, dtype=self.config.dtype
+        )
+        for block in self.blocks
+    ]
 
-  def decode(self, tokens: jax.Array, cache: list[dict[str, jax.Array]],
-             positions: jax.Array) -> tuple[jax.Array, list[dict]]:
+  def decode(
+      self,
+      tokens: jax.Array,
+      cache: list[dict[str, jax.Array]],
+      positions: jax.Array,
+  ) -> tuple[jax.Array, list[dict]]:
     """Feeds new tokens through the KV cache (prefill: the whole prompt).
 
     tokens [B, t] int32 at positions [B, t] (consecutive per row, after the

@@ -56,7 +56,6 @@ from distill.core.errors import ConfigError
 Dtype = Any  # a jnp dtype or a name such as "bfloat16"
 
 
-
 class AttentionKind(enum.StrEnum):
   """What a layer attends to: a sliding window of ``window`` tokens
   (``local``) or the whole causal prefix (``global``).
@@ -64,6 +63,7 @@ class AttentionKind(enum.StrEnum):
   Configs hold the plain strings (they are JSON); a ``StrEnum`` member equals
   its string, so code branches on ``AttentionKind.LOCAL`` either way.
   """
+
   LOCAL = "local"
   GLOBAL = "global"
 
@@ -105,7 +105,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(
-        f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+        f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+    )
   return ACTIVATIONS[name]
 
 
@@ -121,22 +122,37 @@ class Einsum(nnx.Module):
   ``bias_shape`` (broadcast against the output's trailing axes) adds a bias.
   """
 
-  def __init__(self, eqn: str, kernel_shape: Sequence[int], *,
-               in_axes: Sequence[int], rngs: nnx.Rngs,
-               bias_shape: Sequence[int] | None = None,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               init_scale: float = 1.0):
+  def __init__(
+      self,
+      eqn: str,
+      kernel_shape: Sequence[int],
+      *,
+      in_axes: Sequence[int],
+      rngs: nnx.Rngs,
+      bias_shape: Sequence[int] | None = None,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      init_scale: float = 1.0,
+  ):
     self.eqn = eqn
     self.dtype = _dtype(dtype)
     in_axes = tuple(in_axes)
     out_axes = tuple(i for i in range(len(kernel_shape)) if i not in in_axes)
     init = nnx.initializers.variance_scaling(
-        init_scale, "fan_in", "truncated_normal", in_axis=in_axes,
-        out_axis=out_axes)
+        init_scale,
+        "fan_in",
+        "truncated_normal",
+        in_axis=in_axes,
+        out_axis=out_axes,
+    )
     self.kernel = nnx.Param(
-        init(rngs.params(), tuple(kernel_shape), jnp.dtype(param_dtype)))
-    self.bias = (nnx.Param(jnp.zeros(tuple(bias_shape), param_dtype))
-                 if bias_shape is not None else None)
+        init(rngs.params(), tuple(kernel_shape), jnp.dtype(param_dtype))
+    )
+    self.bias = (
+        nnx.Param(jnp.zeros(tuple(bias_shape), param_dtype))
+        if bias_shape is not None
+        else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
@@ -161,9 +177,16 @@ class RMSNorm(nnx.Module):
   x [..., dim] -> [..., dim] in ``dtype`` (default: x's dtype).
   """
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, offset_one: bool = False,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+      self,
+      dim: int,
+      *,
+      eps: float = 1e-6,
+      offset_one: bool = False,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      rngs: nnx.Rngs | None = None,
+  ):
     del rngs  # deterministic initialisation
     self.eps = eps
     self.offset_one = offset_one
@@ -175,7 +198,8 @@ class RMSNorm(nnx.Module):
     out_dtype = self.dtype if self.dtype is not None else x.dtype
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(
-        jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps
+    )
     scale = self.scale[...].astype(jnp.float32)
     y = y * (1.0 + scale) if self.offset_one else y * scale
     return y.astype(out_dtype)
@@ -185,8 +209,9 @@ class RMSNorm(nnx.Module):
 # Rotary position embedding
 
 
-def rope_inv_freq(head_dim: int, base: float,
-                  scaling_factor: float = 1.0) -> jax.Array:
+def rope_inv_freq(
+    head_dim: int, base: float, scaling_factor: float = 1.0
+) -> jax.Array:
   """Inverse frequencies [H/2] in float32: ``base^(-2i/H) / scaling_factor``.
 
   Linear scaling divides the positions by the factor; dividing the
@@ -198,8 +223,13 @@ def rope_inv_freq(head_dim: int, base: float,
   return 1.0 / (jnp.float32(base) ** exponents) / jnp.float32(scaling_factor)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, base: float,
-               scaling_factor: float = 1.0) -> jax.Array:
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    base: float,
+    scaling_factor: float = 1.0,
+) -> jax.Array:
   """Rotates x by its positions, transformers' "rotate_half" convention.
 
   Feature i of the first half and feature i of the second half form one pair
@@ -233,9 +263,14 @@ def default_segment_ids(tokens_or_x: jax.Array) -> jax.Array:
   return jnp.ones(tokens_or_x.shape[:2], jnp.int32)
 
 
-def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-                   q_index: jax.Array, kv_index: jax.Array, *,
-                   window: int | None = None) -> jax.Array:
+def attention_mask(
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    *,
+    window: int | None = None,
+) -> jax.Array:
   """Which keys each query may attend to.
 
   A query sees a key iff it is not in the future (``kv_index <= q_index``),
@@ -255,8 +290,9 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
   return mask
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-           scale: float) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
+) -> jax.Array:
   """Grouped-query attention core, softmax in float32.
 
   Query head n reads key/value head ``n // G`` (transformers' repeat_kv).
@@ -269,8 +305,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   if n % kv_heads:
     raise ValueError(f"{n} query heads do not group over {kv_heads} kv heads")
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
-                      preferred_element_type=jnp.float32) * scale
+  scores = (
+      jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+      * scale
+  )
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
@@ -290,24 +328,45 @@ class Attention(nnx.Module):
   ``clip_qkv`` clamps q, k, v after the QK-norm (OLMoE's order).
   """
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, rngs: nnx.Rngs, kind: str = "global",
-               window: int | None = None, rope_base: float = 10_000.0,
-               rope_scaling_factor: float = 1.0, qkv_bias: bool = False,
-               qk_norm: str = "none", norm_eps: float = 1e-6,
-               norm_offset_one: bool = False,
-               query_scale: float | None = None,
-               clip_qkv: float | None = None, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32):
+  def __init__(
+      self,
+      d_model: int,
+      num_heads: int,
+      num_kv_heads: int,
+      head_dim: int,
+      *,
+      rngs: nnx.Rngs,
+      kind: str = "global",
+      window: int | None = None,
+      rope_base: float = 10_000.0,
+      rope_scaling_factor: float = 1.0,
+      qkv_bias: bool = False,
+      qk_norm: str = "none",
+      norm_eps: float = 1e-6,
+      norm_offset_one: bool = False,
+      query_scale: float | None = None,
+      clip_qkv: float | None = None,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+  ):
     kind = check_kind(kind)
     if kind == AttentionKind.LOCAL and (window is None or window < 1):
-      raise ValueError(f"a local attention layer needs window >= 1, got {window}")
+      raise ValueError(
+          f"a local attention layer needs window >= 1, got {window}"
+      )
     if num_heads % num_kv_heads:
       raise ValueError(
-          f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+          f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+      )
     if qk_norm not in QK_NORMS:
-      raise ValueError(f"unknown qk_norm {qk_norm!r}; expected one of {QK_NORMS}")
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+      raise ValueError(
+          f"unknown qk_norm {qk_norm!r}; expected one of {QK_NORMS}"
+      )
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    )
     self.kind = kind
     self.window = window if kind == AttentionKind.LOCAL else None
     self.rope_base = rope_base
@@ -316,16 +375,34 @@ class Attention(nnx.Module):
     self.clip_qkv = clip_qkv
     self.qk_norm = qk_norm
     d, n, k, h = d_model, num_heads, num_kv_heads, head_dim
-    proj = functools.partial(Einsum, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = proj("BTD,DNH->BTNH", (d, n, h), in_axes=(0,),
-                       bias_shape=(n, h) if qkv_bias else None)
-    self.k_proj = proj("BSD,DKH->BSKH", (d, k, h), in_axes=(0,),
-                       bias_shape=(k, h) if qkv_bias else None)
-    self.v_proj = proj("BSD,DKH->BSKH", (d, k, h), in_axes=(0,),
-                       bias_shape=(k, h) if qkv_bias else None)
+    proj = functools.partial(
+        Einsum, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+    )
+    self.q_proj = proj(
+        "BTD,DNH->BTNH",
+        (d, n, h),
+        in_axes=(0,),
+        bias_shape=(n, h) if qkv_bias else None,
+    )
+    self.k_proj = proj(
+        "BSD,DKH->BSKH",
+        (d, k, h),
+        in_axes=(0,),
+        bias_shape=(k, h) if qkv_bias else None,
+    )
+    self.v_proj = proj(
+        "BSD,DKH->BSKH",
+        (d, k, h),
+        in_axes=(0,),
+        bias_shape=(k, h) if qkv_bias else None,
+    )
     self.o_proj = proj("BTNH,NHD->BTD", (n, h, d), in_axes=(0, 1))
-    norm = functools.partial(RMSNorm, eps=norm_eps, offset_one=norm_offset_one,
-                             param_dtype=param_dtype)
+    norm = functools.partial(
+        RMSNorm,
+        eps=norm_eps,
+        offset_one=norm_offset_one,
+        param_dtype=param_dtype,
+    )
     if qk_norm == "head":
       self.q_norm, self.k_norm = norm(h), norm(h)
     elif qk_norm == "full":
@@ -352,22 +429,30 @@ class Attention(nnx.Module):
     if self.clip_qkv is not None:
       c = self.clip_qkv
       q, k, v = (jnp.clip(a, -c, c) for a in (q, k, v))
-    rope = functools.partial(apply_rope, positions=positions, base=self.rope_base,
-                             scaling_factor=self.rope_scaling_factor)
+    rope = functools.partial(
+        apply_rope,
+        positions=positions,
+        base=self.rope_base,
+        scaling_factor=self.rope_scaling_factor,
+    )
     return rope(q), rope(k), v
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+  ) -> jax.Array:
     """x [B, T, D], segment_ids [B, T] (0 = padding), positions [B, T] -> [B, T, D]."""
     segment_ids = default_segment_ids(x) if segment_ids is None else segment_ids
     positions = default_positions(x) if positions is None else positions
     q, k, v = self.project(x, positions)
     index = default_positions(x)
-    mask = attention_mask(segment_ids, segment_ids, index, index,
-                          window=self.window)
+    mask = attention_mask(
+        segment_ids, segment_ids, index, index, window=self.window
+    )
     out = attend(q, k, v, mask, scale=self.query_scale)
     return self.o_proj(out)
-
 
   # -- KV-cache decoding ------------------------------------------------------
 
@@ -377,8 +462,14 @@ class Attention(nnx.Module):
       return max_len
     return min(self.window + rollback, max_len)
 
-  def init_cache(self, batch: int, max_len: int, *, rollback: int = 0,
-                 dtype: Dtype | None = None) -> dict[str, jax.Array]:
+  def init_cache(
+      self,
+      batch: int,
+      max_len: int,
+      *,
+      rollback: int = 0,
+      dtype: Dtype | None = None,
+  ) -> dict[str, jax.Array]:
     """An empty cache: {"k", "v": [B, S, K, H], "pos": [B, S] int32 of -1}.
 
     ``max_len``: positions are < max_len. ``rollback``: how many of the
@@ -388,14 +479,20 @@ class Attention(nnx.Module):
     """
     size = self.cache_size(max_len, rollback)
     if dtype is None:
-      dtype = self.k_proj.dtype if self.k_proj.dtype is not None else jnp.float32
+      dtype = (
+          self.k_proj.dtype if self.k_proj.dtype is not None else jnp.float32
+      )
     dtype = jnp.dtype(dtype)
     shape = (batch, size, self.num_kv_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, size), -1, jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.full((batch, size), -1, jnp.int32),
+    }
 
-  def decode(self, x: jax.Array, positions: jax.Array,
-             cache: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+  def decode(
+      self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array]
+  ) -> tuple[jax.Array, dict]:
     """Attention of a chunk of new tokens over the cache, then the cache update.
 
     x [B, t, D], positions [B, t] int (consecutive per row; -1 = padding,
@@ -407,23 +504,33 @@ class Attention(nnx.Module):
     q, k, v = self.project(x, positions)
     keys, values, kv_pos = cached_keys(cache, k, v, positions)
     valid_q = (positions >= 0).astype(jnp.int32)
-    mask = attention_mask(valid_q, (kv_pos >= 0).astype(jnp.int32), positions,
-                          kv_pos, window=self.window)
+    mask = attention_mask(
+        valid_q,
+        (kv_pos >= 0).astype(jnp.int32),
+        positions,
+        kv_pos,
+        window=self.window,
+    )
     out = attend(q, keys, values, mask, scale=self.query_scale)
     cache = write_cache(cache, k, v, positions, ring=self.window is not None)
     return self.o_proj(out), cache
 
 
-def cached_keys(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
-                positions: jax.Array):
+def cached_keys(
+    cache: dict[str, jax.Array],
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+):
   """Keys a chunk attends to: the cache's past (before the chunk) + the chunk.
 
   cache {"k", "v": [B, S, K, H], "pos": [B, S]}, k/v [B, t, K, H], positions
   [B, t] -> keys, values [B, S + t, K, H], kv_pos [B, S + t] (-1 = unseen).
   """
   big = jnp.iinfo(jnp.int32).max
-  start = jnp.min(jnp.where(positions >= 0, positions, big), axis=1,
-                  keepdims=True)                                   # [B, 1]
+  start = jnp.min(
+      jnp.where(positions >= 0, positions, big), axis=1, keepdims=True
+  )  # [B, 1]
   past = cache["pos"]
   past = jnp.where((past >= 0) & (past < start), past, -1)
   dtype = cache["k"].dtype
@@ -433,8 +540,14 @@ def cached_keys(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
   return keys, values, kv_pos
 
 
-def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
-                positions: jax.Array, *, ring: bool) -> dict[str, jax.Array]:
+def write_cache(
+    cache: dict[str, jax.Array],
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    *,
+    ring: bool,
+) -> dict[str, jax.Array]:
   """Stores a chunk's keys/values at slot ``position`` (mod S when ``ring``).
 
   Padding (position < 0) and, without a ring, positions >= S are dropped.
@@ -445,12 +558,16 @@ def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array,
   if ring and k.shape[1] > size:
     k, v, positions = k[:, -size:], v[:, -size:], positions[:, -size:]
   slots = positions % size if ring else positions
-  slots = jnp.where(positions >= 0, slots, size)                  # size: dropped
+  slots = jnp.where(positions >= 0, slots, size)  # size: dropped
   rows = jnp.arange(k.shape[0])[:, None]
-  put = lambda buf, new: buf.at[rows, slots].set(new.astype(buf.dtype),
-                                                 mode="drop")
-  return {"k": put(cache["k"], k), "v": put(cache["v"], v),
-          "pos": put(cache["pos"], positions)}
+  put = lambda buf, new: buf.at[rows, slots].set(
+      new.astype(buf.dtype), mode="drop"
+  )
+  return {
+      "k": put(cache["k"], k),
+      "v": put(cache["v"], v),
+      "pos": put(cache["pos"], positions),
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -463,13 +580,21 @@ class MLP(nnx.Module):
   x [..., D] -> [..., D]. ``activation``: 'silu' or 'gelu_tanh' (Gemma).
   """
 
-  def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs,
-               activation: str = "silu", dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32):
+  def __init__(
+      self,
+      d_model: int,
+      d_ff: int,
+      *,
+      rngs: nnx.Rngs,
+      activation: str = "silu",
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+  ):
     self.activation = activation
     self._act = get_activation(activation)
-    proj = functools.partial(Einsum, rngs=rngs, dtype=dtype,
-                             param_dtype=param_dtype, in_axes=(0,))
+    proj = functools.partial(
+        Einsum, rngs=rngs, dtype=dtype, param_dtype=param_dtype, in_axes=(0,)
+    )
     self.gate_proj = proj("...D,DF->...F", (d_model, d_ff))
     self.up_proj = proj("...D,DF->...F", (d_model, d_ff))
     self.down_proj = proj("...F,FD->...D", (d_ff, d_model))
@@ -486,14 +611,23 @@ class Embed(nnx.Module):
   (``h @ embedding^T``). Initialised N(0, 1/D).
   """
 
-  def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               init_stddev: float | None = None):
+  def __init__(
+      self,
+      vocab_size: int,
+      d_model: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      init_stddev: float | None = None,
+  ):
     self.vocab_size, self.d_model = vocab_size, d_model
     self.dtype = _dtype(dtype)
     std = d_model**-0.5 if init_stddev is None else init_stddev
     self.embedding = nnx.Param(
-        std * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype))
+        std
+        * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     table = self.embedding[...]
@@ -503,25 +637,41 @@ class Embed(nnx.Module):
   def attend(self, h: jax.Array) -> jax.Array:
     table = self.embedding[...]
     dtype = _compute_dtype(self.dtype, h, table)
-    return jnp.einsum("BTD,VD->BTV", h.astype(dtype), table.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "BTD,VD->BTV",
+        h.astype(dtype),
+        table.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
 
 
 class Unembed(nnx.Module):
   """Untied output head: h [B, T, D] -> logits [B, T, V] float32, kernel [D, V]."""
 
-  def __init__(self, d_model: int, vocab_size: int, *, rngs: nnx.Rngs,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
+  def __init__(
+      self,
+      d_model: int,
+      vocab_size: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+  ):
     self.dtype = _dtype(dtype)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    self.kernel = nnx.Param(init(rngs.params(), (d_model, vocab_size),
-                                 jnp.dtype(param_dtype)))
+    self.kernel = nnx.Param(
+        init(rngs.params(), (d_model, vocab_size), jnp.dtype(param_dtype))
+    )
 
   def __call__(self, h: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     dtype = _compute_dtype(self.dtype, h, kernel)
-    return jnp.einsum("BTD,DV->BTV", h.astype(dtype), kernel.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "BTD,DV->BTV",
+        h.astype(dtype),
+        kernel.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:

@@ -4,9 +4,10 @@
 gradient clipping, resumable orbax checkpoints that hold the parameters, the
 optimizer state and the grain iterator state (so a resumed run sees exactly
 the batches it would have seen), an eval hook every ``eval_every`` steps,
-metrics to TensorBoard event files and ``metrics.jsonl``, the parameters of the best evaluation kept in ``best/``, a
-progress bar, and SIGTERM handling (save, then stop cleanly). A run whose last checkpoint is at
-``steps`` is finished, and calling ``train`` again does nothing.
+metrics to TensorBoard event files and ``metrics.jsonl``, the parameters of
+the best evaluation kept in ``best/``, a progress bar, and SIGTERM handling
+(save, then stop cleanly). A run whose last checkpoint is at ``steps`` is
+finished, and calling ``train`` again does nothing.
 
 The caller supplies the model, a ``loss_fn(model, batch, step) -> (loss,
 metrics)`` and a factory for the training iterator; the output folder is a
@@ -44,6 +45,7 @@ SUMMARY_FILE = "summary.json"
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """Optimisation and bookkeeping settings of one training run."""
+
   steps: int
   learning_rate: float = 1e-3
   warmup_steps: int = 100
@@ -62,9 +64,12 @@ def learning_rate_schedule(cfg: LoopConfig) -> optax.Schedule:
   """Linear warmup to the peak, then cosine down to a fraction of it."""
   warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      init_value=0.0,
+      peak_value=cfg.learning_rate,
+      warmup_steps=warmup,
       decay_steps=max(cfg.steps, warmup + 1),
-      end_value=cfg.learning_rate * cfg.end_learning_rate_fraction)
+      end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
+  )
 
 
 def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
@@ -75,8 +80,14 @@ def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
-                  weight_decay=cfg.weight_decay, mask=decay_mask))
+      optax.adamw(
+          learning_rate_schedule(cfg),
+          b1=cfg.b1,
+          b2=cfg.b2,
+          weight_decay=cfg.weight_decay,
+          mask=decay_mask,
+      ),
+  )
 
 
 class MetricsWriter:
@@ -86,14 +97,23 @@ class MetricsWriter:
     self._path = os.path.join(out_dir, METRICS_FILE)
     self._tb = None
     try:
-      from tensorboardX import SummaryWriter
+      # Optional: imported only when present.
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
     except ImportError:  # Optional: the JSONL file has everything.
-      logging.warning("tensorboardX is not installed; metrics go to %s only", self._path)
+      logging.warning(
+          "tensorboardX is not installed; metrics go to %s only", self._path
+      )
 
-  def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
-    record = {"step": int(step), **{prefix + k: float(v) for k, v in metrics.items()}}
-    with open(self._path, "a") as f:
+  def write(
+      self, step: int, metrics: dict[str, float], prefix: str = ""
+  ) -> None:
+    record = {
+        "step": int(step),
+        **{prefix + k: float(v) for k, v in metrics.items()},
+    }
+    with open(self._path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in record.items():
@@ -111,7 +131,7 @@ def read_metrics(out_dir: str) -> list[dict[str, float]]:
   path = os.path.join(out_dir, METRICS_FILE)
   if not os.path.isfile(path):
     return []
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -126,23 +146,33 @@ def _truncate_metrics(out_dir: str, step: int) -> None:
 BEST_DIR = "best"
 
 
-def _save_best(out_dir: str, model: nnx.Module, step: int,
-               metrics: dict[str, float], key: str) -> bool:
+def _save_best(
+    out_dir: str,
+    model: nnx.Module,
+    step: int,
+    metrics: dict[str, float],
+    key: str,
+) -> bool:
   """Keeps ``out_dir/best/`` (a model folder) at the lowest ``metrics[key]``."""
   best_dir = os.path.join(out_dir, BEST_DIR)
   record_path = os.path.join(best_dir, "best.json")
   if key not in metrics:
     return False
   if os.path.isfile(record_path):
-    with open(record_path) as f:
+    with open(record_path, encoding="utf-8") as f:
       if json.load(f)[key] <= metrics[key]:
         return False
   os.makedirs(best_dir, exist_ok=True)
-  with open(os.path.join(out_dir, ckpt.CONFIG_FILE)) as f:
+  with open(os.path.join(out_dir, ckpt.CONFIG_FILE), encoding="utf-8") as f:
     files.write_text(os.path.join(best_dir, ckpt.CONFIG_FILE), f.read())
   with ckpt.checkpoint_manager(best_dir, max_to_keep=1) as mngr:
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.state(model, nnx.Param))), force=True)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.state(model, nnx.Param))
+        ),
+        force=True,
+    )
     mngr.wait_until_finished()
   files.write_json(record_path, {"step": step, key: metrics[key]})
   return True
@@ -173,13 +203,16 @@ class _StopRequest:
 
 @dataclasses.dataclass
 class TrainResult:
+  """How a call of ``train`` ended, and the metrics it logged last."""
+
   step: int
-  status: str            # "finished", "already finished" or "interrupted"
+  status: str  # "finished", "already finished" or "interrupted"
   last_metrics: dict[str, float]
 
 
-def summarize(out_dir: str, result: TrainResult, **fields: Any
-              ) -> dict[str, Any]:
+def summarize(
+    out_dir: str, result: TrainResult, **fields: Any
+) -> dict[str, Any]:
   """The run's summary, kept in ``out_dir/summary.json``.
 
   A run that has just finished writes ``fields``, its step count and its last
@@ -192,17 +225,23 @@ def summarize(out_dir: str, result: TrainResult, **fields: Any
     files.write_json(path, summary)
     return summary
   if os.path.isfile(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return json.load(f)
   return {"status": result.status, "step": result.step}
 
 
-def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
-          make_iterator: Callable[[], Iterator], cfg: LoopConfig,
-          eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
-          frozen: tuple[nnx.Module, ...] = (),
-          best_metric: str | None = "loss",
-          desc: str = "train") -> TrainResult:
+def train(
+    *,
+    out_dir: str,
+    model: nnx.Module,
+    loss_fn: Callable,
+    make_iterator: Callable[[], Iterator],
+    cfg: LoopConfig,
+    eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+    frozen: tuple[nnx.Module, ...] = (),
+    best_metric: str | None = "loss",
+    desc: str = "train",
+) -> TrainResult:
   """Trains ``model`` in place for ``cfg.steps`` steps, resuming if possible.
 
   Args:
@@ -225,7 +264,9 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
   mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
   step = mngr.latest_step() or 0
   if step >= cfg.steps:
-    print(f"{desc}: already finished at step {step} ({out_dir}); nothing to do.")
+    print(
+        f"{desc}: already finished at step {step} ({out_dir}); nothing to do."
+    )
     mngr.close()
     return TrainResult(step, "already finished", {})
 
@@ -234,10 +275,14 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
   iterator = make_iterator()
   writer = MetricsWriter(out_dir)
   if step:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
-        opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
+            opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
+            data=grain.checkpoint.CheckpointRestore(iterator),
+        ),
+    )
     nnx.update(model, restored["params"])
     nnx.update(optimizer, restored["opt_state"])
     _truncate_metrics(out_dir, step)
@@ -247,43 +292,65 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
   def train_step(model, optimizer, batch, step, frozen):
     def objective(model):
       return loss_fn(model, batch, step, *frozen)
+
     (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
 
   def save(at_step: int) -> None:
-    mngr.save(at_step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
-        opt_state=ocp.args.StandardSave(nnx.state(optimizer)),
-        data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+    mngr.save(
+        at_step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
+            opt_state=ocp.args.StandardSave(nnx.state(optimizer)),
+            data=grain.checkpoint.CheckpointSave(iterator),
+        ),
+        force=True,
+    )
     mngr.wait_until_finished()
 
   schedule = learning_rate_schedule(cfg)
   status, last, window = "finished", {}, []
   tokens_seen, started = 0, time.time()
-  with _StopRequest() as stop, tqdm(total=cfg.steps, initial=step, desc=desc,
-                                    unit="step", dynamic_ncols=True) as bar:
+  with (
+      _StopRequest() as stop,
+      tqdm(
+          total=cfg.steps,
+          initial=step,
+          desc=desc,
+          unit="step",
+          dynamic_ncols=True,
+      ) as bar,
+  ):
     while step < cfg.steps:
       batch = next(iterator)
-      metrics = train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32),
-                           tuple(frozen))
+      metrics = train_step(
+          model, optimizer, batch, jnp.asarray(step, jnp.int32), tuple(frozen)
+      )
       step += 1
       tokens_seen += int(np.asarray(batch["tokens"])[:, 1:].size)
       window.append(metrics)
       bar.update(1)
       if step % cfg.log_every == 0 or step == cfg.steps:
-        means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+        means = {
+            k: float(np.mean([float(m[k]) for m in window])) for k in window[0]
+        }
         means["learning_rate"] = float(schedule(step - 1))
-        means["tokens_per_second"] = tokens_seen / max(time.time() - started, 1e-9)
+        means["tokens_per_second"] = tokens_seen / max(
+            time.time() - started, 1e-9
+        )
         if not all(math.isfinite(v) for v in means.values()):
           save(step - len(window))  # Keep the last good state for inspection.
           raise FloatingPointError(
               f"{desc}: non-finite metrics at step {step}: {means}. Lower"
-              " the learning rate or check the data; the last checkpoint is kept.")
+              " the learning rate or check the data; the last checkpoint is kept."
+          )
         writer.write(step, means)
         bar.set_postfix(loss=f"{means['loss']:.3f}")
         last, window = means, []
-      if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+      if eval_fn is not None and (
+          step % cfg.eval_every == 0 or step == cfg.steps
+      ):
         eval_metrics = eval_fn(model, step)
         writer.write(step, eval_metrics, prefix="eval/")
         if best_metric:
@@ -294,9 +361,13 @@ def train(*, out_dir: str, model: nnx.Module, loss_fn: Callable,
       if stop.requested:
         save(step)
         status = "interrupted"
-        logging.warning("%s: SIGTERM at step %d; checkpoint saved, stopping.", desc, step)
-        print(f"{desc}: stopped by SIGTERM at step {step}; checkpoint saved."
-              " Rerun the same command to resume.")
+        logging.warning(
+            "%s: SIGTERM at step %d; checkpoint saved, stopping.", desc, step
+        )
+        print(
+            f"{desc}: stopped by SIGTERM at step {step}; checkpoint saved."
+            " Rerun the same command to resume."
+        )
         break
   mngr.close()
   writer.close()
