@@ -58,7 +58,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
   for dtype in (np.uint8, np.uint16, np.uint32):
     if vocab_size <= np.iinfo(dtype).max + 1:
       return np.dtype(dtype)
-  raise ValueError(f"vocab of {vocab_size} ids does not fit in 32 bits")
+  raise DataError(f"a vocab of {vocab_size} ids does not fit in 32 bits")
 
 
 def prepared_vocab_size(workdir: str) -> int:

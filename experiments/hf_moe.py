@@ -30,6 +30,7 @@ Choose the student's size with single overrides, e.g.
 """
 
 from distill.core import configs
+from distill.core.errors import ConfigError
 from experiments import stdlib
 from student.config import StudentConfig
 
@@ -37,7 +38,7 @@ from student.config import StudentConfig
 def get_config(arg=None):
   variant = arg or "default"
   if variant not in ("default", "cpu"):
-    raise ValueError(
+    raise ConfigError(
         f"Unknown variant {variant!r} of experiments/hf_moe.py;"
         " use 'default' or 'cpu'."
     )

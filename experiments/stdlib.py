@@ -21,6 +21,7 @@ topk_ghost 6.488, topk_sparse 6.589 nats/token; the README has the full table.
 import ml_collections
 
 from distill.core import configs
+from distill.core.errors import ConfigError
 from student.config import StudentConfig
 from teacher.config import TeacherConfig
 
@@ -28,7 +29,7 @@ from teacher.config import TeacherConfig
 def get_config(arg=None):
   variant = arg or "default"
   if variant not in ("default", "tiny"):
-    raise ValueError(
+    raise ConfigError(
         f"Unknown variant {variant!r} of experiments/stdlib.py;"
         " use 'default' or 'tiny'."
     )

@@ -3,7 +3,7 @@
 Reads a local folder holding ``config.json``, safetensors weights (one file, or
 shards listed in ``model.safetensors.index.json``) and ``tokenizer.json`` of a
 Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE causal LM, and writes ``W/teacher/``
-(see distill/checkpoint.py) plus ``W/tokenizer.json``. Nothing from the folder
+(see distill/core/checkpoint.py) plus ``W/tokenizer.json``. Nothing from the folder
 is executed: the config is JSON, the weights safetensors; pickled ``.bin``
 weights are refused.
 

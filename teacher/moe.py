@@ -239,7 +239,7 @@ class MoE(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype)
     e, d, f = num_experts, d_model, d_ff
-    # Fan-in scaling as in distill.layers.Einsum; axis 0 of experts is a batch.
+    # Fan-in scaling as in distill.nn.layers.Einsum; axis 0 of experts is a batch.
     init = nnx.initializers.variance_scaling(
         1.0,
         "fan_in",

@@ -23,17 +23,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data import cache, cache_format, pipeline, prepare
+from data import cache, cache_format, pipeline
 from data import tokenizer as tok
-from distill.core import checkpoint as ckpt
 from distill.core import files, layout
 from experiments import stdlib
 from teacher import cache_logits as cl
 from teacher import load_teacher
-from teacher import train as teacher_train
-from teacher.model import Teacher
 
 import procs
+from conftest import write_random_teacher
 
 TINY = "--config=experiments/stdlib.py:tiny"
 # The cached fixture: 3 shards of 16, 16 and 14 rows (the last batch of the
@@ -134,20 +132,12 @@ def compile_once():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_prepared, tmp_path_factory):
   """A prepared tiny workdir with a random teacher in W/teacher (no cache)."""
-  workdir = str(tmp_path_factory.mktemp("base"))
-  config = stdlib.get_config("tiny")
-  prepare.prepare(config, workdir)
-  vocab = tok.load_tokenizer(layout.tokenizer_path(workdir)).get_vocab_size()
-  cfg = teacher_train.model_config(config, vocab)
-  model = Teacher(cfg, rngs=nnx.Rngs(0))
+  workdir = copy(tiny_prepared, tmp_path_factory.mktemp("base") / "w")
   # Random weights give a near-uniform teacher; a larger final-norm scale
   # sharpens it (entropy about 2.3 nats at T=2) without training.
-  model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], 8.0)
-  teacher_dir = layout.teacher_dir(workdir)
-  ckpt.write_config(teacher_dir, "teacher", cfg, source="test")
-  ckpt.save_params(teacher_dir, model)
+  write_random_teacher(workdir, final_norm_scale=8.0)
   return workdir
 
 

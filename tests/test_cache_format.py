@@ -1,7 +1,5 @@
 """Tests for data/cache_format.py: round trips, error bounds, sizes, target makers."""
 
-import struct
-
 import jax
 import jax.numpy as jnp
 import numpy as np

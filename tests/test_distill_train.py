@@ -5,19 +5,13 @@ import os
 import shutil
 
 import pytest
-from flax import nnx
 
-from data import prepare
-from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
 from distill.core import layout
 from distill import train as distill_train
 from distill.training import loop as trainer
 from distill.core.errors import UserError
 from experiments import stdlib
-from teacher import cache_logits
-from teacher import train as teacher_train
-from teacher.model import Teacher
 
 import procs
 
@@ -25,18 +19,9 @@ TINY = "--config=experiments/stdlib.py:tiny"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """Prepared data, a random tiny teacher and its logit cache."""
-  w = str(tmp_path_factory.mktemp("kd"))
-  config = stdlib.get_config("tiny")
-  prepare.prepare(config, w)
-  vocab = tok.load_tokenizer(layout.tokenizer_path(w)).get_vocab_size()
-  cfg = teacher_train.model_config(config, vocab)
-  teacher_dir = os.path.join(w, "teacher")
-  ckpt.write_config(teacher_dir, "teacher", cfg, source="test")
-  ckpt.save_params(teacher_dir, Teacher(cfg, rngs=nnx.Rngs(0)))
-  cache_logits.cache_logits(config, w)
-  return w
+def workdir(tiny_cached):
+  """Prepared data, a random tiny teacher and its logit cache (shared)."""
+  return tiny_cached
 
 
 def _copy(workdir, path):

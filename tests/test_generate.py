@@ -14,7 +14,6 @@ import procs
 import teacher as teacher_lib
 from data import tokenizer as tok
 from distill.core import checkpoint
-from distill.nn import layers
 from distill.decoding import generate as gen
 from student import Student, get_preset
 from student import generate as student_generate

@@ -1,7 +1,5 @@
 """The student: presets (for free, with eval_shape), layer pattern, forward."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data import pipeline, prepare
+from data import pipeline
 from distill.core import checkpoint as ckpt
 from distill.core import layout
 from distill.core.errors import UserError
@@ -30,10 +30,8 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("prepared"))
-  prepare.prepare(stdlib.get_config("tiny"), workdir)
-  return workdir
+def prepared(tiny_prepared):
+  return tiny_prepared
 
 
 def _copy(prepared, path):

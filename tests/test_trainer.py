@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data import pipeline, prepare
+from data import pipeline
 from distill.core import checkpoint as ckpt
 from distill.core import layout
 from distill import losses
 from distill.training import loop as trainer
-from experiments import stdlib
 
 
 class Bigram(nnx.Module):
@@ -41,10 +40,8 @@ def loss_fn(model, batch, step, *frozen):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("w"))
-  prepare.prepare(stdlib.get_config("tiny"), workdir)
-  return layout.data_dir(workdir)
+def data_dir(tiny_prepared):
+  return layout.data_dir(tiny_prepared)
 
 
 def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):

@@ -11,7 +11,7 @@ finished, and calling ``train`` again does nothing.
 
 The caller supplies the model, a ``loss_fn(model, batch, step) -> (loss,
 metrics)`` and a factory for the training iterator; the output folder is a
-model folder (see ``distill.checkpoint``), so ``load_teacher`` /
+model folder (see ``distill.core.checkpoint``), so ``load_teacher`` /
 ``load_student`` read it directly.
 """
 
