@@ -124,9 +124,16 @@ def checkpoint_manager(
   )
 
 
-def save_params(directory: str, model: nnx.Module, step: int = 0) -> None:
-  """Writes a params-only checkpoint of ``model`` at ``step``."""
-  with checkpoint_manager(directory, max_to_keep=None) as mngr:
+def save_params(
+    directory: str,
+    model: nnx.Module,
+    step: int = 0,
+    *,
+    max_to_keep: int | None = None,
+) -> None:
+  """Writes a params-only checkpoint of ``model`` at ``step`` (keeping the
+  latest ``max_to_keep`` steps of the folder; None: all)."""
+  with checkpoint_manager(directory, max_to_keep=max_to_keep) as mngr:
     mngr.save(
         step,
         args=ocp.args.Composite(

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def temp_name(path: str) -> str:
@@ -22,12 +22,11 @@ def temp_name(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def write_text(path: str, text: str) -> str:
-  """Writes ``text`` to ``path`` atomically; returns ``path``."""
+def _replace_with(path: str, write: Callable[[str], Any]) -> str:
+  """``write(tmp)`` then renames tmp to ``path``; on failure removes tmp."""
   tmp = temp_name(path)
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
+    write(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
@@ -36,17 +35,19 @@ def write_text(path: str, text: str) -> str:
   return path
 
 
+def write_text(path: str, text: str) -> str:
+  """Writes ``text`` to ``path`` atomically; returns ``path``."""
+
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+
+  return _replace_with(path, write)
+
+
 def copy(src: str, dst: str) -> str:
   """Copies the file ``src`` to ``dst`` atomically; returns ``dst``."""
-  tmp = temp_name(dst)
-  try:
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-  return dst
+  return _replace_with(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_json(path: str, payload: Any, *, sort_keys: bool = False) -> str:

@@ -165,15 +165,7 @@ def _save_best(
   os.makedirs(best_dir, exist_ok=True)
   with open(os.path.join(out_dir, ckpt.CONFIG_FILE), encoding="utf-8") as f:
     files.write_text(os.path.join(best_dir, ckpt.CONFIG_FILE), f.read())
-  with ckpt.checkpoint_manager(best_dir, max_to_keep=1) as mngr:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.state(model, nnx.Param))
-        ),
-        force=True,
-    )
-    mngr.wait_until_finished()
+  ckpt.save_params(best_dir, model, step, max_to_keep=1)
   files.write_json(record_path, {"step": step, key: metrics[key]})
   return True
 
