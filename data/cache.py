@@ -209,6 +209,7 @@ class CacheSource:
         "tokens": record["tokens"],
         "segment_ids": record["segment_ids"],
         "positions": positions_from_segments(record["segment_ids"]),
+        "row": np.int32(index),
     }
     if self.target == "topk":
       out.update(

@@ -179,7 +179,8 @@ class PackedRows:
   """Random access to fixed-length packed rows of a token stream.
 
   ``rows[i]`` is a dict of int32 arrays [seq_len + 1]: ``tokens``,
-  ``segment_ids`` (1-based per document piece) and ``positions``. The
+  ``segment_ids`` (1-based per document piece) and ``positions``; and
+  ``row``, the scalar ``i`` (a batch names its rows with it). The
   memory map is reopened lazily, so the source pickles into grain workers.
   """
 
@@ -231,6 +232,7 @@ class PackedRows:
         ),
         "segment_ids": (doc - doc[0] + 1).astype(np.int32),
         "positions": (idx - doc_start).astype(np.int32),
+        "row": np.int32(index),
     }
 
 

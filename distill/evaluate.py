@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from flax import nnx
 from tqdm import tqdm
 
 # Importing the model packages registers their kinds with the registry.
@@ -255,6 +256,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   e, data = config.eval, config.data
   data_dir = layout.data_dir(workdir)
   loaded = {name: registry.load_model(path) for name, path in folders.items()}
+  for name, model in loaded.items():  # No report of a diverged model.
+    ckpt.check_finite(nnx.state(model, nnx.Param), f"{folders[name]}")
   teacher = loaded.get("teacher")
   models: dict[str, dict[str, Any]] = {}
   for name, path in folders.items():

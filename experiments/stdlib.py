@@ -70,6 +70,7 @@ def get_config(arg=None):
           eval_every=55,
           checkpoint_every=55,
           keep_checkpoints=2,
+          max_bad_steps=3,  # non-finite steps in a row before stopping
           eval_batches=8,
           loss_chunk=128,
       )
@@ -120,6 +121,7 @@ def get_config(arg=None):
           eval_every=28,
           checkpoint_every=28,
           keep_checkpoints=2,
+          max_bad_steps=3,  # non-finite steps in a row before stopping
       )
   )
   # Cache the rows the students read (steps x batch), not the whole corpus.

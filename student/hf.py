@@ -467,6 +467,9 @@ def save_hf(
   into config.json; without, the Gemma ids (pad 0, eos 1, bos 2) are written.
   """
   config = model.config
+  checkpoint.check_finite(
+      nnx.state(model, nnx.Param), f"the student for {directory}"
+  )
   special_ids, special_tokens = None, SPECIAL_TOKENS
   if tokenizer_json is not None:
     special_tokens, special_ids, size = tokenizer_specials(tokenizer_json)

@@ -283,6 +283,9 @@ def cache_logits(config, workdir: str) -> dict[str, Any]:
         " teacher.train` or `teacher.import_hf` first."
     )
   teacher = load_teacher(teacher_path)
+  ckpt.check_finite(
+      nnx.state(teacher, nnx.Param), f"the teacher in {teacher_path}"
+  )
   data_dir = layout.data_dir(workdir)
   rows = pipeline.PackedRows(data_dir, "train", config.data.seq_len)
   c = config.cache

@@ -44,7 +44,16 @@ def data_dir(tiny_prepared):
   return layout.data_dir(tiny_prepared)
 
 
-def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
+def _run(
+    out_dir,
+    data_dir,
+    steps=8,
+    kill_at=None,
+    lr=3e-2,
+    loss=loss_fn,
+    eval_every=4,
+    on_eval=None,
+):
   if not os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ckpt.CONFIG_FILE), "w") as f:
@@ -55,7 +64,7 @@ def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
       learning_rate=lr,
       warmup_steps=2,
       log_every=1,
-      eval_every=4,
+      eval_every=eval_every,
       checkpoint_every=4,
   )
   seen = [0]
@@ -84,13 +93,15 @@ def _run(out_dir, data_dir, steps=8, kill_at=None, lr=3e-2):
 
   def eval_fn(model, step):
     evals.append(step)
+    if on_eval is not None:
+      on_eval(model, step)
     # A made-up validation curve with its minimum at step 12.
     return {"loss": abs(step - 12) + 1.0}
 
   result = trainer.train(
       out_dir=out_dir,
       model=model,
-      loss_fn=loss_fn,
+      loss_fn=loss,
       make_iterator=make_iterator,
       cfg=cfg,
       eval_fn=eval_fn,
@@ -164,3 +175,65 @@ def test_schedule_warms_up_and_decays():
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(100)) == pytest.approx(0.1)
   assert float(schedule(55)) < float(schedule(20))
+
+
+def _nan_at(bad_steps):
+  """loss_fn whose loss is NaN at the given (0-based) step values."""
+
+  def loss(model, batch, step, *frozen):
+    ce, metrics = loss_fn(model, batch, step, *frozen)
+    bad = jnp.isin(step, jnp.asarray(bad_steps))
+    return jnp.where(bad, jnp.nan, ce), metrics
+
+  return loss
+
+
+def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path, data_dir):
+  kernels = {}
+
+  def snapshot(model, step):
+    kernels[step] = np.array(model.head.kernel[...])
+
+  result, _ = _run(
+      str(tmp_path / "run"),
+      data_dir,
+      steps=6,
+      loss=_nan_at([2, 3]),  # the third and fourth steps
+      eval_every=1,
+      on_eval=snapshot,
+  )
+  assert result.status == "finished"
+  np.testing.assert_array_equal(kernels[3], kernels[2])
+  np.testing.assert_array_equal(kernels[4], kernels[2])
+  assert not np.array_equal(kernels[5], kernels[4])
+  records = {  # the training records (eval/ ones are written apart)
+      r["step"]: r
+      for r in trainer.read_metrics(str(tmp_path / "run"))
+      if "learning_rate" in r
+  }
+  assert "loss" not in records[3] and "loss" not in records[4]  # no NaN logged
+  assert records[2]["skipped_steps"] == 0 and records[6]["skipped_steps"] == 2
+  assert all(np.isfinite(r["loss"]) for r in records.values() if "loss" in r)
+
+
+def test_too_many_bad_steps_stop_in_one_line_and_keep_the_checkpoint(
+    tmp_path, data_dir
+):
+  out = str(tmp_path / "run")
+  with pytest.raises(ckpt.NonFiniteError) as error:
+    _run(out, data_dir, steps=12, loss=_nan_at([5, 6, 7, 8, 9]))
+  message = str(error.value)
+  assert "3 steps in a row" in message and "at step 8" in message
+  assert "non-finite loss (batch rows" in message
+  assert "the last checkpoint, step 4, is kept" in message
+  assert ckpt.latest_step(out) == 4
+  restored = ckpt.restore_params(out, Bigram(512, 16, nnx.Rngs(5)))
+  ckpt.check_finite(nnx.state(restored, nnx.Param), "restored")
+
+
+def test_no_writer_saves_non_finite_parameters(tmp_path):
+  model = Bigram(512, 16, nnx.Rngs(0))
+  model.head.kernel[...] = model.head.kernel[...].at[0, 0].set(jnp.nan)
+  with pytest.raises(ckpt.NonFiniteError, match="head.*nothing was written"):
+    ckpt.save_params(str(tmp_path / "m"), model)
+  assert not os.path.exists(tmp_path / "m" / ckpt.CHECKPOINT_DIR)

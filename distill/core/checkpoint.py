@@ -21,6 +21,8 @@ import os
 import typing
 from typing import Any, TypeVar
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -35,6 +37,31 @@ C = TypeVar("C")
 
 class ModelFolderError(UserError):
   """A model folder is missing, incomplete or of the wrong kind."""
+
+
+class NonFiniteError(UserError):
+  """Parameters or a training step that are NaN or infinite."""
+
+
+def check_finite(tree: Any, what: str) -> None:
+  """Refuses to go on with a pytree that holds a NaN or an infinity.
+
+  Every writer of parameters (checkpoints, exports) calls this first, so no
+  file is ever written from a diverged model; ``what`` names it in the error.
+  """
+  bad = [
+      jax.tree_util.keystr(path)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+      if hasattr(leaf, "dtype")
+      and jnp.issubdtype(leaf.dtype, jnp.inexact)
+      and not bool(jnp.all(jnp.isfinite(leaf)))
+  ]
+  if bad:
+    raise NonFiniteError(
+        f"{what} has NaN or infinite values in {len(bad)} arrays (first"
+        f" {bad[0]}); nothing was written. The run diverged: lower the"
+        " learning rate, or resume from an earlier checkpoint."
+    )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -132,7 +159,11 @@ def save_params(
     max_to_keep: int | None = None,
 ) -> None:
   """Writes a params-only checkpoint of ``model`` at ``step`` (keeping the
-  latest ``max_to_keep`` steps of the folder; None: all)."""
+  latest ``max_to_keep`` steps of the folder; None: all).
+
+  Refuses (``NonFiniteError``) parameters that are not finite.
+  """
+  check_finite(nnx.state(model, nnx.Param), f"the model for {directory}")
   with checkpoint_manager(directory, max_to_keep=max_to_keep) as mngr:
     mngr.save(
         step,

@@ -58,6 +58,7 @@ class LoopConfig:
   eval_every: int = 200
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
+  max_bad_steps: int = 3
 
 
 def learning_rate_schedule(cfg: LoopConfig) -> optax.Schedule:
@@ -202,6 +203,31 @@ class TrainResult:
   last_metrics: dict[str, float]
 
 
+def _report_bad_step(desc, step, metrics, batch, in_a_row, cfg, mngr):
+  """Logs a skipped non-finite step; stops the run after too many in a row.
+
+  The message names the step, the loss terms that were not finite and the
+  batch's rows (``row``: indices into the training rows), and says which
+  checkpoint is kept: the skipped steps changed no parameter.
+  """
+  terms = sorted(
+      k for k, v in metrics.items() if not math.isfinite(float(np.asarray(v)))
+  )
+  rows = batch.get("row")
+  rows = "?" if rows is None else ", ".join(str(int(r)) for r in rows)
+  what = f"step {step}: non-finite {', '.join(terms) or 'parameters after the update'} (batch rows {rows})"
+  logging.warning("%s: skipped %s", desc, what)
+  if in_a_row >= cfg.max_bad_steps:
+    kept = mngr.latest_step()
+    raise ckpt.NonFiniteError(
+        f"{desc}: {in_a_row} steps in a row were not finite, the last at"
+        f" {what}; stopped (max_bad_steps={cfg.max_bad_steps}). No parameter"
+        " was updated by them and no checkpoint was written from them"
+        + (f"; the last checkpoint, step {kept}, is kept" if kept else "")
+        + ". Lower the learning rate or check those rows."
+    )
+
+
 def summarize(
     out_dir: str, result: TrainResult, **fields: Any
 ) -> dict[str, Any]:
@@ -286,10 +312,25 @@ def train(
       return loss_fn(model, batch, step, *frozen)
 
     (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    grad_norm = optax.global_norm(grads)
+    # A step whose loss, gradients or updated parameters are not finite
+    # changes nothing: the update is computed, then the old parameters and
+    # optimizer state (its step count included) are kept.
+    before = jax.tree.map(
+        jnp.asarray, (nnx.state(model, nnx.Param), nnx.state(optimizer))
+    )
     optimizer.update(model, grads)
-    return {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    after = (nnx.state(model, nnx.Param), nnx.state(optimizer))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    for p in jax.tree.leaves(after[0]):
+      finite &= jnp.all(jnp.isfinite(p))
+    kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
+    nnx.update(model, kept[0])
+    nnx.update(optimizer, kept[1])
+    return {"loss": loss, "grad_norm": grad_norm, **metrics}, finite
 
   def save(at_step: int) -> None:
+    ckpt.check_finite(nnx.state(model, nnx.Param), f"{desc} at step {at_step}")
     mngr.save(
         at_step,
         args=ocp.args.Composite(
@@ -303,6 +344,7 @@ def train(
 
   schedule = learning_rate_schedule(cfg)
   status, last, window = "finished", {}, []
+  skipped, bad_in_a_row = 0, 0
   tokens_seen, started = 0, time.time()
   with (
       _StopRequest() as stop,
@@ -316,29 +358,32 @@ def train(
   ):
     while step < cfg.steps:
       batch = next(iterator)
-      metrics = train_step(
+      metrics, finite = train_step(
           model, optimizer, batch, jnp.asarray(step, jnp.int32), tuple(frozen)
       )
       step += 1
       tokens_seen += int(np.asarray(batch["tokens"])[:, 1:].size)
-      window.append(metrics)
+      if bool(finite):
+        window.append(metrics)
+        bad_in_a_row = 0
+      else:
+        skipped += 1
+        bad_in_a_row += 1
+        _report_bad_step(desc, step, metrics, batch, bad_in_a_row, cfg, mngr)
       bar.update(1)
       if step % cfg.log_every == 0 or step == cfg.steps:
         means = {
-            k: float(np.mean([float(m[k]) for m in window])) for k in window[0]
+            k: float(np.mean([float(m[k]) for m in window]))
+            for k in (window[0] if window else {})
         }
         means["learning_rate"] = float(schedule(step - 1))
         means["tokens_per_second"] = tokens_seen / max(
             time.time() - started, 1e-9
         )
-        if not all(math.isfinite(v) for v in means.values()):
-          save(step - len(window))  # Keep the last good state for inspection.
-          raise FloatingPointError(
-              f"{desc}: non-finite metrics at step {step}: {means}. Lower"
-              " the learning rate or check the data; the last checkpoint is kept."
-          )
+        means["skipped_steps"] = float(skipped)
         writer.write(step, means)
-        bar.set_postfix(loss=f"{means['loss']:.3f}")
+        if "loss" in means:
+          bar.set_postfix(loss=f"{means['loss']:.3f}")
         last, window = means, []
       if eval_fn is not None and (
           step % cfg.eval_every == 0 or step == cfg.steps
