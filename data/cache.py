@@ -38,7 +38,8 @@ import numpy as np
 from data import cache_format, pipeline
 from distill.core.errors import UserError
 
-FORMAT_VERSION = 1
+# 2: the manifest seals its metadata with ``metadata_sha256``.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -90,12 +91,27 @@ def read_manifest(
         f"No logit cache at {cache_dir} ({MANIFEST} is missing); run"
         " `python -m teacher.cache_logits` first."
     )
-  with open(path, encoding="utf-8") as f:
-    manifest = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except ValueError as e:
+    raise CacheError(
+        f"{path} is not valid JSON ({e}): the cache is damaged. Remove"
+        f" {cache_dir} and rerun `python -m teacher.cache_logits`."
+    ) from e
+  if not isinstance(manifest, dict):
+    raise CacheError(f"{path} does not hold a JSON object; remove {cache_dir}.")
   if manifest.get("format_version") != FORMAT_VERSION:
     raise CacheError(
         f"{path}: cache format {manifest.get('format_version')} is not"
         f" {FORMAT_VERSION}; rebuild it with teacher.cache_logits."
+    )
+  if manifest.get("metadata_sha256") != metadata_sha256(manifest):
+    raise CacheError(
+        f"{path} was changed after it was written: its settings do not match"
+        " the metadata_sha256 sealed with them, so the targets cannot be"
+        f" trusted to be what it says. Remove {cache_dir} and rerun"
+        " `python -m teacher.cache_logits`."
     )
   if require_complete:
     missing = [s["name"] for s in manifest["shards"] if not s.get("complete")]
@@ -109,12 +125,39 @@ def read_manifest(
   return manifest
 
 
+def metadata_sha256(manifest: dict[str, Any]) -> str:
+  """sha256 of a manifest's settings and shard plan (names, record counts).
+
+  The per-shard state (complete, bytes, sha256) is left out: it changes as
+  shards finish and ``verify`` checks it against the shards themselves.
+  """
+  meta = {
+      k: v
+      for k, v in manifest.items()
+      if k not in ("shards", "metadata_sha256")
+  }
+  meta["shard_plan"] = [[s["name"], s["records"]] for s in manifest["shards"]]
+  return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+  """The manifest with its ``metadata_sha256``, as writers store it."""
+  return {**manifest, "metadata_sha256": metadata_sha256(manifest)}
+
+
 def check_matches(
     manifest: dict[str, Any], expect: dict[str, Any], where: str
 ) -> None:
   """Refuses a cache that does not fit the student, naming the field."""
   for field, want in expect.items():
     have = manifest.get(field)
+    if have != want and field == "teacher_fingerprint":
+      raise CacheError(
+          f"The logit cache at {where} was written by another teacher than"
+          " the one in the workdir now (teacher_fingerprint differs): the"
+          " teacher was retrained or replaced since. Remove the cache and"
+          " rerun `python -m teacher.cache_logits`."
+      )
     if have != want:
       raise CacheError(
           f"The logit cache at {where} does not match this student: {field} is"

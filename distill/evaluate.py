@@ -137,18 +137,25 @@ def speculative_figures(teacher, student, prompts, baselines, e) -> list[dict]:
 
 
 def cache_figures(
-    workdir: str, sample_records: int = 64
+    workdir: str, teacher=None, sample_records: int = 64
 ) -> dict[str, Any] | None:
   """Bytes per cached token of each method, and the cache's writing time.
 
   A record may hold both targets; each method's size is measured by
-  re-encoding a sample of records with that target alone.
+  re-encoding a sample of records with that target alone. None without a
+  cache; a damaged cache, or one that another teacher than ``teacher``
+  wrote, is refused.
   """
   directory = layout.cache_dir(workdir)
-  try:
-    manifest = cache.read_manifest(directory)
-  except cache.CacheError:
+  if not os.path.isfile(os.path.join(directory, cache.MANIFEST)):
     return None
+  manifest = cache.read_manifest(directory)
+  if teacher is not None:
+    cache.check_matches(
+        manifest,
+        {"teacher_fingerprint": ckpt.fingerprint(teacher)},
+        directory,
+    )
   out: dict[str, Any] = {
       "records": manifest["num_records"],
       "seq_len": manifest["seq_len"],
@@ -259,6 +266,9 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   for name, model in loaded.items():  # No report of a diverged model.
     ckpt.check_finite(nnx.state(model, nnx.Param), f"{folders[name]}")
   teacher = loaded.get("teacher")
+  # Inputs are checked before the long work: a damaged or stale cache fails
+  # here, not after the speed measurements.
+  figures_of_cache = cache_figures(workdir, teacher)
   models: dict[str, dict[str, Any]] = {}
   for name, path in folders.items():
     entry: dict[str, Any] = {"path": path, "step": ckpt.latest_step(path)}
@@ -318,7 +328,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
       "inputs": fingerprint,
       "models": models,
       "summary": headline(models),
-      "cache": cache_figures(workdir),
+      "cache": figures_of_cache,
       "machine": report.machine_description(),
       "seconds": round(time.time() - started, 1),
   }

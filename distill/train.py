@@ -217,6 +217,23 @@ def _teacher_or_none(workdir: str):
   return load_teacher(path)
 
 
+def cache_expectations(config, target: str, teacher=None) -> dict[str, Any]:
+  """What a logit cache must hold for an offline run on ``target``.
+
+  The config's cache settings that shape the target (temperature, and k or
+  N), and, when a teacher is in the workdir, its fingerprint: a cache that a
+  different (or since retrained) teacher wrote is refused.
+  """
+  c = config.cache
+  expect: dict[str, Any] = {"temperature": c.temperature}
+  expect["k" if target == "topk" else "num_samples"] = (
+      c.k if target == "topk" else c.num_samples
+  )
+  if teacher is not None:
+    expect["teacher_fingerprint"] = ckpt.fingerprint(teacher)
+  return expect
+
+
 def train_run(config, workdir: str, run: str) -> dict[str, Any]:
   """Trains one run; returns its summary (also ``summary.json``)."""
   kind = run_kind(run)
@@ -267,11 +284,12 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
     num_rows = manifest["num_records"]
     cache_temperature = manifest["temperature"]
   if kind.mode == "offline":
-    expect = {
-        "tokenizer_hash": tok.tokenizer_hash(tokenizer_path),
-        "vocab_size": vocab_size,
-        "seq_len": data.seq_len,
-    }
+    expect = cache_expectations(config, kind.target, teacher)
+    expect.update(
+        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
+        vocab_size=vocab_size,
+        seq_len=data.seq_len,
+    )
     make_iterator = lambda: iter(
         cache.make_dataset(
             cache_dir,

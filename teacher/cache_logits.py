@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import glob
-import hashlib
 import json
 import math
 import os
@@ -46,23 +45,17 @@ from data import cache, cache_format, pipeline
 from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout
+from distill.training import loop as trainer
 from teacher.model import load_teacher
 
 _VERIFY = flags.DEFINE_bool(
     "verify", False, "Verify the existing cache instead of writing it."
 )
-
-
-def fingerprint(model: nnx.Module) -> str:
-  """sha256 of the model's config and every parameter, in a fixed order."""
-  digest = hashlib.sha256(
-      json.dumps(ckpt.config_to_dict(model.config), sort_keys=True).encode()
-  )
-  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return digest.hexdigest()
+_ALLOW_PARTIAL = flags.DEFINE_bool(
+    "allow_partial_teacher",
+    False,
+    "Cache from a teacher whose teacher.train run has not finished.",
+)
 
 
 def make_target_fn(
@@ -152,7 +145,7 @@ def _settings(
   return {
       "format_version": cache.FORMAT_VERSION,
       "record_version": cache_format.VERSION,
-      "teacher_fingerprint": fingerprint(teacher),
+      "teacher_fingerprint": ckpt.fingerprint(teacher),
       "tokenizer_hash": tok.tokenizer_hash(tokenizer_path),
       "vocab_size": vocab,
       "seq_len": config.data.seq_len,
@@ -191,6 +184,7 @@ def _plan_shards(num_records: int, rows_per_shard: int) -> list[dict[str, Any]]:
 def _write_manifest(directory: str, settings: dict[str, Any]) -> dict[str, Any]:
   manifest = dict(settings)
   manifest["shards"] = cache.shard_states(directory, settings)
+  manifest = cache.seal(manifest)
   files.write_json(
       os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True
   )
@@ -273,8 +267,49 @@ def _write_shard(
   )  # teacher pass + writing
 
 
-def cache_logits(config, workdir: str) -> dict[str, Any]:
-  """Writes (or finishes) the cache; returns the completed manifest."""
+def check_teacher_finished(teacher_path: str) -> None:
+  """Refuses a teacher whose ``teacher.train`` run stopped before the end.
+
+  Imported teachers (and any folder another tool wrote) count as finished.
+  """
+  source = ckpt.read_config(teacher_path, kind="teacher").get("source")
+  if source == "teacher.train" and not trainer.is_finished(teacher_path):
+    raise cache.CacheError(
+        f"The teacher in {teacher_path} has not finished training (step"
+        f" {ckpt.latest_step(teacher_path)}, no final summary): a cache of it"
+        " would go stale. Rerun `python -m teacher.train` to finish it, or"
+        " pass --allow_partial_teacher to cache it as it is."
+    )
+
+
+def _recheck_complete_shards(directory, states, mine) -> None:
+  """Marks incomplete a finished shard whose file is missing or resized."""
+  for s in mine:
+    state = states[s]
+    if not state["complete"]:
+      continue
+    path = os.path.join(directory, state["name"])
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size != state["bytes"]:
+      print(
+          f"cache: {state['name']} is"
+          f" {'missing' if size is None else f'{size} bytes'}, not the"
+          f" {state['bytes']} bytes it was written with; rewriting it."
+      )
+      os.remove(cache.done_path(directory, state["name"]))
+      if size is not None:
+        os.remove(path)
+      state["complete"] = False
+
+
+def cache_logits(
+    config, workdir: str, allow_partial_teacher: bool | None = None
+) -> dict[str, Any]:
+  """Writes (or finishes) the cache; returns the completed manifest.
+
+  ``allow_partial_teacher`` (default: the flag) caches from a teacher whose
+  training has not finished.
+  """
   directory = layout.cache_dir(workdir)
   teacher_path = layout.teacher_dir(workdir)
   if ckpt.latest_step(teacher_path) is None:
@@ -282,6 +317,10 @@ def cache_logits(config, workdir: str) -> dict[str, Any]:
         f"No trained teacher in {teacher_path}; run `python -m"
         " teacher.train` or `teacher.import_hf` first."
     )
+  if allow_partial_teacher is None:  # The flag, when run as a binary.
+    allow_partial_teacher = flags.FLAGS.is_parsed() and _ALLOW_PARTIAL.value
+  if not allow_partial_teacher:
+    check_teacher_finished(teacher_path)
   teacher = load_teacher(teacher_path)
   ckpt.check_finite(
       nnx.state(teacher, nnx.Param), f"the teacher in {teacher_path}"
@@ -323,6 +362,7 @@ def cache_logits(config, workdir: str) -> dict[str, Any]:
       for s in range(len(states))
       if s % jax.process_count() == jax.process_index()
   ]
+  _recheck_complete_shards(directory, states, mine)
   todo = [s for s in mine if not states[s]["complete"]]
   if not todo:
     print(f"cache: already complete ({directory}); nothing to do.")

@@ -25,6 +25,7 @@ from flax import nnx
 
 from data import cache, cache_format, pipeline
 from data import tokenizer as tok
+from distill.core import checkpoint as ckpt
 from distill.core import files, layout
 from experiments import stdlib
 from teacher import cache_logits as cl
@@ -155,7 +156,7 @@ def test_records_match_the_teacher_recomputed(cached):
   directory = logits_dir(cached)
   manifest = cache.read_manifest(directory)
   teacher = load_teacher(layout.teacher_dir(cached))
-  assert manifest["teacher_fingerprint"] == cl.fingerprint(teacher)
+  assert manifest["teacher_fingerprint"] == ckpt.fingerprint(teacher)
   assert manifest["temperature"] == c.temperature == 2.0
   assert (manifest["k"], manifest["num_samples"]) == (c.k, c.num_samples)
   assert [s["records"] for s in manifest["shards"]] == [16, 16, 14]

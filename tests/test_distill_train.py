@@ -8,6 +8,7 @@ import pytest
 
 from distill.core import checkpoint as ckpt
 from distill.core import layout
+from data import cache
 from distill import train as distill_train
 from distill.training import loop as trainer
 from distill.core.errors import UserError
@@ -113,7 +114,7 @@ def test_offline_run_refuses_a_cache_for_another_sequence_length(
   w = _copy(workdir, tmp_path / "w")
   manifest_path = os.path.join(w, "logits", "manifest.json")
   manifest = json.load(open(manifest_path))
-  manifest["seq_len"] = 999
-  json.dump(manifest, open(manifest_path, "w"))
+  manifest["seq_len"] = 999  # as a cache made for another length says
+  json.dump(cache.seal(manifest), open(manifest_path, "w"))
   with pytest.raises(UserError, match="seq_len"):
     distill_train.train_run(stdlib.get_config("tiny"), w, "topk_ghost")

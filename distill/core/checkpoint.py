@@ -16,6 +16,7 @@ same way.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import typing
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -62,6 +64,22 @@ def check_finite(tree: Any, what: str) -> None:
         f" {bad[0]}); nothing was written. The run diverged: lower the"
         " learning rate, or resume from an earlier checkpoint."
     )
+
+
+def fingerprint(model: nnx.Module) -> str:
+  """sha256 of the model's config and every parameter, in a fixed order.
+
+  What a logit cache records of the teacher that wrote it, so that readers
+  can tell whether the teacher in the workdir is still that one.
+  """
+  digest = hashlib.sha256(
+      json.dumps(config_to_dict(model.config), sort_keys=True).encode()
+  )
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -228,6 +228,17 @@ def _report_bad_step(desc, step, metrics, batch, in_a_row, cfg, mngr):
     )
 
 
+def is_finished(out_dir: str) -> bool:
+  """True when the run in ``out_dir`` finished: its summary (written at the
+  end) is of its latest checkpoint step."""
+  path = os.path.join(out_dir, SUMMARY_FILE)
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    steps = json.load(f).get("steps")
+  return steps is not None and steps == ckpt.latest_step(out_dir)
+
+
 def summarize(
     out_dir: str, result: TrainResult, **fields: Any
 ) -> dict[str, Any]:
