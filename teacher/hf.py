@@ -47,6 +47,12 @@ from teacher.config import TeacherConfig
 from teacher.model import abstract_teacher
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -105,6 +111,21 @@ def teacher_config_from_hf(
     raise HFImportError(
         f"model_type {family!r} is not supported; the importer reads"
         f" {', '.join(FAMILIES)} checkpoints"
+    )
+  architectures = hf.get("architectures") or []
+  want = _ARCHITECTURES[family]
+  if architectures and want not in architectures:
+    raise HFImportError(
+        f"config.json names architectures {architectures}, not {want}: the"
+        " importer reads causal language models (the teacher's logits); pass"
+        f" the {want} checkpoint"
+    )
+  missing = [k for k in ("num_hidden_layers", "vocab_size") if k not in hf]
+  if missing:
+    raise HFImportError(
+        f"config.json lacks {', '.join(missing)} (required for a {family}"
+        " model; transformers has no default for them); the file is"
+        " incomplete"
     )
   if hf.get("quantization_config"):
     raise HFImportError(

@@ -213,8 +213,31 @@ def restore_params(
     )
   target = nnx.state(model, nnx.Param)
   with checkpoint_manager(directory, read_only=True) as mngr:
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )
+    try:
+      restored = mngr.restore(
+          step,
+          args=ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+      )
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise damaged(directory, step, e, mngr.all_steps()) from e
   nnx.update(model, restored["params"])
   return model
+
+
+def damaged(
+    directory: str, step: int, error: Exception, steps
+) -> ModelFolderError:
+  """The error for a checkpoint step orbax cannot read, naming the step
+  folder and the step before it to fall back to."""
+  folder = os.path.join(directory, CHECKPOINT_DIR, str(step))
+  earlier = [s for s in steps if s < step]
+  detail = " ".join(str(error).split())[:200]
+  return ModelFolderError(
+      f"checkpoint {folder} is damaged or unreadable ({type(error).__name__}:"
+      f" {detail}); remove that folder"
+      + (
+          f" to fall back to step {max(earlier)}"
+          if earlier
+          else " and rerun the stage that wrote it"
+      )
+  )

@@ -1,9 +1,14 @@
 """What every binary shares: ``--config``, ``--workdir`` and clean errors.
 
+Every failure a user can act on ends the binary with one line on stderr,
+``error: ...``, and exit status 1: a ``UserError`` from the library, a bad
+``--config`` (missing file, unknown variant, misspelt or ill-typed
+override), a bad flag, a full disk. ``--verbose`` (or the environment
+variable ``FLASHDISTILL_VERBOSE=1``) shows the traceback instead.
+
 Usage in a binary::
 
     from distill.core import cli
-    FLAGS = cli.define_flags()
 
     def main(argv):
       config, workdir = cli.setup(argv)
@@ -15,10 +20,12 @@ Usage in a binary::
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 import uuid
-from typing import Callable
+from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -78,15 +85,95 @@ def setup(argv):
   return config, check_workdir(_WORKDIR.value)
 
 
+_VERBOSE_ENV = "FLASHDISTILL_VERBOSE"
+
+
+def _verbose(argv: Sequence[str]) -> bool:
+  return os.environ.get(_VERBOSE_ENV, "") not in ("", "0") or any(
+      a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv
+  )
+
+
+def _one_line(text: str) -> str:
+  """An exception's text on one line: escaped newlines unfolded, and of a
+  traceback quoted inside it (ml_collections quotes the config file's) only
+  its last error."""
+  text = text.replace("\\n", "\n")
+  if "Traceback (most recent call last)" in text:
+    errors = re.findall(r"^\s*[\w.]*(?:Error|Exception): (.*)$", text, re.M)
+    if errors:
+      text = errors[-1]
+  return " ".join(text.split())
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _check_config_path(argv: Sequence[str]) -> None:
+  """A missing ``--config`` file, said plainly before ml_collections tries."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if path and not os.path.isfile(path):
+        here = sorted(
+            os.path.join("experiments", f)
+            for f in (
+                os.listdir("experiments")
+                if os.path.isdir("experiments")
+                else []
+            )
+            if f.endswith(".py")
+            and f[0] != "_"
+            and f not in ("run.py", "benchmark.py")
+        )
+        _fail(
+            f"--config={path}: no such file"
+            + (f"; the experiments here are {', '.join(here)}" if here else "")
+        )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config and flag errors as one line."""
+  _check_config_path(argv)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if _verbose(argv):
+      raise
+    message = _one_line(str(e))
+    typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', message)
+    if typo:
+      message = (
+          f"the config has no key {typo.group(2)!r}; did you mean"
+          f" {typo.group(1)!r}?"
+      )
+    _fail(f"{message} (--verbose shows the traceback)")
+  return []  # Not reached.
+
+
+flags.DEFINE_bool(
+    "verbose", False, f"Show tracebacks of errors (or set {_VERBOSE_ENV}=1)."
+)
+
+
 def run(main: Callable):
-  """``app.run`` that prints a UserError as one line and exits 1."""
+  """``app.run`` whose user errors end in one line and exit status 1."""
 
   def guarded(argv):
     try:
-      return main(argv)
+      main(argv)
     except UserError as e:
-      logging.error("%s", e)
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+      if _verbose(sys.argv):
+        raise
+      _fail(str(e))
+    except OSError as e:
+      if e.errno != errno.ENOSPC or _verbose(sys.argv):
+        raise
+      _fail(
+          f"the disk is full ({e.filename or 'writing'}); free some space and"
+          " rerun the same command: the stage resumes where it stopped"
+      )
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)

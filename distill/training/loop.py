@@ -215,7 +215,8 @@ def _report_bad_step(desc, step, metrics, batch, in_a_row, cfg, mngr):
   )
   rows = batch.get("row")
   rows = "?" if rows is None else ", ".join(str(int(r)) for r in rows)
-  what = f"step {step}: non-finite {', '.join(terms) or 'parameters after the update'} (batch rows {rows})"
+  terms = ", ".join(terms) or "parameters after the update"
+  what = f"step {step}: non-finite {terms} (batch rows {rows})"
   logging.warning("%s: skipped %s", desc, what)
   if in_a_row >= cfg.max_bad_steps:
     kept = mngr.latest_step()
@@ -304,14 +305,18 @@ def train(
   iterator = make_iterator()
   writer = MetricsWriter(out_dir)
   if step:
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
-            opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
-            data=grain.checkpoint.CheckpointRestore(iterator),
-        ),
-    )
+    try:
+      restored = mngr.restore(
+          step,
+          args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
+              opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
+              data=grain.checkpoint.CheckpointRestore(iterator),
+          ),
+      )
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      mngr.close()
+      raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
     nnx.update(model, restored["params"])
     nnx.update(optimizer, restored["opt_state"])
     _truncate_metrics(out_dir, step)
