@@ -255,25 +255,7 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
           {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}
       )
   )
-  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
-    existing = ckpt.read_config(out_dir, kind="student")
-    if (
-        existing["model"] != ckpt.config_to_dict(cfg)
-        or existing.get("settings") != settings
-    ):
-      raise UserError(
-          f"{out_dir} holds a run with another configuration; training would mix"
-          " the two. Use a new --workdir or remove that folder to start over."
-      )
-  else:
-    ckpt.write_config(
-        out_dir,
-        "student",
-        cfg,
-        settings=settings,
-        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
-    )
-
+  loop_cfg = loop_config(config)
   data, seed = config.data, config.seed
   num_rows = None
   cache_temperature = None
@@ -290,6 +272,7 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
         vocab_size=vocab_size,
         seq_len=data.seq_len,
     )
+    cache.check_matches(manifest, expect, cache_dir)
     make_iterator = lambda: iter(
         cache.make_dataset(
             cache_dir,
@@ -313,11 +296,31 @@ def train_run(config, workdir: str, run: str) -> dict[str, Any]:
         )
     )
 
+  # Every input is checked: only now does the run get its folder.
+  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
+    existing = ckpt.read_config(out_dir, kind="student")
+    if (
+        existing["model"] != ckpt.config_to_dict(cfg)
+        or existing.get("settings") != settings
+    ):
+      raise UserError(
+          f"{out_dir} holds a run with another configuration; training would mix"
+          " the two. Use a new --workdir or remove that folder to start over."
+      )
+  else:
+    ckpt.write_config(
+        out_dir,
+        "student",
+        cfg,
+        settings=settings,
+        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
+    )
+
   model = Student(cfg, rngs=nnx.Rngs(seed))
   result = trainer.train(
       out_dir=out_dir,
       model=model,
-      cfg=loop_config(config),
+      cfg=loop_cfg,
       desc=f"student {run}",
       loss_fn=loss_fn_for(kind, d, cache_temperature, topk_k=config.cache.k),
       make_iterator=make_iterator,

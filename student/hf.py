@@ -38,7 +38,7 @@ from flax import nnx
 from safetensors import numpy as st_numpy
 
 from data import tokenizer as tok_lib
-from distill.core import checkpoint
+from distill.core import checkpoint, files
 from student.config import StudentConfig
 from student.model import Student, abstract_student
 
@@ -480,11 +480,11 @@ def save_hf(
           " student with the tokenizer it was trained with"
       )
   os.makedirs(directory, exist_ok=True)
+  weights = os.path.join(directory, WEIGHTS_FILE)
   st_numpy.save_file(
-      params_to_hf(model, dtype),
-      os.path.join(directory, WEIGHTS_FILE),
-      metadata={"format": "pt"},
+      params_to_hf(model, dtype), weights, metadata={"format": "pt"}
   )
+  files.give_default_mode(weights)  # safetensors writes 0600
   _write_json(
       os.path.join(directory, checkpoint.CONFIG_FILE),
       hf_config(config, special_ids=special_ids, dtype=dtype),

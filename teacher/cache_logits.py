@@ -25,6 +25,7 @@ processes write disjoint shard sets (shard ``s`` belongs to process
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import glob
 import json
@@ -228,26 +229,34 @@ def _write_shard(
       written += len(records)
       bar.update(len(records))
 
-  for start in range(first_row, first_row + shard["records"], batch_size):
-    stop = min(start + batch_size, first_row + shard["records"])
-    rows = [rows_source[i] for i in range(start, stop)]
-    padded = rows + [rows[-1]] * (batch_size - len(rows))  # One compiled shape.
-    batch = {
-        key: np.stack([r[key] for r in padded])[:, :-1]
-        for key in ("tokens", "segment_ids", "positions")
-    }
-    outputs = target_fn(
-        teacher,
-        batch["tokens"],
-        batch["segment_ids"],
-        batch["positions"],
-        base_key,
-        np.int32(start),
-    )
-    outputs = {name: value[: len(rows)] for name, value in outputs.items()}
-    pending.append(pool.submit(_encode_batch, rows, outputs, vocab_size))
-    drain(limit=2)  # The device runs ahead while host threads encode.
-  drain(limit=0)
+  try:  # A failed write (a full disk) leaves no temporary behind.
+    for start in range(first_row, first_row + shard["records"], batch_size):
+      stop = min(start + batch_size, first_row + shard["records"])
+      rows = [rows_source[i] for i in range(start, stop)]
+      padded = rows + [rows[-1]] * (
+          batch_size - len(rows)
+      )  # One compiled shape.
+      batch = {
+          key: np.stack([r[key] for r in padded])[:, :-1]
+          for key in ("tokens", "segment_ids", "positions")
+      }
+      outputs = target_fn(
+          teacher,
+          batch["tokens"],
+          batch["segment_ids"],
+          batch["positions"],
+          base_key,
+          np.int32(start),
+      )
+      outputs = {name: value[: len(rows)] for name, value in outputs.items()}
+      pending.append(pool.submit(_encode_batch, rows, outputs, vocab_size))
+      drain(limit=2)  # The device runs ahead while host threads encode.
+    drain(limit=0)
+  except BaseException:
+    writer.close()
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
   writer.close()
   if written != shard["records"]:
     raise RuntimeError(

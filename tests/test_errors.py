@@ -1,5 +1,7 @@
 """Every failure a user can act on is one line, exit status 1."""
 
+import errno
+import glob
 import os
 import subprocess
 import sys
@@ -9,8 +11,9 @@ import pytest
 import procs
 from conftest import copy_workdir
 from distill.core import checkpoint as ckpt
-from distill.core import layout
-from teacher import hf, load_teacher
+from distill.core import cli, layout
+from experiments import stdlib
+from teacher import cache_logits, hf, load_teacher
 
 BAD_FLAGS = [  # (argv, what the one line says)
     (
@@ -107,3 +110,29 @@ def test_hf_configs_need_their_fields_and_a_causal_lm():
       dict(base, architectures=["Qwen3MoeForCausalLM"])
   )
   assert config.num_layers == 2
+
+
+def _disk_full(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device", "/w/logits/shard")
+
+
+def test_a_full_disk_while_caching_leaves_no_temporary(
+    tiny_cached, tmp_path, monkeypatch
+):
+  w = copy_workdir(tiny_cached, tmp_path / "w")
+  directory = layout.cache_dir(w)
+  os.remove(os.path.join(directory, "shard-00001-of-00003.done.json"))
+  monkeypatch.setattr(cache_logits, "_encode_batch", _disk_full)
+  with pytest.raises(OSError):
+    cache_logits.cache_logits(stdlib.get_config("tiny"), w)
+  assert not glob.glob(os.path.join(directory, "*.tmp-*"))
+
+
+def test_a_full_disk_is_one_line(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["binary"])
+  with pytest.raises(SystemExit) as stop:
+    cli.run(_disk_full)
+  assert stop.value.code == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: the disk is full (/w/logits/shard)")
+  assert "\n" not in err

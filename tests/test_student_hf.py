@@ -242,6 +242,8 @@ def test_export_binary_end_to_end(tmp_path, student):
       "tokenizer_config.json",
       "special_tokens_map.json",
   } <= names
+  modes = {n: os.stat(os.path.join(hf_dir, n)).st_mode & 0o777 for n in names}
+  assert len(set(modes.values())) == 1, modes  # the weights readable as all
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
   with open(os.path.join(hf_dir, "config.json")) as f:

@@ -237,3 +237,15 @@ def test_no_writer_saves_non_finite_parameters(tmp_path):
   with pytest.raises(ckpt.NonFiniteError, match="head.*nothing was written"):
     ckpt.save_params(str(tmp_path / "m"), model)
   assert not os.path.exists(tmp_path / "m" / ckpt.CHECKPOINT_DIR)
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
+    tmp_path, data_dir
+):
+  out = str(tmp_path / "run")
+  os.makedirs(out)
+  with open(os.path.join(out, trainer.METRICS_FILE), "w") as f:
+    f.write('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+  _run(out, data_dir, steps=3)
+  steps = [r["step"] for r in trainer.read_metrics(out) if "loss" in r]
+  assert steps == [1, 2, 3]

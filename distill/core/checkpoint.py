@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 import os
 import typing
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import nnx
 
 from distill.core import files, layout
@@ -33,6 +35,17 @@ from distill.core.errors import UserError
 
 CONFIG_FILE = layout.CONFIG_FILE
 CHECKPOINT_DIR = "checkpoints"
+
+
+class _QuietReadOnly(std_logging.Filter):
+  """Drops orbax's notice that a read-only manager is read-only: it comes
+  with every load and tells the user nothing."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+absl_logging.get_absl_logger().addFilter(_QuietReadOnly())
 
 C = TypeVar("C")
 
@@ -160,9 +173,16 @@ def read_config(directory: str, kind: str | None = None) -> dict[str, Any]:
 def checkpoint_manager(
     directory: str, *, max_to_keep: int | None = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
-  """The orbax manager over ``directory/checkpoints``."""
+  """The orbax manager over ``directory/checkpoints``.
+
+  A read-only manager (every load) is asked for exactly what read-only
+  means, so orbax has nothing to warn about.
+  """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+      max_to_keep=None if read_only else max_to_keep,
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only,
+      read_only=read_only,
   )
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)), options=options

@@ -71,10 +71,6 @@ def setup_config(argv):
     raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise UserError("--config is required, e.g. --config=experiments/stdlib.py")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax and TFDS log every step at INFO; keep the progress bars readable.
-    # --verbosity=0 brings the INFO lines back.
-    logging.set_verbosity(logging.WARNING)
   logging.info("Config:\n%s", _CONFIG.value)
   return _CONFIG.value
 
@@ -162,6 +158,10 @@ def run(main: Callable):
   """``app.run`` whose user errors end in one line and exit status 1."""
 
   def guarded(argv):
+    if not flags.FLAGS["verbosity"].present:
+      # Orbax and TFDS log every step at INFO; keep the progress bars and
+      # generated text readable. --verbosity=0 brings the INFO lines back.
+      logging.set_verbosity(logging.WARNING)
     try:
       main(argv)
     except UserError as e:

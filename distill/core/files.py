@@ -50,6 +50,14 @@ def copy(src: str, dst: str) -> str:
   return _replace_with(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
+def give_default_mode(path: str) -> None:
+  """Gives a file the mode a plain ``open(path, "w")`` would have (0666 less
+  the umask), for writers that create files private (0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: str, payload: Any, *, sort_keys: bool = False) -> str:
   """Writes ``payload`` as indented JSON to ``path`` atomically."""
   return write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys))

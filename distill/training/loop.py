@@ -319,8 +319,10 @@ def train(
       raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
     nnx.update(model, restored["params"])
     nnx.update(optimizer, restored["opt_state"])
-    _truncate_metrics(out_dir, step)
     logging.info("Resumed %s from step %d", out_dir, step)
+  # Records past the checkpoint (all of them, without one) are of steps the
+  # resumed run will take again.
+  _truncate_metrics(out_dir, step)
 
   @nnx.jit
   def train_step(model, optimizer, batch, step, frozen):
