@@ -86,9 +86,10 @@ def model_config(config, vocab_size: int) -> student_config.StudentConfig:
 
 def loop_config(config) -> trainer.LoopConfig:
   """The students' optimisation settings, ``config.distill.train``."""
-  return configs.from_section(
+  loop = configs.from_section(
       trainer.LoopConfig, config.distill.train, where="config.distill.train"
   )
+  return dataclasses.replace(loop, replay_check_every=config.replay_check_every)
 
 
 def student_vocab_size(workdir: str, teacher=None) -> int:

@@ -36,6 +36,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
+  # Every N training steps, compute the step twice and compare the results
+  # bit for bit (a check for silent data corruption); 0: off.
+  c.replay_check_every = 0
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # stdlib | files | tfds

@@ -12,6 +12,7 @@ here instead of training (see experiments/hf_moe.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -148,6 +149,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       where="config.teacher.train",
       also=("eval_batches", "loss_chunk"),
   )
+  loop = dataclasses.replace(loop, replay_check_every=config.replay_check_every)
   data = config.data
   result = trainer.train(
       out_dir=out_dir,

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,7 @@ def _run(
     loss=loss_fn,
     eval_every=4,
     on_eval=None,
+    replay_check_every=0,
 ):
   if not os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     os.makedirs(out_dir, exist_ok=True)
@@ -66,6 +68,7 @@ def _run(
       log_every=1,
       eval_every=eval_every,
       checkpoint_every=4,
+      replay_check_every=replay_check_every,
   )
   seen = [0]
 
@@ -249,3 +252,38 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
   _run(out, data_dir, steps=3)
   steps = [r["step"] for r in trainer.read_metrics(out) if "loss" in r]
   assert steps == [1, 2, 3]
+
+
+def test_replayed_steps_match_bit_for_bit(tmp_path, data_dir):
+  _run(str(tmp_path / "plain"), data_dir, steps=6)
+  _run(str(tmp_path / "checked"), data_dir, steps=6, replay_check_every=2)
+  losses_of = lambda out: [
+      r["loss"] for r in trainer.read_metrics(out) if "loss" in r
+  ]
+  assert losses_of(str(tmp_path / "checked")) == losses_of(
+      str(tmp_path / "plain")
+  )
+
+
+def test_a_step_that_differs_on_replay_stops_the_run(tmp_path, data_dir):
+  calls = [0]
+
+  def flaky():  # a value the host changes between two equal calls
+    calls[0] += 1
+    return np.float32(calls[0])
+
+  def loss(model, batch, step, *frozen):
+    ce, metrics = loss_fn(model, batch, step, *frozen)
+    noise = jax.pure_callback(flaky, jax.ShapeDtypeStruct((), jnp.float32))
+    return ce * (1.0 + 1e-3 * noise), metrics
+
+  with pytest.raises(
+      trainer.SilentCorruptionError, match="step 2 computed twice"
+  ):
+    _run(
+        str(tmp_path / "run"),
+        data_dir,
+        steps=4,
+        loss=loss,
+        replay_check_every=2,
+    )

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from distill.core import checkpoint as ckpt
 from distill.core import files
+from distill.core.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -59,6 +60,9 @@ class LoopConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
   max_bad_steps: int = 3
+  # Every this many steps, the step is computed twice from the same state
+  # and batch and the results compared bit for bit (0: never).
+  replay_check_every: int = 0
 
 
 def learning_rate_schedule(cfg: LoopConfig) -> optax.Schedule:
@@ -240,6 +244,48 @@ def is_finished(out_dir: str) -> bool:
   return steps is not None and steps == ckpt.latest_step(out_dir)
 
 
+class SilentCorruptionError(UserError):
+  """The same step, from the same state and batch, gave two results."""
+
+
+def _replayed_step(train_step, model, optimizer, args, desc, step):
+  """``train_step`` run twice from one state; the results must be equal bit
+  for bit (a split-phase check for silent data corruption: a flipped bit in
+  memory or arithmetic shows up as a difference)."""
+
+  def snapshot():
+    return jax.tree.map(
+        lambda x: np.array(jax.device_get(x)),
+        (nnx.state(model), nnx.state(optimizer)),
+    )
+
+  before = snapshot()
+  first = train_step(model, optimizer, *args)
+  after_first = snapshot()
+  nnx.update(model, before[0])
+  nnx.update(optimizer, before[1])
+  second = train_step(model, optimizer, *args)
+  after_second = snapshot()
+  differ = [
+      jax.tree_util.keystr(path)
+      for (path, a), b in zip(
+          jax.tree_util.tree_leaves_with_path(after_first),
+          jax.tree.leaves(after_second),
+      )
+      if not np.array_equal(a, b, equal_nan=True)
+  ]
+  if differ:
+    raise SilentCorruptionError(
+        f"{desc}: step {step} computed twice from the same state and batch"
+        f" gave different results in {len(differ)} arrays (first"
+        f" {differ[0]}): the machine corrupts data silently. Stop using it;"
+        " resume from the last checkpoint on another machine."
+    )
+  logging.info("%s: step %d replayed bit for bit", desc, step)
+  del first
+  return second
+
+
 def summarize(
     out_dir: str, result: TrainResult, **fields: Any
 ) -> dict[str, Any]:
@@ -376,9 +422,13 @@ def train(
   ):
     while step < cfg.steps:
       batch = next(iterator)
-      metrics, finite = train_step(
-          model, optimizer, batch, jnp.asarray(step, jnp.int32), tuple(frozen)
-      )
+      args = (batch, jnp.asarray(step, jnp.int32), tuple(frozen))
+      if cfg.replay_check_every and (step + 1) % cfg.replay_check_every == 0:
+        metrics, finite = _replayed_step(
+            train_step, model, optimizer, args, desc, step + 1
+        )
+      else:
+        metrics, finite = train_step(model, optimizer, *args)
       step += 1
       tokens_seen += int(np.asarray(batch["tokens"])[:, 1:].size)
       if bool(finite):
