@@ -57,3 +57,20 @@ def losses_by_step(metrics_path):
   with open(metrics_path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def sigkill_after(module, args, seconds, timeout=300):
+  """Starts the binary and kills it (SIGKILL: no handler runs) after
+  ``seconds``, unless it finished first. Returns its return code."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
+  try:
+    proc.wait(timeout=seconds)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGKILL)
+  return proc.wait(timeout=timeout)
