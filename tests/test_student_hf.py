@@ -363,3 +363,33 @@ def test_bad_folders_are_refused_clearly(tmp_path):
       checkpoint.ModelFolderError, match="'teacher' model, not a 'student'"
   ):
     load_student(str(teacher))
+
+
+def test_transformers_greedy_matches_ours_with_the_readme_prompt(
+    tmp_path, student
+):
+  """The README's transformers recipe (EOS, then the prompt's tokens, as
+  student.generate encodes it) continues exactly as our decoding does."""
+  from distill.decoding import generate as gen  # pylint: disable=import-outside-toplevel
+
+  _tokenizer(tmp_path / "tokenizer.json")
+  folder = hf.save_hf(
+      str(tmp_path / "hf"),
+      student,
+      tokenizer_json=str(tmp_path / "tokenizer.json"),
+  )
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  model = transformers.Gemma3ForCausalLM.from_pretrained(folder).eval()
+  ids = [tokenizer.eos_token_id] + tokenizer(
+      "def add(a, b):", add_special_tokens=False
+  )["input_ids"]
+  with torch.no_grad():
+    theirs = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
+  (ours,) = gen.generate(student, [ids], 6)
+  assert theirs == ours
