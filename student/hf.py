@@ -386,9 +386,9 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
     return st_numpy.load_file(single)
   if os.path.isfile(index):
     with open(index, encoding="utf-8") as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+      shards = sorted(set(json.load(f)["weight_map"].values()))
     tensors = {}
-    for name in files:
+    for name in shards:
       if os.path.basename(name) != name or not name.endswith(".safetensors"):
         raise HFFormatError(
             f"{index}: shard name {name!r} is not a safetensors"

@@ -74,14 +74,16 @@ def test_bad_configs_and_flags_are_one_line():
 
 
 def test_a_stage_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
-  args = ["--config=experiments/stdlib.py:tiny", f"--workdir={tmp_path}"]
+  workdir = tmp_path / "new" / "w"  # not made: the stage refuses first
+  args = ["--config=experiments/stdlib.py:tiny", f"--workdir={workdir}"]
   result = procs.binary("teacher.cache_logits", *args)
   assert result.returncode == 1
   errors = [l for l in result.stderr.splitlines() if l and l[0] not in "WI"]
   assert errors == [
-      f"error: No trained teacher in {tmp_path}/teacher; run `python -m"
+      f"error: No trained teacher in {workdir}/teacher; run `python -m"
       " teacher.train` or `teacher.import_hf` first."
   ]
+  assert not os.path.exists(tmp_path / "new")  # no empty folders left
   verbose = procs.binary("teacher.cache_logits", *args, "--verbose")
   assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 

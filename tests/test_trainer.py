@@ -1,5 +1,6 @@
 """The shared training loop: learning, SIGTERM, exact resume, finished runs."""
 
+import errno
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -287,3 +289,37 @@ def test_a_step_that_differs_on_replay_stops_the_run(tmp_path, data_dir):
         loss=loss,
         replay_check_every=2,
     )
+
+
+def test_a_full_disk_while_checkpointing_loses_nothing(
+    tmp_path, data_dir, monkeypatch
+):
+  save = ocp.CheckpointManager.save
+
+  def full_at_step_8(self, step, *args, **kwargs):
+    if step == 8:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return save(self, step, *args, **kwargs)
+
+  _run(str(tmp_path / "straight"), data_dir, steps=12)
+  out = str(tmp_path / "run")
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "save", full_at_step_8)
+    with pytest.raises(OSError):
+      _run(out, data_dir, steps=12)
+  assert ckpt.latest_step(out) == 4  # the last good checkpoint is intact
+  result, _ = _run(out, data_dir, steps=12)  # space again: it resumes
+  assert result.status == "finished"
+  want = losses_by_step(str(tmp_path / "straight"))
+  got = losses_by_step(out)
+  assert sorted(got) == list(range(1, 13))
+  for step in got:
+    assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+def losses_by_step(out_dir):
+  return {
+      r["step"]: r["loss"]
+      for r in trainer.read_metrics(out_dir)
+      if "loss" in r and "learning_rate" in r
+  }

@@ -183,6 +183,8 @@ def checkpoint_manager(
       save_interval_steps=0 if read_only else 1,
       create=not read_only,
       read_only=read_only,
+      # What a killed save left (orbax's temporary step folders) goes.
+      cleanup_tmp_directories=not read_only,
   )
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)), options=options

@@ -45,15 +45,24 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def check_workdir(workdir: str | None) -> str:
-  """Creates ``workdir`` if needed and proves it is writable."""
+  """Proves that ``workdir`` is writable; returns its absolute path.
+
+  A workdir that does not exist yet is not made here (a stage that refuses
+  its inputs then leaves nothing behind); its nearest existing parent must be
+  a writable folder, and the stages make what they write.
+  """
   if not workdir:
     raise UserError(
         "--workdir is required: the folder every stage writes into."
     )
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-test-{uuid.uuid4().hex}")
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(errno.ENOTDIR, "not a folder", existing)
+    probe = os.path.join(existing, f".write-test-{uuid.uuid4().hex}")
     with open(probe, "w", encoding="utf-8") as f:
       f.write("ok")
     os.remove(probe)
