@@ -118,6 +118,15 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
+  # TFDS announces a download ("Downloading and preparing dataset Unknown
+  # size ...") and its end; these files are local, so there is nothing to
+  # announce: the prepare stage prints what it made.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,

@@ -346,3 +346,12 @@ def test_prepare_binary_prints_one_line_errors(tmp_path):
       timeout=120,
   )
   assert proc.returncode != 0 and "vocab_sise" in proc.stderr
+
+
+def test_preparing_local_files_announces_no_download(tmp_path, capsys):
+  _write_corpus(str(tmp_path / "corpus"), n=6)
+  config = _files_config(str(tmp_path / "corpus" / "*.txt"))
+  prepare.prepare(config, str(tmp_path / "w"))
+  out = capsys.readouterr().out
+  assert "prepare: train:" in out
+  assert "Downloading" not in out and "downloaded" not in out
