@@ -138,3 +138,14 @@ def test_a_full_disk_is_one_line(monkeypatch, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: the disk is full (/w/logits/shard)")
   assert "\n" not in err
+
+
+def test_a_full_disk_met_by_a_library_thread_is_one_line(monkeypatch, capsys):
+  def wrapped(argv):  # as orbax's writer threads report it
+    raise ValueError("Error writing ...: [errno 28] No space left on device")
+
+  monkeypatch.setattr(sys, "argv", ["binary"])
+  with pytest.raises(SystemExit) as stop:
+    cli.run(wrapped)
+  assert stop.value.code == 1
+  assert capsys.readouterr().err.startswith("error: the disk is full (writing)")

@@ -177,12 +177,18 @@ def run(main: Callable):
       if _verbose(sys.argv):
         raise
       _fail(str(e))
-    except OSError as e:
-      if e.errno != errno.ENOSPC or _verbose(sys.argv):
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # A full disk, whoever met it: our writers raise OSError(ENOSPC);
+      # orbax's and tensorstore's threads wrap it in their own errors.
+      full = getattr(e, "errno", None) == errno.ENOSPC or (
+          "No space left on device" in str(e)
+      )
+      if not full or _verbose(sys.argv):
         raise
+      where = getattr(e, "filename", None) or "writing"
       _fail(
-          f"the disk is full ({e.filename or 'writing'}); free some space and"
-          " rerun the same command: the stage resumes where it stopped"
+          f"the disk is full ({where}); free some space and rerun the same"
+          " command: the stage resumes where it stopped"
       )
 
   app.run(guarded, flags_parser=_parse_flags)
