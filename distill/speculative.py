@@ -20,7 +20,7 @@ Rejected tokens are rolled back without touching the caches: a decode call
 never sees cache entries at or after its first position, and the local
 (sliding-window) layers' rings have ``gamma`` extra slots so that the writes
 of rejected tokens never overwrite keys the window still needs (see
-``distill.nn.layers``). Every call has a fixed shape (the student's first call
+``distill.nn.attention``). Every call has a fixed shape (the student's first call
 takes the last one or two committed tokens, re-feeding one that may already
 be cached), so nothing recompiles per round.
 

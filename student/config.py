@@ -11,7 +11,7 @@ import dataclasses
 
 from distill.core import configs
 from distill.core.errors import ConfigError
-from distill.nn import layers
+from distill.nn import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class StudentConfig:
       )
     for kind in self.layer_pattern:
       try:
-        layers.check_kind(kind)
+        attention.check_kind(kind)
       except ConfigError as e:
         raise ConfigError(
             f"StudentConfig.layer_pattern={self.layer_pattern}: {e}"
@@ -63,7 +63,7 @@ class StudentConfig:
       raise ConfigError(
           f"StudentConfig: head_dim={self.head_dim} must be even for RoPE"
       )
-    if layers.AttentionKind.LOCAL in self.layer_kinds and self.window < 1:
+    if attention.AttentionKind.LOCAL in self.layer_kinds and self.window < 1:
       raise ConfigError(
           f"StudentConfig: window={self.window} must be >= 1 for local layers"
       )

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.nn import decoder, layers
+from distill.nn import attention, decoder, layers
 from student.config import StudentConfig
 
 
@@ -34,10 +34,10 @@ class Block(nnx.Module):
         offset_one=True,
         param_dtype=c.param_dtype,
     )
-    local = layers.check_kind(kind) == layers.AttentionKind.LOCAL
+    local = attention.check_kind(kind) == attention.AttentionKind.LOCAL
     self.kind = kind
     self.pre_attn_norm = norm()
-    self.attn = layers.Attention(
+    self.attn = attention.Attention(
         c.d_model,
         c.num_heads,
         c.num_kv_heads,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.nn import decoder, layers
+from distill.nn import attention, decoder, layers
 import teacher.moe as moe_lib
 from teacher.config import TeacherConfig
 
@@ -32,7 +32,7 @@ class Block(nnx.Module):
     )
     local = c.sliding_window is not None
     self.attn_norm = norm()
-    self.attn = layers.Attention(
+    self.attn = attention.Attention(
         c.d_model,
         c.num_heads,
         c.num_kv_heads,

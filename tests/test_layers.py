@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.nn import layers
+from distill.nn import attention, layers
 
 B, T, D, N, K, H = 2, 12, 16, 4, 2, 6
 
@@ -20,7 +20,7 @@ def _attn(**kw):
       d_model=D, num_heads=N, num_kv_heads=K, head_dim=H, rngs=nnx.Rngs(0)
   )
   args.update(kw)
-  return layers.Attention(**args)
+  return attention.Attention(**args)
 
 
 # ----------------------------------------------------------------------------
@@ -29,8 +29,8 @@ def _attn(**kw):
 
 def test_mask_causal_segment_window_exact():
   seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]])
-  idx = layers.default_positions(seg)
-  mask = np.asarray(layers.attention_mask(seg, seg, idx, idx, window=3))[0]
+  idx = attention.default_positions(seg)
+  mask = np.asarray(attention.attention_mask(seg, seg, idx, idx, window=3))[0]
   s = np.asarray(seg)[0]
   for q in range(8):
     for k in range(8):
@@ -165,7 +165,7 @@ def test_attention_dtype_bfloat16_compute():
 def test_rope_rotate_half_matches_reference():
   x = _x(2, (1, 3, 2, 8))
   pos = jnp.array([[0, 5, 17]])
-  out = np.asarray(layers.apply_rope(x, pos, base=100.0, scaling_factor=2.0))
+  out = np.asarray(attention.apply_rope(x, pos, base=100.0, scaling_factor=2.0))
   inv = 1.0 / (100.0 ** (np.arange(0, 8, 2) / 8)) / 2.0
   ang = np.asarray(pos)[0][:, None] * inv  # [T, 4]
   xs = np.asarray(x)[0]
@@ -180,10 +180,10 @@ def test_rope_scores_depend_only_on_relative_position():
   k = _x(4, (1, 1, 1, 16))
 
   def score(pq, pk, base=10_000.0, factor=1.0):
-    rq = layers.apply_rope(
+    rq = attention.apply_rope(
         q, jnp.array([[pq]]), base=base, scaling_factor=factor
     )
-    rk = layers.apply_rope(
+    rk = attention.apply_rope(
         k, jnp.array([[pk]]), base=base, scaling_factor=factor
     )
     return float(jnp.sum(rq * rk))

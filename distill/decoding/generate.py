@@ -7,7 +7,7 @@ Both the student and the teacher expose::
         # tokens [B, t] int32, positions [B, t] (-1 = left padding)
         # -> logits [B, t, V] float32 (equal to a full forward at these rows)
 
-(the cache layout is in ``distill.nn.layers``). This module runs them: one
+(the cache layout is in ``distill.nn.attention``). This module runs them: one
 prefill of the (left-padded) prompts, then one jitted step per new token
 that feeds the previous token and picks the next one. The step's shapes are
 fixed (the cache is allocated for ``prompt + max_new_tokens`` up front,

@@ -9,7 +9,7 @@ gives it the rest:
 
 - ``hidden`` and ``__call__``: tokens [B, T] int32 -> hidden [B, T, D] / logits
   [B, T, V] float32, with default segment ids (one document) and positions;
-- ``init_cache`` and ``decode``: KV-cache decoding (see ``distill.nn.layers``);
+- ``init_cache`` and ``decode``: KV-cache decoding (see ``distill.nn.attention``);
 - ``param_counts``; ``abstract(config)`` (parameters as shapes only, no
   memory); ``load(directory)`` from a model folder of its ``kind``.
 """
@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 
 from distill.core import checkpoint
-from distill.nn import layers
+from distill.nn import attention, layers
 
 
 class Decoder(nnx.Module):
@@ -73,9 +73,9 @@ class Decoder(nnx.Module):
     teacher's router statistics; empty for a dense model).
     """
     if segment_ids is None:
-      segment_ids = layers.default_segment_ids(tokens)
+      segment_ids = attention.default_segment_ids(tokens)
     if positions is None:
-      positions = layers.default_positions(tokens)
+      positions = attention.default_positions(tokens)
     x, aux = self.run_blocks(self.embed_tokens(tokens), segment_ids, positions)
     return self.final_norm(x), aux
 
