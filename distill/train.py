@@ -227,9 +227,10 @@ def cache_expectations(config, target: str, teacher=None) -> dict[str, Any]:
   """
   c = config.cache
   expect: dict[str, Any] = {"temperature": c.temperature}
-  expect["k" if target == "topk" else "num_samples"] = (
-      c.k if target == "topk" else c.num_samples
-  )
+  if target == "topk":
+    expect["k"] = c.k
+  else:
+    expect["num_samples"] = c.num_samples
   if teacher is not None:
     expect["teacher_fingerprint"] = ckpt.fingerprint(teacher)
   return expect

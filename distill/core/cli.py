@@ -155,7 +155,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
           f" {typo.group(1)!r}?"
       )
     _fail(f"{message} (--verbose shows the traceback)")
-  return []  # Not reached.
 
 
 flags.DEFINE_bool(

@@ -260,7 +260,7 @@ def _replayed_step(train_step, model, optimizer, args, desc, step):
     )
 
   before = snapshot()
-  first = train_step(model, optimizer, *args)
+  train_step(model, optimizer, *args)
   after_first = snapshot()
   nnx.update(model, before[0])
   nnx.update(optimizer, before[1])
@@ -282,7 +282,6 @@ def _replayed_step(train_step, model, optimizer, args, desc, step):
         " resume from the last checkpoint on another machine."
     )
   logging.info("%s: step %d replayed bit for bit", desc, step)
-  del first
   return second
 
 
