@@ -42,7 +42,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from distill.core import sharding
 from distill.nn import layers
 
 Array = jax.Array
@@ -113,7 +115,11 @@ def _experts_ragged(xs, group_sizes, w_gate, w_up, w_down):
 
 
 def _experts_blocked(xs, sorted_experts, group_sizes, w_gate, w_up, w_down):
-  """Same as _experts_ragged, by padding each group to whole row blocks."""
+  """Same as _experts_ragged, by padding each group to whole row blocks.
+
+  Rows whose expert is ``E`` (another shard's, sorted last) are not computed
+  and come out 0.
+  """
   m, d = xs.shape
   e = w_gate.shape[0]
   b = _block_rows(m, e)
@@ -122,12 +128,15 @@ def _experts_blocked(xs, sorted_experts, group_sizes, w_gate, w_up, w_down):
   padded_end = jnp.cumsum(padded)
   padded_start = padded_end - padded
   start = jnp.cumsum(group_sizes) - group_sizes
-  rank = jnp.arange(m, dtype=jnp.int32) - start[sorted_experts]
-  dest = padded_start[sorted_experts] + rank  # [M]
+  mine = sorted_experts < e
+  se = jnp.minimum(sorted_experts, e - 1)
+  rank = jnp.arange(m, dtype=jnp.int32) - start[se]
+  # Rows of other shards go past the end: dropped on write, 0 on read.
+  dest = jnp.where(mine, padded_start[se] + rank, num_blocks * b)  # [M]
   xp = (
       jnp.zeros((num_blocks * b, d), xs.dtype)
       .at[dest]
-      .set(xs, unique_indices=True)
+      .set(xs, mode="drop")
       .reshape(num_blocks, b, d)
   )
   block_expert = jnp.searchsorted(
@@ -137,7 +146,7 @@ def _experts_blocked(xs, sorted_experts, group_sizes, w_gate, w_up, w_down):
   h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xp, w_gate[block_expert]))
   h = h * jnp.einsum("nbd,ndf->nbf", xp, w_up[block_expert])
   y = jnp.einsum("nbf,nfd->nbd", h, w_down[block_expert])
-  return y.reshape(num_blocks * b, d)[dest]
+  return y.reshape(num_blocks * b, d).at[dest].get(mode="fill", fill_value=0)
 
 
 def dispatch(
@@ -151,8 +160,13 @@ def dispatch(
     valid: Array | None = None,
     capacity: int | None = None,
     impl: str = "ragged",
+    first_expert: Array | int = 0,
 ) -> tuple[Array, Array]:
   """Runs every token through its experts and combines the outputs.
+
+  With expert parallelism the weights are one shard's experts ``first_expert
+  ... first_expert + E - 1``: assignments to other experts contribute 0 here
+  (they are sorted last and not computed) and count as kept.
 
   Args:
     x: [N, D] tokens.
@@ -168,7 +182,9 @@ def dispatch(
   n, d = x.shape
   k = experts.shape[-1]
   e = w_gate.shape[0]
-  flat = experts.reshape(-1)  # [M]
+  flat = experts.reshape(-1) - first_expert  # [M]
+  mine = (flat >= 0) & (flat < e)
+  flat = jnp.where(mine, flat, e)  # other shards' experts last
   if capacity is not None and valid is not None:
     flat = jnp.where(jnp.repeat(valid, k), flat, e)  # padding last
   order = jnp.argsort(flat, stable=True)
@@ -179,6 +195,8 @@ def dispatch(
     gs = group_sizes[:e]
     if impl == "ragged":
       ys = _experts_ragged(xs, gs, w_gate, w_up, w_down)
+      # Rows past the groups (other shards' experts) are not defined: 0.
+      ys = jnp.where((sorted_experts < e)[:, None], ys, 0)
     elif impl == "blocked":
       ys = _experts_blocked(xs, sorted_experts, gs, w_gate, w_up, w_down)
     else:
@@ -206,8 +224,122 @@ def dispatch(
   )
   y = ys[inverse].reshape(n, k, d).astype(jnp.float32)
   kept = kept_sorted[inverse].reshape(n, k)
-  w = jnp.where(kept, weights, 0.0).astype(jnp.float32)
+  w = jnp.where(kept & mine.reshape(n, k), weights, 0.0).astype(jnp.float32)
+  kept = kept | ~mine.reshape(n, k)
   return jnp.einsum("nkd,nk->nd", y, w).astype(x.dtype), kept
+
+
+def expert_parallel(
+    x: Array,
+    weights: Array,
+    experts: Array,
+    w_gate: Array,
+    w_up: Array,
+    w_down: Array,
+    *,
+    valid: Array,
+    capacity: int | None,
+    impl: str,
+) -> tuple[Array, Array]:
+  """``dispatch`` on the active mesh (``distill.core.sharding.use``).
+
+  Expert parallelism by an all-gather of the routed tokens: inside a
+  ``shard_map`` each device holds E / expert of the experts (and F / tensor of
+  their hidden units); the tokens of the devices along the ``expert`` axis
+  are all-gathered, each device runs them through its own experts (dropless:
+  assignments to other experts are skipped), and the partial outputs are
+  summed back onto the tokens' devices (``psum_scatter`` over ``expert``,
+  ``psum`` over ``tensor``). An all-gather rather than an all-to-all because a
+  dropless dispatch does not know in advance how many tokens each expert
+  gets: the all-to-all would need a static per-expert buffer (a capacity,
+  which drops tokens) or a ragged all-to-all the CPU backend lacks; the gather
+  keeps every shape static and the result exact. Each device dispatches its
+  own tokens locally (its sort spans only its rows), so data parallel meshes
+  never sort the global batch.
+
+  With a capacity factor the tokens are gathered whole first, so that which
+  assignments overflow is decided over the whole batch exactly as on one
+  device. An expert count the ``expert`` axis does not divide is padded with
+  experts no token is routed to. Outside a mesh this is ``dispatch``.
+  """
+  mesh = sharding.current()
+  if mesh is None:
+    return dispatch(
+        x,
+        weights,
+        experts,
+        w_gate,
+        w_up,
+        w_down,
+        valid=valid,
+        capacity=capacity,
+        impl=impl,
+    )
+  e = w_gate.shape[0]
+  ep = mesh.shape["expert"]
+  if e % ep:  # Padding experts: never routed to, so they compute nothing.
+    pad = ((0, ep - e % ep), (0, 0), (0, 0))
+    w_gate, w_up, w_down = (jnp.pad(w, pad) for w in (w_gate, w_up, w_down))
+  in_spec = sharding.spec(("experts", None, "mlp"), w_gate.shape, mesh)
+  out_spec = sharding.spec(("experts", "mlp", None), w_down.shape, mesh)
+  e_axes = _axes(in_spec[0])
+  f_axes = _axes(in_spec[2])
+  if capacity is None:
+    tok = sharding.spec(("batch", None), x.shape, mesh)
+  else:
+    tok = PartitionSpec(None, None)
+  tok_axes = _axes(tok[0])
+  gather = tuple(a for a in e_axes if a in tok_axes)
+  e_local = w_gate.shape[0] // math.prod(mesh.shape[a] for a in e_axes)
+  vec = PartitionSpec(tok[0])
+
+  def local(x, weights, experts, valid, w_gate, w_up, w_down):
+    if gather:
+      x, weights, experts, valid = (
+          jax.lax.all_gather(a, gather, axis=0, tiled=True)
+          for a in (x, weights, experts, valid)
+      )
+    first = 0
+    if e_axes:
+      first = jax.lax.axis_index(e_axes) * e_local
+    y, kept = dispatch(
+        x,
+        weights,
+        experts,
+        w_gate,
+        w_up,
+        w_down,
+        valid=valid,
+        capacity=capacity,
+        impl=impl,
+        first_expert=first,
+    )
+    y = y.astype(jnp.float32)
+    if f_axes:
+      y = jax.lax.psum(y, f_axes)
+    if gather:
+      y = jax.lax.psum_scatter(y, gather, scatter_dimension=0, tiled=True)
+      kept = jnp.ones(y.shape[:1] + kept.shape[1:], bool)  # dropless
+    elif e_axes:
+      y = jax.lax.psum(y, e_axes)
+      kept = jax.lax.pmin(kept.astype(jnp.int32), e_axes).astype(bool)
+    return y.astype(x.dtype), kept
+
+  y, kept = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(tok, tok, tok, vec, in_spec, in_spec, out_spec),
+      out_specs=(tok, tok),
+      check_vma=False,
+  )(x, weights, experts, valid, w_gate, w_up, w_down)
+  return y, kept
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one partition-spec entry."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 class MoE(nnx.Module):
@@ -248,14 +380,17 @@ class MoE(nnx.Module):
         out_axis=-1,
         batch_axis=(0,),
     )
-    self.router = nnx.Param(
+    self.router = layers.param(
         nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
             rngs.params(), (d, e), param_dtype
-        )
+        ),
+        "embed",
+        None,
     )
-    self.gate = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
-    self.up = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
-    self.down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+    expert_in, expert_out = ("experts", "embed", "mlp"), ("experts", "mlp", "embed")
+    self.gate = layers.param(init(rngs.params(), (e, d, f), param_dtype), *expert_in)
+    self.up = layers.param(init(rngs.params(), (e, d, f), param_dtype), *expert_in)
+    self.down = layers.param(init(rngs.params(), (e, f, d), param_dtype), *expert_out)
     if shared_expert_d_ff:
       self.shared_expert = layers.MLP(
           d, shared_expert_d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype
@@ -264,6 +399,7 @@ class MoE(nnx.Module):
           "...D,DO->...O",
           (d, 1),
           in_axes=(0,),
+          axes=("embed", None),
           rngs=rngs,
           dtype=dtype,
           param_dtype=param_dtype,
@@ -300,7 +436,7 @@ class MoE(nnx.Module):
     wg, wu, wd = (
         w[...].astype(self.dtype) for w in (self.gate, self.up, self.down)
     )
-    y, kept = dispatch(
+    y, kept = expert_parallel(
         xf,
         weights,
         experts,

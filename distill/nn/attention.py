@@ -241,20 +241,28 @@ class Attention(nnx.Module):
         (d, n, h),
         in_axes=(0,),
         bias_shape=(n, h) if qkv_bias else None,
+        axes=("embed", "heads", None),
     )
     self.k_proj = proj(
         "BSD,DKH->BSKH",
         (d, k, h),
         in_axes=(0,),
         bias_shape=(k, h) if qkv_bias else None,
+        axes=("embed", "kv_heads", None),
     )
     self.v_proj = proj(
         "BSD,DKH->BSKH",
         (d, k, h),
         in_axes=(0,),
         bias_shape=(k, h) if qkv_bias else None,
+        axes=("embed", "kv_heads", None),
     )
-    self.o_proj = proj("BTNH,NHD->BTD", (n, h, d), in_axes=(0, 1))
+    self.o_proj = proj(
+        "BTNH,NHD->BTD",
+        (n, h, d),
+        in_axes=(0, 1),
+        axes=("heads", None, "embed"),
+    )
     norm = functools.partial(
         layers.RMSNorm,
         eps=norm_eps,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import jax
 from flax import nnx
 
-from distill.core import checkpoint
+from distill.core import checkpoint, sharding
 from distill.nn import attention, layers
 
 
@@ -76,7 +76,8 @@ class Decoder(nnx.Module):
       segment_ids = attention.default_segment_ids(tokens)
     if positions is None:
       positions = attention.default_positions(tokens)
-    x, aux = self.run_blocks(self.embed_tokens(tokens), segment_ids, positions)
+    x = sharding.constrain(self.embed_tokens(tokens), "batch", None, None)
+    x, aux = self.run_blocks(x, segment_ids, positions)
     return self.final_norm(x), aux
 
   def __call__(

@@ -10,13 +10,17 @@ Letters in einsum strings and shapes:
 Parameters are float32 by default (``param_dtype``); ``dtype`` is the compute
 dtype (None: the promoted dtype of the input and the parameter). Norms, RoPE
 and softmax always compute in float32. Parameter shapes keep one axis per
-logical dimension so that a sharding rule can name them:
+logical dimension, and each parameter carries the logical names of its axes
+(``nnx.Param(..., logical_axes=...)`` metadata, which optimizer states
+inherit) that ``distill.core.sharding.RULES`` maps onto a device mesh:
 
-    Embed.embedding [V, D]      Unembed.kernel [D, V]
-    q_proj.kernel   [D, N, H]   k_proj/v_proj.kernel [D, K, H]
-    o_proj.kernel   [N, H, D]   q/k/v bias [N, H] / [K, H]
-    gate/up kernel  [D, F]      down kernel [F, D]
-    RMSNorm.scale   [dim]
+    Embed.embedding [V, D]  (vocab, embed)
+    Unembed.kernel  [D, V]  (embed, vocab)
+    q_proj.kernel   [D, N, H] (embed, heads, -)     bias [N, H] (heads, -)
+    k/v_proj.kernel [D, K, H] (embed, kv_heads, -)  bias [K, H] (kv_heads, -)
+    o_proj.kernel   [N, H, D] (heads, -, embed)
+    gate/up kernel  [D, F]  (embed, mlp)      down kernel [F, D] (mlp, embed)
+    RMSNorm.scale   [dim]   (-)
 
 Attention, RoPE and the KV cache are in ``distill.nn.attention``.
 """
@@ -31,7 +35,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from distill.core import sharding
+
 Dtype = Any  # a jnp dtype or a name such as "bfloat16"
+
+
+def param(value: jax.Array, *names: str | None) -> nnx.Param:
+  """A parameter whose axes have the logical names ``names`` (one per axis;
+  none: replicated). Placement happens later, by the mesh's rules."""
+  if names and len(names) != value.ndim:
+    raise ValueError(f"{len(names)} axis names for a {value.ndim}-d parameter")
+  # Not flax's own ``sharding_names``: flax would apply those itself (at
+  # creation and in ``nnx.eval_shape``) without our rules' fallback for
+  # dimensions a mesh axis does not divide.
+  return nnx.Param(value, logical_axes=tuple(names))
 
 
 def _dtype(dtype: Dtype | None):
@@ -71,6 +88,8 @@ class Einsum(nnx.Module):
   ``Einsum("BTD,DNH->BTNH", (D, N, H), in_axes=(0,))`` is a query projection.
   The kernel is initialised with variance scaling (fan-in over ``in_axes``).
   ``bias_shape`` (broadcast against the output's trailing axes) adds a bias.
+  ``axes`` names the kernel's axes (see the module docstring); the bias takes
+  the names of the kernel's last ``len(bias_shape)`` axes.
   """
 
   def __init__(
@@ -84,6 +103,7 @@ class Einsum(nnx.Module):
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       init_scale: float = 1.0,
+      axes: Sequence[str | None] = (),
   ):
     self.eqn = eqn
     self.dtype = _dtype(dtype)
@@ -96,14 +116,15 @@ class Einsum(nnx.Module):
         in_axis=in_axes,
         out_axis=out_axes,
     )
-    self.kernel = nnx.Param(
-        init(rngs.params(), tuple(kernel_shape), jnp.dtype(param_dtype))
+    axes = tuple(axes)
+    self.kernel = param(
+        init(rngs.params(), tuple(kernel_shape), jnp.dtype(param_dtype)), *axes
     )
-    self.bias = (
-        nnx.Param(jnp.zeros(tuple(bias_shape), param_dtype))
-        if bias_shape is not None
-        else None
-    )
+    if bias_shape is not None:
+      bias_axes = axes[len(axes) - len(bias_shape) :] if axes else ()
+      self.bias = param(jnp.zeros(tuple(bias_shape), param_dtype), *bias_axes)
+    else:
+      self.bias = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
@@ -143,7 +164,7 @@ class RMSNorm(nnx.Module):
     self.offset_one = offset_one
     self.dtype = _dtype(dtype)
     init = jnp.zeros if offset_one else jnp.ones
-    self.scale = nnx.Param(init((dim,), param_dtype))
+    self.scale = param(init((dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dtype = self.dtype if self.dtype is not None else x.dtype
@@ -181,9 +202,11 @@ class MLP(nnx.Module):
     proj = functools.partial(
         Einsum, rngs=rngs, dtype=dtype, param_dtype=param_dtype, in_axes=(0,)
     )
-    self.gate_proj = proj("...D,DF->...F", (d_model, d_ff))
-    self.up_proj = proj("...D,DF->...F", (d_model, d_ff))
-    self.down_proj = proj("...F,FD->...D", (d_ff, d_model))
+    self.gate_proj = proj("...D,DF->...F", (d_model, d_ff), axes=("embed", "mlp"))
+    self.up_proj = proj("...D,DF->...F", (d_model, d_ff), axes=("embed", "mlp"))
+    self.down_proj = proj(
+        "...F,FD->...D", (d_ff, d_model), axes=("mlp", "embed")
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
@@ -210,9 +233,11 @@ class Embed(nnx.Module):
     self.vocab_size, self.d_model = vocab_size, d_model
     self.dtype = _dtype(dtype)
     std = d_model**-0.5 if init_stddev is None else init_stddev
-    self.embedding = nnx.Param(
+    self.embedding = param(
         std
-        * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype)
+        * jax.random.normal(rngs.params(), (vocab_size, d_model), param_dtype),
+        "vocab",
+        "embed",
     )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -223,12 +248,13 @@ class Embed(nnx.Module):
   def attend(self, h: jax.Array) -> jax.Array:
     table = self.embedding[...]
     dtype = _compute_dtype(self.dtype, h, table)
-    return jnp.einsum(
+    logits = jnp.einsum(
         "BTD,VD->BTV",
         h.astype(dtype),
         table.astype(dtype),
         preferred_element_type=jnp.float32,
     )
+    return sharding.constrain(logits, "batch", None, "vocab")
 
 
 class Unembed(nnx.Module):
@@ -245,19 +271,22 @@ class Unembed(nnx.Module):
   ):
     self.dtype = _dtype(dtype)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    self.kernel = nnx.Param(
-        init(rngs.params(), (d_model, vocab_size), jnp.dtype(param_dtype))
+    self.kernel = param(
+        init(rngs.params(), (d_model, vocab_size), jnp.dtype(param_dtype)),
+        "embed",
+        "vocab",
     )
 
   def __call__(self, h: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     dtype = _compute_dtype(self.dtype, h, kernel)
-    return jnp.einsum(
+    logits = jnp.einsum(
         "BTD,DV->BTV",
         h.astype(dtype),
         kernel.astype(dtype),
         preferred_element_type=jnp.float32,
     )
+    return sharding.constrain(logits, "batch", None, "vocab")
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
