@@ -29,8 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from distill.core import files, layout
+from distill.core import files, layout, sharding
 from distill.core.errors import UserError
 
 CONFIG_FILE = layout.CONFIG_FILE
@@ -91,6 +92,8 @@ def fingerprint(model: nnx.Module) -> str:
   leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     digest.update(jax.tree_util.keystr(path).encode())
+    if not getattr(leaf, "is_fully_addressable", True):  # other hosts' parts
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
     digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return digest.hexdigest()
 
@@ -127,12 +130,14 @@ def _to_tuple(value):
 def write_config(
     directory: str, kind: str, model_config: Any, **extra: Any
 ) -> str:
-  """Writes ``directory/config.json`` atomically; returns its path."""
+  """Writes ``directory/config.json`` atomically (in the main process of
+  several only); returns its path."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not sharding.is_main():
+    return path
   os.makedirs(directory, exist_ok=True)
   payload = {"kind": kind, "model": config_to_dict(model_config), **extra}
-  return files.write_json(
-      os.path.join(directory, CONFIG_FILE), payload, sort_keys=True
-  )
+  return files.write_json(path, payload, sort_keys=True)
 
 
 def read_config(directory: str, kind: str | None = None) -> dict[str, Any]:
@@ -226,7 +231,12 @@ def latest_step(directory: str) -> int | None:
 def restore_params(
     directory: str, model: nnx.Module, step: int | None = None
 ) -> nnx.Module:
-  """Restores the "params" item into ``model`` (abstract or concrete)."""
+  """Restores the "params" item into ``model`` (abstract or concrete).
+
+  On the active mesh (``sharding.use``) each parameter is read straight into
+  its place there, by the mesh's rules: each device reads only its part, and
+  the saving mesh or device count does not matter.
+  """
   step = latest_step(directory) if step is None else step
   if step is None:
     raise ModelFolderError(
@@ -234,6 +244,9 @@ def restore_params(
         " stage that writes it has not finished (rerun it to resume)"
     )
   target = nnx.state(model, nnx.Param)
+  mesh = sharding.active()
+  if mesh is not None:
+    target = sharding.abstract_state(target, mesh)
   with checkpoint_manager(directory, read_only=True) as mngr:
     try:
       restored = mngr.restore(

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from data import pipeline
+from distill.core import sharding
 from distill.evals import metrics
 
 
@@ -78,7 +79,9 @@ def validation_pass(
   A model that *is* ``teacher`` is scored alone (no KL to itself); the others
   against the teacher when there is one. Rows are shuffled with a fixed seed,
   so ``max_batches`` takes a sample of the whole split; 0: all of it.
-  ``progress(batch_index)`` is called after each batch.
+  ``progress(batch_index)`` is called after each batch. On the active mesh
+  (``distill.core.sharding.use``) each process reads its rows of every batch
+  and the batch is split over the mesh like a training batch.
   """
   sizes = dict(chunk_size=chunk_size, num_bins=num_bins)
   # Shuffled with a fixed seed: every model and every call sees the same
@@ -93,13 +96,14 @@ def validation_pass(
       seed=0,
       num_epochs=1,
       drop_remainder=True,
-      process_index=0,
-      process_count=1,
   )
+  mesh = sharding.active()
   totals: dict[str, dict] = {}
   for i, batch in enumerate(ds):
     if max_batches and i >= max_batches:
       break
+    if mesh is not None:  # this process's rows -> the global batch
+      batch = sharding.put_batch(batch, mesh)
     t_hidden = None if teacher is None else _hidden(teacher, batch)
     for name, model in models.items():
       if teacher is None:

@@ -36,7 +36,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from distill.core import checkpoint as ckpt
-from distill.core import files
+from distill.core import files, sharding
 from distill.core.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -163,16 +163,38 @@ def _save_best(
   record_path = os.path.join(best_dir, "best.json")
   if key not in metrics:
     return False
+  better = True
   if os.path.isfile(record_path):
     with open(record_path, encoding="utf-8") as f:
-      if json.load(f)[key] <= metrics[key]:
-        return False
-  os.makedirs(best_dir, exist_ok=True)
-  with open(os.path.join(out_dir, ckpt.CONFIG_FILE), encoding="utf-8") as f:
-    files.write_text(os.path.join(best_dir, ckpt.CONFIG_FILE), f.read())
-  ckpt.save_params(best_dir, model, step, max_to_keep=1)
-  files.write_json(record_path, {"step": step, key: metrics[key]})
+      better = json.load(f)[key] > metrics[key]
+  # Every process saves (orbax writes one checkpoint from all), so all take
+  # the main process's decision.
+  if not sharding.main_says(better):
+    return False
+  if sharding.is_main():
+    os.makedirs(best_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ckpt.CONFIG_FILE), encoding="utf-8") as f:
+      files.write_text(os.path.join(best_dir, ckpt.CONFIG_FILE), f.read())
+  ckpt.save_params(best_dir, model, step, max_to_keep=1)  # every process
+  if sharding.is_main():
+    files.write_json(record_path, {"step": step, key: metrics[key]})
   return True
+
+
+# The checkpoint item holding the data iterator's state, as JSON: the index
+# of the next global batch, the same in every process and for any process
+# count (an elastic restart on fewer hosts goes on with the same batch).
+DATA_STATE = "data_state"
+# Before: grain's own per-process item (``process_<i>-of-<n>.json`` files).
+_GRAIN_DATA = "data"
+
+
+def _data_restore_args(out_dir: str, step: int, iterator) -> dict[str, Any]:
+  """The restore argument of a checkpoint's data item, whichever it has."""
+  step_dir = os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
+  if os.path.isdir(os.path.join(step_dir, _GRAIN_DATA)):
+    return {_GRAIN_DATA: grain.checkpoint.CheckpointRestore(iterator)}
+  return {DATA_STATE: ocp.args.JsonRestore()}
 
 
 class _StopRequest:
@@ -253,11 +275,15 @@ def _replayed_step(train_step, model, optimizer, args, desc, step):
   for bit (a split-phase check for silent data corruption: a flipped bit in
   memory or arithmetic shows up as a difference)."""
 
-  def snapshot():
-    return jax.tree.map(
-        lambda x: np.array(jax.device_get(x)),
-        (nnx.state(model), nnx.state(optimizer)),
-    )
+  def snapshot():  # The arrays themselves (immutable), kept on the mesh.
+    return jax.tree.map(lambda x: x, (nnx.state(model), nnx.state(optimizer)))
+
+  @jax.jit
+  def equal(a, b):
+    return [
+        jnp.array_equal(x, y, equal_nan=jnp.issubdtype(x.dtype, jnp.inexact))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    ]
 
   before = snapshot()
   train_step(model, optimizer, *args)
@@ -266,14 +292,12 @@ def _replayed_step(train_step, model, optimizer, args, desc, step):
   nnx.update(optimizer, before[1])
   second = train_step(model, optimizer, *args)
   after_second = snapshot()
-  differ = [
+  paths = [
       jax.tree_util.keystr(path)
-      for (path, a), b in zip(
-          jax.tree_util.tree_leaves_with_path(after_first),
-          jax.tree.leaves(after_second),
-      )
-      if not np.array_equal(a, b, equal_nan=True)
+      for path, _ in jax.tree_util.tree_leaves_with_path(after_first)
   ]
+  same = equal(after_first, after_second)
+  differ = [path for path, ok in zip(paths, same) if not bool(ok)]
   if differ:
     raise SilentCorruptionError(
         f"{desc}: step {step} computed twice from the same state and batch"
@@ -297,7 +321,8 @@ def summarize(
   path = os.path.join(out_dir, SUMMARY_FILE)
   if result.status == "finished":
     summary = {**fields, "steps": result.step, **result.last_metrics}
-    files.write_json(path, summary)
+    if sharding.is_main():
+      files.write_json(path, summary)
     return summary
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
@@ -316,6 +341,7 @@ def train(
     frozen: tuple[nnx.Module, ...] = (),
     best_metric: str | None = "loss",
     desc: str = "train",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
   """Trains ``model`` in place for ``cfg.steps`` steps, resuming if possible.
 
@@ -335,7 +361,12 @@ def train(
     best_metric: the eval metric (lower is better) whose best value's
       parameters are kept in ``out_dir/best/``, a model folder of its own,
       besides the last ``cfg.keep_checkpoints`` training checkpoints.
+    mesh: the device mesh (default: the active one, else every device on
+      ``fsdp``). The model, its optimizer state and ``frozen`` are placed on it
+      by ``distill.core.sharding``'s rules; each batch the iterator yields is
+      this process's rows of the global batch.
   """
+  mesh = mesh if mesh is not None else sharding.active() or sharding.make_mesh()
   mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
   step = mngr.latest_step() or 0
   if step >= cfg.steps:
@@ -345,18 +376,29 @@ def train(
     mngr.close()
     return TrainResult(step, "already finished", {})
 
+  # Parameters, optimizer state and frozen modules on the mesh, by the
+  # rules; the compiled step keeps them there.
+  sharding.place(model, mesh)
+  for module in frozen:
+    sharding.place(module, mesh)
   tx = make_optimizer(cfg)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = sharding.place(nnx.Optimizer(model, tx, wrt=nnx.Param), mesh)
+  placement = (
+      sharding.state_shardings(nnx.state(model, nnx.Param), mesh),
+      sharding.state_shardings(nnx.state(optimizer), mesh),
+  )
   iterator = make_iterator()
-  writer = MetricsWriter(out_dir)
+  writer = MetricsWriter(out_dir) if sharding.is_main() else None
   if step:
+    # The targets are the arrays already on this mesh: orbax reads each
+    # device's part, whatever mesh or device count saved them.
     try:
       restored = mngr.restore(
           step,
           args=ocp.args.Composite(
               params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
               opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
-              data=grain.checkpoint.CheckpointRestore(iterator),
+              **_data_restore_args(out_dir, step, iterator),
           ),
       )
     except Exception as e:  # pylint: disable=broad-exception-caught
@@ -364,10 +406,13 @@ def train(
       raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
     nnx.update(model, restored["params"])
     nnx.update(optimizer, restored["opt_state"])
+    if DATA_STATE in restored:
+      iterator.set_state(restored[DATA_STATE])
     logging.info("Resumed %s from step %d", out_dir, step)
   # Records past the checkpoint (all of them, without one) are of steps the
   # resumed run will take again.
-  _truncate_metrics(out_dir, step)
+  if sharding.is_main():
+    _truncate_metrics(out_dir, step)
 
   @nnx.jit
   def train_step(model, optimizer, batch, step, frozen):
@@ -388,6 +433,7 @@ def train(
     for p in jax.tree.leaves(after[0]):
       finite &= jnp.all(jnp.isfinite(p))
     kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
+    kept = jax.lax.with_sharding_constraint(kept, placement)
     nnx.update(model, kept[0])
     nnx.update(optimizer, kept[1])
     return {"loss": loss, "grad_norm": grad_norm, **metrics}, finite
@@ -399,7 +445,7 @@ def train(
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
             opt_state=ocp.args.StandardSave(nnx.state(optimizer)),
-            data=grain.checkpoint.CheckpointSave(iterator),
+            **{DATA_STATE: ocp.args.JsonSave(iterator.get_state())},
         ),
         force=True,
     )
@@ -417,10 +463,12 @@ def train(
           desc=desc,
           unit="step",
           dynamic_ncols=True,
+          disable=not sharding.is_main(),
       ) as bar,
   ):
     while step < cfg.steps:
-      batch = next(iterator)
+      host_batch = next(iterator)
+      batch = sharding.put_batch(host_batch, mesh)
       args = (batch, jnp.asarray(step, jnp.int32), tuple(frozen))
       if cfg.replay_check_every and (step + 1) % cfg.replay_check_every == 0:
         metrics, finite = _replayed_step(
@@ -429,14 +477,16 @@ def train(
       else:
         metrics, finite = train_step(model, optimizer, *args)
       step += 1
-      tokens_seen += int(np.asarray(batch["tokens"])[:, 1:].size)
+      tokens_seen += math.prod(batch["tokens"].shape) - len(batch["tokens"])
       if bool(finite):
         window.append(metrics)
         bad_in_a_row = 0
       else:
         skipped += 1
         bad_in_a_row += 1
-        _report_bad_step(desc, step, metrics, batch, bad_in_a_row, cfg, mngr)
+        _report_bad_step(
+            desc, step, metrics, host_batch, bad_in_a_row, cfg, mngr
+        )
       bar.update(1)
       if step % cfg.log_every == 0 or step == cfg.steps:
         means = {
@@ -448,7 +498,8 @@ def train(
             time.time() - started, 1e-9
         )
         means["skipped_steps"] = float(skipped)
-        writer.write(step, means)
+        if writer is not None:
+          writer.write(step, means)
         if "loss" in means:
           bar.set_postfix(loss=f"{means['loss']:.3f}")
         last, window = means, []
@@ -456,7 +507,8 @@ def train(
           step % cfg.eval_every == 0 or step == cfg.steps
       ):
         eval_metrics = eval_fn(model, step)
-        writer.write(step, eval_metrics, prefix="eval/")
+        if writer is not None:
+          writer.write(step, eval_metrics, prefix="eval/")
         if best_metric:
           _save_best(out_dir, model, step, eval_metrics, best_metric)
         last.update({"eval/" + k: v for k, v in eval_metrics.items()})
@@ -474,5 +526,6 @@ def train(
         )
         break
   mngr.close()
-  writer.close()
+  if writer is not None:
+    writer.close()
   return TrainResult(step, status, last)
