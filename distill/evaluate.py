@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -35,7 +36,7 @@ from data import cache, cache_format, pipeline
 from data import tokenizer as tok
 from distill import speculative as spec
 from distill.core import checkpoint as ckpt
-from distill.core import cli, files, layout, registry
+from distill.core import cli, files, layout, registry, sharding
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
 from distill.evals import metrics, report, validation
@@ -243,7 +244,12 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
-  """Runs the stage; returns the report (also written to W/eval/report.json)."""
+  """Runs the stage on the mesh of ``config.mesh``; returns the report (also
+  written to W/eval/report.json by the main process)."""
+  return _evaluate(config, workdir, sharding.from_config(config))
+
+
+def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   folders = model_folders(workdir)
   if not folders:
     raise UserError(
@@ -262,7 +268,10 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
 
   e, data = config.eval, config.data
   data_dir = layout.data_dir(workdir)
-  loaded = {name: registry.load_model(path) for name, path in folders.items()}
+  with sharding.use(mesh):  # Each parameter read straight onto the mesh.
+    loaded = {
+        name: registry.load_model(path) for name, path in folders.items()
+    }
   for name, model in loaded.items():  # No report of a diverged model.
     ckpt.check_finite(nnx.state(model, nnx.Param), f"{folders[name]}")
   teacher = loaded.get("teacher")
@@ -288,11 +297,15 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   started = time.time()
   rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
   batches = rows // data.batch_size
-  with tqdm(
-      total=min(e.batches, batches) if e.batches else batches,
-      desc="evaluate: validation",
-      unit="batch",
-  ) as bar:
+  with (
+      sharding.use(mesh),
+      tqdm(
+          total=min(e.batches, batches) if e.batches else batches,
+          desc="evaluate: validation",
+          unit="batch",
+          disable=not sharding.is_main(),
+      ) as bar,
+  ):
     scores = validation.validation_pass(
         loaded,
         teacher,
@@ -308,6 +321,11 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     models[name].update(values)
   logging.info("validation pass: %.1fs", time.time() - started)
 
+  # Decoding is timed as a model is served at batch 1 or 8: whole, on one
+  # device (this process's first), not spread over the mesh.
+  device = jax.local_devices()[0]
+  loaded = {name: sharding.to_device(m, device) for name, m in loaded.items()}
+  teacher = loaded.get("teacher")
   for name, model in tqdm(loaded.items(), desc="evaluate: speed", unit="model"):
     models[name]["decode"] = speed(model, e.speed)
 
@@ -332,6 +350,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
       "machine": report.machine_description(),
       "seconds": round(time.time() - started, 1),
   }
+  if not sharding.is_main():
+    return result
   os.makedirs(out_dir, exist_ok=True)
   result["plots"] = report.write_plots(out_dir, models)
   files.write_json(json_path, result)

@@ -42,7 +42,7 @@ from data import cache, cache_format, pipeline
 from data import tokenizer as tok
 from distill import losses
 from distill.core import checkpoint as ckpt
-from distill.core import cli, configs, layout
+from distill.core import cli, configs, layout, sharding
 from distill.core.errors import UserError
 from distill.evals import validation
 from distill.training import loop as trainer
@@ -237,7 +237,13 @@ def cache_expectations(config, target: str, teacher=None) -> dict[str, Any]:
 
 
 def train_run(config, workdir: str, run: str) -> dict[str, Any]:
-  """Trains one run; returns its summary (also ``summary.json``)."""
+  """Trains one run on the mesh of ``config.mesh``; returns its summary
+  (also ``summary.json``)."""
+  with sharding.use(sharding.from_config(config)):
+    return _train_run(config, workdir, run)
+
+
+def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
   kind = run_kind(run)
   d = config.distill
   data_dir = layout.data_dir(workdir)

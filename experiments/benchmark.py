@@ -149,12 +149,14 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
       tuple(c.methods), c.k, c.num_samples, c.temperature, c.stratified
   )
   key = jax.random.key(0)
+  rows = jnp.arange(b, dtype=jnp.int32)
   seconds = {
       "forward": gen.median_time(
           lambda: forward(teacher, tokens, segments, positions), repeats
       )[0],
       "cache_pass": gen.median_time(
-          lambda: targets(teacher, tokens, segments, positions, key, 0), repeats
+          lambda: targets(teacher, tokens, segments, positions, key, rows),
+          repeats,
       )[0],
   }
   return {

@@ -40,6 +40,11 @@ def get_config(arg=None):
   # bit for bit (a check for silent data corruption); 0: off.
   c.replay_check_every = 0
 
+  # The device mesh every stage runs on (distill/core/sharding.py): axis
+  # sizes, -1 = the devices left over. The default puts every device on
+  # fsdp, so this config runs unchanged on 1 or N devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # stdlib | files | tfds
   c.data.files_glob = ""  # source=files: e.g. "~/corpus/**/*.txt"
@@ -87,7 +92,7 @@ def get_config(arg=None):
   c.cache.stratified = False  # True: one uniform per 1/N stratum
   c.cache.max_rows = 0  # 0: every packed train row; set below
   c.cache.rows_per_shard = 1024
-  c.cache.batch_size = 32  # rows per teacher forward pass
+  c.cache.batch_size = 32  # rows per teacher forward pass, from each process
   c.cache.writer_threads = 2  # host threads encoding records
 
   c.student = ml_collections.ConfigDict()

@@ -40,12 +40,14 @@ import numpy as np
 from absl import flags
 from array_record.python import array_record_module
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from data import cache, cache_format, pipeline
 from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
-from distill.core import cli, files, layout
+from distill.core import cli, files, layout, sharding
 from distill.training import loop as trainer
 from teacher.model import load_teacher
 
@@ -62,10 +64,11 @@ _ALLOW_PARTIAL = flags.DEFINE_bool(
 def make_target_fn(
     methods, k: int, num_samples: int, temperature: float, stratified: bool
 ):
-  """Jitted ``(teacher, tokens, segment_ids, positions, base_key, first_row)
+  """Jitted ``(teacher, tokens, segment_ids, positions, base_key, row_ids)
   -> targets``: the one teacher pass over a batch of rows [B, L].
 
-  Row ``r`` draws its sample with ``fold_in(base_key, first_row + r)``. The
+  Row ``r`` draws its sample with ``fold_in(base_key, row_ids[r])`` (its
+  index among the train rows). The
   targets are made a row at a time on the CPU, where a row's [L, V]
   log-probs stay in cache (demo teacher, 32 x 128 tokens, V = 8192, 2 cores:
   the targets took 0.38 s over the forward pass for the whole batch at once,
@@ -88,17 +91,31 @@ def make_target_fn(
       )
     return {name: value[0] for name, value in out.items()}
 
-  @nnx.jit
-  def targets(teacher, tokens, segment_ids, positions, base_key, first_row):
-    logits = teacher(tokens, segment_ids, positions)
-    rows = first_row + jnp.arange(tokens.shape[0])
-    keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(rows)
+  def local_targets(logits, keys):  # this device's rows, whole vocab
     one_row_at_a_time = jax.default_backend() == "cpu"
     return jax.lax.map(
         lambda args: row_targets(*args),
         (logits, keys),
-        batch_size=None if one_row_at_a_time else tokens.shape[0],
+        batch_size=None if one_row_at_a_time else logits.shape[0],
     )
+
+  @nnx.jit
+  def targets(teacher, tokens, segment_ids, positions, base_key, row_ids):
+    logits = teacher(tokens, segment_ids, positions)
+    keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(row_ids)
+    mesh = sharding.current()
+    if mesh is None:
+      return local_targets(logits, keys)
+    # Each device makes the targets of its own rows (the vocab, split over
+    # ``tensor`` in the logits, gathered per row).
+    rows_spec = sharding.spec(("batch",), row_ids.shape, mesh)
+    return jax.shard_map(
+        local_targets,
+        mesh=mesh,
+        in_specs=(PartitionSpec(*rows_spec, None, None), rows_spec),
+        out_specs=rows_spec,
+        check_vma=False,
+    )(logits, keys)
 
   return targets
 
@@ -106,9 +123,10 @@ def make_target_fn(
 def _encode_batch(
     rows: list[dict[str, np.ndarray]], outputs, vocab_size: int
 ) -> list[bytes]:
-  outputs = {
-      name: np.asarray(value) for name, value in outputs.items()
-  }  # Waits for the device.
+  outputs = {  # This process's rows; waits for the device.
+      name: sharding.local_rows(value)[: len(rows)]
+      for name, value in outputs.items()
+  }
   return [
       cache_format.encode_record(
           row["tokens"],
@@ -183,97 +201,146 @@ def _plan_shards(num_records: int, rows_per_shard: int) -> list[dict[str, Any]]:
 
 
 def _write_manifest(directory: str, settings: dict[str, Any]) -> dict[str, Any]:
+  """The manifest of the shards done so far; the main process writes it."""
   manifest = dict(settings)
   manifest["shards"] = cache.shard_states(directory, settings)
   manifest = cache.seal(manifest)
-  files.write_json(
-      os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True
-  )
+  if sharding.is_main():
+    files.write_json(
+        os.path.join(directory, cache.MANIFEST), manifest, sort_keys=True
+    )
   return manifest
 
 
-def _write_shard(
-    directory: str,
-    shard: dict[str, Any],
-    first_row: int,
-    rows_source,
-    target_fn,
-    teacher,
-    base_key,
-    batch_size: int,
-    vocab_size: int,
-    pool,
-    bar,
+
+class _ShardWriter:
+  """Writes one shard: records arrive by batch (futures of encoded records,
+  in order); ``finish`` renames the temporary and writes the done file."""
+
+  def __init__(self, directory: str, shard: dict[str, Any], bar):
+    self.final = os.path.join(directory, shard["name"])
+    self.expected = shard["records"]
+    self.done = cache.done_path(directory, shard["name"])
+    # What a killed run of this shard's process left (only that process
+    # writes this shard, so nothing else owns these).
+    for stale in glob.glob(glob.escape(self.final) + ".tmp-*") + glob.glob(
+        glob.escape(self.done) + ".tmp-*"
+    ):
+      os.remove(stale)
+    self.tmp = files.temp_name(self.final)
+    self.started = time.time()
+    self.writer = array_record_module.ArrayRecordWriter(
+        self.tmp, "group_size:1"
+    )
+    self.written = self.payload = 0
+    self.bar = bar
+
+  def write(self, records: list[bytes]) -> None:
+    for record in records:
+      self.writer.write(record)
+      self.payload += len(record)
+    self.written += len(records)
+    self.bar.update(len(records))
+
+  def abort(self) -> None:
+    """Closes and removes the temporary (a failed write leaves nothing)."""
+    self.writer.close()
+    with contextlib.suppress(OSError):
+      os.remove(self.tmp)
+
+  def finish(self) -> None:
+    self.writer.close()
+    if self.written != self.expected:
+      raise RuntimeError(
+          f"wrote {self.written} records to {self.tmp}, expected"
+          f" {self.expected}"
+      )
+    os.replace(self.tmp, self.final)
+    files.write_json(
+        self.done,
+        sort_keys=True,
+        payload={
+            "records": self.written,
+            "bytes": os.path.getsize(self.final),
+            "payload_bytes": self.payload,
+            "sha256": cache.file_sha256(self.final),
+            "seconds": round(time.time() - self.started, 3),
+        },
+    )  # teacher pass + writing
+
+
+def _jobs(todo, shards, rows_per_shard: int, batch: int):
+  """(shard index, first row, end row) of every teacher pass, in order."""
+  return [
+      (s, start, min(start + batch, s * rows_per_shard + shards[s]["records"]))
+      for s in todo
+      for start in range(
+          s * rows_per_shard, s * rows_per_shard + shards[s]["records"], batch
+      )
+  ]
+
+
+def _write_shards(
+    directory, settings, todo, rows_source, target_fn, teacher, c, base_key, pool, bar
 ) -> None:
-  final = os.path.join(directory, shard["name"])
-  # What a killed run of this shard's process left (only that process
-  # writes this shard, so nothing else owns these).
-  done = cache.done_path(directory, shard["name"])
-  for stale in glob.glob(glob.escape(final) + ".tmp-*") + glob.glob(
-      glob.escape(done) + ".tmp-*"
-  ):
-    os.remove(stale)
-  tmp = files.temp_name(final)
-  started = time.time()
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  """Runs the teacher over this process's unfinished shards and writes them.
+
+  Every process takes part in every (sharded) teacher pass: a global batch
+  is each process's next ``batch_size`` rows, and a process whose shards are
+  done feeds padding rows until the others finish.
+  """
+  mesh = sharding.active()
+  local = c.batch_size
+  jobs = _jobs(todo, settings["shards"], c.rows_per_shard, local)
+  steps = int(
+      np.max(multihost_utils.process_allgather(np.int32(len(jobs))))
+  )
+  writers: dict[int, _ShardWriter] = {}
   pending = collections.deque()
-  written = payload = 0
 
   def drain(limit: int) -> None:
-    nonlocal written, payload
     while len(pending) > limit:
-      records = pending.popleft().result()
-      for record in records:
-        writer.write(record)
-        payload += len(record)
-      written += len(records)
-      bar.update(len(records))
+      s, future = pending.popleft()
+      writers[s].write(future.result())
+      if writers[s].written == writers[s].expected:
+        writers.pop(s).finish()
 
-  try:  # A failed write (a full disk) leaves no temporary behind.
-    for start in range(first_row, first_row + shard["records"], batch_size):
-      stop = min(start + batch_size, first_row + shard["records"])
-      rows = [rows_source[i] for i in range(start, stop)]
-      padded = rows + [rows[-1]] * (
-          batch_size - len(rows)
-      )  # One compiled shape.
+  try:
+    for i in range(steps):
+      s, start, stop = jobs[i] if i < len(jobs) else (None, 0, 1)
+      rows = [rows_source[j] for j in range(start, stop)]
+      # One compiled shape: the last rows repeat to fill the batch.
+      padded = rows + [rows[-1]] * (local - len(rows))
       batch = {
           key: np.stack([r[key] for r in padded])[:, :-1]
           for key in ("tokens", "segment_ids", "positions")
       }
+      batch["row_ids"] = np.asarray(
+          [start + min(j, len(rows) - 1) for j in range(local)], np.int32
+      )
+      batch = sharding.put_batch(batch, mesh)
       outputs = target_fn(
           teacher,
           batch["tokens"],
           batch["segment_ids"],
           batch["positions"],
           base_key,
-          np.int32(start),
+          batch["row_ids"],
       )
-      outputs = {name: value[: len(rows)] for name, value in outputs.items()}
-      pending.append(pool.submit(_encode_batch, rows, outputs, vocab_size))
+      if s is None:  # padding of a process that has finished
+        continue
+      if s not in writers:
+        writers[s] = _ShardWriter(directory, settings["shards"][s], bar)
+      future = pool.submit(
+          _encode_batch, rows, outputs, settings["vocab_size"]
+      )
+      pending.append((s, future))
       drain(limit=2)  # The device runs ahead while host threads encode.
     drain(limit=0)
   except BaseException:
-    writer.close()
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
+    for writer in writers.values():
+      writer.abort()
     raise
-  writer.close()
-  if written != shard["records"]:
-    raise RuntimeError(
-        f"wrote {written} records to {tmp}, expected {shard['records']}"
-    )
-  os.replace(tmp, final)
-  files.write_json(
-      done,
-      sort_keys=True,
-      payload={
-          "records": written,
-          "bytes": os.path.getsize(final),
-          "payload_bytes": payload,
-          "sha256": cache.file_sha256(final),
-          "seconds": round(time.time() - started, 3),
-      },
-  )  # teacher pass + writing
 
 
 def check_teacher_finished(teacher_path: str) -> None:
@@ -317,8 +384,14 @@ def cache_logits(
   """Writes (or finishes) the cache; returns the completed manifest.
 
   ``allow_partial_teacher`` (default: the flag) caches from a teacher whose
-  training has not finished.
+  training has not finished. The teacher runs on the mesh of
+  ``config.mesh``; with several processes each writes its own shards.
   """
+  with sharding.use(sharding.from_config(config)):
+    return _cache_logits(config, workdir, allow_partial_teacher)
+
+
+def _cache_logits(config, workdir: str, allow_partial_teacher) -> dict[str, Any]:
   directory = layout.cache_dir(workdir)
   teacher_path = layout.teacher_dir(workdir)
   if ckpt.latest_step(teacher_path) is None:
@@ -362,8 +435,7 @@ def cache_logits(
             " resuming would mix them. Remove that folder to rebuild it, or use"
             " another --workdir."
         )
-  if jax.process_index() == 0:
-    _write_manifest(directory, settings)
+  _write_manifest(directory, settings)
 
   states = cache.shard_states(directory, settings)
   mine = [
@@ -373,7 +445,8 @@ def cache_logits(
   ]
   _recheck_complete_shards(directory, states, mine)
   todo = [s for s in mine if not states[s]["complete"]]
-  if not todo:
+  left = multihost_utils.process_allgather(np.int32(len(todo)))
+  if not np.sum(left):
     print(f"cache: already complete ({directory}); nothing to do.")
     return _write_manifest(directory, settings)
 
@@ -395,25 +468,23 @@ def cache_logits(
           desc="cache",
           unit="row",
           dynamic_ncols=True,
+          disable=not sharding.is_main(),
       ) as bar,
   ):
-    for s in todo:
-      _write_shard(
-          directory,
-          settings["shards"][s],
-          s * c.rows_per_shard,
-          rows,
-          target_fn,
-          teacher,
-          base_key,
-          c.batch_size,
-          settings["vocab_size"],
-          pool,
-          bar,
-      )
-      if jax.process_index() == 0:
-        _write_manifest(directory, settings)
+    _write_shards(
+        directory,
+        settings,
+        todo,
+        rows,
+        target_fn,
+        teacher,
+        c,
+        base_key,
+        pool,
+        bar,
+    )
   seconds = time.time() - started
+  sharding.barrier("cache_logits: every shard written")
   manifest = _write_manifest(directory, settings)
   written = sum(settings["shards"][s]["records"] for s in todo)
   sizes = bytes_per_token(manifest)

@@ -24,7 +24,7 @@ from flax import nnx
 from data import pipeline
 from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
-from distill.core import cli, configs, layout
+from distill.core import cli, configs, layout, sharding
 from distill.evals import validation
 from distill.losses import chunked, terms
 from distill.training import loop as trainer
@@ -115,7 +115,15 @@ def expert_load_metrics(expert_load: jax.Array) -> dict[str, jax.Array]:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
-  """Runs the stage; returns the summary written to ``W/teacher/summary.json``."""
+  """Runs the stage; returns the summary written to ``W/teacher/summary.json``.
+
+  On the mesh of ``config.mesh`` (every device on ``fsdp`` by default).
+  """
+  with sharding.use(sharding.from_config(config)):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict[str, Any]:
   out_dir = layout.teacher_dir(workdir)
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="teacher")
@@ -211,6 +219,7 @@ def stage(config, workdir: str):
         workdir,
         param_dtype=config.teacher.get("param_dtype") or None,
         dtype=config.teacher.get("dtype") or None,
+        mesh=sharding.from_config(config),
     )
     print(f"teacher: imported {hf_dir} into {path}")
     return {"imported": hf_dir}
