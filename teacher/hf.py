@@ -36,12 +36,13 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 from safetensors import safe_open
 
 from data.tokenizer import tokenizer_hash
-from distill.core import checkpoint, files, layout
+from distill.core import checkpoint, files, layout, sharding
 from distill.core.errors import UserError
 from teacher.config import TeacherConfig
 from teacher.model import abstract_teacher
@@ -332,7 +333,8 @@ class SafetensorsReader:
       )
     return _DTYPES[name]
 
-  def get(self, key: str) -> jax.Array:
+  def get(self, key: str) -> np.ndarray:
+    """One tensor, read into host memory (numpy; bfloat16 via ml_dtypes)."""
     if key not in self._files:
       raise HFImportError(f"the checkpoint has no tensor {key!r}")
     return self._handle(key).get_tensor(key)
@@ -341,7 +343,7 @@ class SafetensorsReader:
     path = self._files[key]
     if path not in self._open:
       self._open[path] = self._stack.enter_context(
-          safe_open(path, framework="flax")
+          safe_open(path, framework="numpy")
       )
     return self._open[path]
 
@@ -359,6 +361,24 @@ def _normalise(key: str) -> str:
       + {"1": ".gate_proj.", "2": ".down_proj.", "3": ".up_proj."}[m.group(2)],
       key,
   )
+
+
+# The converter of per-expert tensors [out, in] -> one [E, in, out] parameter,
+# filled an expert at a time (never all of a layer's HF tensors at once).
+_STACK_TRANSPOSED = object()
+
+
+def _read_param(reader, raw, names, convert, dtype) -> np.ndarray:
+  """One parameter in our layout and ``dtype``, in host memory."""
+  if convert is _STACK_TRANSPOSED:
+    first = reader.get(raw[names[0]]).T
+    out = np.empty((len(names),) + first.shape, dtype)
+    out[0] = first
+    del first
+    for e, name in enumerate(names[1:], start=1):
+      out[e] = reader.get(raw[name]).T
+    return out
+  return np.asarray(convert(*(reader.get(raw[name]) for name in names)), dtype)
 
 
 def _param_sources(
@@ -419,17 +439,17 @@ def _param_sources(
       yield (
           b + ("moe", "gate"),
           [m + "experts.gate_up_proj"],
-          lambda w, f=f: jnp.swapaxes(w[:, :f], 1, 2),
+          lambda w, f=f: np.swapaxes(w[:, :f], 1, 2),
       )
       yield (
           b + ("moe", "up"),
           [m + "experts.gate_up_proj"],
-          lambda w, f=f: jnp.swapaxes(w[:, f:], 1, 2),
+          lambda w, f=f: np.swapaxes(w[:, f:], 1, 2),
       )
       yield (
           b + ("moe", "down"),
           [m + "experts.down_proj"],
-          lambda w: jnp.swapaxes(w, 1, 2),
+          lambda w: np.swapaxes(w, 1, 2),
       )
     else:
       for ours, theirs in (
@@ -438,7 +458,7 @@ def _param_sources(
           ("down", "down_proj"),
       ):
         keys = [f"{m}experts.{e}.{theirs}.weight" for e in range(c.num_experts)]
-        yield b + ("moe", ours), keys, lambda *ws: jnp.stack([w.T for w in ws])
+        yield b + ("moe", ours), keys, _STACK_TRANSPOSED
     if c.shared_expert_d_ff:
       for name in ("gate_proj", "up_proj", "down_proj"):
         yield (
@@ -461,11 +481,16 @@ def load_hf_weights(
 ) -> nnx.Module:
   """The teacher for `config` with its parameters read from `hf_dir`.
 
-  Tensors are read one at a time (a layer's experts are stacked as they are
-  read), so peak memory is about the model plus one layer's expert weights.
+  Parameters are streamed one at a time: its tensors are read into host
+  memory, converted to our layout (a layer's experts stacked), and each
+  device of the active mesh (``distill.core.sharding.use``; outside one, the
+  default device) receives only its part before the next parameter is read.
+  Peak host memory is therefore about the largest single parameter (one
+  layer's stacked expert weight), never the model.
   """
   own_reader = reader is None
   reader = reader or SafetensorsReader(hf_dir)
+  mesh = sharding.active()
   try:
     raw = {_normalise(key): key for key in reader.keys()}
     model = abstract_teacher(config)
@@ -482,14 +507,27 @@ def load_hf_weights(
             f"the checkpoint lacks {missing[0]!r} (needed for"
             f" {'.'.join(map(str, path))}); is config.json from the same model?"
         )
-      value = convert(*(reader.get(raw[name]) for name in names))
+      host = _read_param(reader, raw, names, convert, dtype)
       target = flat[path]
-      if tuple(value.shape) != tuple(target.shape):
+      if tuple(host.shape) != tuple(target.shape):
         raise HFImportError(
-            f"{names[0]} converts to shape {tuple(value.shape)} but"
+            f"{names[0]} converts to shape {tuple(host.shape)} but"
             f" {'.'.join(map(str, path))} needs {tuple(target.shape)}"
         )
-      target.set_value(jnp.asarray(value, dtype))
+      if mesh is None:
+        target.set_value(jnp.asarray(host))
+      else:
+        place = sharding.named(sharding.logical_names(target), host.shape, mesh)
+        # Each device's part is copied out, so nothing (a CPU device's
+        # zero-copy buffer included) keeps the whole host array alive.
+        target.set_value(
+            jax.make_array_from_callback(
+                host.shape,
+                place,
+                lambda index, host=host: np.array(host[index]),
+            )
+        )
+      del host
       used.update(names)
       del flat[path]
     if flat:
@@ -520,8 +558,15 @@ def import_hf(
     param_dtype: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> str:
   """Imports a Hugging Face MoE checkpoint into ``workdir/teacher``.
+
+  The weights stream onto ``mesh`` (default: the active one, else every
+  device on ``fsdp``), a parameter at a time (see ``load_hf_weights``), so a
+  teacher larger than one device's memory (or the host's) imports on a mesh
+  that holds it. With several processes each reads the parts its devices
+  hold and orbax writes one checkpoint.
 
   Writes the model folder under a temporary name and renames it when complete;
   copies ``tokenizer.json`` to ``workdir/tokenizer.json`` (refusing to replace
@@ -533,6 +578,7 @@ def import_hf(
     param_dtype: stored parameter dtype; default the checkpoint's own.
     dtype: compute dtype; default float32 for float32 weights, else bfloat16.
     overwrite: replace an existing ``workdir/teacher``.
+    mesh: the device mesh the weights are placed on.
   Returns:
     The teacher folder.
   """
@@ -576,6 +622,7 @@ def import_hf(
         " remove it or pass --overwrite"
     )
 
+  mesh = mesh if mesh is not None else sharding.active() or sharding.make_mesh()
   reader = SafetensorsReader(hf_dir)
   try:
     if param_dtype is None:
@@ -591,11 +638,14 @@ def import_hf(
       )
       config = teacher_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
     logging.info("Importing %s (%s) as %s", hf_dir, config.family, config)
-    model = load_hf_weights(hf_dir, config, reader)
+    with sharding.use(mesh):
+      model = load_hf_weights(hf_dir, config, reader)
   finally:
     reader.close()
 
-  with files.atomic_dir(teacher_dir) as tmp:  # Replaces it on --overwrite.
+  with files.atomic_dir(
+      teacher_dir, shared=jax.process_count() > 1
+  ) as tmp:  # Replaces it on --overwrite.
     checkpoint.write_config(
         tmp,
         "teacher",
@@ -606,7 +656,8 @@ def import_hf(
         param_counts=model.param_counts(),
     )
     checkpoint.save_params(tmp, model, step=0)
-  files.copy(tokenizer_src, tokenizer_dst)
+  if sharding.is_main():
+    files.copy(tokenizer_src, tokenizer_dst)
   logging.info("Wrote %s (%s parameters)", teacher_dir, model.param_counts())
   return teacher_dir
 
