@@ -30,6 +30,7 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from distill.core import sharding
 from distill.core.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,6 +42,19 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder every stage reads from and writes into."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 when the stage runs as several processes (one per"
+    " host); also FLASHDISTILL_COORDINATOR. Clusters JAX detects (SLURM, Open"
+    " MPI) need none of the three flags.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "How many processes run the stage."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 .. num_processes - 1."
 )
 
 
@@ -80,6 +94,9 @@ def setup_config(argv):
     raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise UserError("--config is required, e.g. --config=experiments/stdlib.py")
+  sharding.initialize_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   logging.info("Config:\n%s", _CONFIG.value)
   return _CONFIG.value
 

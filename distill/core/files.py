@@ -16,6 +16,8 @@ import shutil
 import uuid
 from typing import Any, Callable, Iterator
 
+from distill.core import sharding
+
 
 def temp_name(path: str) -> str:
   """A sibling of ``path`` that no other writer uses."""
@@ -64,21 +66,36 @@ def write_json(path: str, payload: Any, *, sort_keys: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str) -> Iterator[str]:
+def atomic_dir(final: str, *, shared: bool = False) -> Iterator[str]:
   """Yields a fresh temporary folder that replaces ``final`` on success.
 
   An older ``final`` is moved aside first and removed after the rename; on an
   exception the temporary folder is removed and ``final`` is left as it was.
+  ``shared=True``: every process of a multi-process run writes into the same
+  temporary folder (orbax writes one checkpoint from all of them); the main
+  process makes and renames it, and all of them wait for one another at
+  each end.
   """
   parent = os.path.dirname(os.path.abspath(final))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, "." + os.path.basename(temp_name(final)))
-  os.makedirs(tmp)
-  try:
+  if shared:
+    tmp = os.path.join(parent, "." + os.path.basename(final) + ".writing")
+    if sharding.is_main():
+      shutil.rmtree(tmp, ignore_errors=True)  # a killed run's
+      os.makedirs(tmp)  # (and its parents)
+    sharding.barrier(f"atomic_dir start {final}")
     yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    sharding.barrier(f"atomic_dir end {final}")
+    if not sharding.is_main():
+      return
+  else:
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, "." + os.path.basename(temp_name(final)))
+    os.makedirs(tmp)
+    try:
+      yield tmp
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
   old = None
   if os.path.exists(final):
     old = tmp + ".old"
