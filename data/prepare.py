@@ -15,11 +15,12 @@ import os
 import time
 from typing import Any
 
+import jax
 from absl import logging
 
 from data import corpus, pipeline
 from data import tokenizer as tok
-from distill.core import cli, files, layout
+from distill.core import cli, files, layout, sharding
 
 
 def _training_texts(source, text_key: str, max_bytes: int):
@@ -73,7 +74,23 @@ def _adopt_or_train_tokenizer(
 
 
 def prepare(config, workdir: str) -> dict[str, Any]:
-  """Runs the stage; returns a summary (also written to W/data/prepare.json)."""
+  """Runs the stage; returns a summary (also written to W/data/prepare.json).
+
+  With several processes the main one prepares and the others wait for it.
+  """
+  if jax.process_count() == 1:
+    return _prepare(config, workdir)
+  summary = _prepare(config, workdir) if sharding.is_main() else None
+  sharding.barrier("data.prepare")
+  if summary is None:
+    with open(
+        os.path.join(layout.data_dir(workdir), "prepare.json"), encoding="utf-8"
+    ) as f:
+      summary = json.load(f)
+  return summary
+
+
+def _prepare(config, workdir: str) -> dict[str, Any]:
   ddir = layout.data_dir(workdir)
   tpath = layout.tokenizer_path(workdir)
   summary_path = os.path.join(ddir, "prepare.json")

@@ -269,9 +269,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   e, data = config.eval, config.data
   data_dir = layout.data_dir(workdir)
   with sharding.use(mesh):  # Each parameter read straight onto the mesh.
-    loaded = {
-        name: registry.load_model(path) for name, path in folders.items()
-    }
+    loaded = {name: registry.load_model(path) for name, path in folders.items()}
   for name, model in loaded.items():  # No report of a diverged model.
     ckpt.check_finite(nnx.state(model, nnx.Param), f"{folders[name]}")
   teacher = loaded.get("teacher")

@@ -212,7 +212,6 @@ def _write_manifest(directory: str, settings: dict[str, Any]) -> dict[str, Any]:
   return manifest
 
 
-
 class _ShardWriter:
   """Writes one shard: records arrive by batch (futures of encoded records,
   in order); ``finish`` renames the temporary and writes the done file."""
@@ -281,7 +280,16 @@ def _jobs(todo, shards, rows_per_shard: int, batch: int):
 
 
 def _write_shards(
-    directory, settings, todo, rows_source, target_fn, teacher, c, base_key, pool, bar
+    directory,
+    settings,
+    todo,
+    rows_source,
+    target_fn,
+    teacher,
+    c,
+    base_key,
+    pool,
+    bar,
 ) -> None:
   """Runs the teacher over this process's unfinished shards and writes them.
 
@@ -292,9 +300,7 @@ def _write_shards(
   mesh = sharding.active()
   local = c.batch_size
   jobs = _jobs(todo, settings["shards"], c.rows_per_shard, local)
-  steps = int(
-      np.max(multihost_utils.process_allgather(np.int32(len(jobs))))
-  )
+  steps = int(np.max(multihost_utils.process_allgather(np.int32(len(jobs)))))
   writers: dict[int, _ShardWriter] = {}
   pending = collections.deque()
 
@@ -331,9 +337,7 @@ def _write_shards(
         continue
       if s not in writers:
         writers[s] = _ShardWriter(directory, settings["shards"][s], bar)
-      future = pool.submit(
-          _encode_batch, rows, outputs, settings["vocab_size"]
-      )
+      future = pool.submit(_encode_batch, rows, outputs, settings["vocab_size"])
       pending.append((s, future))
       drain(limit=2)  # The device runs ahead while host threads encode.
     drain(limit=0)
@@ -391,7 +395,9 @@ def cache_logits(
     return _cache_logits(config, workdir, allow_partial_teacher)
 
 
-def _cache_logits(config, workdir: str, allow_partial_teacher) -> dict[str, Any]:
+def _cache_logits(
+    config, workdir: str, allow_partial_teacher
+) -> dict[str, Any]:
   directory = layout.cache_dir(workdir)
   teacher_path = layout.teacher_dir(workdir)
   if ckpt.latest_step(teacher_path) is None:

@@ -13,7 +13,9 @@ their router weights. The grouped matmul is `jax.lax.ragged_dot`; on the CPU,
 where XLA lowers ragged_dot to a dense matmul over a [E, M, D] masked copy of
 the rows (E times the work), the "blocked" form pads every group to a multiple
 of a row block and runs a batched matmul against each block's expert weights.
-Both compute exactly the same function.
+Both compute exactly the same function. On a device mesh the dispatch runs
+expert parallel (``expert_parallel``: each device its own experts, the
+routed tokens all-gathered along the ``expert`` axis).
 
 With a capacity factor cf, each expert takes at most
 C = ceil(cf * N * k / E) assignments (earliest tokens first in the flattened
@@ -387,10 +389,20 @@ class MoE(nnx.Module):
         "embed",
         None,
     )
-    expert_in, expert_out = ("experts", "embed", "mlp"), ("experts", "mlp", "embed")
-    self.gate = layers.param(init(rngs.params(), (e, d, f), param_dtype), *expert_in)
-    self.up = layers.param(init(rngs.params(), (e, d, f), param_dtype), *expert_in)
-    self.down = layers.param(init(rngs.params(), (e, f, d), param_dtype), *expert_out)
+    expert_in, expert_out = ("experts", "embed", "mlp"), (
+        "experts",
+        "mlp",
+        "embed",
+    )
+    self.gate = layers.param(
+        init(rngs.params(), (e, d, f), param_dtype), *expert_in
+    )
+    self.up = layers.param(
+        init(rngs.params(), (e, d, f), param_dtype), *expert_in
+    )
+    self.down = layers.param(
+        init(rngs.params(), (e, f, d), param_dtype), *expert_out
+    )
     if shared_expert_d_ff:
       self.shared_expert = layers.MLP(
           d, shared_expert_d_ff, rngs=rngs, dtype=dtype, param_dtype=param_dtype

@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer, models  # noqa: E402
 
-from distill.core import checkpoint  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from distill.core import checkpoint, sharding  # noqa: E402
 from teacher import hf, load_teacher  # noqa: E402
 
 VOCAB = 96
@@ -262,3 +266,60 @@ def test_load_teacher_explains_a_bad_folder(tmp_path):
   )
   with pytest.raises(checkpoint.ModelFolderError, match="not a 'teacher'"):
     load_teacher(str(tmp_path))
+
+
+def test_shard_import_streams_onto_an_8_device_mesh(tmp_path):
+  """A sharded safetensors checkpoint onto expert=4 x tensor=2: every device
+  holds only its part of each weight, the host stages one parameter at a
+  time, and the logits on the mesh match transformers."""
+  hf_model = _hf_model(
+      "mixtral",
+      seed=4,
+      num_local_experts=4,
+      hidden_size=64,
+      intermediate_size=256,
+  )
+  src = _save(hf_model, tmp_path / "hf", max_shard_size="200KB")
+  assert len([f for f in os.listdir(src) if f.endswith(".safetensors")]) > 2
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1, expert=4, tensor=2))
+  config = hf.teacher_config_from_hf(hf.read_hf_config(src))
+  # Host staging: a parameter's host array must be gone once it is placed,
+  # so at most one (plus the tensors being read) exists at any time.
+  staged, alive_at_read = [], []
+  read = hf._read_param  # pylint: disable=protected-access
+
+  def tracked(*args):
+    alive_at_read.append(sum(r() is not None for r in staged))
+    host = read(*args)
+    staged.append(weakref.ref(host))
+    return host
+
+  with pytest.MonkeyPatch.context() as patch, sharding.use(mesh):
+    patch.setattr(hf, "_read_param", tracked)
+    model = hf.load_hf_weights(src, config)
+  assert len(staged) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert max(alive_at_read) == 0 and staged[-1]() is None
+
+  P = jax.sharding.PartitionSpec
+  gate = model.blocks[0].moe.gate[...]  # [E=4, D=64, F=256]
+  assert gate.sharding.spec == P("expert", None, "tensor")
+  assert {s.data.shape for s in gate.addressable_shards} == {(1, 64, 128)}
+  table = model.embed.embedding[...]  # [V=96, D=64]
+  assert table.sharding.spec == P("tensor", None)
+  assert {s.data.shape for s in table.addressable_shards} == {(48, 64)}
+
+  teacher_dir = hf.import_hf(src, str(tmp_path / "work"), mesh=mesh)
+  tokens = np.random.RandomState(1).randint(0, VOCAB, (8, 11))
+  with torch.no_grad():
+    want = hf_model(torch.tensor(tokens)).logits.numpy()
+  with sharding.use(mesh):
+    loaded = load_teacher(teacher_dir)  # restored straight onto the mesh
+    q = loaded.blocks[1].attn.q_proj.kernel[...]  # [D, N=4, H=16]
+    assert q.sharding.spec == P(None, "tensor", None)
+    got = np.asarray(
+        nnx.jit(lambda m, t: m(t))(
+            loaded,
+            sharding.put_batch({"t": tokens.astype(np.int32)}, mesh)["t"],
+        )
+    )
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

@@ -131,7 +131,7 @@ def from_config(config) -> Mesh:
 
 
 def describe(mesh: Mesh) -> str:
-  """"data=1 fsdp=8 expert=1 tensor=1 (8 cpu devices, 1 process)"."""
+  """The mesh in words: data=1 fsdp=8 expert=1 tensor=1 (8 cpu devices, ...)."""
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
   kind = mesh.devices.flat[0].platform
   return (
@@ -348,7 +348,8 @@ def initialize_distributed(
   The arguments (flags) win over ``FLASHDISTILL_COORDINATOR``,
   ``FLASHDISTILL_NUM_PROCESSES`` and ``FLASHDISTILL_PROCESS_ID``; without
   either nothing is done and the run is one process, unless a cluster
-  environment JAX detects itself (SLURM, Open MPI) is present. Returns True when JAX was initialised for several processes.
+  environment JAX detects itself (SLURM, Open MPI) is present. Returns True
+  when JAX was initialised for several processes.
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get(
@@ -360,7 +361,11 @@ def initialize_distributed(
     process_id = int(env["FLASHDISTILL_PROCESS_ID"])
   detected = any(
       k in env
-      for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+      for k in (
+          "SLURM_JOB_ID",
+          "OMPI_COMM_WORLD_SIZE",
+          "JAX_COORDINATOR_ADDRESS",
+      )
   )
   if coordinator_address is None and not detected:
     if num_processes not in (None, 1):

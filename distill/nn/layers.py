@@ -202,7 +202,9 @@ class MLP(nnx.Module):
     proj = functools.partial(
         Einsum, rngs=rngs, dtype=dtype, param_dtype=param_dtype, in_axes=(0,)
     )
-    self.gate_proj = proj("...D,DF->...F", (d_model, d_ff), axes=("embed", "mlp"))
+    self.gate_proj = proj(
+        "...D,DF->...F", (d_model, d_ff), axes=("embed", "mlp")
+    )
     self.up_proj = proj("...D,DF->...F", (d_model, d_ff), axes=("embed", "mlp"))
     self.down_proj = proj(
         "...F,FD->...D", (d_ff, d_model), axes=("mlp", "embed")
