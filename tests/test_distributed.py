@@ -147,6 +147,7 @@ def test_distributed_two_processes_train_and_cache_like_one(
       TINY,
       "--config.data.batch_size=8",
       "--config.teacher.train.steps=4",
+      "--config.teacher.train.checkpoint_every=2",
       "--config.cache.batch_size=2",
       "--config.cache.max_rows=24",
       "--config.cache.rows_per_shard=8",
@@ -162,6 +163,21 @@ def test_distributed_two_processes_train_and_cache_like_one(
   _close(
       _losses(layout.teacher_dir(two)), _losses(layout.teacher_dir(one)), 1e-4
   )
+  # A run that lost a host: the two processes' checkpoint of step 2 goes on
+  # in one process (4 devices) with the same batches and losses.
+  lost = copy_workdir(tiny_prepared, tmp_path / "lost")
+  shutil.copytree(layout.teacher_dir(two), layout.teacher_dir(lost))
+  shutil.rmtree(os.path.join(layout.teacher_dir(lost), "checkpoints", "4"))
+  os.remove(os.path.join(layout.teacher_dir(lost), "summary.json"))
+  resumed = _run("teacher.train", *overrides, f"--workdir={lost}", devices=4)
+  # Resumed at step 2 (the progress bar starts there), not started over.
+  assert "2/4" in resumed.stderr and "0/4" not in resumed.stderr
+  _close(
+      _losses(layout.teacher_dir(lost)),
+      _losses(layout.teacher_dir(two)),
+      1e-4,
+  )
+
   # Both processes hold the same parameters: each prints the fingerprint of
   # the saved teacher as it sees it (every part, gathered from both).
   check = "\n".join(
