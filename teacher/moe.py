@@ -284,13 +284,13 @@ def expert_parallel(
     w_gate, w_up, w_down = (jnp.pad(w, pad) for w in (w_gate, w_up, w_down))
   in_spec = sharding.spec(("experts", None, "mlp"), w_gate.shape, mesh)
   out_spec = sharding.spec(("experts", "mlp", None), w_down.shape, mesh)
-  e_axes = _axes(in_spec[0])
-  f_axes = _axes(in_spec[2])
+  e_axes = sharding.axes_of(in_spec[0])
+  f_axes = sharding.axes_of(in_spec[2])
   if capacity is None:
     tok = sharding.spec(("batch", None), x.shape, mesh)
   else:
     tok = PartitionSpec(None, None)
-  tok_axes = _axes(tok[0])
+  tok_axes = sharding.axes_of(tok[0])
   gather = tuple(a for a in e_axes if a in tok_axes)
   e_local = w_gate.shape[0] // math.prod(mesh.shape[a] for a in e_axes)
   vec = PartitionSpec(tok[0])
@@ -335,13 +335,6 @@ def expert_parallel(
       check_vma=False,
   )(x, weights, experts, valid, w_gate, w_up, w_down)
   return y, kept
-
-
-def _axes(entry) -> tuple[str, ...]:
-  """The mesh axes of one partition-spec entry."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 class MoE(nnx.Module):

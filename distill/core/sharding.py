@@ -276,9 +276,38 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
 # Batches and processes
 
 
+_WARNED: set[tuple[int, int]] = set()
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """A batch array [B, ...]: rows over (data, fsdp, expert), rest whole."""
-  return named(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+  """A batch array [B, ...]: rows over (data, fsdp, expert), rest whole.
+
+  Rows that do not split over all of those devices are split over the axes
+  that divide them (the other devices compute the same rows); said once.
+  """
+  sharding = named(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+  ways = math.prod(mesh.shape[a] for a in RULES["batch"])
+  split = math.prod(mesh.shape[a] for a in axes_of(sharding.spec[0]))
+  if split < ways and (shape[0], ways) not in _WARNED:
+    _WARNED.add((shape[0], ways))
+    logging.warning(
+        "a batch of %d rows splits %d ways, not over all %d devices of"
+        " data x fsdp x expert (%s); the others repeat its work. A multiple"
+        " of %d rows uses them all.",
+        shape[0],
+        split,
+        ways,
+        describe(mesh),
+        ways,
+    )
+  return sharding
+
+
+def axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one partition-spec entry (None, a name or a tuple)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def put_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
