@@ -565,8 +565,9 @@ def import_hf(
   The weights stream onto ``mesh`` (default: the active one, else every
   device on ``fsdp``), a parameter at a time (see ``load_hf_weights``), so a
   teacher larger than one device's memory (or the host's) imports on a mesh
-  that holds it. With several processes each reads the parts its devices
-  hold and orbax writes one checkpoint.
+  that holds it. With several processes each reads every tensor (a
+  parameter at a time), keeps its own devices' parts, and orbax writes one
+  checkpoint from all of them.
 
   Writes the model folder under a temporary name and renames it when complete;
   copies ``tokenizer.json`` to ``workdir/tokenizer.json`` (refusing to replace
@@ -615,7 +616,8 @@ def import_hf(
     existing = _existing_import(teacher_dir)
     if existing == (hf_dir, tok_hash):
       logging.info("%s already holds this import; skipping", teacher_dir)
-      files.copy(tokenizer_src, tokenizer_dst)
+      if sharding.is_main():
+        files.copy(tokenizer_src, tokenizer_dst)
       return teacher_dir
     raise HFImportError(
         f"{teacher_dir} already exists and is not an import of {hf_dir};"

@@ -38,6 +38,7 @@ def main(argv):
   if not _HF_DIR.value:
     raise cli.UserError("--hf_dir is required: the checkpoint folder to import")
   workdir = cli.check_workdir(flags.FLAGS.workdir)
+  cli.start_processes()
   path = hf.import_hf(
       _HF_DIR.value,
       workdir,

@@ -163,6 +163,7 @@ def dispatch(
     capacity: int | None = None,
     impl: str = "ragged",
     first_expert: Array | int = 0,
+    out_dtype=None,
 ) -> tuple[Array, Array]:
   """Runs every token through its experts and combines the outputs.
 
@@ -179,7 +180,8 @@ def dispatch(
     capacity: None = dropless; else rows per expert, overflow dropped.
     impl: "ragged" or "blocked" grouped matmul for the dropless path.
   Returns:
-    y [N, D] in x.dtype, kept [N, k] bool (False = dropped assignment).
+    y [N, D] in ``out_dtype`` (default x.dtype), kept [N, k] bool (False =
+    dropped assignment).
   """
   n, d = x.shape
   k = experts.shape[-1]
@@ -228,7 +230,8 @@ def dispatch(
   kept = kept_sorted[inverse].reshape(n, k)
   w = jnp.where(kept & mine.reshape(n, k), weights, 0.0).astype(jnp.float32)
   kept = kept | ~mine.reshape(n, k)
-  return jnp.einsum("nkd,nk->nd", y, w).astype(x.dtype), kept
+  y = jnp.einsum("nkd,nk->nd", y, w)
+  return y.astype(x.dtype if out_dtype is None else out_dtype), kept
 
 
 def expert_parallel(
@@ -315,8 +318,8 @@ def expert_parallel(
         capacity=capacity,
         impl=impl,
         first_expert=first,
+        out_dtype=jnp.float32,  # partial sums added in float32
     )
-    y = y.astype(jnp.float32)
     if f_axes:
       y = jax.lax.psum(y, f_axes)
     if gather:

@@ -105,7 +105,11 @@ def test_mesh_tiny_variant_end_to_end_matches_one_device(
   dirs = {}
   for devices in (8, 1):
     workdir = copy_workdir(tiny_prepared, tmp_path / f"d{devices}")
-    _run("experiments.run", TINY, f"--workdir={workdir}", devices=devices)
+    result = _run(
+        "experiments.run", TINY, f"--workdir={workdir}", devices=devices
+    )
+    if devices == 8:  # tiny's 4-row batches: the log says where they went
+      assert "8 cpu devices" in result.stderr
     dirs[devices] = workdir
   _close(
       _losses(layout.teacher_dir(dirs[8])),

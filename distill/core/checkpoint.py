@@ -29,7 +29,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from distill.core import files, layout, sharding
 from distill.core.errors import UserError
@@ -92,8 +91,7 @@ def fingerprint(model: nnx.Module) -> str:
   leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     digest.update(jax.tree_util.keystr(path).encode())
-    if not getattr(leaf, "is_fully_addressable", True):  # other hosts' parts
-      leaf = multihost_utils.process_allgather(leaf, tiled=True)
+    leaf = sharding.gather(leaf)  # other hosts' parts too
     digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return digest.hexdigest()
 

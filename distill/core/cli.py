@@ -88,15 +88,21 @@ def check_workdir(workdir: str | None) -> str:
   return workdir
 
 
+def start_processes() -> None:
+  """Joins the other processes of a multi-process run (the flags
+  ``--coordinator_address``, ``--num_processes``, ``--process_id``)."""
+  sharding.initialize_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
+
+
 def setup_config(argv):
   """Checks the arguments and ``--config``; returns the config."""
   if len(argv) > 1:
     raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise UserError("--config is required, e.g. --config=experiments/stdlib.py")
-  sharding.initialize_distributed(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-  )
+  start_processes()
   logging.info("Config:\n%s", _CONFIG.value)
   return _CONFIG.value
 

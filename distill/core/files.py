@@ -73,33 +73,37 @@ def atomic_dir(final: str, *, shared: bool = False) -> Iterator[str]:
   exception the temporary folder is removed and ``final`` is left as it was.
   ``shared=True``: every process of a multi-process run writes into the same
   temporary folder (orbax writes one checkpoint from all of them); the main
-  process makes and renames it, and all of them wait for one another at
-  each end.
+  process makes, renames (or, on an exception, removes) it, and all of them
+  wait for one another before the writing, after it and after the rename.
   """
   parent = os.path.dirname(os.path.abspath(final))
-  if shared:
+  main = not shared or sharding.is_main()
+  if shared:  # One name every process finds; a killed run's is replaced.
     tmp = os.path.join(parent, "." + os.path.basename(final) + ".writing")
-    if sharding.is_main():
-      shutil.rmtree(tmp, ignore_errors=True)  # a killed run's
+    if main:
+      shutil.rmtree(tmp, ignore_errors=True)
       os.makedirs(tmp)  # (and its parents)
     sharding.barrier(f"atomic_dir start {final}")
-    yield tmp
-    sharding.barrier(f"atomic_dir end {final}")
-    if not sharding.is_main():
-      return
   else:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, "." + os.path.basename(temp_name(final)))
     os.makedirs(tmp)
-    try:
-      yield tmp
-    except BaseException:
+  try:
+    yield tmp
+  except BaseException:
+    if main:
       shutil.rmtree(tmp, ignore_errors=True)
-      raise
-  old = None
-  if os.path.exists(final):
-    old = tmp + ".old"
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
+    raise
+  if shared:
+    sharding.barrier(f"atomic_dir written {final}")
+  if main:
+    old = None
+    if os.path.exists(final):
+      old = tmp + ".old"
+      shutil.rmtree(old, ignore_errors=True)  # a killed run's
+      os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  if shared:  # Nobody reads ``final`` before it is there.
+    sharding.barrier(f"atomic_dir renamed {final}")

@@ -23,7 +23,7 @@ collectives) follows from ``jax.jit`` and XLA's SPMD partitioner, steered by
 Several processes (one per host): ``initialize_distributed`` calls
 ``jax.distributed.initialize``; each process feeds its own rows of every
 global batch (``put_batch``), and only the main process writes files other
-than orbax's checkpoints (``is_main``).
+than orbax's checkpoints and the cache shards it owns (``is_main``).
 """
 
 from __future__ import annotations
@@ -209,14 +209,20 @@ def place(module: Any, mesh: Mesh) -> Any:
   return module
 
 
+def gather(x: Any) -> Any:
+  """``x`` whole in this process: an array that other processes hold parts
+  of is gathered from them (a collective); anything else is returned."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return multihost_utils.process_allgather(x, tiled=True)
+  return x
+
+
 def to_device(module: Any, device: jax.Device) -> Any:
   """A copy of ``module`` with every variable whole on one ``device`` (parts
   held by other processes are gathered first)."""
 
   def whole(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      x = multihost_utils.process_allgather(x, tiled=True)
-    return jax.device_put(x, device)
+    return jax.device_put(gather(x), device)
 
   graph, state = nnx.split(module)
   return nnx.merge(graph, jax.tree.map(whole, state))
@@ -331,8 +337,9 @@ def put_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
       raise ConfigError(
           f"a batch of {shape[0]} rows from {jax.process_count()} processes"
           f" does not split over the mesh {describe(mesh)}: with several"
-          " processes the global batch must be a multiple of data x fsdp x"
-          " expert"
+          " processes each process's rows must land on its own devices, so"
+          " the global batch must be a multiple of data x fsdp x expert and"
+          " those axes must span the processes (keep tensor within a host)"
       ) from e
   return out
 

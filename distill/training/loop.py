@@ -181,9 +181,10 @@ def _save_best(
   return True
 
 
-# The checkpoint item holding the data iterator's state, as JSON: the index
-# of the next global batch, the same in every process and for any process
-# count (an elastic restart on fewer hosts goes on with the same batch).
+# The checkpoint item holding the data iterator's state, as JSON: with
+# data.worker_count=0 the index of the next global batch, the same in every
+# process and for any process count (an elastic restart on fewer hosts goes
+# on with the same batch); with prefetch workers grain's per-worker state.
 DATA_STATE = "data_state"
 # Before: grain's own per-process item (``process_<i>-of-<n>.json`` files).
 _GRAIN_DATA = "data"
@@ -270,6 +271,15 @@ class SilentCorruptionError(UserError):
   """The same step, from the same state and batch, gave two results."""
 
 
+@jax.jit
+def _leaves_equal(a, b):
+  """Per leaf: are the two trees' arrays equal bit for bit (NaN = NaN)?"""
+  return [
+      jnp.array_equal(x, y, equal_nan=jnp.issubdtype(x.dtype, jnp.inexact))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  ]
+
+
 def _replayed_step(train_step, model, optimizer, args, desc, step):
   """``train_step`` run twice from one state; the results must be equal bit
   for bit (a split-phase check for silent data corruption: a flipped bit in
@@ -277,13 +287,6 @@ def _replayed_step(train_step, model, optimizer, args, desc, step):
 
   def snapshot():  # The arrays themselves (immutable), kept on the mesh.
     return jax.tree.map(lambda x: x, (nnx.state(model), nnx.state(optimizer)))
-
-  @jax.jit
-  def equal(a, b):
-    return [
-        jnp.array_equal(x, y, equal_nan=jnp.issubdtype(x.dtype, jnp.inexact))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    ]
 
   before = snapshot()
   train_step(model, optimizer, *args)
@@ -296,7 +299,7 @@ def _replayed_step(train_step, model, optimizer, args, desc, step):
       jax.tree_util.keystr(path)
       for path, _ in jax.tree_util.tree_leaves_with_path(after_first)
   ]
-  same = equal(after_first, after_second)
+  same = _leaves_equal(after_first, after_second)
   differ = [path for path, ok in zip(paths, same) if not bool(ok)]
   if differ:
     raise SilentCorruptionError(
@@ -367,6 +370,33 @@ def train(
       this process's rows of the global batch.
   """
   mesh = mesh if mesh is not None else sharding.active() or sharding.make_mesh()
+  with sharding.use(mesh):  # activations and the eval hook on it too
+    return _train(
+        out_dir,
+        model,
+        loss_fn,
+        make_iterator,
+        cfg,
+        eval_fn,
+        frozen,
+        best_metric,
+        desc,
+        mesh,
+    )
+
+
+def _train(
+    out_dir,
+    model,
+    loss_fn,
+    make_iterator,
+    cfg,
+    eval_fn,
+    frozen,
+    best_metric,
+    desc,
+    mesh,
+) -> TrainResult:
   mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
   step = mngr.latest_step() or 0
   if step >= cfg.steps:
@@ -514,7 +544,8 @@ def train(
         last.update({"eval/" + k: v for k, v in eval_metrics.items()})
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         save(step)
-      if stop.requested:
+      # Every process stops at the same step (the save is collective).
+      if sharding.main_says(stop.requested):
         save(step)
         status = "interrupted"
         logging.warning(
