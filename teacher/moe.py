@@ -39,6 +39,7 @@ Aux statistics are over real tokens only (mask False / segment id 0 = padding):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -267,19 +268,10 @@ def expert_parallel(
   device. An expert count the ``expert`` axis does not divide is padded with
   experts no token is routed to. Outside a mesh this is ``dispatch``.
   """
+  run = functools.partial(dispatch, valid=valid, capacity=capacity, impl=impl)
   mesh = sharding.current()
   if mesh is None:
-    return dispatch(
-        x,
-        weights,
-        experts,
-        w_gate,
-        w_up,
-        w_down,
-        valid=valid,
-        capacity=capacity,
-        impl=impl,
-    )
+    return run(x, weights, experts, w_gate, w_up, w_down)
   e = w_gate.shape[0]
   ep = mesh.shape["expert"]
   if e % ep:  # Padding experts: never routed to, so they compute nothing.
@@ -307,16 +299,14 @@ def expert_parallel(
     first = 0
     if e_axes:
       first = jax.lax.axis_index(e_axes) * e_local
-    y, kept = dispatch(
+    y, kept = run(
         x,
         weights,
         experts,
         w_gate,
         w_up,
         w_down,
-        valid=valid,
-        capacity=capacity,
-        impl=impl,
+        valid=valid,  # gathered like the tokens
         first_expert=first,
         out_dtype=jnp.float32,  # partial sums added in float32
     )
