@@ -268,10 +268,10 @@ def expert_parallel(
   device. An expert count the ``expert`` axis does not divide is padded with
   experts no token is routed to. Outside a mesh this is ``dispatch``.
   """
-  run = functools.partial(dispatch, valid=valid, capacity=capacity, impl=impl)
+  run = functools.partial(dispatch, capacity=capacity, impl=impl)
   mesh = sharding.current()
   if mesh is None:
-    return run(x, weights, experts, w_gate, w_up, w_down)
+    return run(x, weights, experts, w_gate, w_up, w_down, valid=valid)
   e = w_gate.shape[0]
   ep = mesh.shape["expert"]
   if e % ep:  # Padding experts: never routed to, so they compute nothing.
@@ -306,7 +306,7 @@ def expert_parallel(
         w_gate,
         w_up,
         w_down,
-        valid=valid,  # gathered like the tokens
+        valid=valid,
         first_expert=first,
         out_dtype=jnp.float32,  # partial sums added in float32
     )
