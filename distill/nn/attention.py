@@ -6,6 +6,18 @@ Attention is split so that a KV-cache decode path can reuse it:
 (which keys each query sees, from segment ids and token indices) and
 ``attend`` (the grouped-query attention core), then ``o_proj``.
 
+A whole sequence (training, the cache pass, scoring) goes through
+``self_attention``, the one entry point that picks a kernel
+(``ATTENTION_IMPLS``): ``xla`` is ``attention_mask`` + ``attend`` (scores
+materialised, any backend); ``cudnn`` is cuDNN's fused flash attention
+through ``jax.nn.dot_product_attention``: causal and the sliding window are
+native there, grouped-query heads are read without copies, and packed rows'
+segment ids become a boolean mask so documents never see each other. cuDNN
+needs a CUDA GPU and bfloat16/float16 inputs; ``auto`` takes it when those
+hold and the XLA path otherwise (the CPU, float32 compute, TPUs). The KV-cache
+decode path always uses ``attend`` (a few query rows per call, where a flash
+kernel gains nothing).
+
 KV cache (``Attention.init_cache`` / ``Attention.decode``), one dict per layer::
 
     k, v  [B, S, K, H]   keys (after RoPE) and values of past tokens
@@ -50,7 +62,18 @@ class AttentionKind(enum.StrEnum):
 
 ATTENTION_KINDS = tuple(k.value for k in AttentionKind)
 QK_NORMS = ("none", "head", "full")
+#: Kernels ``self_attention`` can use (see the module docstring).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def check_impl(impl: str) -> str:
+  """``impl`` if it is one of ATTENTION_IMPLS; a ConfigError otherwise."""
+  if impl not in ATTENTION_IMPLS:
+    raise ConfigError(
+        f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}"
+    )
+  return impl
 
 
 def check_kind(kind: str) -> AttentionKind:
@@ -173,6 +196,105 @@ def attend(
   return out.reshape(b, t, n, h)
 
 
+#: Compute dtypes cuDNN's flash attention takes.
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_impl(impl: str, dtype, head_dim: int) -> str:
+  """The kernel ``self_attention`` runs for ``impl`` on this backend: 'xla'
+  or 'cudnn'. ``auto`` is cuDNN on a CUDA GPU when the compute dtype is
+  bfloat16/float16 and head_dim a multiple of 8 up to 256 (what its flash
+  kernel takes), else XLA. An explicit 'cudnn' that cannot run here is a
+  ConfigError that says why."""
+  check_impl(impl)
+  if impl == "xla":
+    return "xla"
+  on_gpu = jax.default_backend() == "gpu"
+  why = None
+  if not on_gpu:
+    why = f"it needs a CUDA GPU and the backend is {jax.default_backend()!r}"
+  elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+    why = (
+        f"it takes bfloat16 or float16 and the compute dtype is"
+        f" {jnp.dtype(dtype).name} (set the model's dtype to bfloat16)"
+    )
+  elif head_dim % 8 or head_dim > 256:
+    why = f"it takes head_dim a multiple of 8 up to 256, not {head_dim}"
+  if why is None:
+    return "cudnn"
+  if impl == "cudnn":
+    raise ConfigError(f"attention_impl='cudnn' cannot run: {why}")
+  return "xla"
+
+
+def fused_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int | None,
+    scale: float,
+    implementation: str = "cudnn",
+) -> jax.Array:
+  """Causal (optionally windowed) GQA of a whole sequence in one
+  ``jax.nn.dot_product_attention`` call: the call ``self_attention`` makes
+  for cuDNN (``implementation='xla'`` runs the same call through jax's own
+  reference, which is how the CPU tests check it).
+
+  The window ``q - k < window`` is ``local_window_size=(window - 1, 0)``;
+  segment ids enter as a [B, 1, T, T] mask (same segment only; padding, id
+  0, sees padding), and causality as ``is_causal``.
+
+  q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H].
+  """
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return jax.nn.dot_product_attention(
+      q,
+      k,
+      v,
+      mask=same[:, None],
+      scale=scale,
+      is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0),
+      implementation=implementation,
+  )
+
+
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int | None,
+    scale: float,
+    impl: str = "auto",
+) -> jax.Array:
+  """Attention of a whole (packed) sequence over itself, by the kernel
+  ``resolve_impl`` picks for ``impl``.
+
+  A query at index i sees keys j <= i of its own segment (and, with a
+  window, i - j < window), as ``attention_mask`` says.
+
+  q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] (0 = padding)
+  -> [B, T, N, H] in v's dtype.
+  """
+  if resolve_impl(impl, v.dtype, q.shape[-1]) == "cudnn":
+    dtype = v.dtype
+    return fused_attention(
+        q.astype(dtype),
+        k.astype(dtype),
+        v,
+        segment_ids,
+        window=window,
+        scale=scale,
+    )
+  index = default_positions(q)
+  mask = attention_mask(segment_ids, segment_ids, index, index, window=window)
+  return attend(q, k, v, mask, scale=scale)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with GQA, optional QK-norm, RoPE and a layer kind.
 
@@ -184,6 +306,8 @@ class Attention(nnx.Module):
   [K*H] (OLMoE). ``norm_eps``/``norm_offset_one`` configure those norms.
   ``query_scale`` multiplies the scores (default ``head_dim**-0.5``);
   ``clip_qkv`` clamps q, k, v after the QK-norm (OLMoE's order).
+  ``impl``: the whole-sequence kernel (``ATTENTION_IMPLS``; see
+  ``self_attention``).
   """
 
   def __init__(
@@ -204,10 +328,12 @@ class Attention(nnx.Module):
       norm_offset_one: bool = False,
       query_scale: float | None = None,
       clip_qkv: float | None = None,
+      impl: str = "auto",
       dtype: layers.Dtype | None = None,
       param_dtype: layers.Dtype = jnp.float32,
   ):
     kind = check_kind(kind)
+    self.impl = check_impl(impl)
     if kind == AttentionKind.LOCAL and (window is None or window < 1):
       raise ValueError(
           f"a local attention layer needs window >= 1, got {window}"
@@ -313,11 +439,15 @@ class Attention(nnx.Module):
     segment_ids = default_segment_ids(x) if segment_ids is None else segment_ids
     positions = default_positions(x) if positions is None else positions
     q, k, v = self.project(x, positions)
-    index = default_positions(x)
-    mask = attention_mask(
-        segment_ids, segment_ids, index, index, window=self.window
+    out = self_attention(
+        q,
+        k,
+        v,
+        segment_ids,
+        window=self.window,
+        scale=self.query_scale,
+        impl=self.impl,
     )
-    out = attend(q, k, v, mask, scale=self.query_scale)
     return self.o_proj(out)
 
   # -- KV-cache decoding ------------------------------------------------------

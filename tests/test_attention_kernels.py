@@ -1,0 +1,109 @@
+"""The whole-sequence attention entry point and its kernels.
+
+On the CPU the cuDNN kernel cannot run, so its call is checked by running the
+very same ``jax.nn.dot_product_attention`` call through jax's own XLA
+reference (``fused_attention(implementation="xla")``) against the project's
+``attend``, forward and backward, in float32 and bfloat16.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill.core.errors import ConfigError
+from distill.nn import attention
+
+B, T, N, K, H = 2, 24, 4, 2, 16
+
+
+def _qkv(dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (B, T, N, H), jnp.float32)
+  k = jax.random.normal(keys[1], (B, T, K, H), jnp.float32)
+  v = jax.random.normal(keys[2], (B, T, K, H), jnp.float32)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+# Two documents and trailing padding in row 0, one document in row 1.
+SEGMENTS = jnp.array([[1] * 9 + [2] * 11 + [0] * 4, [3] * T], jnp.int32)
+
+
+def _reference(q, k, v, segment_ids, window, scale):
+  index = attention.default_positions(q)
+  mask = attention.attention_mask(
+      segment_ids, segment_ids, index, index, window=window
+  )
+  return attention.attend(q, k, v, mask, scale=scale)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(
+    "dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)]
+)
+def test_fused_call_matches_attend_forward_and_backward(window, dtype, tol):
+  q, k, v = _qkv(dtype)
+  scale = H**-0.5
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v)
+    # Padding rows' outputs are not used by any loss; compare real tokens.
+    real = (SEGMENTS != 0)[:, :, None, None]
+    return jnp.sum(jnp.where(real, out.astype(jnp.float32), 0.0) ** 2), out
+
+  ours = lambda q, k, v: _reference(q, k, v, SEGMENTS, window, scale)
+  fused = lambda q, k, v: attention.fused_attention(
+      q, k, v, SEGMENTS, window=window, scale=scale, implementation="xla"
+  )
+  grad = lambda fn: jax.grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True)
+  (g_ours, out_ours), (g_fused, out_fused) = (
+      grad(ours)(q, k, v),
+      grad(fused)(q, k, v),
+  )
+  real = np.asarray(SEGMENTS != 0)
+  a = np.asarray(out_ours, np.float32)[real]
+  b = np.asarray(out_fused, np.float32)[real]
+  np.testing.assert_allclose(b, a, atol=tol, rtol=tol)
+  for ga, gb in zip(g_ours, g_fused):
+    np.testing.assert_allclose(
+        np.asarray(gb, np.float32), np.asarray(ga, np.float32), atol=tol * 4
+    )
+
+
+def test_fused_call_keeps_documents_apart():
+  """Changing document 1's keys moves nothing in document 2 (packed rows)."""
+  q, k, v = _qkv(jnp.float32)
+  run = lambda k: attention.fused_attention(
+      q, k, v, SEGMENTS, window=None, scale=0.25, implementation="xla"
+  )
+  noise = jax.random.normal(jax.random.key(9), (9, K, H))
+  moved = jnp.abs(run(k.at[0, :9].add(noise)) - run(k)).max(axis=(-1, -2))
+  assert float(moved[0, 9:20].max()) == 0.0
+  assert float(moved[0, :9].max()) > 1e-3  # and the change is visible
+
+
+def test_self_attention_on_cpu_is_the_xla_path_exactly():
+  q, k, v = _qkv(jnp.float32)
+  for window in (None, 7):
+    for impl in ("auto", "xla"):
+      got = attention.self_attention(
+          q, k, v, SEGMENTS, window=window, scale=0.3, impl=impl
+      )
+      want = _reference(q, k, v, SEGMENTS, window, 0.3)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_resolve_impl_per_backend_dtype_and_shape(monkeypatch):
+  assert attention.resolve_impl("auto", jnp.bfloat16, 64) == "xla"  # CPU
+  with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+    attention.resolve_impl("cudnn", jnp.bfloat16, 64)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention.resolve_impl("auto", jnp.bfloat16, 64) == "cudnn"
+  assert attention.resolve_impl("auto", jnp.float16, 128) == "cudnn"
+  assert attention.resolve_impl("auto", jnp.float32, 64) == "xla"
+  assert attention.resolve_impl("auto", jnp.bfloat16, 12) == "xla"
+  assert attention.resolve_impl("xla", jnp.bfloat16, 64) == "xla"
+  with pytest.raises(ConfigError, match="float32"):
+    attention.resolve_impl("cudnn", jnp.float32, 64)
+  with pytest.raises(ConfigError, match="unknown attention_impl"):
+    attention.resolve_impl("flash", jnp.bfloat16, 64)
