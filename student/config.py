@@ -11,7 +11,7 @@ import dataclasses
 
 from distill.core import configs
 from distill.core.errors import ConfigError
-from distill.nn import attention
+from distill.nn import attention, stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +20,14 @@ class StudentConfig:
 
   ``query_pre_attn_scalar``: scores are scaled by its ``**-0.5`` (None:
   head_dim). ``rope_global_scaling``: linear RoPE scaling factor of global
-  layers (positions / factor). ``dtype``: compute dtype; ``param_dtype``:
-  parameter dtype (float32 for training; a bfloat16 export says so here).
+  layers (positions / factor). ``dtype``: compute dtype (bfloat16 on
+  accelerators; norms, softmaxes and losses stay float32); ``param_dtype``:
+  parameter dtype (float32 for training: the master weights; a bfloat16
+  export says so here). ``attention_impl``: whole-sequence attention kernel
+  (``distill.nn.attention.ATTENTION_IMPLS``). ``scan_layers``: run the
+  blocks under one ``jax.lax.scan`` per repeating period; ``remat``:
+  "none" | "full" | "dots", what the backward pass recomputes
+  (``distill.nn.stack``).
   """
 
   vocab_size: int = 256
@@ -41,6 +47,9 @@ class StudentConfig:
   final_logit_softcap: float | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "auto"
+  scan_layers: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     if not self.layer_pattern:
@@ -54,6 +63,11 @@ class StudentConfig:
         raise ConfigError(
             f"StudentConfig.layer_pattern={self.layer_pattern}: {e}"
         ) from None
+    try:
+      attention.check_impl(self.attention_impl)
+      stack.check_remat(self.remat)
+    except ConfigError as e:
+      raise ConfigError(f"StudentConfig: {e}") from None
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_heads={self.num_heads} is not a multiple of"

@@ -51,6 +51,7 @@ class Block(nnx.Module):
         norm_eps=c.rms_eps,
         norm_offset_one=True,
         query_scale=c.query_scale,
+        impl=c.attention_impl,
         dtype=c.dtype,
         param_dtype=c.param_dtype,
     )

@@ -45,6 +45,7 @@ class Block(nnx.Module):
         qk_norm=c.qk_norm,
         norm_eps=c.rms_eps,
         clip_qkv=c.clip_qkv,
+        impl=c.attention_impl,
         dtype=c.dtype,
         param_dtype=c.param_dtype,
     )
@@ -140,11 +141,8 @@ class Teacher(decoder.Decoder):
     )
 
   def run_blocks(self, x, segment_ids, positions):
-    auxes = []
-    for block in self.blocks:
-      x, aux = block(x, segment_ids, positions)
-      if aux is not None:
-        auxes.append(aux)
+    x, auxes = self.stack(lambda block, x: block(x, segment_ids, positions), x)
+    auxes = [aux for aux in auxes if aux is not None]
     return x, _merge_aux(auxes, self.config.num_experts)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ gives it the rest:
 - ``hidden`` and ``__call__``: tokens [B, T] int32 -> hidden [B, T, D] / logits
   [B, T, V] float32, with default segment ids (one document) and positions;
 - ``init_cache`` and ``decode``: KV-cache decoding (see ``distill.nn.attention``);
+- ``run_blocks`` by ``distill.nn.stack`` (scanned and rematerialised as
+  the config's ``scan_layers`` and ``remat`` say);
 - ``param_counts``; ``abstract(config)`` (parameters as shapes only, no
   memory); ``load(directory)`` from a model folder of its ``kind``.
 """
@@ -23,6 +25,7 @@ from flax import nnx
 
 from distill.core import checkpoint, sharding
 from distill.nn import attention, layers
+from distill.nn import stack as stack_lib
 
 
 class Decoder(nnx.Module):
@@ -51,10 +54,26 @@ class Decoder(nnx.Module):
   def run_blocks(
       self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array
   ) -> tuple[jax.Array, dict]:
-    """x [B, T, D] through every block -> (x [B, T, D], aux dict)."""
-    for block in self.blocks:
-      x = block(x, segment_ids, positions)
+    """x [B, T, D] through every block -> (x [B, T, D], aux dict).
+
+    Unrolled or scanned, rematerialised or not, as the config's
+    ``scan_layers`` and ``remat`` say (``distill.nn.stack``).
+    """
+    x, _ = self.stack(
+        lambda block, x: (block(x, segment_ids, positions), None), x
+    )
     return x, {}
+
+  def stack(self, call: stack_lib.BlockCall, x: jax.Array):
+    """``stack_lib.run`` over this model's blocks with its config's
+    ``scan_layers`` and ``remat`` -> (x, [aux of each block])."""
+    return stack_lib.run(
+        self.blocks,
+        call,
+        x,
+        scan=self.config.scan_layers,
+        remat=self.config.remat,
+    )
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] (from ``hidden``) -> logits [B, T, V] float32."""
