@@ -308,7 +308,7 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="student")
     if (
-        existing["model"] != ckpt.config_to_dict(cfg)
+        ckpt.what_it_computes(existing["model"]) != ckpt.what_it_computes(cfg)
         or existing.get("settings") != settings
     ):
       raise UserError(

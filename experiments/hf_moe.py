@@ -62,7 +62,10 @@ def get_config(arg=None):
     c.cache.rows_per_shard = 4096
     c.cache.max_rows = 20_000 * 64  # every row the students read
     c.student.preset = "gemma3_270m"  # its published shape
-    c.student.model = configs.model_section(StudentConfig)
+    # bfloat16 compute, float32 master weights: the accelerator default.
+    c.student.model = configs.model_section(
+        StudentConfig, dtype="bfloat16", param_dtype="float32"
+    )
     c.distill.loss_chunk = 256
     c.distill.eval_batches = 32
     c.distill.train.update(

@@ -49,7 +49,7 @@ def _check_same_model(out_dir: str, cfg: teacher_config.TeacherConfig) -> None:
   existing = ckpt.read_config(out_dir, kind="teacher")
   if existing.get("source") == "import_hf":
     return
-  if existing["model"] != ckpt.config_to_dict(cfg):
+  if ckpt.what_it_computes(existing["model"]) != ckpt.what_it_computes(cfg):
     raise UserError(
         f"{out_dir} holds a teacher with another configuration; training would"
         " mix the two. Use a new --workdir, or remove that folder to start over."

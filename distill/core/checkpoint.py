@@ -86,7 +86,7 @@ def fingerprint(model: nnx.Module) -> str:
   can tell whether the teacher in the workdir is still that one.
   """
   digest = hashlib.sha256(
-      json.dumps(config_to_dict(model.config), sort_keys=True).encode()
+      json.dumps(what_it_computes(model.config), sort_keys=True).encode()
   )
   leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -94,6 +94,19 @@ def fingerprint(model: nnx.Module) -> str:
     leaf = sharding.gather(leaf)  # other hosts' parts too
     digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return digest.hexdigest()
+
+
+#: Model config fields that say how a model runs (kernel, scanning,
+#: rematerialisation), not what it computes: a model is the same model
+#: whatever they are, so comparisons and fingerprints leave them out.
+EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat")
+
+
+def what_it_computes(config: Any) -> dict[str, Any]:
+  """``config_to_dict`` of a model config (or of its dict) without the
+  EXECUTION_FIELDS: equal for two configs of the same model."""
+  data = config if isinstance(config, dict) else config_to_dict(config)
+  return {k: v for k, v in data.items() if k not in EXECUTION_FIELDS}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
