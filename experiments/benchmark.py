@@ -1,23 +1,39 @@
-"""Ratios that matter, measured inside one process.
+"""How fast the config's models train, cache and decode, against what the
+machine can do, measured inside one process.
 
     python -m experiments.benchmark --config=experiments/stdlib.py --out=/tmp/bench.json
+    python -m experiments.benchmark --config=experiments/stdlib.py:gpu --runs=ce,sampled
 
-Timings on a shared or small machine are noisy, so everything is reported as a
-ratio of two timings taken in the same process on the same inputs, with the
-absolute times beside the machine they came from. Measured here:
+Timings on a shared or small machine are noisy, so every figure is a ratio of
+two timings taken in the same process, with the absolute times beside the
+machine they came from. Measured here:
 
-- ``step_time_over_ce``: a training step of the config's student with each
-  distillation loss (sampled, top-k ghost, top-k sparse: targets of the
-  cache's shapes; online and online_topk: the teacher in the loop) over a plain
-  cross-entropy step, same batch;
-- ``train_flops_over_matmul``: the achieved FLOP/s of the CE training step
-  (6 x parameters x tokens) over that of a large float32 matmul;
-- ``cache_over_forward``: throughput of the cache's jitted teacher pass
-  (forward plus every configured target) over the forward alone, same batch
-  (the device side of ``teacher.cache_logits``; the stage overlaps host
-  encoding and writing with it);
-- ``decode_student_over_teacher``: batch-1 and batch-8 greedy decode
-  tokens/s of the student over the teacher's (KV cache, compiled loop).
+- ``matmul_flops_per_s``: a large square matmul in the students' compute
+  dtype (bfloat16 on accelerators): the rate the training steps are held to;
+  ``copy_bytes_per_s``: a large array copy (bytes read + written per second),
+  the memory bandwidth decoding is held to.
+- ``students``: a training step of the config's student with each run's loss
+  (``--runs``; offline runs get targets of the cache's shapes, online runs the
+  teacher in the loop), as ``step_time_over_ce``; the CE step's
+  ``train_flops_over_matmul`` (model FLOPs utilisation: FLOPs per step over
+  step time, over the matmul rate), ``compile_s`` per run, and the CE step
+  compiled with ``scan_layers`` on and off.
+- ``teacher``: its pretraining step (CE + router losses), the same way.
+- ``cache``: throughput of the cache's jitted teacher pass (forward plus every
+  configured target) over the forward alone, same batch
+  (``cache_over_forward``; the stage overlaps host encoding and writing with
+  it).
+- ``decode``: batch-1 and batch-8 greedy decode tokens/s of the student and
+  the teacher (KV cache, the compiled loop ``generate`` runs), each over its
+  memory roofline: ``batch x copy_bytes_per_s / bytes read per step``, the
+  parameters a step touches (as stored; for the MoE the shared weights plus
+  min(E, batch x top_k) of its E experts per layer) plus the KV cache.
+
+Training FLOPs per step are ``6 x active parameters x tokens`` plus attention:
+``3 x 4 x H x N x (keys each query sees)`` summed over layers and queries
+(QK^T and PV, forward and twice that backward; a query sees min(position + 1,
+window) keys, whole rows as one document). ``compile_s`` is a first call's
+time minus a compiled call's: tracing and compilation.
 
 Random weights and random targets of the right shapes are used: step time does
 not depend on what the weights have learned.
@@ -25,7 +41,9 @@ not depend on what the weights have learned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from typing import Any
 
 import jax
@@ -34,11 +52,13 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from distill.core import cli
-from distill.evals import report
-from distill.training import loop as trainer
-from distill.decoding import generate as gen
 from distill import train as distill_train
+from distill.core import cli
+from distill.core.errors import ConfigError
+from distill.decoding import generate as gen
+from distill.evals import report
+from distill.nn import attention
+from distill.training import loop as trainer
 from student.model import Student
 from teacher import cache_logits
 from teacher import train as teacher_train
@@ -46,12 +66,68 @@ from teacher.model import Teacher
 
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median).")
+_RUNS = flags.DEFINE_list(
+    "runs",
+    None,
+    "Student run kinds to time (default: every kind; ce is always timed).",
+)
 
 
-def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+# ----------------------------------------------------------------------------
+# What the machine can do
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+  """(compile seconds: first call minus a compiled one, median seconds)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  seconds, _ = gen.median_time(fn, repeats)
+  return max(first - seconds, 0.0), seconds
+
+
+def matmul_flops(dtype="float32", size: int | None = None, repeats=5) -> float:
+  """FLOP/s of a square matmul in ``dtype`` (8192 on accelerators, 2048 on
+  the CPU)."""
+  if size is None:
+    size = 2048 if jax.default_backend() == "cpu" else 8192
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  a = a.astype(dtype)
   f = jax.jit(lambda x: x @ x)
   return 2 * size**3 / gen.median_time(lambda: f(a), repeats)[0]
+
+
+def copy_bandwidth(num_bytes: int | None = None, repeats=5) -> float:
+  """Bytes/s read plus written by an elementwise pass over a large array
+  (256 MiB on the CPU, 2 GiB on accelerators)."""
+  if num_bytes is None:
+    num_bytes = 2**28 if jax.default_backend() == "cpu" else 2**31
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 2.0)
+  return 2 * num_bytes / gen.median_time(lambda: f(x), repeats)[0]
+
+
+def attention_train_flops(
+    kinds, window: int | None, batch: int, seq: int, heads: int, head_dim: int
+) -> float:
+  """Attention FLOPs of one training step (see the module docstring)."""
+  total = 0.0
+  for kind in kinds:
+    keys = np.arange(1, seq + 1)
+    if kind == attention.AttentionKind.LOCAL:
+      keys = np.minimum(keys, window)
+    total += 3 * 4 * head_dim * heads * batch * float(keys.sum())
+  return total
+
+
+def _train_flops(counts, kinds, window, heads, head_dim, batch, seq) -> float:
+  return 6 * counts["active"] * batch * seq + attention_train_flops(
+      kinds, window, batch, seq, heads, head_dim
+  )
+
+
+# ----------------------------------------------------------------------------
+# Training steps
 
 
 def _batch(
@@ -80,8 +156,9 @@ def _batch(
   return {"base": batch, "topk": topk, "sample": sample}
 
 
-def _step_seconds(loss_fn, model, optimizer, batch, frozen, repeats) -> float:
-  """Median seconds of one compiled training step of ``loss_fn``."""
+def _step_timing(loss_fn, model, loop, batch, frozen, repeats):
+  """(compile seconds, median seconds) of one training step of ``loss_fn``."""
+  optimizer = nnx.Optimizer(model, trainer.make_optimizer(loop), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer, batch, frozen):
@@ -92,24 +169,35 @@ def _step_seconds(loss_fn, model, optimizer, batch, frozen, repeats) -> float:
     optimizer.update(model, grads)
     return loss
 
-  return gen.median_time(
-      lambda: step(model, optimizer, batch, frozen), repeats
-  )[0]
+  return _timed(lambda: step(model, optimizer, batch, frozen), repeats)
 
 
-def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
-  """Student step time per run kind, over the CE step time."""
+def step_ratios(
+    config, vocab: int, repeats: int, matmul: float, runs=None
+) -> dict[str, Any]:
+  """The student's training step per run kind (over CE), its MFU and
+  compile seconds, scanned and not."""
+  kinds = distill_train.RUN_KINDS
+  runs = ["ce"] + [r for r in (runs or kinds) if r != "ce"]
+  unknown = sorted(set(runs) - set(kinds))
+  if unknown:
+    raise ConfigError(
+        f"--runs: unknown run kind(s) {unknown}; expected some of"
+        f" {sorted(kinds)}"
+    )
   rng = np.random.default_rng(0)
   batches = _batch(config, vocab, rng)
   loop = distill_train.loop_config(config)
   s_cfg = distill_train.model_config(config, vocab)
-  teacher = Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
-  seconds = {}
-  for run, kind in distill_train.RUN_KINDS.items():
-    model = Student(s_cfg, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(
-        model, trainer.make_optimizer(loop), wrt=nnx.Param
-    )
+  needs_teacher = any(kinds[r].mode == "online" for r in runs)
+  teacher = (
+      Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
+      if needs_teacher
+      else None
+  )
+  seconds, compile_s = {}, {}
+  for run in runs:
+    kind = kinds[run]
     loss_fn = distill_train.loss_fn_for(
         kind, config.distill, cache_temperature=1.0, topk_k=config.cache.k
     )
@@ -117,22 +205,86 @@ def step_ratios(config, vocab: int, repeats: int) -> dict[str, Any]:
     if kind.mode == "offline":
       batch.update(batches[kind.target])
     frozen = (teacher,) if kind.mode == "online" else ()
-    seconds[run] = _step_seconds(
-        loss_fn, model, optimizer, batch, frozen, repeats
+    compile_s[run], seconds[run] = _step_timing(
+        loss_fn, Student(s_cfg, rngs=nnx.Rngs(0)), loop, batch, frozen, repeats
     )
-  tokens = config.data.batch_size * config.data.seq_len
-  params = Student(s_cfg, rngs=nnx.Rngs(0)).param_counts()["total"]
-  flops = matmul_flops(repeats=repeats)
+  scanned = dataclasses.replace(s_cfg, scan_layers=not s_cfg.scan_layers)
+  ce_loss = distill_train.loss_fn_for(
+      kinds["ce"], config.distill, cache_temperature=1.0, topk_k=config.cache.k
+  )
+  other_compile, other_step = _step_timing(
+      ce_loss,
+      Student(scanned, rngs=nnx.Rngs(0)),
+      loop,
+      batches["base"],
+      (),
+      repeats,
+  )
+  b, t = config.data.batch_size, config.data.seq_len
+  counts = Student.abstract(s_cfg).param_counts()
+  flops = _train_flops(
+      counts, s_cfg.layer_kinds, s_cfg.window, s_cfg.num_heads,
+      s_cfg.head_dim, b, t,
+  )  # fmt: skip
+  by_scan = {
+      s_cfg.scan_layers: (compile_s["ce"], seconds["ce"]),
+      scanned.scan_layers: (other_compile, other_step),
+  }
   return {
       "step_seconds": seconds,
       "step_time_over_ce": {
           run: s / seconds["ce"] for run, s in seconds.items()
       },
-      "student_params": params,
-      "tokens_per_step": tokens,
-      "matmul_flops_per_s": flops,
-      "train_flops_over_matmul": 6 * params * tokens / seconds["ce"] / flops,
+      "compile_s": compile_s,
+      "ce_by_scan_layers": {
+          f"scan_layers={k}": {"compile_s": v[0], "step_s": v[1]}
+          for k, v in by_scan.items()
+      },
+      "student_params": counts["total"],
+      "dtype": s_cfg.dtype,
+      "tokens_per_step": b * t,
+      "train_flops_per_step": flops,
+      "train_flops_over_matmul": flops / seconds["ce"] / matmul,
   }
+
+
+def teacher_step(
+    config, vocab: int, repeats: int, matmul: float
+) -> dict[str, Any]:
+  """The teacher's pretraining step: seconds, compile seconds, MFU."""
+  cfg = teacher_train.model_config(config, vocab)
+  batch = _batch(config, vocab, np.random.default_rng(0))["base"]
+  loop = teacher_train.loop_config(config)
+  loss_fn = teacher_train.loss_fn_for(cfg, config.teacher.train.loss_chunk)
+  compile_s, seconds = _step_timing(
+      loss_fn,
+      Teacher(cfg, rngs=nnx.Rngs(1)),
+      loop,
+      batch,
+      (),
+      repeats,
+  )
+  b, t = config.data.batch_size, config.data.seq_len
+  counts = Teacher.abstract(cfg).param_counts()
+  kinds = [
+      attention.AttentionKind.LOCAL if cfg.sliding_window else "global"
+  ] * cfg.num_layers
+  flops = _train_flops(
+      counts, kinds, cfg.sliding_window, cfg.num_heads, cfg.head_dim, b, t
+  )
+  return {
+      "step_s": seconds,
+      "compile_s": compile_s,
+      "params": counts,
+      "dtype": cfg.dtype,
+      "tokens_per_s": b * t / seconds,
+      "train_flops_per_step": flops,
+      "train_flops_over_matmul": flops / seconds / matmul,
+  }
+
+
+# ----------------------------------------------------------------------------
+# The cache pass and decoding
 
 
 def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
@@ -150,58 +302,97 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
   )
   key = jax.random.key(0)
   rows = jnp.arange(b, dtype=jnp.int32)
-  seconds = {
-      "forward": gen.median_time(
-          lambda: forward(teacher, tokens, segments, positions), repeats
-      )[0],
-      "cache_pass": gen.median_time(
-          lambda: targets(teacher, tokens, segments, positions, key, rows),
-          repeats,
-      )[0],
-  }
+  compile_s, seconds = {}, {}
+  compile_s["forward"], seconds["forward"] = _timed(
+      lambda: forward(teacher, tokens, segments, positions), repeats
+  )
+  compile_s["cache_pass"], seconds["cache_pass"] = _timed(
+      lambda: targets(teacher, tokens, segments, positions, key, rows),
+      repeats,
+  )
   return {
       "seconds": seconds,
+      "compile_s": compile_s,
       "methods": list(c.methods),
       "batch": [b, t],
       "cache_over_forward": seconds["forward"] / seconds["cache_pass"],
   }
 
 
-def decode_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
-  """Greedy decode tokens/s of the student over the teacher's, per batch size."""
+def decode_bytes(model, batch: int, context: int) -> float:
+  """Bytes one decode step reads: parameters as stored (for an MoE, the
+  shared weights plus min(E, batch x top_k) of its E experts per layer)
+  plus the KV cache of ``context`` positions (local layers: their window)."""
+  params = nnx.state(model, nnx.Param)
+  size = lambda leaf: leaf.size * leaf.dtype.itemsize
+  total = float(sum(size(leaf) for leaf in jax.tree.leaves(params)))
+  config = model.config
+  for block in model.blocks:
+    moe = getattr(block, "moe", None)
+    if moe is not None:
+      experts = sum(size(w[...]) for w in (moe.gate, moe.up, moe.down))
+      used = min(config.num_experts, batch * config.top_k)
+      total -= experts * (1 - used / config.num_experts)
+    a = block.attn
+    keys = min(context, a.window) if a.window else context
+    kv_dtype = jnp.dtype(config.dtype)
+    total += 2 * batch * keys * a.num_kv_heads * a.head_dim * kv_dtype.itemsize
+  return total
+
+
+def decode_ratio(
+    config, vocab: int, repeats: int, bandwidth: float
+) -> dict[str, Any]:
+  """Greedy decode tokens/s of the student and the teacher per batch size,
+  over each one's memory roofline, and the student's over the teacher's."""
   e = config.eval.speed
-  student = Student(distill_train.model_config(config, vocab), rngs=nnx.Rngs(0))
-  teacher = Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
+  models = {
+      "student": Student(
+          distill_train.model_config(config, vocab), rngs=nnx.Rngs(0)
+      ),
+      "teacher": Teacher(
+          teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1)
+      ),
+  }
   out: dict[str, Any] = {}
   for b in e.batch_sizes:
-    s = gen.measure_speed(
-        student, e.prompt_len, e.new_tokens, b, repeats=repeats
+    row: dict[str, Any] = {}
+    for name, model in models.items():
+      speed = gen.measure_speed(
+          model, e.prompt_len, e.new_tokens, b, repeats=repeats
+      )
+      context = e.prompt_len + e.new_tokens // 2  # the mean over the steps
+      roofline = b * bandwidth / decode_bytes(model, b, context)
+      row[f"{name}_tokens_per_s"] = speed["decode_tokens_per_s"]
+      row[f"{name}_roofline_tokens_per_s"] = roofline
+      row[f"{name}_over_roofline"] = speed["decode_tokens_per_s"] / roofline
+    row["decode_student_over_teacher"] = (
+        row["student_tokens_per_s"] / row["teacher_tokens_per_s"]
     )
-    t = gen.measure_speed(
-        teacher, e.prompt_len, e.new_tokens, b, repeats=repeats
-    )
-    out[f"batch_{b}"] = {
-        "student_tokens_per_s": s["decode_tokens_per_s"],
-        "teacher_tokens_per_s": t["decode_tokens_per_s"],
-        "decode_student_over_teacher": s["decode_tokens_per_s"]
-        / t["decode_tokens_per_s"],
-    }
+    out[f"batch_{b}"] = row
   return out
 
 
-def benchmark(config, repeats: int = 5) -> dict[str, Any]:
+def benchmark(config, repeats: int = 5, runs=None) -> dict[str, Any]:
   vocab = config.data.vocab_size
+  dtype = distill_train.model_config(config, vocab).dtype
+  matmul = matmul_flops(dtype, repeats=repeats)
+  bandwidth = copy_bandwidth(repeats=repeats)
   return {
       "machine": report.machine_description(),
-      "students": step_ratios(config, vocab, repeats),
+      "matmul_dtype": dtype,
+      "matmul_flops_per_s": matmul,
+      "copy_bytes_per_s": bandwidth,
+      "students": step_ratios(config, vocab, repeats, matmul, runs),
+      "teacher": teacher_step(config, vocab, repeats, matmul),
       "cache": cache_ratio(config, vocab, repeats),
-      "decode": decode_ratio(config, vocab, repeats),
+      "decode": decode_ratio(config, vocab, repeats, bandwidth),
   }
 
 
 def main(argv):
   config = cli.setup_config(argv)
-  result = benchmark(config, _REPEATS.value)
+  result = benchmark(config, _REPEATS.value, _RUNS.value)
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

@@ -45,6 +45,17 @@ def model_config(config, vocab_size: int) -> teacher_config.TeacherConfig:
   )
 
 
+def loop_config(config) -> trainer.LoopConfig:
+  """The teacher's optimisation settings, ``config.teacher.train``."""
+  loop = configs.from_section(
+      trainer.LoopConfig,
+      config.teacher.train,
+      where="config.teacher.train",
+      also=("eval_batches", "loss_chunk"),
+  )
+  return dataclasses.replace(loop, replay_check_every=config.replay_check_every)
+
+
 def _check_same_model(out_dir: str, cfg: teacher_config.TeacherConfig) -> None:
   existing = ckpt.read_config(out_dir, kind="teacher")
   if existing.get("source") == "import_hf":
@@ -151,13 +162,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
   logging.info("Teacher %s: %s parameters", config.teacher.preset, counts)
 
   model = Teacher(cfg, rngs=nnx.Rngs(config.seed))
-  loop = configs.from_section(
-      trainer.LoopConfig,
-      config.teacher.train,
-      where="config.teacher.train",
-      also=("eval_batches", "loss_chunk"),
-  )
-  loop = dataclasses.replace(loop, replay_check_every=config.replay_check_every)
+  loop = loop_config(config)
   data = config.data
   result = trainer.train(
       out_dir=out_dir,

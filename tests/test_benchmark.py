@@ -2,9 +2,18 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 import procs
+from distill.core.errors import ConfigError
+from experiments import benchmark, stdlib
+from student.config import PRESETS
+from student.model import Student
+from teacher import config as teacher_config
+from teacher.model import Teacher
 
 
 @pytest.mark.slow  # ~1 min: compiles a train step per run kind
@@ -34,3 +43,57 @@ def test_benchmark_reports_every_ratio(tmp_path):
   assert bench["cache"]["methods"] == ["sample", "topk"]
   for b in (1, 8):
     assert bench["decode"][f"batch_{b}"]["decode_student_over_teacher"] > 0
+    for model in ("student", "teacher"):
+      assert 0 < bench["decode"][f"batch_{b}"][f"{model}_over_roofline"]
+  assert 0 < bench["teacher"]["train_flops_over_matmul"]
+  assert set(bench["students"]["compile_s"]) == set(ratios)
+  assert set(bench["students"]["ce_by_scan_layers"]) == {
+      "scan_layers=False",
+      "scan_layers=True",
+  }
+  assert bench["matmul_dtype"] == "float32" and bench["copy_bytes_per_s"] > 0
+
+
+def test_attention_flops_count_every_visible_key():
+  """Against a brute-force count of (query, key) pairs under the mask."""
+  seq, window = 10, 4
+  pairs = {
+      kind: sum(
+          1
+          for q in range(seq)
+          for k in range(seq)
+          if k <= q and (kind == "global" or q - k < window)
+      )
+      for kind in ("local", "global")
+  }
+  got = benchmark.attention_train_flops(
+      ["local", "global", "local"], window, batch=3, seq=seq, heads=2,
+      head_dim=8,
+  )  # fmt: skip
+  assert got == 3 * 4 * 8 * 2 * 3 * (2 * pairs["local"] + pairs["global"])
+
+
+def test_decode_bytes_counts_params_experts_and_kv_cache():
+  student = Student(PRESETS["tiny"], nnx.Rngs(0))
+  params = sum(
+      x.size * 4 for x in jax.tree.leaves(nnx.state(student, nnx.Param))
+  )
+  c = student.config
+  # tiny: (local window 8, global); 20 positions of context, batch 2.
+  kv = 2 * 2 * (8 + 20) * c.num_kv_heads * c.head_dim * 4
+  assert benchmark.decode_bytes(student, 2, 20) == params + kv
+
+  teacher = Teacher(teacher_config.get_preset("tiny"), nnx.Rngs(0))
+  t = teacher.config
+  expert = 3 * t.d_model * t.d_ff * 4  # one expert's bytes
+  full = benchmark.decode_bytes(teacher, 8, 20)  # 8 x top-2 >= 5 experts
+  one = benchmark.decode_bytes(teacher, 1, 20)  # 2 of 5 experts per layer
+  kv_growth = 2 * 7 * 20 * t.num_kv_heads * t.head_dim * 4 * t.num_layers
+  np.testing.assert_allclose(
+      full - one, t.num_layers * 3 * expert + kv_growth, rtol=1e-9
+  )
+
+
+def test_unknown_run_kind_is_refused_before_any_work():
+  with pytest.raises(ConfigError, match="unknown run kind.*'bogus'"):
+    benchmark.step_ratios(stdlib.get_config("tiny"), 512, 1, 1.0, ["bogus"])
