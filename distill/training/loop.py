@@ -485,6 +485,7 @@ def _train(
   status, last, window = "finished", {}, []
   skipped, bad_in_a_row = 0, 0
   tokens_seen, started = 0, time.time()
+  first_step_s = None
   with (
       _StopRequest() as stop,
       tqdm(
@@ -507,8 +508,16 @@ def _train(
       else:
         metrics, finite = train_step(model, optimizer, *args)
       step += 1
-      tokens_seen += math.prod(batch["tokens"].shape) - len(batch["tokens"])
-      if bool(finite):
+      finite = bool(finite)  # waits for the step
+      if first_step_s is None:  # compilation, then one step
+        first_step_s = time.time() - started
+        logging.info(
+            "%s: first step %.1f s (compilation included)", desc, first_step_s
+        )
+        tokens_seen, started = 0, time.time()  # throughput after it
+      else:
+        tokens_seen += math.prod(batch["tokens"].shape) - len(batch["tokens"])
+      if finite:
         window.append(metrics)
         bad_in_a_row = 0
       else:
@@ -524,9 +533,11 @@ def _train(
             for k in (window[0] if window else {})
         }
         means["learning_rate"] = float(schedule(step - 1))
-        means["tokens_per_second"] = tokens_seen / max(
-            time.time() - started, 1e-9
-        )
+        if tokens_seen:  # steps after the first (compiling) one
+          means["tokens_per_second"] = tokens_seen / max(
+              time.time() - started, 1e-9
+          )
+        means["first_step_seconds"] = first_step_s
         means["skipped_steps"] = float(skipped)
         if writer is not None:
           writer.write(step, means)
