@@ -18,7 +18,7 @@ from distill.core.errors import ConfigError
 from distill.nn import attention, stack
 
 QK_NORMS = ("none", "head", "full")
-MOE_IMPLS = ("auto", "ragged", "blocked")
+MOE_IMPLS = ("auto", "ragged", "tokamax", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +48,11 @@ class TeacherConfig:
     router_aux_loss_coef: weight of the Switch load-balancing loss in training.
     router_z_loss_coef: weight of the router z-loss in training.
     moe_impl: grouped matmul of the dropless path: "ragged" (lax.ragged_dot),
-      "blocked" (groups padded to row blocks, batched matmul), "auto"
-      (blocked on CPUs, where XLA lowers ragged_dot to a dense masked matmul
-      that costs E times the work, and on GPUs, where it measured 3.4x
-      faster than ragged_dot on an H100; ragged on TPUs).
+      "tokamax" (tokamax.ragged_dot: its GPU kernels, an optional
+      dependency), "blocked" (groups padded to row blocks, batched matmul),
+      "auto" (blocked on CPUs, where XLA lowers ragged_dot to a dense masked
+      matmul that costs E times the work, and on GPUs, where it measured
+      3.4x faster than ragged_dot on an H100; ragged on TPUs).
     qkv_bias: biases on the q, k and v projections (Qwen2-MoE).
     qk_norm: "none"; "head" (RMSNorm over each head, Qwen3); "full" (RMSNorm
       over the whole projected q and k, OLMoE).

@@ -52,7 +52,7 @@ def _dense_reference(layer, x, keep=None):
   return y.reshape(x.shape), experts
 
 
-@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+@pytest.mark.parametrize("impl", ["ragged", "tokamax", "blocked"])
 @pytest.mark.parametrize("norm", [True, False])
 def test_dropless_matches_dense_loop(impl, norm):
   layer = _layer(impl=impl, norm_topk_prob=norm)
