@@ -20,9 +20,19 @@ Rejected tokens are rolled back without touching the caches: a decode call
 never sees cache entries at or after its first position, and the local
 (sliding-window) layers' rings have ``gamma`` extra slots so that the writes
 of rejected tokens never overwrite keys the window still needs (see
-``distill.nn.attention``). Every call has a fixed shape (the student's first call
-takes the last one or two committed tokens, re-feeding one that may already
-be cached), so nothing recompiles per round.
+``distill.nn.attention``).
+
+After the two prefills (each model's cache gets the prompt but its last
+token), every round runs on the device in one jitted ``jax.lax.while_loop``
+whose carry holds both caches, the committed tokens (a buffer of the caches'
+max_len), their count, the round number (from 1; round r draws its keys from
+``fold_in(fold_in(key, r), 0)`` for drafting and ``..., 1)`` for
+verification) and the accepted count; it stops at ``max_new_tokens`` new
+tokens or ``eos_id``, and the host reads the result once. Every shape in it
+is fixed (the student's first call of a round takes the last two committed
+tokens, re-feeding one that may already be cached; after a one-token prompt
+the first of them is padding), so it compiles once per pair of models,
+gamma, greedy or not and max_len bucket, not per round or call.
 
     result = speculative_generate(teacher, student, prompt, 64, gamma=4)
     result.tokens, result.acceptance_rate, result.tokens_per_teacher_call
@@ -83,13 +93,11 @@ class SpeculativeResult:
 
 
 # ----------------------------------------------------------------------------
-# The two jitted halves of a round
+# One round, in two halves (traced inside the loop below)
 
 
-@gen.per_model(static_argnames=("gamma", "greedy"), donate_argnames=("cache",))
 def _draft(
-    graphdef,
-    state,
+    model,
     cache,
     tokens,
     positions,
@@ -106,7 +114,6 @@ def _draft(
   -> drafts [gamma] int32, q [gamma, V] (the draft distributions; zeros
   when greedy), cache.
   """
-  model = nnx.merge(graphdef, state)
   keys = jax.random.split(
       jax.random.fold_in(jax.random.fold_in(key, round_), 0), gamma
   )
@@ -136,10 +143,8 @@ def _draft(
   return drafts, q, cache
 
 
-@gen.per_model(static_argnames=("greedy",), donate_argnames=("cache",))
 def _verify(
-    graphdef,
-    state,
+    model,
     cache,
     last,
     drafts,
@@ -155,10 +160,9 @@ def _verify(
   """Teacher checks the drafts in one pass.
 
   last: the last committed token (scalar), drafts [gamma], q [gamma, V],
-  position: the last token's position -> ([a, the a accepted drafts, the
-  next token, -1 padding] int32 [gamma + 2], cache).
+  position: the last token's position -> (accepted count a (), [the a
+  accepted drafts, the next token, -1 padding] int32 [gamma + 1], cache).
   """
-  model = nnx.merge(graphdef, state)
   gamma = drafts.shape[0]
   key = jax.random.fold_in(jax.random.fold_in(key, round_), 1)
   tokens = jnp.concatenate([last[None], drafts])[None]  # [1, gamma+1]
@@ -177,7 +181,7 @@ def _verify(
   committed = jnp.where(
       i < accepted, jnp.append(drafts, 0), jnp.where(i == accepted, token, -1)
   )
-  return jnp.concatenate([accepted[None], committed]).astype(jnp.int32), cache
+  return accepted.astype(jnp.int32), committed.astype(jnp.int32), cache
 
 
 def accept_reject(
@@ -213,6 +217,88 @@ def accept_reject(
 # The loop
 
 
+@gen.per_model(
+    static_argnames=("gamma", "greedy"), donate_argnames=("t_cache", "s_cache")
+)
+def _rounds(
+    t_graph,
+    s_graph,
+    t_state,
+    s_state,
+    t_cache,
+    s_cache,
+    seq,
+    n,
+    max_new_tokens,
+    eos_id,
+    key,
+    temperature,
+    top_p,
+    *,
+    gamma: int,
+    greedy: bool,
+):
+  """Every round of one generation in one while loop (batch 1).
+
+  ``_rounds(t_graph, s_graph)(...)``. seq [L] int32: the prompt, then room
+  (L = the caches' max_len); n: the prompt's length; the caches hold the
+  prompt but its last token. Rounds run until ``max_new_tokens`` tokens
+  follow the prompt or one of them is eos_id (-1: none).
+  -> (seq with the committed tokens after the prompt, n: their end, rounds,
+  accepted drafts, the caches).
+  """
+  teacher, student = nnx.merge(t_graph, t_state), nnx.merge(s_graph, s_state)
+  prompt_len = n
+
+  def body(carry):
+    t_cache, s_cache, seq, n, round_, accepted, _ = carry
+    round_ = round_ + 1
+    # The student gets the last two committed tokens (it may hold the
+    # first; it lacks the last). With one, the first column is padding.
+    at = n - 2 + jnp.arange(2, dtype=jnp.int32)
+    chunk = jnp.where(at >= 0, seq[jnp.maximum(at, 0)], 0)[None]
+    positions = jnp.where(at >= 0, at, -1)[None]
+    drafts, q, s_cache = _draft(
+        student,
+        s_cache,
+        chunk,
+        positions,
+        key,
+        round_,
+        temperature,
+        top_p,
+        gamma=gamma,
+        greedy=greedy,
+    )
+    a, committed, t_cache = _verify(
+        teacher,
+        t_cache,
+        seq[n - 1],
+        drafts,
+        q,
+        n - 1,
+        key,
+        round_,
+        temperature,
+        top_p,
+        greedy=greedy,
+    )
+    seq = jax.lax.dynamic_update_slice(seq, committed, (n,))
+    eos = jnp.any((committed == eos_id) & (jnp.arange(gamma + 1) <= a))
+    n = n + a + 1
+    stop = eos | (n - prompt_len >= max_new_tokens)
+    return t_cache, s_cache, seq, n, round_, accepted + a, stop
+
+  zero = jnp.int32(0)
+  start = (t_cache, s_cache, seq, n, zero, zero, max_new_tokens <= 0)
+  t_cache, s_cache, seq, n, rounds, accepted, _ = jax.lax.while_loop(
+      lambda carry: ~carry[-1], body, start
+  )
+  # The caches are returned so that their donated buffers are updated in
+  # place rather than copied into the loop.
+  return seq, n, rounds, accepted, t_cache, s_cache
+
+
 def _fill(model, tokens: list[int], max_len: int, rollback: int):
   """A cache holding ``tokens`` at positions 0.. (parts of a model, cache)."""
   graphdef, state = nnx.split(model)
@@ -244,7 +330,8 @@ def speculative_generate(
   returns exactly the teacher's greedy tokens; sampling follows the
   teacher's distribution at this temperature and top-p. Any two models with
   ``init_cache`` / ``decode`` and the same vocabulary work (the drafter may
-  be the teacher itself).
+  be the teacher itself). Three device calls: the two prefills, then every
+  round in one compiled loop.
   """
   start = time.perf_counter()
   prompt = [int(t) for t in np.asarray(prompt_tokens).reshape(-1)]
@@ -262,69 +349,40 @@ def speculative_generate(
     )
   greedy = temperature <= 0
   key = jax.random.key(0) if key is None else key
-  temp = np.float32(max(temperature, 1e-6))
-  top_p = np.float32(top_p)
+  # A round starts short of max_new_tokens and commits up to gamma + 1.
   max_len = gen.round_up(
       len(prompt) + max_new_tokens + gamma + 1, gen.LENGTH_BUCKET
   )
   t_graph, t_state, t_cache = _fill(teacher, prompt[:-1], max_len, gamma)
   s_graph, s_state, s_cache = _fill(student, prompt[:-1], max_len, gamma)
-  draft, verify = _draft(s_graph), _verify(t_graph)
-
-  seq = list(prompt)
-  out: list[int] = []
-  proposed = accepted_total = teacher_calls = draft_calls = 0
-  round_ = 0
-  while len(out) < max_new_tokens and not (out and out[-1] == eos_id):
-    n = len(seq)
-    round_ += 1
-    first = max(0, n - 2)
-    chunk = np.asarray([seq[first:n]], np.int32)
-    positions = np.arange(first, n, dtype=np.int32)[None]
-    drafts, q, s_cache = draft(
-        s_state,
-        s_cache,
-        chunk,
-        positions,
-        key,
-        round_,
-        temp,
-        top_p,
-        gamma=gamma,
-        greedy=greedy,
-    )
-    verdict, t_cache = verify(
-        t_state,
-        t_cache,
-        np.int32(seq[-1]),
-        drafts,
-        q,
-        np.int32(n - 1),
-        key,
-        round_,
-        temp,
-        top_p,
-        greedy=greedy,
-    )
-    draft_calls += gamma
-    teacher_calls += 1
-    verdict = np.asarray(verdict)
-    a = int(verdict[0])
-    new = [int(t) for t in verdict[1 : a + 2]]
-    proposed += gamma
-    accepted_total += a
-    for t in new:
-      if len(out) == max_new_tokens or (out and out[-1] == eos_id):
-        break
-      out.append(t)
-    seq.extend(new)
+  seq = np.zeros(max_len, np.int32)
+  seq[: len(prompt)] = prompt
+  seq, n, rounds, accepted, _, _ = _rounds(t_graph, s_graph)(
+      t_state,
+      s_state,
+      t_cache,
+      s_cache,
+      seq,
+      len(prompt),
+      max_new_tokens,
+      -1 if eos_id is None else eos_id,
+      key,
+      np.float32(max(temperature, 1e-6)),
+      np.float32(top_p),
+      gamma=gamma,
+      greedy=greedy,
+  )
+  out = np.asarray(seq)[len(prompt) : int(n)][:max_new_tokens].tolist()
+  if eos_id in out:
+    out = out[: out.index(eos_id) + 1]
+  rounds = int(rounds)
   return SpeculativeResult(
       out,
-      proposed,
-      accepted_total,
-      teacher_calls,
-      draft_calls,
-      time.perf_counter() - start,
+      proposed=gamma * rounds,
+      accepted=int(accepted),
+      teacher_calls=rounds,
+      draft_calls=gamma * rounds,
+      wall_s=time.perf_counter() - start,
   )
 
 

@@ -209,7 +209,7 @@ def test_eos_stops_each_row_on_its_own():
 
 def test_decode_step_compiles_once_per_shape():
   model = _student(vocab=48)
-  step = gen._step(nnx.split(model)[0])
+  step = gen._decode_loop(nnx.split(model)[0])
   before = step._cache_size()
   gen.generate(model, [[1, 2, 3]], 16)
   after_one = step._cache_size()

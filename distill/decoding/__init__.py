@@ -1,3 +1,3 @@
 """Ground floor: KV-cache generation under jit for any ``Decoder``
-(prefill, compiled steps, greedy / temperature / top-p sampling, streaming,
-timing)."""
+(prefill, a compiled decode loop per chunk of tokens, greedy / temperature /
+top-p sampling, streaming, timing)."""

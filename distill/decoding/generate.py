@@ -7,13 +7,18 @@ Both the student and the teacher expose::
         # tokens [B, t] int32, positions [B, t] (-1 = left padding)
         # -> logits [B, t, V] float32 (equal to a full forward at these rows)
 
-(the cache layout is in ``distill.nn.attention``). This module runs them: one
-prefill of the (left-padded) prompts, then one jitted step per new token
-that feeds the previous token and picks the next one. The step's shapes are
-fixed (the cache is allocated for ``prompt + max_new_tokens`` up front,
-rounded up to a multiple of LENGTH_BUCKET; prompts are left-padded to a
-multiple of PROMPT_BUCKET), so it compiles once per batch size and bucket,
-not per token.
+(the cache layout is in ``distill.nn.attention``). This module runs them on
+the device, a chunk of tokens per call: one jitted call prefills the
+(left-padded) prompts and picks the first new token, then each call of one
+jitted ``jax.lax.while_loop`` (``_decode_loop``) feeds the last token, picks
+the next, up to a static number of ``steps`` per call, and exits early once
+every row has produced ``eos_id``. ``generate`` makes one such call for the
+whole length (its step count rounded up to LENGTH_BUCKET); ``stream`` makes
+one per ``chunk`` tokens and yields them one by one as each chunk arrives,
+the next chunk already running. Shapes are fixed per call (the cache holds
+``prompt + max_new_tokens`` rounded up to a multiple of LENGTH_BUCKET;
+prompts are left-padded to a multiple of PROMPT_BUCKET), so everything
+compiles once per batch size and bucket, not per token or length.
 
     rows = generate(model, [[5, 6, 7]], 20, temperature=0.8, top_p=0.95,
                     eos_id=1, key=jax.random.key(0))     # [[new tokens...]]
@@ -22,7 +27,9 @@ not per token.
 
 Sampling: ``temperature == 0`` is greedy (argmax); otherwise softmax of
 ``logits / temperature`` cut to the nucleus ``top_p`` (the smallest set of
-most likely tokens whose mass reaches top_p) and renormalised.
+most likely tokens whose mass reaches top_p) and renormalised. New token i
+(0 = the one after the prompt) is drawn with ``jax.random.fold_in(key, i)``,
+so a row's tokens do not depend on how the steps are split into calls.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +81,20 @@ def pick(
 
 
 def per_model(static_argnames=(), donate_argnames=()):
-  """Decorates ``fn(graphdef, state, ...)``: ``fn(graphdef)`` is then its jit.
+  """Decorates ``fn(*graphdefs, *args)``: ``fn(*graphdefs)`` is its jit.
 
-  The jitted function closes over the graphdef (the model's structure) and
-  is cached per structure, so a call costs no hashing of the graphdef (a
-  static argument would be hashed at every call, ~1 ms per token).
+  ``graphdefs``: the structures of one or more models (the caller splits
+  each model into graphdef and state and passes the states as arguments).
+  The jitted function closes over the graphdefs and is cached per
+  structure, so a call costs no hashing of them (a static argument would be
+  hashed at every call, ~1 ms).
   """
 
   def wrap(fn):
     @functools.lru_cache(maxsize=32)
-    def for_graph(graphdef):
+    def for_graph(*graphdefs):
       return jax.jit(
-          functools.partial(fn, graphdef),
+          functools.partial(fn, *graphdefs),
           static_argnames=static_argnames,
           donate_argnames=donate_argnames,
       )
@@ -96,6 +105,13 @@ def per_model(static_argnames=(), donate_argnames=()):
   return wrap
 
 
+def _prefill(model, tokens, positions, max_len: int, rollback: int):
+  """Traced body of ``prefill`` (``_start`` shares it)."""
+  cache = model.init_cache(tokens.shape[0], max_len, rollback=rollback)
+  logits, cache = model.decode(tokens, cache, positions)
+  return logits[:, -1], cache
+
+
 @per_model(static_argnames=("max_len", "rollback"))
 def prefill(
     graphdef, state, tokens, positions, *, max_len: int, rollback: int = 0
@@ -104,10 +120,9 @@ def prefill(
 
   tokens, positions [B, P] -> (logits of the last column [B, V], cache).
   """
-  model = nnx.merge(graphdef, state)
-  cache = model.init_cache(tokens.shape[0], max_len, rollback=rollback)
-  logits, cache = model.decode(tokens, cache, positions)
-  return logits[:, -1], cache
+  return _prefill(
+      nnx.merge(graphdef, state), tokens, positions, max_len, rollback
+  )
 
 
 @per_model(donate_argnames=("cache",))
@@ -116,42 +131,113 @@ def decode(graphdef, state, tokens, cache, positions):
   return nnx.merge(graphdef, state).decode(tokens, cache, positions)
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",))
-def _pick(logits, key, step, temperature, top_p, *, greedy):
-  return pick(
-      logits, jax.random.fold_in(key, step), temperature, top_p, greedy=greedy
-  )
+class Cursor(NamedTuple):
+  """Where a generation stands between calls (all on the device).
+
+  token [B] int32: the last picked token (not yet fed to the model).
+  position [B] int32: the position ``token`` will be fed at.
+  done [B] bool: the row has produced eos_id (``token`` included).
+  step () int32: the index of ``token`` among the new tokens (0 = first).
+  """
+
+  token: jax.Array
+  position: jax.Array
+  done: jax.Array
+  step: jax.Array
 
 
-@per_model(static_argnames=("greedy",), donate_argnames=("cache",))
-def _step(
+@per_model(static_argnames=("max_len", "greedy"))
+def _start(
     graphdef,
     state,
-    cache,
     tokens,
     positions,
     key,
-    step,
     temperature,
     top_p,
+    eos_id,
     *,
-    greedy,
+    max_len: int,
+    greedy: bool,
 ):
-  """Feeds tokens [B] at positions [B]; returns (next tokens [B], cache)."""
-  model = nnx.merge(graphdef, state)
-  logits, cache = model.decode(tokens[:, None], cache, positions[:, None])
-  return (
-      _pick(logits[:, 0], key, step, temperature, top_p, greedy=greedy),
-      cache,
+  """Prefills a fresh cache with the prompts and picks the first new token.
+
+  tokens, positions [B, P] (left-padded); the token is drawn with
+  ``fold_in(key, 0)``; eos_id: -1 for none -> (cache, Cursor at step 0).
+  """
+  logits, cache = _prefill(
+      nnx.merge(graphdef, state), tokens, positions, max_len, 0
   )
+  token = pick(
+      logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy
+  )
+  cursor = Cursor(token, positions[:, -1] + 1, token == eos_id, jnp.int32(0))
+  return cache, cursor
+
+
+@per_model(static_argnames=("steps", "greedy"), donate_argnames=("cache",))
+def _decode_loop(
+    graphdef,
+    state,
+    cache,
+    cursor: Cursor,
+    limit,
+    key,
+    temperature,
+    top_p,
+    eos_id,
+    *,
+    steps: int,
+    greedy: bool,
+):
+  """Up to ``min(limit, steps)`` more tokens of every row, in one while loop.
+
+  Each step feeds ``cursor.token`` and picks the next token with
+  ``fold_in(key, step)``; the loop stops early once every row is done.
+  -> (cache, the new Cursor, tokens [B, steps] int32 (-1 for a row that
+  had finished before that step, and in the columns after ``count``),
+  count () int32: the steps taken).
+  """
+  model = nnx.merge(graphdef, state)
+  limit = jnp.minimum(limit, steps)
+
+  def cond(carry):
+    count, _, _, cursor = carry
+    return (count < limit) & ~jnp.all(cursor.done)
+
+  def body(carry):
+    count, out, cache, cursor = carry
+    logits, cache = model.decode(
+        cursor.token[:, None], cache, cursor.position[:, None]
+    )
+    step = cursor.step + 1
+    token = pick(
+        logits[:, 0],
+        jax.random.fold_in(key, step),
+        temperature,
+        top_p,
+        greedy=greedy,
+    )
+    out = out.at[:, count].set(jnp.where(cursor.done, -1, token))
+    cursor = Cursor(
+        token, cursor.position + 1, cursor.done | (token == eos_id), step
+    )
+    return count + 1, out, cache, cursor
+
+  out = jnp.full((cursor.token.shape[0], steps), -1, jnp.int32)
+  count, out, cache, cursor = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), out, cache, cursor)
+  )
+  return cache, cursor, out, count
 
 
 # ----------------------------------------------------------------------------
 # Generation
 
 
-#: Prompt widths and cache lengths are rounded up to these multiples, so
-#: prompts of nearby lengths share one compilation of every function.
+#: Prompt widths, cache lengths and ``generate``'s loop step counts are
+#: rounded up to these multiples, so prompts and lengths that are close
+#: share one compilation of every function.
 PROMPT_BUCKET = 16
 LENGTH_BUCKET = 64
 
@@ -192,6 +278,11 @@ def _as_rows(prompt_tokens) -> list[list[int]]:
   return [[int(t) for t in np.asarray(r).reshape(-1)] for r in rows]
 
 
+def _cache_len(prompt_len: int, max_new_tokens: int) -> int:
+  """Cache length for ``max_new_tokens`` after a prompt (bucketed)."""
+  return round_up(prompt_len + max_new_tokens, LENGTH_BUCKET)
+
+
 def stream(
     model: nnx.Module,
     prompt_tokens,
@@ -201,50 +292,68 @@ def stream(
     top_p: float = 1.0,
     eos_id: int | None = None,
     key: jax.Array | None = None,
+    chunk: int = 32,
 ) -> Iterator[np.ndarray]:
   """Yields the next token of every row, [B] int32, one step at a time.
 
   prompt_tokens: [B, P] ints, or a list of prompts of any lengths (they are
   left-padded), or one flat prompt. Stops after ``max_new_tokens`` steps or
   when every row has produced ``eos_id``; a row that has finished yields -1.
-  ``key`` seeds sampling (default key 0; unused when greedy).
+  ``key`` seeds sampling (default key 0; unused when greedy). The tokens
+  come from the device ``chunk`` steps per call (the first one alone, with
+  the prefill); the next chunk runs while this one is yielded.
   """
+  if chunk < 1:
+    raise ValueError(f"chunk={chunk} must be >= 1")
   rows = _as_rows(prompt_tokens)
   if max_new_tokens <= 0:
     return
   tokens, positions = left_pad(rows, PROMPT_BUCKET)
-  max_len = round_up(max(map(len, rows)) + max_new_tokens, LENGTH_BUCKET)
   greedy = temperature <= 0
   key = jax.random.key(0) if key is None else key
   temperature = np.float32(max(temperature, 1e-6))
   top_p = np.float32(top_p)
+  eos_id = -1 if eos_id is None else eos_id
   graphdef, state = nnx.split(model)
-  logits, cache = prefill(graphdef)(state, tokens, positions, max_len=max_len)
-  step = _step(graphdef)
-  token = _pick(logits, key, 0, temperature, top_p, greedy=greedy)
-  next_pos = jnp.asarray(positions[:, -1] + 1)
-  done = np.zeros(len(rows), bool)
-  for i in range(max_new_tokens):
-    nxt = None
-    if i + 1 < max_new_tokens:  # dispatch the next step before reading this one
-      nxt, cache = step(
+  cache, cursor = _start(graphdef)(
+      state,
+      tokens,
+      positions,
+      key,
+      temperature,
+      top_p,
+      eos_id,
+      max_len=_cache_len(max(map(len, rows)), max_new_tokens),
+      greedy=greedy,
+  )
+  loop = _decode_loop(graphdef)
+  # (tokens [B, n] on the device, how many of the n are real, how many
+  # were asked for): fewer than asked means every row is done.
+  pending = [(cursor.token[:, None], 1, 1)]
+  left = max_new_tokens - 1
+  while pending:
+    if left > 0:  # dispatch the next chunk before reading this one
+      limit = min(chunk, left)
+      left -= limit
+      cache, cursor, out, count = loop(
           state,
           cache,
-          token,
-          next_pos + i,
+          cursor,
+          limit,
           key,
-          i + 1,
           temperature,
           top_p,
+          eos_id,
+          steps=chunk,
           greedy=greedy,
       )
-    host = np.asarray(token)
-    yield np.where(done, -1, host).astype(np.int32)
-    if eos_id is not None:
-      done |= host == eos_id
-    if done.all() or nxt is None:
+      pending.append((out, count, limit))
+    out, count, limit = pending.pop(0)
+    out, count = np.array(out), int(count)
+    for i in range(count):
+      yield out[:, i]
+    if count < limit:
       return
-    token = nxt
 
 
 def generate(
@@ -256,60 +365,49 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     key: jax.Array | None = None,
-    callback=None,
 ) -> list[list[int]]:
   """New tokens of every prompt: a list (one per row) of token lists.
 
   A row stops after ``max_new_tokens`` tokens or at ``eos_id`` (included).
-  ``callback(tokens [B])`` is called after every step (see ``stream``).
+  Arguments as in ``stream``; the whole generation is two device calls
+  (prefill, then one loop whose step count is ``max_new_tokens - 1``
+  rounded up to LENGTH_BUCKET, so nearby lengths share its compilation).
   """
   rows = _as_rows(prompt_tokens)
-  out: list[list[int]] = [[] for _ in rows]
-  for tokens in stream(
-      model,
-      rows,
-      max_new_tokens,
-      temperature=temperature,
-      top_p=top_p,
-      eos_id=eos_id,
-      key=key,
-  ):
-    for b, t in enumerate(tokens):
-      if t >= 0:
-        out[b].append(int(t))
-    if callback is not None:
-      callback(tokens)
-  return out
+  steps = list(
+      stream(
+          model,
+          rows,
+          max_new_tokens,
+          temperature=temperature,
+          top_p=top_p,
+          eos_id=eos_id,
+          key=key,
+          chunk=round_up(max(max_new_tokens - 1, 1), LENGTH_BUCKET),
+      )
+  )
+  if not steps:
+    return [[] for _ in rows]
+  # -1 only follows a row's eos_id, so the real tokens are a prefix.
+  return [row[row >= 0].tolist() for row in np.stack(steps, axis=1)]
 
 
 # ----------------------------------------------------------------------------
 # Speed
 
 
-@per_model(static_argnames=("steps",))
-def _greedy_loop(graphdef, state, cache, logits, positions, *, steps: int):
-  """``steps`` greedy decode steps in one compiled loop -> last tokens [B]."""
-  model = nnx.merge(graphdef, state)
-
-  def body(i, carry):
-    cache, logits = carry
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out, cache = model.decode(token[:, None], cache, (positions + i)[:, None])
-    return cache, out[:, 0]
-
-  cache, logits = jax.lax.fori_loop(0, steps, body, (cache, logits))
-  return jnp.argmax(logits, axis=-1)
-
-
-def median_time(fn, repeats: int) -> tuple[float, Any]:
+def median_time(fn, repeats: int, setup=None) -> tuple[float, Any]:
   """Times ``fn()``: one warm-up call (compilation), then ``repeats`` timed
   calls, each waited for (``block_until_ready``) -> (median seconds, the
-  warm-up call's result)."""
-  result = jax.block_until_ready(fn())
+  warm-up call's result). With ``setup``, each call is ``fn(setup())`` and
+  setup's time (waited for too) is not counted."""
+  arg = lambda: () if setup is None else (jax.block_until_ready(setup()),)
+  result = jax.block_until_ready(fn(*arg()))
   times = []
   for _ in range(repeats):
+    args = arg()
     start = time.perf_counter()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times), result
 
@@ -325,13 +423,16 @@ def measure_speed(
 ) -> dict[str, Any]:
   """Prefill and decode throughput of ``model`` on random tokens.
 
-  Prefill: one jitted call over [batch, prompt_len] tokens (cache included).
-  Decode: ``new_tokens`` greedy single-token steps from that cache in one
-  jitted loop (no Python per token). Each is warmed up first (compilation
-  excluded) and timed ``repeats`` times with block_until_ready; the median
-  is reported. Returns {"prefill_tokens_per_s", "decode_tokens_per_s",
-  "prefill_s", "decode_s", "batch", "prompt_len", "new_tokens"}; tokens/s
-  count every row (batch * tokens / seconds).
+  Timed exactly as ``generate`` runs ``new_tokens + 1`` greedy tokens of
+  [batch, prompt_len] prompts without an eos_id: prefill is its first call
+  (the prompts into a fresh cache, and the first token); decode its second,
+  ``new_tokens`` steps in the compiled while loop. Each is warmed up first
+  (compilation excluded) and timed ``repeats`` times with
+  block_until_ready; the median is reported (decode starts from a fresh
+  prefill every time, made outside the timing). Returns
+  {"prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s",
+  "batch", "prompt_len", "new_tokens"}; tokens/s count every row (batch *
+  tokens / seconds).
   """
   if prompt_len < 1 or new_tokens < 1 or batch < 1:
     raise ValueError("prompt_len, new_tokens and batch must be >= 1")
@@ -343,17 +444,39 @@ def measure_speed(
       jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len)
   )
   graphdef, state = nnx.split(model)
-  max_len = prompt_len + new_tokens
-  run_prefill = lambda: prefill(graphdef)(
-      state, tokens, positions, max_len=max_len
+  key, temperature, top_p, no_eos = (
+      jax.random.key(0),
+      np.float32(1e-6),
+      np.float32(1.0),
+      -1,
   )
-  prefill_s, (logits, cache) = median_time(run_prefill, repeats)
-  start = jnp.full((batch,), prompt_len, jnp.int32)
+  run_prefill = lambda: _start(graphdef)(
+      state,
+      tokens,
+      positions,
+      key,
+      temperature,
+      top_p,
+      no_eos,
+      max_len=_cache_len(prompt_len, new_tokens + 1),
+      greedy=True,
+  )
+  prefill_s, _ = median_time(run_prefill, repeats)
+  loop = _decode_loop(graphdef)
   decode_s, _ = median_time(
-      lambda: _greedy_loop(graphdef)(
-          state, cache, logits, start, steps=new_tokens
+      lambda started: loop(
+          state,
+          *started,
+          new_tokens,
+          key,
+          temperature,
+          top_p,
+          no_eos,
+          steps=round_up(new_tokens, LENGTH_BUCKET),
+          greedy=True,
       ),
       repeats,
+      setup=run_prefill,
   )
   return {
       "prefill_tokens_per_s": batch * prompt_len / prefill_s,
