@@ -18,7 +18,9 @@ machine they came from. Measured here:
   ``train_flops_over_matmul`` (model FLOPs utilisation: FLOPs per step over
   step time, over the matmul rate), ``compile_s`` per run, and the CE step
   compiled with ``scan_layers`` on and off.
-- ``teacher``: its pretraining step (CE + router losses), the same way.
+- ``teacher``: its pretraining step (CE + router losses), the same way;
+  ``moe``: one of its MoE layers forward and backward on a training batch
+  per grouped-matmul implementation, the fastest, and what "auto" picks.
 - ``cache``: throughput of the cache's jitted teacher pass (forward plus every
   configured target) over the forward alone, same batch
   (``cache_over_forward``; the stage overlaps host encoding and writing with
@@ -42,6 +44,7 @@ not depend on what the weights have learned.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import time
 from typing import Any
@@ -61,6 +64,7 @@ from distill.nn import attention
 from distill.training import loop as trainer
 from student.model import Student
 from teacher import cache_logits
+from teacher import moe as moe_lib
 from teacher import train as teacher_train
 from teacher.model import Teacher
 
@@ -283,6 +287,53 @@ def teacher_step(
   }
 
 
+def moe_impls(config, vocab: int, repeats: int) -> dict[str, Any]:
+  """Forward + backward seconds of one of the teacher's MoE layers on a
+  training batch, per grouped-matmul implementation (what ``moe_impl="auto"``
+  should pick on this backend; tokamax only when it is installed)."""
+  cfg = teacher_train.model_config(config, vocab)
+  b, t = config.data.batch_size, config.data.seq_len
+  x = jax.random.normal(jax.random.key(0), (b, t, cfg.d_model), jnp.float32)
+  x = x.astype(cfg.dtype)
+  impls = ["ragged", "blocked"]
+  if importlib.util.find_spec("tokamax") is not None:
+    impls.insert(1, "tokamax")
+
+  @nnx.jit
+  def fwd_bwd(layer, x):
+    def loss(layer, x):
+      y, aux = layer(x)
+      return jnp.mean(jnp.square(y.astype(jnp.float32))) + aux["z_loss"]
+
+    return nnx.grad(loss, argnums=(0, 1))(layer, x)
+
+  seconds, compile_s = {}, {}
+  for impl in impls:
+    layer = moe_lib.MoE(
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.num_experts,
+        cfg.top_k,
+        rngs=nnx.Rngs(0),
+        impl=impl,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+    )
+    compile_s[impl], seconds[impl] = _timed(
+        lambda layer=layer: fwd_bwd(layer, x), repeats
+    )
+  auto = moe_lib.MoE(
+      cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, rngs=nnx.Rngs(0)
+  )
+  return {
+      "tokens": b * t,
+      "seconds": seconds,
+      "compile_s": compile_s,
+      "fastest": min(seconds, key=seconds.get),
+      "auto_picks": auto.resolved_impl(),
+  }
+
+
 # ----------------------------------------------------------------------------
 # The cache pass and decoding
 
@@ -385,6 +436,7 @@ def benchmark(config, repeats: int = 5, runs=None) -> dict[str, Any]:
       "copy_bytes_per_s": bandwidth,
       "students": step_ratios(config, vocab, repeats, matmul, runs),
       "teacher": teacher_step(config, vocab, repeats, matmul),
+      "moe": moe_impls(config, vocab, repeats),
       "cache": cache_ratio(config, vocab, repeats),
       "decode": decode_ratio(config, vocab, repeats, bandwidth),
   }

@@ -437,7 +437,8 @@ class MoE(nnx.Module):
     else:
       self.shared_expert = self.shared_expert_gate = None
 
-  def _impl(self) -> str:
+  def resolved_impl(self) -> str:
+    """The grouped matmul this layer runs: ``impl``, or auto's choice."""
     if self.impl != "auto":
       return self.impl
     # Chosen by measurement, experts' fwd+bwd of 16k tokens, top-2 of 16,
@@ -479,7 +480,7 @@ class MoE(nnx.Module):
         wd,
         valid=valid,
         capacity=capacity,
-        impl=self._impl(),
+        impl=self.resolved_impl(),
     )
     if self.shared_expert is not None:
       y = y + jax.nn.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(

@@ -52,6 +52,9 @@ def test_benchmark_reports_every_ratio(tmp_path):
       "scan_layers=True",
   }
   assert bench["matmul_dtype"] == "float32" and bench["copy_bytes_per_s"] > 0
+  moe = bench["moe"]
+  assert set(moe["seconds"]) == {"ragged", "tokamax", "blocked"}
+  assert moe["fastest"] in moe["seconds"] and moe["auto_picks"] == "blocked"
 
 
 def test_attention_flops_count_every_visible_key():
