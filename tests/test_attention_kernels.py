@@ -107,3 +107,24 @@ def test_resolve_impl_per_backend_dtype_and_shape(monkeypatch):
     attention.resolve_impl("cudnn", jnp.float32, 64)
   with pytest.raises(ConfigError, match="unknown attention_impl"):
     attention.resolve_impl("flash", jnp.bfloat16, 64)
+
+
+def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+  """A GPU whose cuDNN refuses the call (too old, unsupported shape) runs
+  the XLA path under ``auto``; an explicit ``cudnn`` says why it failed."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+  def refuse(*args, **kwargs):
+    raise NotImplementedError("cuDNN 8.9 is too old for this")
+
+  monkeypatch.setattr(attention, "fused_attention", refuse)
+  q, k, v = _qkv(jnp.bfloat16)
+  got = attention.self_attention(
+      q, k, v, SEGMENTS, window=5, scale=0.25, impl="auto"
+  )
+  want = _reference(q, k, v, SEGMENTS, 5, 0.25)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(NotImplementedError, match="too old"):
+    attention.self_attention(
+        q, k, v, SEGMENTS, window=5, scale=0.25, impl="cudnn"
+    )

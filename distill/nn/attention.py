@@ -42,6 +42,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from distill.core.errors import ConfigError
@@ -196,6 +197,11 @@ def attend(
   return out.reshape(b, t, n, h)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning(message)
+
+
 #: Compute dtypes cuDNN's flash attention takes.
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -282,14 +288,21 @@ def self_attention(
   """
   if resolve_impl(impl, v.dtype, q.shape[-1]) == "cudnn":
     dtype = v.dtype
-    return fused_attention(
-        q.astype(dtype),
-        k.astype(dtype),
-        v,
-        segment_ids,
-        window=window,
-        scale=scale,
-    )
+    try:
+      return fused_attention(
+          q.astype(dtype),
+          k.astype(dtype),
+          v,
+          segment_ids,
+          window=window,
+          scale=scale,
+      )
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+      # cuDNN checks shapes, versions and the GPU while tracing; ``auto``
+      # then runs the XLA path instead, an explicit "cudnn" fails.
+      if impl == "cudnn":
+        raise
+      _warn_once(f"cuDNN attention cannot run here ({e}); using XLA's")
   index = default_positions(q)
   mask = attention_mask(segment_ids, segment_ids, index, index, window=window)
   return attend(q, k, v, mask, scale=scale)
