@@ -15,9 +15,10 @@ dependency), or the "blocked" form, which pads every group to a multiple of a
 row block and runs a batched matmul against each block's expert weights (on
 the CPU, XLA lowers ragged_dot to a dense matmul over a [E, M, D] masked copy
 of the rows, E times the work; on an H100 blocked measured 3.4x faster than
-ragged_dot). All compute the same function; "auto" picks per backend. On a device mesh the dispatch runs
-expert parallel (``expert_parallel``: each device its own experts, the
-routed tokens all-gathered along the ``expert`` axis).
+ragged_dot). All compute the same function; "auto" picks per backend. On a
+device mesh the dispatch runs expert parallel (``expert_parallel``: each
+device its own experts, the routed tokens all-gathered along the ``expert``
+axis).
 
 With a capacity factor cf, each expert takes at most
 C = ceil(cf * N * k / E) assignments (earliest tokens first in the flattened
