@@ -136,18 +136,27 @@ def test_atomic_writes_leave_nothing_half_made(tmp_path):
 
 
 def test_model_sections_state_only_what_differs():
+  # ... and the precision, which every experiment states (float32 here).
+  precision = {"dtype": "float32", "param_dtype": "float32"}
   config = stdlib.get_config()
-  assert configs.overrides_of(config.student.model) == {"window": 64}
-  assert configs.overrides_of(config.teacher.model) == {}
+  assert configs.overrides_of(config.student.model) == {
+      "window": 64,
+      **precision,
+  }
+  assert configs.overrides_of(config.teacher.model) == precision
   student = configs.from_preset(
       PRESETS, "demo", config.student.model, what="student", vocab_size=100
   )
   assert student.window == 64 and student.vocab_size == 100
   assert student.d_model == PRESETS["demo"].d_model
   # A variant that switches presets takes the new preset whole.
-  assert configs.overrides_of(stdlib.get_config("tiny").student.model) == {}
+  tiny = stdlib.get_config("tiny").student.model
+  assert configs.overrides_of(tiny) == precision
   assert hf_moe.get_config().student.preset == "gemma3_270m"
-  assert configs.overrides_of(hf_moe.get_config().student.model) == {}
+  assert configs.overrides_of(hf_moe.get_config().student.model) == {
+      "dtype": "bfloat16",
+      "param_dtype": "float32",
+  }
 
 
 def test_misspelt_keys_fail_with_a_suggestion():
