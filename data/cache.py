@@ -14,10 +14,10 @@ shard complete, so several writer processes never race on the manifest.
 
 The manifest holds: ``format_version``; ``record_version``; the teacher
 fingerprint (sha256 of its config and parameters); the tokenizer hash; vocab
-size; sequence length; ``methods`` with ``k``, ``num_samples``,
-``temperature``; the value encoding and its error bounds; per shard its
-record count, byte size, sha256 and ``complete`` flag; the data source, split
-and seed.
+size; sequence length; ``methods`` with ``k``, ``num_samples``, ``tail_k``,
+``tail_samples``, ``temperature``; the value encoding and its error bounds;
+per shard its record count, byte size, sha256 and ``complete`` flag; the data
+source, split and seed.
 
 Readers refuse a cache whose manifest does not match what the student expects
 (tokenizer hash, vocab size, sequence length), naming the field, and refuse a
@@ -26,6 +26,7 @@ shard whose size or record count differs from the manifest, naming the shard.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +41,10 @@ from distill.core.errors import UserError
 
 # 2: the manifest seals its metadata with ``metadata_sha256``.
 FORMAT_VERSION = 2
+#: Target methods a cache can hold: "topk" (the k most likely ids, their
+#: log-probs and the tail mass), "sample" (N draws as ids and counts),
+#: "topk_tail" (a top-k head and M draws from the teacher outside it).
+METHODS = ("sample", "topk", "topk_tail")
 MANIFEST = "manifest.json"
 
 
@@ -182,13 +187,21 @@ class CacheSource:
   ``source[i]`` has int32 ``tokens``, ``segment_ids``, ``positions`` [L + 1]
   and the chosen target per position: ``target="topk"``: ``ids`` [L, k]
   int32, ``log_probs`` [L, k] float32, ``tail`` [L] float32;
-  ``target="sample"``: ``ids``, ``counts`` [L, N] int32.
+  ``target="sample"``: ``ids``, ``counts`` [L, N] int32;
+  ``target="topk_tail"``: ``ids``, ``log_probs``, ``tail`` as for top-k (the
+  head) and ``tail_ids``, ``tail_counts`` [L, M] int32 (the tail's draws).
+  A ``view`` reads a smaller target than the stored one (``TargetView``).
   """
 
   def __init__(
-      self, cache_dir: str, target: str, manifest: dict[str, Any] | None = None
+      self,
+      cache_dir: str,
+      target: str,
+      manifest: dict[str, Any] | None = None,
+      view: TargetView | None = None,
   ):
     self._dir = cache_dir
+    self._view = view
     self.manifest = manifest or read_manifest(cache_dir)
     if target not in self.manifest["methods"]:
       raise CacheError(
@@ -260,9 +273,84 @@ class CacheSource:
           log_probs=record["topk_log_probs"],
           tail=record["topk_tail"],
       )
+    elif self.target == "topk_tail":
+      out.update(
+          ids=record["tt_ids"],
+          log_probs=record["tt_log_probs"],
+          tail=record["tt_tail"],
+          tail_ids=record["tt_sample_ids"],
+          tail_counts=record["tt_sample_counts"],
+      )
     else:
       out.update(ids=record["sample_ids"], counts=record["sample_counts"])
+    if self._view is not None:
+      out = self._view.apply(index, out, self.target)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetView:
+  """A smaller target read from a larger cached one (None: as stored).
+
+  ``k``: the first k of the stored top-k ids (the rest join the tail
+  mass); ``n``: n of a stored sample's N draws; ``m``: m of the stored
+  top-k-with-tail's M tail draws. Draws are kept uniformly at random without
+  replacement (a random n of N i.i.d. draws are n i.i.d. draws), with a
+  generator seeded by ``seed`` and the record's index, so a view is the same
+  every time it is read.
+  """
+
+  k: int | None = None
+  n: int | None = None
+  m: int | None = None
+  seed: int = 0
+
+  def apply(self, index: int, out: dict[str, np.ndarray], target: str):
+    rng = np.random.default_rng([self.seed, index])
+    if self.k is not None and target == "topk":
+      dropped = np.exp(out["log_probs"][:, self.k :].astype(np.float64))
+      out["tail"] = np.clip(out["tail"] + dropped.sum(-1), 0.0, 1.0).astype(
+          np.float32
+      )
+      out["ids"] = out["ids"][:, : self.k]
+      out["log_probs"] = out["log_probs"][:, : self.k]
+    if self.n is not None and target == "sample":
+      out["ids"], out["counts"] = thin_sample(
+          out["ids"], out["counts"], self.n, rng
+      )
+    if self.m is not None and target == "topk_tail":
+      out["tail_ids"], out["tail_counts"] = thin_sample(
+          out["tail_ids"], out["tail_counts"], self.m, rng
+      )
+    return out
+
+
+def thin_sample(
+    ids: np.ndarray, counts: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+  """n of every position's N draws, kept without replacement.
+
+  ids, counts [L, W] (unique ids, counts summing to N; 0 = padding) ->
+  ids, counts [L, n] in the same form.
+  """
+  length = len(ids)
+  total = int(counts[0].sum()) if length else 0
+  if not 1 <= n <= total:
+    raise CacheError(f"cannot keep {n} of {total} draws per position")
+  draws = np.stack(
+      [np.repeat(ids[t], counts[t]) for t in range(length)]
+  )  # [L, N]
+  keep = np.argsort(rng.random(draws.shape), axis=-1)[:, :n]
+  kept = np.sort(np.take_along_axis(draws, keep, -1), axis=-1)  # [L, n]
+  new = np.ones_like(kept, bool)
+  new[:, 1:] = kept[:, 1:] != kept[:, :-1]
+  rank = np.cumsum(new, axis=-1) - 1
+  out_ids = np.zeros((length, n), np.int32)
+  out_counts = np.zeros((length, n), np.int32)
+  rows = np.repeat(np.arange(length), n)
+  np.maximum.at(out_ids, (rows, rank.ravel()), kept.ravel())
+  np.add.at(out_counts, (rows, rank.ravel()), 1)
+  return out_ids, out_counts
 
 
 def make_dataset(
@@ -270,6 +358,7 @@ def make_dataset(
     *,
     expect: dict[str, Any],
     target: str,
+    view: TargetView | None = None,
     batch_size: int,
     seed: int = 0,
     shuffle: bool = True,
@@ -282,7 +371,7 @@ def make_dataset(
   with the same seed and ``num_rows`` equal to the cache's record count."""
   manifest = read_manifest(cache_dir)
   check_matches(manifest, expect, cache_dir)
-  ds = grain.MapDataset.source(CacheSource(cache_dir, target, manifest))
+  ds = grain.MapDataset.source(CacheSource(cache_dir, target, manifest, view))
   return pipeline.batched(
       ds,
       batch_size=batch_size,

@@ -7,13 +7,15 @@ predicting tokens[t+1]: a top-k target, a sampled target, both, or neither.
 The cache writer and reader call `encode_record` / `decode_record`; the teacher
 side makes the targets with the jittable `topk_targets` / `sample_targets`.
 
-Byte layout (version 1; every integer little-endian). Header, 32 bytes:
+Byte layout (version 2; every integer little-endian; version 1 is version 2
+without the top-k-with-tail section, and is still read). Header, 32 bytes:
 
     off size field
       0   4  magic b"KDLC"
-      4   1  version = 1
+      4   1  version = 2
       5   1  flags: bit 0 top-k present, bit 1 sample present,
-                    bit 2 sample counts stored as bytes (else unary)
+                    bit 2 sample counts stored as bytes (else unary),
+                    bit 3 top-k with a sampled tail present
       6   1  id_bytes: 2 (vocab_size <= 65,536) or 4
       7   1  ef_low_bits: Elias-Fano low-bit width l of the sample keys
       8   4  vocab_size V
@@ -42,6 +44,16 @@ Body, in this order:
       high       ceil((U + ((L*V-1) >> l) + 1) / 8) bytes   bit (key_i >> l) + i set
       counts     bytes: [U] uint8; unary: ceil(L*N / 8) bytes, each count c
                  written as c-1 zeros then a one (the smaller of the two is used)
+    top-k with a sampled tail, if flag bit 3 (method ``topk_tail``): its head
+    is a top-k of its own k_h ids, its tail M draws per position from the
+    teacher restricted to the ids outside the head:
+      k_h, M     2 x uint16
+      U_t        uint32   (position, unique id) pairs in the tail sample
+      l_t        uint8    Elias-Fano low-bit width of the tail keys
+      bytes      uint8    1: tail counts stored as bytes, 0: unary
+      (2 bytes of padding)
+      head       the top-k block above with k = k_h
+      tail       the sample block above with N = M, U = U_t, l = l_t
 
 Sizes per position (k = 64, V <= 65,536): top-k 3k + 5 = 197 B, plus 2 B of
 token = 199 B. Sample with N = 64: about U/L * (l + 2) / 8 + 8 B (+2 B token);
@@ -54,7 +66,8 @@ GAP_MAX is within max(TOP_STEP, r/254)/2 <= 0.059 nats (`log_prob_error_bound`
 gives the per-position bound, typically ~0.02); entries more than GAP_MAX = 30
 nats below the top decode as GAP_MAX below it (probability error < p0 * e^-30);
 -inf is exact. The tail mass is within 0.5/65535 = 7.7e-6. Ids, tokens,
-segment ids and sample counts are exact.
+segment ids and sample counts are exact. The top-k-with-tail section's head
+has the top-k block's bounds.
 """
 
 from __future__ import annotations
@@ -68,9 +81,12 @@ import jax.numpy as jnp
 import numpy as np
 
 MAGIC = b"KDLC"
-VERSION = 1
+VERSION = 2
+#: Record versions this reader decodes.
+READABLE_VERSIONS = (1, 2)
 HEADER = struct.Struct("<4sBBBBIIHHIII")
-FLAG_TOPK, FLAG_SAMPLE, FLAG_COUNT_BYTES = 1, 2, 4
+FLAG_TOPK, FLAG_SAMPLE, FLAG_COUNT_BYTES, FLAG_TOPK_TAIL = 1, 2, 4, 8
+TAIL_HEADER = struct.Struct("<HHIBB2x")
 TOP_MIN = -32.0  # lp0 >= -log(V) > -21.5 for any V < 2^31
 TOP_STEP = -TOP_MIN / 65535
 GAP_MAX = 30.0
@@ -232,6 +248,11 @@ def encode_record(
     topk_tail=None,
     sample_ids=None,
     sample_counts=None,
+    tt_ids=None,
+    tt_log_probs=None,
+    tt_tail=None,
+    tt_sample_ids=None,
+    tt_sample_counts=None,
 ) -> bytes:
   """Encodes one packed sequence and its targets.
 
@@ -239,8 +260,11 @@ def encode_record(
   topk_log_probs [L, k] float (teacher log-probs at the cache temperature,
   -inf allowed after the first), topk_tail [L] in [0, 1]; sample_ids,
   sample_counts [L, W] (unique ids per position, counts 0 = padding, every
-  position's counts summing to the same N). Pass all top-k arrays or none,
-  both sample arrays or none. Raises CacheFormatError on invalid input.
+  position's counts summing to the same N). ``tt_*`` are the top-k with a
+  sampled tail: a head ``tt_ids``/``tt_log_probs``/``tt_tail`` shaped as the
+  top-k arrays, and ``tt_sample_ids``/``tt_sample_counts`` [L, W] as the
+  sample arrays (M draws outside the head). Pass all arrays of a method or
+  none. Raises CacheFormatError on invalid input.
   """
   dt = id_dtype(vocab_size)
   tokens, seg = np.asarray(tokens), np.asarray(segment_ids)
@@ -288,6 +312,15 @@ def encode_record(
     body.append(payload)
     num_unique = len(keys)
     flags |= FLAG_SAMPLE | (FLAG_COUNT_BYTES if as_bytes else 0)
+  tt = (tt_ids, tt_log_probs, tt_tail, tt_sample_ids, tt_sample_counts)
+  if any(x is not None for x in tt):
+    if any(x is None for x in tt):
+      raise CacheFormatError(
+          "pass tt_ids, tt_log_probs, tt_tail, tt_sample_ids and"
+          " tt_sample_counts together"
+      )
+    body.append(_encode_topk_tail(tt, length, vocab_size, dt))
+    flags |= FLAG_TOPK_TAIL
   body = b"".join(body)
   header = HEADER.pack(
       MAGIC,
@@ -306,7 +339,39 @@ def encode_record(
   return header + body
 
 
+def _encode_topk_tail(arrays, length, vocab_size, dt) -> bytes:
+  ids, log_probs, tail, sample_ids, sample_counts = arrays
+  k = np.shape(ids)[1] if np.ndim(ids) == 2 else 0
+  if np.shape(ids)[0] != length or not 1 <= k < 2**16:
+    raise CacheFormatError(
+        f"tt_ids must be [L={length}, k] with 1 <= k < 65536, got {np.shape(ids)}"
+    )
+  head = _encode_topk(ids, log_probs, tail, vocab_size, dt)
+  keys, counts, draws = _sample_keys(
+      sample_ids, sample_counts, length, vocab_size
+  )
+  payload, low_bits, as_bytes = _encode_sample(
+      keys, counts, length, vocab_size, draws
+  )
+  header = TAIL_HEADER.pack(k, draws, len(keys), low_bits, int(as_bytes))
+  return header + head + payload
+
+
 # --------------------------------------------------------------------- decode
+
+
+def _topk_size(length, k, id_bytes):
+  return length * (k * id_bytes + 2 + 2 + (k - 1) + 2)
+
+
+def _sample_sizes(prefix, as_bytes, low_bits, vocab, length, draws, num):
+  high = num + ((length * vocab - 1) >> low_bits) + 1
+  counts = num if as_bytes else (length * draws + 7) // 8
+  return [
+      (prefix + "low", (num * low_bits + 7) // 8),
+      (prefix + "high", (high + 7) // 8),
+      (prefix + "counts", counts),
+  ]
 
 
 def _section_sizes(
@@ -314,18 +379,35 @@ def _section_sizes(
 ):
   sizes = [("tokens", (length + 1) * id_bytes), ("runs", 8 * runs)]
   if flags & FLAG_TOPK:
-    sizes.append(("topk", length * (k * id_bytes + 2 + 2 + (k - 1) + 2)))
+    sizes.append(("topk", _topk_size(length, k, id_bytes)))
   if flags & FLAG_SAMPLE:
-    high = num_unique + ((length * vocab_size - 1) >> low_bits) + 1
-    counts = (
-        num_unique if flags & FLAG_COUNT_BYTES else (length * draws + 7) // 8
+    sizes += _sample_sizes(
+        "",
+        flags & FLAG_COUNT_BYTES,
+        low_bits,
+        vocab_size,
+        length,
+        draws,
+        num_unique,
     )
-    sizes += [
-        ("low", (num_unique * low_bits + 7) // 8),
-        ("high", (high + 7) // 8),
-        ("counts", counts),
-    ]
   return sizes
+
+
+def _tail_sizes(data, offset, id_bytes, vocab, length):
+  """The top-k-with-tail section's header fields and sizes, read at offset."""
+  if len(data) < offset + TAIL_HEADER.size:
+    raise CacheFormatError(
+        "record truncated: its top-k-with-tail header is missing"
+    )
+  k, draws, num, low_bits, as_bytes = TAIL_HEADER.unpack_from(data, offset)
+  if not k or not draws or as_bytes > 1 or low_bits > 63:
+    raise CacheFormatError("corrupt top-k-with-tail header")
+  sizes = [
+      ("tt_header", TAIL_HEADER.size),
+      ("tt_topk", _topk_size(length, k, id_bytes)),
+  ]
+  sizes += _sample_sizes("tt_", as_bytes, low_bits, vocab, length, draws, num)
+  return (k, draws, num, low_bits, as_bytes), sizes
 
 
 def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
@@ -334,7 +416,9 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
   Returns int32 `tokens`, `segment_ids` [L+1]; with top-k: `topk_ids` [L, k]
   int32, `topk_log_probs` [L, k] float32, `topk_tail` [L] float32; with a
   sample: `sample_ids`, `sample_counts` [L, N] int32, the unique ids of each
-  position ascending, then padding (id 0, count 0). Raises CacheFormatError
+  position ascending, then padding (id 0, count 0); with a top-k and a
+  sampled tail: `tt_ids`, `tt_log_probs`, `tt_tail` as the top-k ones and
+  `tt_sample_ids`, `tt_sample_counts` [L, M] as the sample. Raises CacheFormatError
   for a foreign, newer, truncated or corrupted record or a vocab mismatch.
   """
   data = memoryview(data).cast("B")
@@ -360,22 +444,34 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
     raise CacheFormatError(
         f"not a logit-cache record: magic {bytes(magic)!r}, expected {MAGIC!r}"
     )
-  if version != VERSION:
+  if version not in READABLE_VERSIONS:
     raise CacheFormatError(
-        f"logit-cache record version {version} is not supported (this reader knows "
-        f"version {VERSION}); rebuild the cache with teacher.cache_logits or update the code"
+        f"logit-cache record version {version} is not supported (this reader"
+        f" knows versions {READABLE_VERSIONS}); rebuild the cache with"
+        " teacher.cache_logits or update the code"
     )
   if vocab != vocab_size:
     raise CacheFormatError(
         f"record was written for vocab_size {vocab}, the reader expects {vocab_size}"
     )
-  if flags & ~7 or id_bytes != id_dtype(vocab).itemsize:
+  known = 15 if version >= 2 else 7
+  if flags & ~known or id_bytes != id_dtype(vocab).itemsize:
     raise CacheFormatError(
         f"corrupt record header (flags {flags}, id_bytes {id_bytes})"
     )
   sizes = _section_sizes(
       flags, id_bytes, low_bits, vocab, length, k, draws, runs, num_unique
   )
+  tail_fields = None
+  if flags & FLAG_TOPK_TAIL:
+    tail_fields, more = _tail_sizes(
+        data,
+        HEADER.size + sum(size for _, size in sizes),
+        id_bytes,
+        vocab,
+        length,
+    )
+    sizes += more
   expected = HEADER.size + sum(size for _, size in sizes)
   if len(data) != expected:
     raise CacheFormatError(
@@ -401,10 +497,29 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
   if flags & FLAG_TOPK:
     out.update(_decode_topk(section["topk"], dt, length, k))
   if flags & FLAG_SAMPLE:
+    ids, counts = _decode_sample(
+        section,
+        "",
+        flags & FLAG_COUNT_BYTES,
+        low_bits,
+        vocab,
+        length,
+        draws,
+        num_unique,
+    )
+    out.update(sample_ids=ids, sample_counts=counts)
+  if tail_fields is not None:
+    tk, t_draws, t_num, t_low, t_bytes = tail_fields
+    head = _decode_topk(section["tt_topk"], dt, length, tk)
+    ids, counts = _decode_sample(
+        section, "tt_", t_bytes, t_low, vocab, length, t_draws, t_num
+    )
     out.update(
-        _decode_sample(
-            section, flags, low_bits, vocab, length, draws, num_unique
-        )
+        tt_ids=head["topk_ids"],
+        tt_log_probs=head["topk_log_probs"],
+        tt_tail=head["topk_tail"],
+        tt_sample_ids=ids,
+        tt_sample_counts=counts,
     )
   return out
 
@@ -435,9 +550,11 @@ def _decode_topk(buf, dt, length, k):
   }
 
 
-def _decode_sample(section, flags, low_bits, vocab, length, draws, num):
+def _decode_sample(
+    section, prefix, as_bytes, low_bits, vocab, length, draws, num
+):
   high_bits = np.unpackbits(
-      np.frombuffer(section["high"], np.uint8), bitorder="little"
+      np.frombuffer(section[prefix + "high"], np.uint8), bitorder="little"
   )
   ones = np.flatnonzero(high_bits)
   if len(ones) != num:
@@ -447,7 +564,7 @@ def _decode_sample(section, flags, low_bits, vocab, length, draws, num):
   keys = (ones - np.arange(num)).astype(np.uint64) << np.uint64(low_bits)
   if low_bits:
     bits = np.unpackbits(
-        np.frombuffer(section["low"], np.uint8),
+        np.frombuffer(section[prefix + "low"], np.uint8),
         count=num * low_bits,
         bitorder="little",
     )
@@ -455,11 +572,13 @@ def _decode_sample(section, flags, low_bits, vocab, length, draws, num):
         bits.reshape(num, low_bits).astype(np.uint64)
         << np.arange(low_bits, dtype=np.uint64)
     ).sum(1)
-  if flags & FLAG_COUNT_BYTES:
-    counts = np.frombuffer(section["counts"], np.uint8).astype(np.int64)
+  if as_bytes:
+    counts = np.frombuffer(section[prefix + "counts"], np.uint8).astype(
+        np.int64
+    )
   else:
     unary = np.unpackbits(
-        np.frombuffer(section["counts"], np.uint8),
+        np.frombuffer(section[prefix + "counts"], np.uint8),
         count=length * draws,
         bitorder="little",
     )
@@ -480,7 +599,7 @@ def _decode_sample(section, flags, low_bits, vocab, length, draws, num):
   out_counts = np.zeros((length, draws), np.int32)
   ids[rows, rank] = (keys % np.uint64(vocab)).astype(np.int64)
   out_counts[rows, rank] = counts
-  return {"sample_ids": ids, "sample_counts": out_counts}
+  return ids, out_counts
 
 
 # ------------------------------------------------- making targets from teacher
@@ -536,6 +655,30 @@ def _unique_counts(sorted_ids: jax.Array):
   ids = jnp.zeros((n,), jnp.int32).at[rank].max(sorted_ids)
   counts = jnp.zeros((n,), jnp.int32).at[rank].add(1)
   return ids, counts
+
+
+@functools.partial(jax.jit, static_argnames=("k", "m", "stratified"))
+def topk_tail_targets(
+    key: jax.Array,
+    log_probs: jax.Array,
+    k: int,
+    m: int,
+    stratified: bool = False,
+):
+  """The top k ids as ``topk_targets`` makes them, and m draws from the
+  teacher restricted to the other ids (its tail, renormalised).
+
+  log_probs [B, T, V] -> ids [B, T, k], log_probs [B, T, k], tail [B, T],
+  tail_ids / tail_counts [B, T, m] (as ``sample_targets``). Where the tail
+  holds no probability (tail == 0) the draws are meaningless and carry no
+  weight in the loss.
+  """
+  ids, vals, tail = topk_targets(log_probs, k)
+  rest = jnp.put_along_axis(
+      log_probs.astype(jnp.float32), ids, -jnp.inf, axis=-1, inplace=False
+  )
+  tail_ids, tail_counts = sample_targets(key, rest, m, stratified)
+  return ids, vals, tail, tail_ids, tail_counts
 
 
 @functools.partial(jax.jit, static_argnames=("n", "stratified"))

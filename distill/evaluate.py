@@ -39,7 +39,7 @@ from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, registry, sharding
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
-from distill.evals import metrics, report, validation
+from distill.evals import metrics, report, targets, validation
 
 
 def model_folders(workdir: str) -> dict[str, str]:
@@ -163,39 +163,59 @@ def cache_figures(
       "methods": manifest["methods"],
       "k": manifest["k"],
       "num_samples": manifest["num_samples"],
+      "tail_k": manifest.get("tail_k", 0),
+      "tail_samples": manifest.get("tail_samples", 0),
       "seconds": sum(s.get("seconds", 0.0) for s in manifest["shards"]),
       "file_bytes_per_token": sum(s["bytes"] for s in manifest["shards"])
       / (manifest["num_records"] * manifest["seq_len"]),
   }
-  source = {
-      m: cache.CacheSource(directory, m, manifest) for m in manifest["methods"]
-  }
-  vocab = manifest["vocab_size"]
-  n = min(sample_records, manifest["num_records"])
-  for method, src in source.items():
-    sizes = []
-    for i in range(n):
-      r = src[i]
-      kwargs = (
-          {
-              "topk_ids": r["ids"],
-              "topk_log_probs": r["log_probs"],
-              "topk_tail": r["tail"],
-          }
-          if method == "topk"
-          else {"sample_ids": r["ids"], "sample_counts": r["counts"]}
-      )
-      sizes.append(
-          len(
-              cache_format.encode_record(
-                  r["tokens"], r["segment_ids"], vocab_size=vocab, **kwargs
-              )
-          )
-      )
-    out[f"{method}_bytes_per_token"] = (
-        float(np.mean(sizes)) / manifest["seq_len"]
+  for method in manifest["methods"]:
+    out[f"{method}_bytes_per_token"] = target_bytes_per_token(
+        directory, manifest, method, None, sample_records
     )
   return out
+
+
+def target_bytes_per_token(
+    directory: str,
+    manifest: dict[str, Any],
+    target: str,
+    view: cache.TargetView | None,
+    sample_records: int = 64,
+) -> float:
+  """Bytes per token a cache of just this target (read through ``view``)
+  would take: the first ``sample_records`` records re-encoded with it alone."""
+  src = cache.CacheSource(directory, target, manifest, view)
+  sizes = []
+  for i in range(min(sample_records, manifest["num_records"])):
+    r = src[i]
+    record = cache_format.encode_record(
+        r["tokens"],
+        r["segment_ids"],
+        vocab_size=manifest["vocab_size"],
+        **cache_format_arrays(target, r),
+    )
+    sizes.append(len(record))
+  return float(np.mean(sizes)) / manifest["seq_len"]
+
+
+def cache_format_arrays(method: str, r: dict[str, Any]) -> dict[str, Any]:
+  """A ``CacheSource`` item's target as ``encode_record`` keywords."""
+  if method == "topk":
+    return {
+        "topk_ids": r["ids"],
+        "topk_log_probs": r["log_probs"],
+        "topk_tail": r["tail"],
+    }
+  if method == "topk_tail":
+    return {
+        "tt_ids": r["ids"],
+        "tt_log_probs": r["log_probs"],
+        "tt_tail": r["tail"],
+        "tt_sample_ids": r["tail_ids"],
+        "tt_sample_counts": r["tail_counts"],
+    }
+  return {"sample_ids": r["ids"], "sample_counts": r["counts"]}
 
 
 def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
@@ -286,6 +306,19 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           settings.get("target"),
           settings.get("loss"),
       )
+      sizes = {key: settings.get(key) for key in ("k", "n", "m")}
+      entry["sizes"] = {key: v for key, v in sizes.items() if v is not None}
+      if entry["mode"] == "offline" and figures_of_cache:
+        entry["cache_bytes_per_token"] = (
+            target_bytes_per_token(
+                layout.cache_dir(workdir),
+                cache.read_manifest(layout.cache_dir(workdir)),
+                entry["target"],
+                cache.TargetView(**sizes, seed=config.seed),
+            )
+            if entry["sizes"]
+            else figures_of_cache.get(f"{entry['target']}_bytes_per_token")
+        )
     entry["params"] = loaded[name].param_counts()
     entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(
         loaded[name].config
@@ -318,6 +351,16 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   for name, values in scores.items():
     models[name].update(values)
   logging.info("validation pass: %.1fs", time.time() - started)
+  if figures_of_cache and teacher is not None and e.target_batches:
+    with sharding.use(mesh):
+      figures_of_cache["targets"] = targets.target_figures(
+          teacher,
+          data_dir,
+          cache.read_manifest(layout.cache_dir(workdir)),
+          batch_size=data.batch_size,
+          max_batches=e.target_batches,
+          seed=config.seed,
+      )
 
   # Decoding is timed as a model is served at batch 1 or 8: whole, on one
   # device (this process's first), not spread over the mesh.

@@ -17,7 +17,17 @@ run             mode     target and loss
 ``sampled``     offline  cached sampled ids and counts, ``sampled_kl``
 ``topk_ghost``  offline  cached top-k and tail mass, ``ghost_kl``
 ``topk_sparse`` offline  cached top-k renormalised, ``sparse_kl``
+``topk_tail``   offline  cached top-k head exact plus draws from the teacher
+                         outside it, scaled by the tail mass,
+                         ``topk_tail_kl`` (unbiased for the forward KL)
 ==============  =======  ===================================================
+
+These are presets. A run can also be given by its parts, so that a sweep
+needs no code: a preset with parts changed, ``sampled@n=16`` (16 of the
+cached draws), ``topk_sparse@k=8`` (the first 8 cached ids), ``topk_tail@m=16``
+(16 of the cached tail draws), or every part,
+``mode=offline,target=topk,loss=ghost_kl,k=16``. Its folder is the spec with
+``@`` and ``,`` as ``_`` and ``=`` dropped (``W/student/sampled_n16``).
 
 Every run of one config sees the same packed rows in the same order (the CE
 and online runs read the rows the cache covers, shuffled with the same seed),
@@ -53,13 +63,43 @@ from teacher import load_teacher
 
 @dataclasses.dataclass(frozen=True)
 class RunKind:
-  """What a run learns from: its mode, cached target and KD loss."""
+  """What a run learns from: its mode, cached target and KD loss, and how
+  much of the cached target it reads (None: all of it; see
+  ``data.cache.TargetView``)."""
 
   mode: str  # ce | online | offline
-  target: str | None = None  # offline: topk | sample
-  loss: str | None = None  # sparse_kl | ghost_kl | sampled_kl | dense
+  target: str | None = None  # offline: topk | sample | topk_tail
+  # sparse_kl | ghost_kl | sampled_kl | topk_tail_kl | dense
+  loss: str | None = None
+  k: int | None = None  # topk: the first k of the cached k ids
+  n: int | None = None  # sample: n of the cached N draws
+  m: int | None = None  # topk_tail: m of the cached M tail draws
+
+  def settings(self) -> dict[str, Any]:
+    """The run's parts as its folder records them (unset sizes left out)."""
+    parts = dataclasses.asdict(self)
+    return {
+        key: value
+        for key, value in parts.items()
+        if value is not None or key not in SIZES
+    }
+
+  def view(self, seed: int) -> cache.TargetView | None:
+    if self.k is None and self.n is None and self.m is None:
+      return None
+    return cache.TargetView(self.k, self.n, self.m, seed)
 
 
+#: The size each offline target can be read at (``RunKind`` fields).
+SIZES = {"k": "topk", "n": "sample", "m": "topk_tail"}
+#: The KD losses each target (offline) or mode (online) can train with.
+LOSSES = {
+    "topk": ("ghost_kl", "sparse_kl"),
+    "sample": ("sampled_kl",),
+    "topk_tail": ("topk_tail_kl",),
+}
+
+#: Named runs (presets); a run spec can start from one and change its parts.
 RUN_KINDS = {
     "ce": RunKind("ce"),
     "online": RunKind("online", loss="dense"),
@@ -67,6 +107,7 @@ RUN_KINDS = {
     "sampled": RunKind("offline", "sample", "sampled_kl"),
     "topk_ghost": RunKind("offline", "topk", "ghost_kl"),
     "topk_sparse": RunKind("offline", "topk", "sparse_kl"),
+    "topk_tail": RunKind("offline", "topk_tail", "topk_tail_kl"),
 }
 
 _RUN = flags.DEFINE_string(
@@ -114,12 +155,81 @@ def student_vocab_size(workdir: str, teacher=None) -> int:
 
 
 def run_kind(run: str) -> RunKind:
-  if run not in RUN_KINDS:
+  """The RunKind a run spec names.
+
+  A spec is a preset name (``RUN_KINDS``: "sampled"), a preset with some
+  parts changed ("sampled@n=16", "topk_sparse@k=8", "topk_tail@m=16"), or
+  every part given ("mode=offline,target=sample,loss=sampled_kl,n=8").
+  Parts: mode, target, loss, and the size read of the cached target: k
+  (top-k ids), n (sample draws) or m (tail draws), at most what the cache
+  holds. Raises UserError naming what is wrong.
+  """
+  preset, _, rest = run.partition("@")
+  if "=" in preset:  # every part given
+    preset, rest = None, run
+  if preset is not None and preset not in RUN_KINDS:
     raise UserError(
-        f"Unknown distillation run {run!r}; the runs are"
-        f" {sorted(RUN_KINDS)}."
+        f"Unknown distillation run {run!r}; the named runs are"
+        f" {sorted(RUN_KINDS)}, and a run may change their parts"
+        " (e.g. 'sampled@n=16') or give them all"
+        " ('mode=offline,target=topk,loss=sparse_kl,k=8')."
     )
-  return RUN_KINDS[run]
+  if not rest:
+    return RUN_KINDS[preset]
+  parts = dataclasses.asdict(RUN_KINDS[preset]) if preset else {}
+  for item in rest.split(","):
+    key, eq, value = item.partition("=")
+    if not eq or key not in ("mode", "target", "loss", *SIZES):
+      raise UserError(
+          f"Run {run!r}: {item!r} is not key=value with a key of mode,"
+          " target, loss, k, n or m."
+      )
+    if key in SIZES:
+      if not value.isdigit() or int(value) < 1:
+        raise UserError(f"Run {run!r}: {key}={value!r} must be an integer >= 1")
+      parts[key] = int(value)
+    else:
+      parts[key] = value
+  if "mode" not in parts:
+    raise UserError(f"Run {run!r}: give its mode (ce, online or offline)")
+  kind = RunKind(**parts)
+  _check_kind(run, kind)
+  return kind
+
+
+def _check_kind(run: str, kind: RunKind) -> None:
+  bad = lambda why: UserError(f"Run {run!r}: {why}")
+  if kind.mode not in ("ce", "online", "offline"):
+    raise bad(f"mode={kind.mode!r}; use ce, online or offline")
+  sizes = [key for key in SIZES if getattr(kind, key) is not None]
+  if kind.mode == "ce":
+    if kind.target or kind.loss or sizes:
+      raise bad(
+          "a ce run learns from labels only; give no target, loss or size"
+      )
+    return
+  if kind.mode == "online":
+    if (kind.target, kind.loss) not in ((None, "dense"), ("topk", "ghost_kl")):
+      raise bad("an online run uses loss=dense, or target=topk with ghost_kl")
+    if sizes:
+      raise bad("an online run reads no cache; give no k, n or m")
+    return
+  if kind.target not in LOSSES:
+    raise bad(f"target={kind.target!r}; use one of {sorted(LOSSES)}")
+  if kind.loss not in LOSSES[kind.target]:
+    raise bad(
+        f"loss={kind.loss!r} does not fit target={kind.target!r};"
+        f" use {' or '.join(LOSSES[kind.target])}"
+    )
+  for key in sizes:
+    if SIZES[key] != kind.target:
+      raise bad(f"{key} sizes a {SIZES[key]} target, not {kind.target}")
+
+
+def run_folder(run: str) -> str:
+  """The folder name of a run spec under W/student: the spec with '@' and
+  ',' as '_' and '=' dropped ("sampled@n=16" -> "sampled_n16")."""
+  return run.replace("@", "_").replace(",", "_").replace("=", "")
 
 
 def _schedules(d):
@@ -182,7 +292,14 @@ def loss_fn_for(
       targets.update(
           {
               k: batch[k]
-              for k in ("ids", "log_probs", "tail", "counts")
+              for k in (
+                  "ids",
+                  "log_probs",
+                  "tail",
+                  "counts",
+                  "tail_ids",
+                  "tail_counts",
+              )
               if k in batch
           }
       )
@@ -195,6 +312,16 @@ def loss_fn_for(
         elif kind.loss == "ghost_kl":
           kd = losses.ghost_kl_per_token(
               logits, t["ids"], t["log_probs"], t["tail"], temperature
+          )
+        elif kind.loss == "topk_tail_kl":
+          kd = losses.topk_tail_kl_per_token(
+              logits,
+              t["ids"],
+              t["log_probs"],
+              t["tail"],
+              t["tail_ids"],
+              t["tail_counts"],
+              temperature,
           )
         else:
           kd = losses.sampled_kl_per_token(
@@ -229,11 +356,29 @@ def cache_expectations(config, target: str, teacher=None) -> dict[str, Any]:
   expect: dict[str, Any] = {"temperature": c.temperature}
   if target == "topk":
     expect["k"] = c.k
+  elif target == "topk_tail":
+    expect.update(tail_k=c.tail_k, tail_samples=c.tail_samples)
   else:
     expect["num_samples"] = c.num_samples
   if teacher is not None:
     expect["teacher_fingerprint"] = ckpt.fingerprint(teacher)
   return expect
+
+
+def _check_sizes(run: str, kind: RunKind, manifest: dict[str, Any]) -> None:
+  """Refuses a view larger than the cached target."""
+  cached = {
+      "k": manifest.get("k"),
+      "n": manifest.get("num_samples"),
+      "m": manifest.get("tail_samples"),
+  }
+  for key in SIZES:
+    want = getattr(kind, key)
+    if want is not None and want > (cached[key] or 0):
+      raise UserError(
+          f"Run {run!r} reads {key}={want} but the cache holds"
+          f" {cached[key]}: lower it, or cache more (config.cache)."
+      )
 
 
 def train_run(config, workdir: str, run: str) -> dict[str, Any]:
@@ -256,12 +401,12 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
     )
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
-  out_dir = layout.student_dir(workdir, run)
+  out_dir = layout.student_dir(workdir, run_folder(run))
   # As config.json will hold them (tuples become lists), to compare on resume.
+  # Which other runs the config lists is not this run's business.
+  distill_settings = {k: v for k, v in d.to_dict().items() if k != "runs"}
   settings = json.loads(
-      json.dumps(
-          {"run": run, **dataclasses.asdict(kind), "distill": d.to_dict()}
-      )
+      json.dumps({"run": run, **kind.settings(), "distill": distill_settings})
   )
   loop_cfg = loop_config(config)
   data, seed = config.data, config.seed
@@ -281,11 +426,13 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
         seq_len=data.seq_len,
     )
     cache.check_matches(manifest, expect, cache_dir)
+    _check_sizes(run, kind, manifest)
     make_iterator = lambda: iter(
         cache.make_dataset(
             cache_dir,
             expect=expect,
             target=kind.target,
+            view=kind.view(seed),
             batch_size=data.batch_size,
             seed=seed,
             worker_count=data.worker_count,
@@ -346,7 +493,7 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
       out_dir,
       result,
       run=run,
-      kind=dataclasses.asdict(kind),
+      kind=kind.settings(),
       params=model.param_counts(),
   )
   if result.status == "finished":

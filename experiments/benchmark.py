@@ -157,7 +157,15 @@ def _batch(
       "ids": np.tile(np.arange(16, dtype=np.int32), (b, t, 1)),
       "counts": counts.astype(np.int32),
   }
-  return {"base": batch, "topk": topk, "sample": sample}
+  tail_counts = rng.multinomial(c.tail_samples, np.ones(16) / 16, (b, t))
+  topk_tail = {
+      "ids": topk["ids"][..., : c.tail_k],
+      "log_probs": topk["log_probs"][..., : c.tail_k],
+      "tail": topk["tail"],
+      "tail_ids": np.tile(np.arange(16, dtype=np.int32) + c.k, (b, t, 1)),
+      "tail_counts": tail_counts.astype(np.int32),
+  }
+  return {"base": batch, "topk": topk, "sample": sample, "topk_tail": topk_tail}
 
 
 def _step_timing(loss_fn, model, loop, batch, frozen, repeats):
@@ -349,7 +357,13 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
   positions = jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1))
   forward = nnx.jit(lambda m, x, s, p: m(x, s, p))
   targets = cache_logits.make_target_fn(
-      tuple(c.methods), c.k, c.num_samples, c.temperature, c.stratified
+      tuple(c.methods),
+      c.k,
+      c.num_samples,
+      c.temperature,
+      c.stratified,
+      c.tail_k,
+      c.tail_samples,
   )
   key = jax.random.key(0)
   rows = jnp.arange(b, dtype=jnp.int32)

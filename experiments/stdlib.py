@@ -99,9 +99,13 @@ def get_config(arg=None):
   )
 
   c.cache = ml_collections.ConfigDict()
-  c.cache.methods = ("sample", "topk")  # one teacher pass feeds both
+  c.cache.methods = ("sample", "topk", "topk_tail")  # one teacher pass
   c.cache.k = 64
   c.cache.num_samples = 64
+  # topk_tail: the top tail_k ids exactly, plus tail_samples draws from the
+  # teacher outside them (fewer bytes per token than the top-64 above).
+  c.cache.tail_k = 32
+  c.cache.tail_samples = 64
   c.cache.temperature = 1.0
   c.cache.stratified = False  # True: one uniform per 1/N stratum
   c.cache.max_rows = 0  # 0: every packed train row; set below
@@ -119,7 +123,14 @@ def get_config(arg=None):
   # Runs (distill/train.py RUN_KINDS): the headline student learns from the
   # sampled target; top-k variants and online KD are for comparison; ce is
   # the baseline trained on labels alone.
-  c.distill.runs = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
+  c.distill.runs = (
+      "ce",
+      "sampled",
+      "topk_ghost",
+      "topk_sparse",
+      "topk_tail",
+      "online",
+  )
   c.distill.alpha = 0.0  # weight of hard-label CE in the mix
   c.distill.alpha_end = 0.0
   c.distill.alpha_schedule = "constant"  # constant | linear | cosine
@@ -155,6 +166,9 @@ def get_config(arg=None):
   c.eval.batches = 12  # a fixed-seed sample of validation
   # batches (49k tokens); 0: the whole split
   c.eval.ece_bins = 15
+  # Validation batches on which each cached method's target is compared with
+  # the teacher's full distribution (entropy, coverage, KL); 0: none.
+  c.eval.target_batches = 4
   c.eval.speed = ml_collections.ConfigDict(
       dict(  # prefill/decode tokens/s
           prompt_len=64, new_tokens=64, batch_sizes=(1, 8), repeats=5
@@ -176,6 +190,7 @@ def get_config(arg=None):
 
   if variant == "tiny":
     c.eval.batches = 4
+    c.eval.target_batches = 1
     c.eval.speed.update(dict(prompt_len=8, new_tokens=4, repeats=1))
     c.eval.speculative.update(
         dict(gammas=(2,), prompts=1, prompt_len=8, new_tokens=8, repeats=1)
@@ -196,7 +211,15 @@ def get_config(arg=None):
         )
     )
     c.cache.update(
-        dict(k=8, num_samples=16, max_rows=48, rows_per_shard=16, batch_size=4)
+        dict(
+            k=8,
+            num_samples=16,
+            tail_k=4,
+            tail_samples=8,
+            max_rows=48,
+            rows_per_shard=16,
+            batch_size=4,
+        )
     )
     c.teacher.preset = "tiny"
     c.teacher.train.update(

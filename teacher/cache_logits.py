@@ -62,13 +62,21 @@ _ALLOW_PARTIAL = flags.DEFINE_bool(
 
 
 def make_target_fn(
-    methods, k: int, num_samples: int, temperature: float, stratified: bool
+    methods,
+    k: int,
+    num_samples: int,
+    temperature: float,
+    stratified: bool,
+    tail_k: int = 0,
+    tail_samples: int = 0,
 ):
   """Jitted ``(teacher, tokens, segment_ids, positions, base_key, row_ids)
   -> targets``: the one teacher pass over a batch of rows [B, L].
 
   Row ``r`` draws its sample with ``fold_in(base_key, row_ids[r])`` (its
-  index among the train rows). The
+  index among the train rows) and, for ``topk_tail`` (a top-``tail_k`` head
+  and ``tail_samples`` draws from the rest), its tail draws with that key
+  folded with 1. The
   targets are made a row at a time on the CPU, where a row's [L, V]
   log-probs stay in cache (demo teacher, 32 x 128 tokens, V = 8192, 2 cores:
   the targets took 0.38 s over the forward pass for the whole batch at once,
@@ -89,6 +97,16 @@ def make_target_fn(
       out["sample_ids"], out["sample_counts"] = cache_format.sample_targets(
           key, log_probs, num_samples, stratified
       )
+    if "topk_tail" in methods:
+      names = ("ids", "log_probs", "tail", "sample_ids", "sample_counts")
+      made = cache_format.topk_tail_targets(
+          jax.random.fold_in(key, 1),
+          log_probs,
+          tail_k,
+          tail_samples,
+          stratified,
+      )
+      out.update({f"tt_{n}": v for n, v in zip(names, made)})
     return {name: value[0] for name, value in out.items()}
 
   def local_targets(logits, keys):  # this device's rows, whole vocab
@@ -147,11 +165,11 @@ def _settings(
 ) -> dict[str, Any]:
   c = config.cache
   methods = sorted(c.methods)
-  unknown = sorted(set(methods) - {"topk", "sample"})
+  unknown = sorted(set(methods) - set(cache.METHODS))
   if unknown or not methods:
     raise cache.CacheError(
-        f"config.cache.methods={tuple(c.methods)}: use 'topk',"
-        " 'sample' or both."
+        f"config.cache.methods={tuple(c.methods)}: use one or more of"
+        f" {cache.METHODS}."
     )
   vocab = teacher.config.vocab_size
   if "sample" in methods and not 1 <= c.num_samples <= 255:
@@ -161,6 +179,15 @@ def _settings(
     )
   if "topk" in methods and not 1 <= c.k <= vocab:
     raise cache.CacheError(f"config.cache.k={c.k} must be in [1, {vocab}].")
+  if "topk_tail" in methods and not 1 <= c.tail_k < vocab:
+    raise cache.CacheError(
+        f"config.cache.tail_k={c.tail_k} must be in [1, {vocab - 1}]: the"
+        " tail needs at least one id outside the head."
+    )
+  if "topk_tail" in methods and not 1 <= c.tail_samples <= 255:
+    raise cache.CacheError(
+        f"config.cache.tail_samples={c.tail_samples}: use 1..255 draws."
+    )
   return {
       "format_version": cache.FORMAT_VERSION,
       "record_version": cache_format.VERSION,
@@ -171,6 +198,8 @@ def _settings(
       "methods": methods,
       "k": c.k if "topk" in methods else 0,
       "num_samples": c.num_samples if "sample" in methods else 0,
+      "tail_k": c.tail_k if "topk_tail" in methods else 0,
+      "tail_samples": c.tail_samples if "topk_tail" in methods else 0,
       "temperature": float(c.temperature),
       "stratified": bool(c.stratified) if "sample" in methods else False,
       "encoding": {
@@ -454,7 +483,13 @@ def _cache_logits(
     return _write_manifest(directory, settings)
 
   target_fn = make_target_fn(
-      settings["methods"], c.k, c.num_samples, c.temperature, c.stratified
+      settings["methods"],
+      c.k,
+      c.num_samples,
+      c.temperature,
+      c.stratified,
+      settings["tail_k"],
+      settings["tail_samples"],
   )
   base_key = jax.random.key(config.seed)
   done_records = sum(

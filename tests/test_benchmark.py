@@ -36,6 +36,7 @@ def test_benchmark_reports_every_ratio(tmp_path):
       "sampled",
       "topk_ghost",
       "topk_sparse",
+      "topk_tail",
   }
   assert ratios["ce"] == 1.0 and all(r > 0 for r in ratios.values())
   assert 0 < bench["students"]["train_flops_over_matmul"]

@@ -155,7 +155,9 @@ def record_bytes():
 
 def test_unknown_version_and_foreign_bytes_refused(record_bytes):
   newer = record_bytes[:4] + bytes([cf.VERSION + 1]) + record_bytes[5:]
-  with pytest.raises(cf.CacheFormatError, match="version 2 is not supported"):
+  with pytest.raises(
+      cf.CacheFormatError, match=f"version {cf.VERSION + 1} is not supported"
+  ):
     cf.decode_record(newer, 1000)
   with pytest.raises(cf.CacheFormatError, match="magic"):
     cf.decode_record(b"XXXX" + record_bytes[4:], 1000)

@@ -9,7 +9,7 @@ from distill.training import loop as trainer
 from conftest import copy_workdir
 from experiments import run, stdlib
 
-RUNS = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
+RUNS = ("ce", "sampled", "topk_ghost", "topk_sparse", "topk_tail", "online")
 MODEL_FIELDS = (
     "path",
     "step",
@@ -119,7 +119,23 @@ def test_report_has_every_field_and_plots(tiny_run):
   assert (
       cache["sample_bytes_per_token"] > 0 and cache["topk_bytes_per_token"] > 0
   )
-  assert report["plots"] == ["validation_loss.png", "quality_vs_speed.png"]
+  assert report["plots"] == [
+      "validation_loss.png",
+      "quality_vs_speed.png",
+      "quality_per_byte.png",
+  ]
+  assert cache["topk_tail_bytes_per_token"] > 0
+  figures = cache["targets"]
+  assert figures["teacher_entropy"] > 0
+  for method in ("sample", "topk", "topk_tail"):
+    assert figures[f"{method}_kl"] >= 0
+    assert 0 <= figures[f"{method}_missing"] <= 1
+  for name in ("sampled", "topk_ghost", "topk_sparse", "topk_tail"):
+    method = models[name]["target"]
+    assert (
+        models[name]["cache_bytes_per_token"]
+        == cache[f"{method}_bytes_per_token"]
+    )
   for plot in report["plots"]:
     with open(os.path.join(workdir, "eval", plot), "rb") as f:
       head = f.read()

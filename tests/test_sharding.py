@@ -225,7 +225,14 @@ def test_mesh_moe_paths_match_one_device(mesh_name, impl, capacity_factor):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, rtol=0)
 
 
-STUDENT_RUNS = ("ce", "sampled", "topk_ghost", "topk_sparse", "online")
+STUDENT_RUNS = (
+    "ce",
+    "sampled",
+    "topk_ghost",
+    "topk_sparse",
+    "topk_tail",
+    "online",
+)
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +256,13 @@ def student_setup():
   log_p = jax.nn.log_softmax(logits, axis=-1)
   ids, log_probs, tail = cache_format.topk_targets(log_p, 8)
   s_ids, counts = cache_format.sample_targets(jax.random.key(0), log_p, 16)
+  tt = cache_format.topk_tail_targets(jax.random.key(1), log_p, 4, 8)
   targets = {
       "topk": dict(ids=ids, log_probs=log_probs, tail=tail),
       "sample": dict(ids=s_ids, counts=counts),
+      "topk_tail": dict(
+          zip(("ids", "log_probs", "tail", "tail_ids", "tail_counts"), tt)
+      ),
   }
   cases = {}
   for run in STUDENT_RUNS:

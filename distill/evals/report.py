@@ -40,9 +40,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _kind(entry: dict[str, Any]) -> str:
   if entry.get("mode") is None:
     return "teacher"
-  return " / ".join(
+  kind = " / ".join(
       str(entry[k]) for k in ("mode", "target", "loss_kind") if entry.get(k)
   )
+  sizes = entry.get("sizes") or {}
+  return kind + "".join(f" {k}={v}" for k, v in sizes.items())
 
 
 def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
@@ -100,7 +102,50 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(os.path.basename(path))
+
+  lines = quality_per_byte(models)
+  if lines:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, pts in sorted(lines.items()):
+      ax.plot(
+          [b for b, _ in pts], [g for _, g in pts], marker="o", label=method
+      )
+    for name, e in models.items():
+      if e.get("mode") == "online":
+        gain = ce_baseline(models)["loss"] - e["loss"]
+        ax.axhline(gain, linestyle="--", color="gray")
+        ax.annotate(name, (ax.get_xlim()[0], gain), xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("cache bytes per token (log scale)")
+    ax.set_ylabel("validation gain over CE (nats/token)")
+    ax.set_title("What each cached byte buys (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "quality_per_byte.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(os.path.basename(path))
   return written
+
+
+def quality_per_byte(
+    models: dict[str, dict[str, Any]],
+) -> dict[str, list[tuple[float, float]]]:
+  """{target/loss: [(cache bytes per token, gain over CE), ...] ascending}
+  for the offline students, when there is a CE baseline."""
+  ce = ce_baseline(models)
+  if ce is None:
+    return {}
+  lines: dict[str, list[tuple[float, float]]] = {}
+  for e in models.values():
+    if e.get("mode") == "offline" and e.get("cache_bytes_per_token"):
+      method = f"{e['target']} / {e['loss_kind']}"
+      point = (e["cache_bytes_per_token"], ce["loss"] - e["loss"])
+      lines.setdefault(method, []).append(point)
+  return {m: sorted(pts) for m, pts in lines.items()}
 
 
 def _headline(result: dict[str, Any]) -> str:
@@ -140,9 +185,7 @@ def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
     method = (
         e.get("target") if e.get("mode") == "offline" else None
     )  # cache method
-    per_token = (
-        cache.get(f"{method}_bytes_per_token") if cache and method else None
-    )
+    per_token = e.get("cache_bytes_per_token")
     seconds = cache["seconds"] if cache and method else None
     rows.append(
         [
@@ -168,6 +211,40 @@ def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
           "cache s",
       ],
       rows,
+  )
+
+
+def _target_table(cache: dict[str, Any], figures: dict[str, float]) -> str:
+  """What each cached method keeps of the teacher (``distill.evals.targets``)."""
+  rows = []
+  for m in cache["methods"]:
+    rows.append(
+        [
+            m,
+            figures.get(f"{m}_coverage"),
+            figures.get(f"{m}_unique"),
+            figures.get(f"{m}_kl"),
+            figures.get(f"{m}_missing"),
+        ]
+    )
+  return (
+      "\nWhat each target keeps of the teacher, on validation positions"
+      f" (teacher entropy {figures['teacher_entropy']:.3f} nats/token):"
+      " coverage = the teacher's mass on the top-k ids (the head), unique ="
+      " distinct ids among the draws (the tail's), KL = KL(target ||"
+      " teacher) of the decoded target (top-k: renormalised, as"
+      " topk_sparse reads it; topk_ghost is exact on its k + 1 classes),"
+      " missing = the teacher's mass on ids the target leaves out.\n\n"
+      + _table(
+          [
+              "method",
+              "coverage",
+              "unique ids",
+              "KL(target || teacher)",
+              "missing mass",
+          ],
+          rows,
+      )
   )
 
 
@@ -294,21 +371,25 @@ def markdown(result: dict[str, Any]) -> str:
   cache = result.get("cache")
   if cache:
     parts.append("\n## Logit cache\n\n")
+    sizes = {
+        "topk": f"k={cache['k']}",
+        "sample": f"N={cache['num_samples']}",
+        "topk_tail": (
+            f"k={cache.get('tail_k')}, M={cache.get('tail_samples')}"
+        ),
+    }
     rows = [
-        [
-            m,
-            cache.get(f"{m}_bytes_per_token"),
-            cache["k"] if m == "topk" else cache["num_samples"],
-        ]
+        [m, cache.get(f"{m}_bytes_per_token"), sizes.get(m)]
         for m in cache["methods"]
     ]
-    parts.append(
-        _table(["method", "bytes per token (records)", "k or N"], rows)
-    )
+    parts.append(_table(["method", "bytes per token (records)", "size"], rows))
+    figures = cache.get("targets") or {}
+    if figures:
+      parts.append(_target_table(cache, figures))
     parts.append(
         f"\n{cache['records']:,} records of {cache['seq_len']} positions;"
         f" {cache['file_bytes_per_token']:.1f} bytes per token in the shard"
-        f" files (both methods together, with the container overhead);"
+        f" files (every method together, with the container overhead);"
         f" written in {cache['seconds']:.1f} s.\n"
     )
   for plot in result.get("plots", []):

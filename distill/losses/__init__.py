@@ -34,6 +34,8 @@ from distill.losses.terms import (
     ghost_kl,
     sampled_kl_per_token,
     sampled_kl,
+    topk_tail_kl_per_token,
+    topk_tail_kl,
     dense_kd_per_token,
     dense_kd,
     mix_losses,
@@ -56,4 +58,6 @@ __all__ = [
     "schedule",
     "sparse_kl",
     "sparse_kl_per_token",
+    "topk_tail_kl",
+    "topk_tail_kl_per_token",
 ]

@@ -164,6 +164,48 @@ def sampled_kl(
   )
 
 
+def topk_tail_kl_per_token(
+    logits, ids, log_probs, tail, tail_ids, tail_counts, temperature=1.0
+):
+  """Forward KL to a top-k head with a sampled tail.
+
+  The teacher is known exactly on the K stored ids (p_i = exp(log_probs_i),
+  not renormalised) and by M draws from p restricted to the other ids
+  (``tail_ids``/``tail_counts`` [B, T, M], counts 0 = padding) scaled by the
+  tail mass ``tail`` [B, T]. The target is that decoded distribution,
+  ``p_i`` on the head and ``tail * counts_j / M`` on the drawn tail ids, and
+  the loss KL(target || q) >= 0. Its gradient is an unbiased estimate of the
+  gradient of the full forward KL(p || q): the head term is exact and the
+  drawn ids' expected weight is p_j for every tail id j. With tail == 0 it is
+  exactly the head's KL (the draws get no weight). -> [B, T].
+  """
+  log_q = _log_q(logits, temperature)
+  lp = jax.lax.stop_gradient(log_probs.astype(jnp.float32))
+  valid = lp > -jnp.inf
+  p = jnp.where(valid, jnp.exp(jnp.where(valid, lp, 0.0)), 0.0)
+  head = _xlogy_diff(p, lp, _gather(log_q, ids))
+  t = jnp.clip(jax.lax.stop_gradient(tail.astype(jnp.float32)), 0.0, 1.0)
+  c = jax.lax.stop_gradient(tail_counts.astype(jnp.float32))
+  total = jnp.sum(c, axis=-1, keepdims=True)
+  w = t[..., None] * c / jnp.where(total > 0, total, 1.0)  # target mass
+  rest = _xlogy_diff(
+      w, jnp.log(jnp.where(w > 0, w, 1.0)), _gather(log_q, tail_ids)
+  )
+  return head + rest
+
+
+def topk_tail_kl(
+    logits, ids, log_probs, tail, tail_ids, tail_counts, mask, temperature=1.0
+):
+  """Masked mean of `topk_tail_kl_per_token`."""
+  return masked_mean(
+      topk_tail_kl_per_token(
+          logits, ids, log_probs, tail, tail_ids, tail_counts, temperature
+      ),
+      mask,
+  )
+
+
 # ------------------------------------------------------- dense (online) teacher
 
 

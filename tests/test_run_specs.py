@@ -1,0 +1,83 @@
+"""Runs given by their parts, and the smaller targets they read."""
+
+import numpy as np
+import pytest
+
+from data import cache
+from distill import train as distill_train
+from distill.core.errors import UserError
+
+
+def test_presets_and_parts():
+  kind = distill_train.run_kind
+  assert kind("sampled") == distill_train.RUN_KINDS["sampled"]
+  assert kind("sampled@n=16") == distill_train.RunKind(
+      "offline", "sample", "sampled_kl", n=16
+  )
+  assert kind("topk_sparse@k=8").k == 8
+  assert kind("topk_tail@m=16").m == 16
+  assert kind("mode=offline,target=topk,loss=ghost_kl,k=4") == (
+      distill_train.RunKind("offline", "topk", "ghost_kl", k=4)
+  )
+  assert distill_train.run_folder("topk_tail@m=16") == "topk_tail_m16"
+  assert distill_train.run_folder("sampled") == "sampled"
+  # Unset sizes stay out of a run's recorded settings (old folders match).
+  assert distill_train.RUN_KINDS["sampled"].settings() == {
+      "mode": "offline",
+      "target": "sample",
+      "loss": "sampled_kl",
+  }
+
+
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        ("sampld", "Unknown distillation run 'sampld'"),
+        ("sampled@k=8", "k sizes a topk target, not sample"),
+        ("sampled@n=0", "n='0' must be an integer >= 1"),
+        ("sampled@n", "'n' is not key=value"),
+        ("topk_ghost@loss=sampled_kl", "does not fit target='topk'"),
+        ("ce@n=4", "learns from labels only"),
+        ("online@k=4", "online run reads no cache"),
+        ("target=topk,loss=ghost_kl", "give its mode"),
+    ],
+)
+def test_bad_specs_say_what_is_wrong(spec, why):
+  with pytest.raises(UserError, match=why):
+    distill_train.run_kind(spec)
+
+
+def test_thinning_keeps_n_draws_at_the_stored_frequencies():
+  ids = np.array([[3, 5, 9, 0], [1, 2, 0, 0]])
+  counts = np.array([[2, 1, 5, 0], [4, 4, 0, 0]])
+  rng = np.random.default_rng(0)
+  total = np.zeros((2, 10))
+  for _ in range(3000):
+    kept_ids, kept = cache.thin_sample(ids, counts, 3, rng)
+    assert (kept.sum(-1) == 3).all() and kept_ids.shape == (2, 3)
+    for t in range(2):
+      np.add.at(total[t], kept_ids[t], kept[t])
+  want = np.zeros((2, 10))
+  for t in range(2):
+    np.add.at(want[t], ids[t], 3 * counts[t] / counts[t].sum())
+  np.testing.assert_allclose(total / 3000, want, atol=0.05)
+  with pytest.raises(cache.CacheError, match="cannot keep 9 of 8"):
+    cache.thin_sample(ids, counts, 9, rng)
+
+
+def test_top_k_prefix_moves_the_rest_into_the_tail():
+  lp = np.log(np.array([[0.5, 0.2, 0.1, 0.05]], np.float32))
+  out = {
+      "ids": np.array([[7, 3, 1, 4]]),
+      "log_probs": lp,
+      "tail": np.array([0.15], np.float32),
+  }
+  view = cache.TargetView(k=2)
+  got = view.apply(0, dict(out), "topk")
+  np.testing.assert_array_equal(got["ids"], [[7, 3]])
+  np.testing.assert_allclose(got["tail"], [0.30], atol=1e-6)
+  # The same record always reads the same thinned draws.
+  sample = {"ids": np.array([[1, 2, 0]]), "counts": np.array([[3, 5, 0]])}
+  a = cache.TargetView(n=4, seed=1).apply(5, dict(sample), "sample")
+  b = cache.TargetView(n=4, seed=1).apply(5, dict(sample), "sample")
+  np.testing.assert_array_equal(a["counts"], b["counts"])
