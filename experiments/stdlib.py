@@ -11,6 +11,12 @@ Variants (``experiments/stdlib.py:VARIANT``):
            online) of 56 steps each on the same 1,792 cached rows.
   tiny     every stage in seconds (90 s in all); the fast test suite runs it
            end to end.
+  sweep    the default's teacher and cache, and 18 students: CE, online,
+           and sampled (N = 8, 16, 32, 64), top-k ghost and sparse (k = 8,
+           16, 32, 64) and top-k with a sampled tail (M = 8, 16, 32, 64
+           tail draws after a 32-id head), each read from the one cache;
+           the report plots validation gain over CE against cache bytes per
+           token. In the default's workdir it trains only the 12 new runs.
   gpu      sized for one H100 in about ten minutes: a 478M-parameter MoE
            teacher (82M active: 12 layers, d_model 768, top-2 of 16 experts of
            1024) pretrained for 400 steps of 32 x 512 tokens, and 49.8M
@@ -33,7 +39,7 @@ from distill.core.errors import ConfigError
 from student.config import StudentConfig
 from teacher.config import TeacherConfig
 
-VARIANTS = ("default", "tiny", "gpu")
+VARIANTS = ("default", "tiny", "gpu", "sweep")
 
 
 def get_config(arg=None):
@@ -239,7 +245,23 @@ def get_config(arg=None):
     c.data.batch_size = 4
   if variant == "gpu":
     _gpu(c)
+  if variant == "sweep":
+    c.distill.runs = sweep_runs()
   return c
+
+
+def sweep_runs(sizes=(8, 16, 32)) -> tuple[str, ...]:
+  """The quality-per-byte sweep: every cached target read at smaller sizes
+  (the cache is made once, at the largest), against CE and online KD."""
+  runs = ["ce", "online"]
+  for preset, key in (
+      ("sampled", "n"),
+      ("topk_ghost", "k"),
+      ("topk_sparse", "k"),
+      ("topk_tail", "m"),
+  ):
+    runs += [f"{preset}@{key}={size}" for size in sizes] + [preset]
+  return tuple(runs)
 
 
 def _gpu(c) -> None:

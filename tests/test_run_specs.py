@@ -6,6 +6,7 @@ import pytest
 from data import cache
 from distill import train as distill_train
 from distill.core.errors import UserError
+from experiments import stdlib
 
 
 def test_presets_and_parts():
@@ -81,3 +82,20 @@ def test_top_k_prefix_moves_the_rest_into_the_tail():
   a = cache.TargetView(n=4, seed=1).apply(5, dict(sample), "sample")
   b = cache.TargetView(n=4, seed=1).apply(5, dict(sample), "sample")
   np.testing.assert_array_equal(a["counts"], b["counts"])
+
+
+def test_sweep_variant_reads_one_cache_at_every_size():
+  config = stdlib.get_config("sweep")
+  default = stdlib.get_config()
+  assert config.cache.to_dict() == default.cache.to_dict()  # one cache
+  runs = config.distill.runs
+  folders = {distill_train.run_folder(r) for r in runs}
+  assert len(folders) == len(runs) == 18
+  assert set(default.distill.runs) <= set(runs)  # the default's, reused
+  for run in runs:
+    kind = distill_train.run_kind(run)
+    for key, target in distill_train.SIZES.items():
+      size = getattr(kind, key)
+      cached = {"k": "k", "n": "num_samples", "m": "tail_samples"}[key]
+      assert size is None or size < config.cache[cached]
+      assert size is None or kind.target == target
