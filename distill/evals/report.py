@@ -114,8 +114,10 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
       if e.get("mode") == "online":
         gain = ce_baseline(models)["loss"] - e["loss"]
         ax.axhline(gain, linestyle="--", color="gray")
-        ax.annotate(name, (ax.get_xlim()[0], gain), xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
+        ax.text(
+            0.01, gain, f" {name}", transform=ax.get_yaxis_transform(),
+            va="bottom", color="gray",
+        )  # fmt: skip
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("cache bytes per token (log scale)")
