@@ -3,7 +3,8 @@
 ``load_student(dir)`` takes a model folder written by this project
 (``student/<run>/`` or ``export/<run>/``: config.json with "kind": "student",
 latest checkpoint's params) or a Hugging Face Gemma 3 text folder
-(config.json with model_type "gemma3_text", safetensors).
+(config.json with model_type "gemma3_text", safetensors), or a quantised
+student (``student.quantize``: config.json names its "quantization").
 
 Importing this package registers both with ``distill.core.registry``, so
 ``registry.load_model`` reads student and Gemma 3 folders.
@@ -12,7 +13,7 @@ Importing this package registers both with ``distill.core.registry``, so
 from __future__ import annotations
 
 from distill.core import checkpoint, registry
-from student import hf
+from student import hf, quantize
 from student.config import PRESETS, StudentConfig, get_preset
 from student.model import Student, abstract_student
 
@@ -31,6 +32,8 @@ def load_student(directory: str) -> Student:
   payload = checkpoint.read_config(directory)
   if "kind" not in payload and "model_type" in payload:
     return hf.load_hf(directory)
+  if payload.get(quantize.CONFIG_KEY):
+    return quantize.load(directory)
   return Student.load(directory)
 
 

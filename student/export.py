@@ -5,7 +5,11 @@ r"""Exports a distilled student: ``W/student/R/`` -> ``W/export/R[-hf]/``.
         --dtype=bfloat16
 
 ``--run`` left out exports every run under ``W/student/``. ``--config`` (the
-flag every binary shares) is accepted and not needed.
+flag every binary shares) is accepted and not needed. ``--quantize=int8``
+(or fp8, int4, int8_dynamic) writes the post-training quantised student
+(``student.quantize``) to ``W/export/R-int8/``, an orbax folder that
+``load_student`` reads; the Hugging Face format refuses it (transformers has
+no loader for Qwix's codes).
 
 ``--format=orbax`` writes a params-only model folder (config.json + one
 checkpoint step) to ``W/export/R/``; ``--format=hf`` writes a Hugging Face
@@ -29,7 +33,7 @@ from absl import flags, logging
 from flax import nnx
 
 from distill.core import checkpoint, cli, files, layout
-from student import hf, load_student
+from student import hf, load_student, quantize
 from student.model import abstract_student
 
 FORMATS = ("orbax", "hf")
@@ -42,13 +46,34 @@ class ExportError(cli.UserError):
 
 
 def export(
-    workdir: str, run: str, fmt: str = "orbax", dtype: str = "float32"
+    workdir: str,
+    run: str,
+    fmt: str = "orbax",
+    dtype: str = "float32",
+    quantization: str | None = None,
 ) -> str:
-  """Exports run ``run`` of ``workdir``; returns the export folder."""
+  """Exports run ``run`` of ``workdir``; returns the export folder.
+
+  ``quantization`` (``student.quantize.SCHEMES``) writes the post-training
+  quantised student instead (orbax only) to ``W/export/R-<scheme>/``.
+  """
   if fmt not in FORMATS:
     raise ExportError(f"unknown format {fmt!r}; expected one of {FORMATS}")
   if dtype not in DTYPES:
     raise ExportError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+  if quantization is not None:
+    if quantization not in quantize.SCHEMES:
+      raise ExportError(
+          f"unknown quantization {quantization!r}; expected one of"
+          f" {sorted(quantize.SCHEMES)}"
+      )
+    if fmt == "hf":
+      raise ExportError(
+          "a quantised student exports as an orbax folder only: transformers"
+          " has no loader for Qwix's int8/fp8/int4 codes and scales. Export"
+          " --format=hf without --quantize (float32 or bfloat16) and quantise"
+          " on the serving side, or use --format=orbax --quantize=..."
+      )
   source = layout.student_dir(workdir, run)
   if not os.path.isfile(os.path.join(source, checkpoint.CONFIG_FILE)):
     raise ExportError(layout.missing_run_message(workdir, run))
@@ -66,6 +91,8 @@ def export(
     )
 
   final = layout.export_dir(workdir, run, fmt)
+  if quantization is not None:
+    final = f"{final}-{quantization}"
   info = {
       "format": fmt,
       "run": run,
@@ -73,6 +100,8 @@ def export(
       "dtype": dtype,
       "source": os.path.abspath(source),
   }
+  if quantization is not None:
+    info["quantization"] = quantization
   if _read_info(final) == info:
     logging.info(
         "%s already holds step %d of %s (%s); nothing to do",
@@ -88,7 +117,9 @@ def export(
       "exporting %s step %d as %s (%s) to %s", run, step, fmt, dtype, final
   )
   with files.atomic_dir(final) as tmp:  # Replaces an older export.
-    if fmt == "hf":
+    if quantization is not None:
+      quantize.save(tmp, quantize.quantize(model, quantization), step)
+    elif fmt == "hf":
       hf.save_hf(tmp, model, tokenizer_json=tokenizer_json, dtype=dtype)
     else:
       _save_orbax(tmp, model, dtype, step)
@@ -151,6 +182,14 @@ def _define_flags():
   flags.DEFINE_enum(
       "dtype", "float32", DTYPES, "Dtype of the exported parameters."
   )
+  flags.DEFINE_enum(
+      "quantize",
+      None,
+      sorted(quantize.SCHEMES),
+      "Post-training quantisation (Qwix) of the exported student: int8, fp8"
+      " or int4 weights, or int8_dynamic (int8 weights and activations);"
+      " orbax format only, to W/export/R-<scheme>/.",
+  )
 
 
 def main(argv):
@@ -168,7 +207,15 @@ def main(argv):
         f"{workdir}/student has no runs; run `python -m distill.train` first"
     )
   for run in runs:
-    print(export(workdir, run, flags.FLAGS.format, flags.FLAGS.dtype))
+    print(
+        export(
+            workdir,
+            run,
+            flags.FLAGS.format,
+            flags.FLAGS.dtype,
+            flags.FLAGS.quantize,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Attention, RoPE and the KV cache are in ``distill.nn.attention``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -49,6 +50,12 @@ def param(value: jax.Array, *names: str | None) -> nnx.Param:
   # creation and in ``nnx.eval_shape``) without our rules' fallback for
   # dimensions a mesh axis does not divide.
   return nnx.Param(value, logical_axes=tuple(names))
+
+
+def is_quantized(value) -> bool:
+  """A weight that post-training quantisation (``student.quantize``, Qwix)
+  replaced: not an array but a wrapper of one, read by Qwix's own einsum."""
+  return not isinstance(value, jax.Array) and hasattr(value, "array")
 
 
 def _dtype(dtype: Dtype | None):
@@ -128,8 +135,12 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
-    dtype = _compute_dtype(self.dtype, x, kernel)
-    y = jnp.einsum(self.eqn, x.astype(dtype), kernel.astype(dtype))
+    if is_quantized(kernel):  # qwix's einsum takes its quantised array
+      dtype = self.dtype if self.dtype is not None else x.dtype
+    else:
+      dtype = _compute_dtype(self.dtype, x, kernel)
+      kernel = kernel.astype(dtype)
+    y = jnp.einsum(self.eqn, x.astype(dtype), kernel)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -244,19 +255,42 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     table = self.embedding[...]
-    out = jnp.take(table, tokens, axis=0)
+    if is_quantized(table):  # the rows' codes and scales, then dequantised
+      out = _take_quantized(table.array, tokens)
+    else:
+      out = jnp.take(table, tokens, axis=0)
     return out.astype(self.dtype) if self.dtype is not None else out
 
   def attend(self, h: jax.Array) -> jax.Array:
     table = self.embedding[...]
-    dtype = _compute_dtype(self.dtype, h, table)
+    if is_quantized(table):  # qwix's einsum takes its quantised array
+      dtype = self.dtype if self.dtype is not None else h.dtype
+    else:
+      dtype = _compute_dtype(self.dtype, h, table)
+      table = table.astype(dtype)
     logits = jnp.einsum(
         "BTD,VD->BTV",
         h.astype(dtype),
-        table.astype(dtype),
+        table,
         preferred_element_type=jnp.float32,
-    )
+    ).astype(jnp.float32)
     return sharding.constrain(logits, "batch", None, "vocab")
+
+
+def _take_quantized(qarray, tokens: jax.Array) -> jax.Array:
+  """Rows ``tokens`` of a Qwix-quantised [V, D] table, dequantised."""
+  # Imported only for a quantised table (Qwix is a dependency of student
+  # quantisation, not of the layers).
+  import qwix  # pylint: disable=import-outside-toplevel
+
+  take = lambda a: None if a is None else jnp.take(a, tokens, axis=0)
+  rows = dataclasses.replace(
+      qarray,
+      qvalue=take(qarray.qvalue),
+      scale=take(qarray.scale),
+      zero_point=take(qarray.zero_point),
+  )
+  return qwix.dequantize(rows)
 
 
 class Unembed(nnx.Module):
