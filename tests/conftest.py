@@ -18,8 +18,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The project's modules are imported after the environment above is set.
 # pylint: disable=wrong-import-position
+import gc
 import shutil
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -30,6 +32,20 @@ from experiments import stdlib
 from teacher import cache_logits
 from teacher import train as teacher_train
 from teacher.model import Teacher
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  XLA's CPU backend maps each executable's code into memory; one process
+  running the whole suite would otherwise keep thousands of them alive and
+  run into the kernel's limit on memory mappings (vm.max_map_count, 65,530),
+  where compiling segfaults.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def copy_workdir(src: str, dst) -> str:
