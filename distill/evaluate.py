@@ -40,6 +40,7 @@ from distill.core import cli, files, layout, registry, sharding
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
 from distill.evals import metrics, report, targets, validation
+from student import quantize
 
 
 def model_folders(workdir: str) -> dict[str, str]:
@@ -231,12 +232,15 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   ``distill_gain``: CE-baseline loss minus the best distilled student's loss
   (positive: distillation helped); ``teacher_gain``: CE-baseline loss minus
   the teacher's; ``decode_speedup_b1``: the best student's batch-1 decode
-  tokens/s over the teacher's. Missing pieces give None.
+  tokens/s over the teacher's. Quantised students (PTQ variants, QAT runs)
+  are compared in their own rows, not here. Missing pieces give None.
   """
   distilled = {
       n: e
       for n, e in models.items()
-      if n != "teacher" and e.get("mode") not in (None, "ce")
+      if n != "teacher"
+      and e.get("mode") not in (None, "ce")
+      and not e.get("quantization")  # trained float students only
   }
   ce = report.ce_baseline(models)
   teacher = models.get("teacher")
@@ -361,6 +365,38 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           max_batches=e.target_batches,
           seed=config.seed,
       )
+
+  # Post-training quantised variants of the best distilled student, scored
+  # like the others beside their float parent.
+  for name, model in loaded.items():
+    models[name]["quantization"] = getattr(model, "quantization", None)
+  best = headline(models).get("best_distilled")
+  if e.ptq and best is not None:
+    variants = {
+        f"{best}-{scheme}": quantize.quantize(loaded[best], scheme)
+        for scheme in e.ptq
+    }
+    with sharding.use(mesh):
+      scores = validation.validation_pass(
+          variants,
+          teacher,
+          data_dir,
+          seq_len=data.seq_len,
+          batch_size=data.batch_size,
+          max_batches=e.batches,
+          chunk_size=config.distill.loss_chunk,
+          num_bins=e.ece_bins,
+      )
+    for name, model in variants.items():
+      models[name] = {
+          **{k: v for k, v in models[best].items() if k not in scores[name]},
+          **scores[name],
+          "parent": best,
+      }
+      loaded[name] = model
+  for name, model in loaded.items():
+    models[name]["quantization"] = getattr(model, "quantization", None)
+    models[name]["weight_bytes"] = quantize.weight_bytes(model)
 
   # Decoding is timed as a model is served at batch 1 or 8: whole, on one
   # device (this process's first), not spread over the mesh.

@@ -27,7 +27,10 @@ needs no code: a preset with parts changed, ``sampled@n=16`` (16 of the
 cached draws), ``topk_sparse@k=8`` (the first 8 cached ids), ``topk_tail@m=16``
 (16 of the cached tail draws), or every part,
 ``mode=offline,target=topk,loss=ghost_kl,k=16``. Its folder is the spec with
-``@`` and ``,`` as ``_`` and ``=`` dropped (``W/student/sampled_n16``).
+``@`` and ``,`` as ``_`` and ``=`` dropped (``W/student/sampled_n16``). The
+part ``q=int8`` (or fp8, int4, int8_dynamic) makes a run quantisation-aware:
+the student trains through fake quantisation of its projections
+(``student.quantize``) and its folder loads as the quantised model.
 
 Every run of one config sees the same packed rows in the same order (the CE
 and online runs read the rows the cache covers, shuffled with the same seed),
@@ -57,6 +60,7 @@ from distill.core.errors import UserError
 from distill.evals import validation
 from distill.training import loop as trainer
 from student import config as student_config
+from student import quantize
 from student.model import Student
 from teacher import load_teacher
 
@@ -74,6 +78,9 @@ class RunKind:
   k: int | None = None  # topk: the first k of the cached k ids
   n: int | None = None  # sample: n of the cached N draws
   m: int | None = None  # topk_tail: m of the cached M tail draws
+  # Quantisation-aware: train through fake quantisation of this scheme
+  # (``student.quantize``); the run's folder then loads quantised.
+  q: str | None = None
 
   def settings(self) -> dict[str, Any]:
     """The run's parts as its folder records them (unset sizes left out)."""
@@ -81,7 +88,7 @@ class RunKind:
     return {
         key: value
         for key, value in parts.items()
-        if value is not None or key not in SIZES
+        if value is not None or key not in (*SIZES, "q")
     }
 
   def view(self, seed: int) -> cache.TargetView | None:
@@ -179,10 +186,10 @@ def run_kind(run: str) -> RunKind:
   parts = dataclasses.asdict(RUN_KINDS[preset]) if preset else {}
   for item in rest.split(","):
     key, eq, value = item.partition("=")
-    if not eq or key not in ("mode", "target", "loss", *SIZES):
+    if not eq or key not in ("mode", "target", "loss", "q", *SIZES):
       raise UserError(
           f"Run {run!r}: {item!r} is not key=value with a key of mode,"
-          " target, loss, k, n or m."
+          " target, loss, k, n, m or q."
       )
     if key in SIZES:
       if not value.isdigit() or int(value) < 1:
@@ -199,6 +206,8 @@ def run_kind(run: str) -> RunKind:
 
 def _check_kind(run: str, kind: RunKind) -> None:
   bad = lambda why: UserError(f"Run {run!r}: {why}")
+  if kind.q is not None and kind.q not in quantize.SCHEMES:
+    raise bad(f"q={kind.q!r}; use one of {sorted(quantize.SCHEMES)}")
   if kind.mode not in ("ce", "online", "offline"):
     raise bad(f"mode={kind.mode!r}; use ce, online or offline")
   sizes = [key for key in SIZES if getattr(kind, key) is not None]
@@ -472,6 +481,8 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
     )
 
   model = Student(cfg, rngs=nnx.Rngs(seed))
+  if kind.q is not None:  # the same parameters, seen through fake quantisation
+    model = quantize.quantize(model, kind.q, qat=True)
   result = trainer.train(
       out_dir=out_dir,
       model=model,

@@ -138,6 +138,7 @@ def get_config(arg=None):
       "topk_sparse",
       "topk_tail",
       "online",
+      "sampled@q=int8",  # quantisation-aware: int8 projections
   )
   c.distill.alpha = 0.0  # weight of hard-label CE in the mix
   c.distill.alpha_end = 0.0
@@ -177,6 +178,9 @@ def get_config(arg=None):
   # Validation batches on which each cached method's target is compared with
   # the teacher's full distribution (entropy, coverage, KL); 0: none.
   c.eval.target_batches = 4
+  # Post-training quantised variants of the best distilled student
+  # (student/quantize.py schemes), scored beside it; () for none.
+  c.eval.ptq = ("int8",)
   c.eval.speed = ml_collections.ConfigDict(
       dict(  # prefill/decode tokens/s
           prompt_len=64, new_tokens=64, batch_sizes=(1, 8), repeats=5

@@ -4,7 +4,9 @@
 (``student/<run>/`` or ``export/<run>/``: config.json with "kind": "student",
 latest checkpoint's params) or a Hugging Face Gemma 3 text folder
 (config.json with model_type "gemma3_text", safetensors), or a quantised
-student (``student.quantize``: config.json names its "quantization").
+student (``student.quantize``: config.json names its "quantization"). A
+run trained quantisation-aware (its settings name ``q``) loads quantised as
+it was trained (projections only), ready to serve.
 
 Importing this package registers both with ``distill.core.registry``, so
 ``registry.load_model`` reads student and Gemma 3 folders.
@@ -34,6 +36,9 @@ def load_student(directory: str) -> Student:
     return hf.load_hf(directory)
   if payload.get(quantize.CONFIG_KEY):
     return quantize.load(directory)
+  qat = (payload.get("settings") or {}).get("q")
+  if qat:  # trained quantisation-aware: served as its quantised self
+    return quantize.quantize(Student.load(directory), qat, embedding=False)
   return Student.load(directory)
 
 

@@ -113,12 +113,20 @@ def export(
     return final
 
   model = load_student(source)
+  if fmt == "hf" and getattr(model, "quantization", None):
+    raise ExportError(
+        f"{run} was trained quantisation-aware ({model.quantization}); a"
+        " quantised student exports as an orbax folder only (transformers"
+        " has no loader for Qwix's codes): use --format=orbax"
+    )
   logging.info(
       "exporting %s step %d as %s (%s) to %s", run, step, fmt, dtype, final
   )
   with files.atomic_dir(final) as tmp:  # Replaces an older export.
     if quantization is not None:
       quantize.save(tmp, quantize.quantize(model, quantization), step)
+    elif getattr(model, "quantization", None):  # trained quantisation-aware
+      quantize.save(tmp, model, step)
     elif fmt == "hf":
       hf.save_hf(tmp, model, tokenizer_json=tokenizer_json, dtype=dtype)
     else:
@@ -146,7 +154,18 @@ def export_all(config, workdir: str) -> list[str]:
         f"{workdir}/student has no finished runs to export; run"
         " `python -m distill.train` first"
     )
-  return [export(workdir, run, fmt, dtype) for run in runs for fmt in formats]
+  quantized = {r for r in runs if _trained_quantized(workdir, r)}
+  return [
+      export(workdir, run, fmt, dtype)
+      for run in runs
+      for fmt in formats
+      if not (fmt == "hf" and run in quantized)  # orbax only (see export)
+  ]
+
+
+def _trained_quantized(workdir: str, run: str) -> bool:
+  payload = checkpoint.read_config(layout.student_dir(workdir, run))
+  return bool((payload.get("settings") or {}).get("q"))
 
 
 def _save_orbax(directory: str, model, dtype: str, step: int) -> None:

@@ -44,7 +44,11 @@ def _kind(entry: dict[str, Any]) -> str:
       str(entry[k]) for k in ("mode", "target", "loss_kind") if entry.get(k)
   )
   sizes = entry.get("sizes") or {}
-  return kind + "".join(f" {k}={v}" for k, v in sizes.items())
+  kind += "".join(f" {k}={v}" for k, v in sizes.items())
+  if entry.get("quantization"):
+    how = "PTQ" if entry.get("parent") else "QAT"
+    kind += f" [{how} {entry['quantization']}]"
+  return kind
 
 
 def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
@@ -103,6 +107,30 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
     plt.close(fig)
     written.append(os.path.basename(path))
 
+  quantized = [
+      (n, e["weight_bytes"], e["loss"])
+      for n, e in models.items()
+      if n != "teacher" and e.get("weight_bytes")
+      and (e.get("quantization") or any(
+          m.get("parent") == n for m in models.values()))
+  ]  # fmt: skip
+  if quantized:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, size, loss in quantized:
+      ax.scatter(size / 2**20, loss, s=40)
+      ax.annotate(
+          name, (size / 2**20, loss), textcoords="offset points", xytext=(5, 4)
+      )
+    ax.set_xlabel("weight MiB (as stored)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Quantised students against their float parents")
+    ax.grid(alpha=0.3)
+    path = os.path.join(out_dir, "quality_vs_weight_bytes.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(os.path.basename(path))
+
   lines = quality_per_byte(models)
   if lines:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -143,7 +171,11 @@ def quality_per_byte(
     return {}
   lines: dict[str, list[tuple[float, float]]] = {}
   for e in models.values():
-    if e.get("mode") == "offline" and e.get("cache_bytes_per_token"):
+    if (
+        e.get("mode") == "offline"
+        and e.get("cache_bytes_per_token")
+        and not e.get("quantization")  # those are about weight bytes
+    ):
       method = f"{e['target']} / {e['loss_kind']}"
       point = (e["cache_bytes_per_token"], ce["loss"] - e["loss"])
       lines.setdefault(method, []).append(point)
@@ -274,6 +306,7 @@ def markdown(result: dict[str, Any]) -> str:
               "ECE",
               "params",
               "active params",
+              "weight bytes",
           ],
           [
               [
@@ -287,6 +320,7 @@ def markdown(result: dict[str, Any]) -> str:
                   e["ece"],
                   e["params"]["total"],
                   e["params"]["active"],
+                  e.get("weight_bytes"),
               ]
               for n, e in models.items()
           ],
