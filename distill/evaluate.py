@@ -219,6 +219,19 @@ def cache_format_arrays(method: str, r: dict[str, Any]) -> dict[str, Any]:
   return {"sample_ids": r["ids"], "sample_counts": r["counts"]}
 
 
+def float_twin(payload: dict[str, Any]) -> str | None:
+  """For a run trained quantisation-aware (``q=...`` in its spec), the
+  folder of the same run without it ("sampled@q=int4" -> "sampled"), so that
+  evaluate can set the same recipe's PTQ beside it; None for other runs."""
+  settings = payload.get("settings") or {}
+  if not settings.get("q"):
+    return None
+  preset, _, rest = settings["run"].partition("@")
+  parts = [p for p in rest.split(",") if p and not p.startswith("q=")]
+  twin = preset + ("@" + ",".join(parts) if parts else "")
+  return twin.replace("@", "_").replace(",", "_").replace("=", "")
+
+
 def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
   return {
       "steps": {n: ckpt.latest_step(p) for n, p in folders.items()},
@@ -371,10 +384,15 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   for name, model in loaded.items():
     models[name]["quantization"] = getattr(model, "quantization", None)
   best = headline(models).get("best_distilled")
-  if e.ptq and best is not None:
+  wanted = [(best, scheme) for scheme in e.ptq] if best else []
+  for name, path in folders.items():  # a QAT run's float twin, quantised
+    twin = float_twin(ckpt.read_config(path))
+    if twin in loaded:
+      wanted.append((twin, quantize.parse(loaded[name].quantization)[0]))
+  if wanted:
     variants = {
-        f"{best}-{scheme}": quantize.quantize(loaded[best], scheme)
-        for scheme in e.ptq
+        f"{parent}-{scheme}": quantize.quantize(loaded[parent], scheme)
+        for parent, scheme in dict.fromkeys(wanted)
     }
     with sharding.use(mesh):
       scores = validation.validation_pass(
@@ -387,11 +405,14 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           chunk_size=config.distill.loss_chunk,
           num_bins=e.ece_bins,
       )
-    for name, model in variants.items():
+    for (parent, scheme), (name, model) in zip(
+        dict.fromkeys(wanted), variants.items()
+    ):
+      del scheme
       models[name] = {
-          **{k: v for k, v in models[best].items() if k not in scores[name]},
+          **{k: v for k, v in models[parent].items() if k not in scores[name]},
           **scores[name],
-          "parent": best,
+          "parent": parent,
       }
       loaded[name] = model
   for name, model in loaded.items():

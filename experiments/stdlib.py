@@ -326,3 +326,4 @@ def _gpu(c) -> None:
   c.cache.writer_threads = 8
   c.eval.speed.update(dict(prompt_len=128, new_tokens=128))
   c.eval.speculative.update(dict(prompts=4, prompt_len=64, new_tokens=128))
+  c.eval.ptq = ("int8", "fp8")  # fp8 matmuls on H100-class GPUs

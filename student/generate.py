@@ -5,8 +5,9 @@ r"""Generates text from a student run or the teacher, streamed as it comes.
     python -m student.generate --workdir=/tmp/kd --teacher --prompt="import os"
 
 Loads ``W/tokenizer.json`` and the model (``W/student/R/``, latest
-checkpoint, or ``W/teacher/``); ``--run`` may be left out when the workdir
-has exactly one run. The prompt is encoded after an end-of-sequence token
+checkpoint, or ``W/teacher/``, or any model folder with ``--model_dir``, such
+as a quantised export ``W/export/R-int8/``); ``--run`` may be left out when
+the workdir has exactly one run. The prompt is encoded after an end-of-sequence token
 (documents are separated by EOS in training, so that is how a document
 starts), and generation stops at EOS or ``--max_new_tokens``.
 ``--temperature=0`` is greedy. ``--config`` (the flag every binary shares)
@@ -34,12 +35,27 @@ class GenerateError(cli.UserError):
   """A generation that cannot run as asked; the message says what to do."""
 
 
-def model_dir(workdir: str, run: str | None, teacher: bool) -> str:
-  """The model folder to load, or a GenerateError that says what exists."""
+def model_dir(
+    workdir: str, run: str | None, teacher: bool, path: str | None = None
+) -> str:
+  """The model folder to load, or a GenerateError that says what exists.
+
+  ``path``: any model folder (an export, e.g. ``W/export/R-int8/``)."""
   if teacher and run:
     raise GenerateError(
         "pass either --run=R (a student) or --teacher, not both"
     )
+  if path and (run or teacher):
+    raise GenerateError(
+        "--model_dir names the model itself; leave out --run and --teacher"
+    )
+  if path:
+    if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+      raise GenerateError(
+          f"--model_dir={path} holds no {checkpoint.CONFIG_FILE}: pass a model"
+          " folder (W/student/R, W/export/R, W/export/R-int8, ...)"
+      )
+    return path
   if teacher:
     path = layout.teacher_dir(workdir)
     if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
@@ -97,6 +113,7 @@ def generate_text(
     *,
     run: str | None = None,
     teacher: bool = False,
+    model_path: str | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -116,7 +133,7 @@ def generate_text(
         f"need --temperature >= 0 and 0 < --top_p <= 1, got"
         f" {temperature} and {top_p}"
     )
-  path = model_dir(workdir, run, teacher)
+  path = model_dir(workdir, run, teacher, model_path)
   tokenizer_path = layout.tokenizer_path(workdir)
   tokenizer = tok.load_tokenizer(tokenizer_path)
   eos = tok.special_ids(tokenizer)["eos"]
@@ -152,6 +169,11 @@ def _define_flags():
   # Defined only when run as a binary (importing adds no flags).
   flags.DEFINE_string("run", None, "Student run under WORKDIR/student/.")
   flags.DEFINE_bool("teacher", False, "Generate with WORKDIR/teacher instead.")
+  flags.DEFINE_string(
+      "model_dir",
+      None,
+      "Any model folder instead (an export, e.g. WORKDIR/export/R-int8).",
+  )
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
   flags.DEFINE_float(
@@ -171,6 +193,7 @@ def main(argv):
       flags.FLAGS.prompt,
       run=flags.FLAGS.run,
       teacher=flags.FLAGS.teacher,
+      model_path=flags.FLAGS.model_dir,
       max_new_tokens=flags.FLAGS.max_new_tokens,
       temperature=flags.FLAGS.temperature,
       top_p=flags.FLAGS.top_p,

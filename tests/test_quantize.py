@@ -14,6 +14,7 @@ from distill.core import checkpoint, layout
 from distill.core.errors import ConfigError
 from distill.decoding import generate as gen
 from student import export, load_student, quantize
+from student import generate as student_generate
 from student.config import PRESETS
 from student.model import Student
 from teacher import config as teacher_config
@@ -117,3 +118,17 @@ def test_qat_trains_through_fake_quantisation(student):
 
   losses = [float(step(qat, optimizer)) for _ in range(20)]
   assert losses[-1] < losses[0] - 1.0
+
+
+def test_generate_binary_reads_a_quantised_export(student, tmp_path):
+  """``student.generate --model_dir`` on a quantised export streams text."""
+  workdir = str(tmp_path)
+  run_dir = layout.student_dir(workdir, "r")
+  checkpoint.write_config(run_dir, "student", student.config)
+  checkpoint.save_params(run_dir, student, step=1)
+  folder = export.export(workdir, "r", "orbax", quantization="int8")
+  with pytest.raises(student_generate.GenerateError, match="leave out --run"):
+    student_generate.model_dir(workdir, "r", False, folder)
+  assert student_generate.model_dir(workdir, None, False, folder) == folder
+  with pytest.raises(student_generate.GenerateError, match="holds no config"):
+    student_generate.model_dir(workdir, None, False, str(tmp_path / "nothing"))

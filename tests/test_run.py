@@ -95,7 +95,9 @@ def test_report_has_every_field_and_plots(tiny_run):
   models = report["models"]
   best = report["summary"]["best_distilled"]
   ptq = f"{best}-int8"  # the post-training quantised best student
-  assert set(models) == {"teacher", *RUNS, ptq}
+  # ... and the QAT run's float twin quantised the same way, beside it.
+  assert set(models) == {"teacher", *RUNS, ptq, "sampled-int8"}
+  assert models["sampled-int8"]["parent"] == "sampled"
   assert models[ptq]["parent"] == best and models[ptq]["quantization"] == "int8"
   assert models["sampled_qint8"]["quantization"] == "int8_projections"
   assert models[ptq]["weight_bytes"] < 0.4 * models[best]["weight_bytes"]

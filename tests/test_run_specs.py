@@ -21,6 +21,9 @@ def test_presets_and_parts():
       distill_train.RunKind("offline", "topk", "ghost_kl", k=4)
   )
   assert distill_train.run_folder("topk_tail@m=16") == "topk_tail_m16"
+  qat = kind("sampled@q=int8")
+  assert qat.q == "int8" and qat.settings()["q"] == "int8"
+  assert distill_train.run_folder("sampled@q=int8") == "sampled_qint8"
   assert distill_train.run_folder("sampled") == "sampled"
   # Unset sizes stay out of a run's recorded settings (old folders match).
   assert distill_train.RUN_KINDS["sampled"].settings() == {
@@ -41,6 +44,7 @@ def test_presets_and_parts():
         ("ce@n=4", "learns from labels only"),
         ("online@k=4", "online run reads no cache"),
         ("target=topk,loss=ghost_kl", "give its mode"),
+        ("sampled@q=int3", "q='int3'; use one of"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec, why):
