@@ -84,7 +84,9 @@ def test_cpu_variant_imports_distils_and_exports(hf_dir, tmp_path):
     assert json.load(f)["vocab_size"] == PADDED
   with open(os.path.join(workdir, "eval", "report.json")) as f:
     report = json.load(f)
-  assert set(report["models"]) == {"teacher", *config.distill.runs}
+  best = report["summary"]["best_distilled"]
+  ptq = {f"{best}-{scheme}" for scheme in config.eval.ptq}  # quantised best
+  assert set(report["models"]) == {"teacher", *config.distill.runs, *ptq}
 
   # The exported student has the teacher's padded vocabulary and loads in
   # transformers with the logits our loader gives.
