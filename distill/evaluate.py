@@ -385,15 +385,19 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     models[name]["quantization"] = getattr(model, "quantization", None)
   best = headline(models).get("best_distilled")
   wanted = [(best, scheme) for scheme in e.ptq] if best else []
-  for name, path in folders.items():  # a QAT run's float twin, quantised
+  # A QAT run's float twin, quantised after training exactly as the QAT run
+  # is (the same scheme, the embedding left float): like with like.
+  for name, path in folders.items():
     twin = float_twin(ckpt.read_config(path))
     if twin in loaded:
-      wanted.append((twin, quantize.parse(loaded[name].quantization)[0]))
+      wanted.append((twin, loaded[name].quantization))
   if wanted:
-    variants = {
-        f"{parent}-{scheme}": quantize.quantize(loaded[parent], scheme)
-        for parent, scheme in dict.fromkeys(wanted)
-    }
+    variants = {}
+    for parent, how in dict.fromkeys(wanted):
+      scheme, embedding = quantize.parse(how)
+      variants[f"{parent}-{how}"] = quantize.quantize(
+          loaded[parent], scheme, embedding=embedding
+      )
     with sharding.use(mesh):
       scores = validation.validation_pass(
           variants,

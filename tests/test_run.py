@@ -96,8 +96,10 @@ def test_report_has_every_field_and_plots(tiny_run):
   best = report["summary"]["best_distilled"]
   ptq = f"{best}-int8"  # the post-training quantised best student
   # ... and the QAT run's float twin quantised the same way, beside it.
-  assert set(models) == {"teacher", *RUNS, ptq, "sampled-int8"}
-  assert models["sampled-int8"]["parent"] == "sampled"
+  twin = "sampled-int8_projections"  # quantised as the QAT run is
+  assert set(models) == {"teacher", *RUNS, ptq, twin}
+  assert models[twin]["parent"] == "sampled"
+  assert models[twin]["quantization"] == "int8_projections"
   assert models[ptq]["parent"] == best and models[ptq]["quantization"] == "int8"
   assert models["sampled_qint8"]["quantization"] == "int8_projections"
   assert models[ptq]["weight_bytes"] < 0.4 * models[best]["weight_bytes"]
