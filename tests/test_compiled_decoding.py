@@ -111,7 +111,9 @@ def _rows(steps):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize(
-    "make", [_student, _teacher], ids=["student", "teacher"]
+    "make",
+    [_student, pytest.param(_teacher, marks=pytest.mark.slow)],
+    ids=["student", "teacher"],
 )
 def test_generate_and_stream_equal_a_per_step_loop(make, temperature):
   """Greedy and sampled, rows of three prompt lengths, with and without an
@@ -290,8 +292,12 @@ def _reference_speculative(
     [
         ("student", 3, 0.0, [3, 7, 2, 9, 4]),
         ("student", 3, 1.0, [3, 7, 2, 9, 4]),
-        ("student", 2, 0.8, [5]),  # one token: the first chunk is padded
-        ("teacher", 2, 1.0, [3, 7, 2]),  # the teacher drafting for itself
+        pytest.param(  # one token: the first chunk is padded
+            "student", 2, 0.8, [5], marks=pytest.mark.slow
+        ),
+        pytest.param(  # the teacher drafting for itself
+            "teacher", 2, 1.0, [3, 7, 2], marks=pytest.mark.slow
+        ),
     ],
 )
 def test_speculative_equals_the_round_by_round_loop(

@@ -41,7 +41,9 @@ def _ce(model, tokens):
   )
 
 
-@pytest.mark.parametrize("name", ["student", "teacher"])
+@pytest.mark.parametrize(
+    "name", ["student", pytest.param("teacher", marks=pytest.mark.slow)]
+)
 def test_bf16_compute_keeps_float32_weights_state_and_losses(name):
   f32, bf16, vocab = _models(name)
   # The same float32 parameters: only the compute dtype differs.

@@ -38,7 +38,13 @@ def _assert_same(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
 
 
-MODES = [(True, "none"), (True, "full"), (False, "dots"), (True, "dots")]
+# Scanning is checked in the fast suite; the remat policies in the slow one.
+MODES = [
+    (True, "none"),
+    pytest.param(True, "full", marks=pytest.mark.slow),
+    pytest.param(False, "dots", marks=pytest.mark.slow),
+    pytest.param(True, "dots", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("scan,remat", MODES)
