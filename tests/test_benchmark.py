@@ -41,7 +41,7 @@ def test_benchmark_reports_every_ratio(tmp_path):
   assert ratios["ce"] == 1.0 and all(r > 0 for r in ratios.values())
   assert 0 < bench["students"]["train_flops_over_matmul"]
   assert 0 < bench["cache"]["cache_over_forward"]
-  assert bench["cache"]["methods"] == ["sample", "topk"]
+  assert bench["cache"]["methods"] == ["sample", "topk", "topk_tail"]
   for b in (1, 8):
     assert bench["decode"][f"batch_{b}"]["decode_student_over_teacher"] > 0
     for model in ("student", "teacher"):
