@@ -18,6 +18,7 @@ changed is not computed again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -228,8 +229,7 @@ def float_twin(payload: dict[str, Any]) -> str | None:
     return None
   preset, _, rest = settings["run"].partition("@")
   parts = [p for p in rest.split(",") if p and not p.startswith("q=")]
-  twin = preset + ("@" + ",".join(parts) if parts else "")
-  return twin.replace("@", "_").replace(",", "_").replace("=", "")
+  return layout.run_folder(preset + ("@" + ",".join(parts) if parts else ""))
 
 
 def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
@@ -342,6 +342,16 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     )
     models[name] = entry
 
+  score = functools.partial(
+      validation.validation_pass,
+      teacher=teacher,
+      data_dir=data_dir,
+      seq_len=data.seq_len,
+      batch_size=data.batch_size,
+      max_batches=e.batches,
+      chunk_size=config.distill.loss_chunk,
+      num_bins=e.ece_bins,
+  )
   started = time.time()
   rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
   batches = rows // data.batch_size
@@ -354,17 +364,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           disable=not sharding.is_main(),
       ) as bar,
   ):
-    scores = validation.validation_pass(
-        loaded,
-        teacher,
-        data_dir,
-        seq_len=data.seq_len,
-        batch_size=data.batch_size,
-        max_batches=e.batches,
-        chunk_size=config.distill.loss_chunk,
-        num_bins=e.ece_bins,
-        progress=lambda i: bar.update(1),
-    )
+    scores = score(loaded, progress=lambda i: bar.update(1))
   for name, values in scores.items():
     models[name].update(values)
   logging.info("validation pass: %.1fs", time.time() - started)
@@ -391,36 +391,30 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     twin = float_twin(ckpt.read_config(path))
     if twin in loaded:
       wanted.append((twin, loaded[name].quantization))
-  if wanted:
-    variants = {}
-    for parent, how in dict.fromkeys(wanted):
-      scheme, embedding = quantize.parse(how)
-      variants[f"{parent}-{how}"] = quantize.quantize(
-          loaded[parent], scheme, embedding=embedding
-      )
+  parents, variants = {}, {}
+  for parent, how in dict.fromkeys(wanted):
+    scheme, embedding = quantize.parse(how)
+    name = f"{parent}-{how}"
+    parents[name] = parent
+    variants[name] = quantize.quantize(
+        loaded[parent], scheme, embedding=embedding
+    )
+  if variants:
     with sharding.use(mesh):
-      scores = validation.validation_pass(
-          variants,
-          teacher,
-          data_dir,
-          seq_len=data.seq_len,
-          batch_size=data.batch_size,
-          max_batches=e.batches,
-          chunk_size=config.distill.loss_chunk,
-          num_bins=e.ece_bins,
-      )
-    for (parent, scheme), (name, model) in zip(
-        dict.fromkeys(wanted), variants.items()
-    ):
-      del scheme
+      scores = score(variants)
+    for name, model in variants.items():
       models[name] = {
-          **{k: v for k, v in models[parent].items() if k not in scores[name]},
+          **{
+              k: v
+              for k, v in models[parents[name]].items()
+              if k not in scores[name]
+          },
           **scores[name],
-          "parent": parent,
+          "parent": parents[name],
+          "quantization": model.quantization,
       }
       loaded[name] = model
   for name, model in loaded.items():
-    models[name]["quantization"] = getattr(model, "quantization", None)
     models[name]["weight_bytes"] = quantize.weight_bytes(model)
 
   # Decoding is timed as a model is served at batch 1 or 8: whole, on one

@@ -235,10 +235,7 @@ def _check_kind(run: str, kind: RunKind) -> None:
       raise bad(f"{key} sizes a {SIZES[key]} target, not {kind.target}")
 
 
-def run_folder(run: str) -> str:
-  """The folder name of a run spec under W/student: the spec with '@' and
-  ',' as '_' and '=' dropped ("sampled@n=16" -> "sampled_n16")."""
-  return run.replace("@", "_").replace(",", "_").replace("=", "")
+run_folder = layout.run_folder  # a run spec's folder under W/student
 
 
 def _schedules(d):

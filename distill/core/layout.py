@@ -53,6 +53,12 @@ def export_dir(workdir: str, run: str, fmt: str) -> str:
   return os.path.join(workdir, "export", run + ("-hf" if fmt == "hf" else ""))
 
 
+def run_folder(run: str) -> str:
+  """The folder name under W/student of a run spec: the spec with '@' and
+  ',' as '_' and '=' dropped ("sampled@n=16" -> "sampled_n16")."""
+  return run.replace("@", "_").replace(",", "_").replace("=", "")
+
+
 def list_runs(workdir: str) -> list[str]:
   """Runs under ``W/student/`` (folders with a config.json), sorted."""
   root = students_dir(workdir)
