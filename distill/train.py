@@ -7,30 +7,47 @@ Each run in ``config.distill.runs`` (or only ``--run``) trains a student into
 the data iterator state, ``metrics.jsonl``, TensorBoard events,
 ``summary.json``). The kinds of run:
 
-==============  =======  ===================================================
-run             mode     target and loss
-==============  =======  ===================================================
-``ce``          ce       hard labels only: the baseline
-``online``      online   the teacher in the loop, full-vocabulary ``dense_kd``
-``online_topk`` online   the teacher's top-k (``config.cache.k``) and tail,
-                         computed on the fly, ``ghost_kl``
-``sampled``     offline  cached sampled ids and counts, ``sampled_kl``
-``topk_ghost``  offline  cached top-k and tail mass, ``ghost_kl``
-``topk_sparse`` offline  cached top-k renormalised, ``sparse_kl``
-``topk_tail``   offline  cached top-k head exact plus draws from the teacher
-                         outside it, scaled by the tail mass,
-                         ``topk_tail_kl`` (unbiased for the forward KL)
-==============  =======  ===================================================
+==============  =========  =================================================
+run             mode       target and loss
+==============  =========  =================================================
+``ce``          ce         hard labels only: the baseline
+``online``      online     the teacher in the loop, full-vocabulary
+                           ``dense_kd``
+``online_topk`` online     the teacher's top-k (``config.cache.k``) and
+                           tail, computed on the fly, ``ghost_kl``
+``sampled``     offline    cached sampled ids and counts, ``sampled_kl``
+``topk_ghost``  offline    cached top-k and tail mass, ``ghost_kl``
+``topk_sparse`` offline    cached top-k renormalised, ``sparse_kl``
+``topk_tail``   offline    cached top-k head exact plus draws from the
+                           teacher outside it, scaled by the tail mass,
+                           ``topk_tail_kl`` (unbiased for the forward KL)
+``on_policy``   on_policy  the student's own continuations of prompts,
+                           scored by the teacher in the loop (a share
+                           ``lam`` of the steps; the others as ``sampled``;
+                           ``distill.on_policy``)
+==============  =========  =================================================
 
-These are presets. A run can also be given by its parts, so that a sweep
-needs no code: a preset with parts changed, ``sampled@n=16`` (16 of the
-cached draws), ``topk_sparse@k=8`` (the first 8 cached ids), ``topk_tail@m=16``
-(16 of the cached tail draws), or every part,
+These are presets. A run can also be given by its parts (``distill.runs``),
+so that a sweep needs no code: a preset with parts changed,
+``sampled@n=16`` (16 of the cached draws), ``topk_sparse@k=8`` (the first 8
+cached ids), ``topk_tail@m=16`` (16 of the cached tail draws),
+``on_policy@lam=0.5``, or every part,
 ``mode=offline,target=topk,loss=ghost_kl,k=16``. Its folder is the spec with
 ``@`` and ``,`` as ``_`` and ``=`` dropped (``W/student/sampled_n16``). The
 part ``q=int8`` (or fp8, int4, int8_dynamic) makes a run quantisation-aware:
 the student trains through fake quantisation of its projections
-(``student.quantize``) and its folder loads as the quantised model.
+(``student.quantize``) and its folder loads as the quantised model. The
+part ``feat=cosine`` (or mse) adds feature distillation to an online run
+(``distill.features``).
+
+Starting from a student: ``from=sampled`` starts a run from the finished
+run in ``W/student/sampled`` (listed before it), and ``--init_from=DIR``
+(or ``config.distill.init_from``) every run this command trains from any
+student model folder (a run, its ``best/``, an export). Such a run trains
+for ``config.distill.continue_train`` (by default a shorter schedule at a
+lower rate) with a fresh optimizer, so the recipe "offline KD, then a short
+on-policy phase" is two runs of one config, and ``sampled@from=sampled``
+(the same steps on the cache) is its control.
 
 Every run of one config sees the same packed rows in the same order (the CE
 and online runs read the rows the cache covers, shuffled with the same seed),
@@ -53,72 +70,35 @@ from flax import nnx
 
 from data import cache, cache_format, pipeline
 from data import tokenizer as tok
-from distill import losses
+from distill import features, losses, on_policy
 from distill.core import checkpoint as ckpt
 from distill.core import cli, configs, layout, sharding
 from distill.core.errors import UserError
 from distill.evals import validation
+
+# Run specs live in distill.runs; these names stay importable from here.
+from distill.runs import (  # pylint: disable=unused-import
+    LOSSES,
+    RUN_KINDS,
+    SIZES,
+    RunKind,
+    run_kind,
+)
 from distill.training import loop as trainer
 from student import config as student_config
 from student import quantize
 from student.model import Student
 from teacher import load_teacher
 
-
-@dataclasses.dataclass(frozen=True)
-class RunKind:
-  """What a run learns from: its mode, cached target and KD loss, and how
-  much of the cached target it reads (None: all of it; see
-  ``data.cache.TargetView``)."""
-
-  mode: str  # ce | online | offline
-  target: str | None = None  # offline: topk | sample | topk_tail
-  # sparse_kl | ghost_kl | sampled_kl | topk_tail_kl | dense
-  loss: str | None = None
-  k: int | None = None  # topk: the first k of the cached k ids
-  n: int | None = None  # sample: n of the cached N draws
-  m: int | None = None  # topk_tail: m of the cached M tail draws
-  # Quantisation-aware: train through fake quantisation of this scheme
-  # (``student.quantize``); the run's folder then loads quantised.
-  q: str | None = None
-
-  def settings(self) -> dict[str, Any]:
-    """The run's parts as its folder records them (unset sizes left out)."""
-    parts = dataclasses.asdict(self)
-    return {
-        key: value
-        for key, value in parts.items()
-        if value is not None or key not in (*SIZES, "q")
-    }
-
-  def view(self, seed: int) -> cache.TargetView | None:
-    if self.k is None and self.n is None and self.m is None:
-      return None
-    return cache.TargetView(self.k, self.n, self.m, seed)
-
-
-#: The size each offline target can be read at (``RunKind`` fields).
-SIZES = {"k": "topk", "n": "sample", "m": "topk_tail"}
-#: The KD losses each target (offline) or mode (online) can train with.
-LOSSES = {
-    "topk": ("ghost_kl", "sparse_kl"),
-    "sample": ("sampled_kl",),
-    "topk_tail": ("topk_tail_kl",),
-}
-
-#: Named runs (presets); a run spec can start from one and change its parts.
-RUN_KINDS = {
-    "ce": RunKind("ce"),
-    "online": RunKind("online", loss="dense"),
-    "online_topk": RunKind("online", "topk", "ghost_kl"),
-    "sampled": RunKind("offline", "sample", "sampled_kl"),
-    "topk_ghost": RunKind("offline", "topk", "ghost_kl"),
-    "topk_sparse": RunKind("offline", "topk", "sparse_kl"),
-    "topk_tail": RunKind("offline", "topk_tail", "topk_tail_kl"),
-}
-
 _RUN = flags.DEFINE_string(
     "run", None, "Train only this run of config.distill.runs."
+)
+_INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    None,
+    "Start the run(s) from this student model folder (W/student/<run>, its"
+    " best/ or an export) instead of random parameters; default"
+    " config.distill.init_from.",
 )
 
 
@@ -161,80 +141,6 @@ def student_vocab_size(workdir: str, teacher=None) -> int:
   return teacher.config.vocab_size
 
 
-def run_kind(run: str) -> RunKind:
-  """The RunKind a run spec names.
-
-  A spec is a preset name (``RUN_KINDS``: "sampled"), a preset with some
-  parts changed ("sampled@n=16", "topk_sparse@k=8", "topk_tail@m=16"), or
-  every part given ("mode=offline,target=sample,loss=sampled_kl,n=8").
-  Parts: mode, target, loss, and the size read of the cached target: k
-  (top-k ids), n (sample draws) or m (tail draws), at most what the cache
-  holds. Raises UserError naming what is wrong.
-  """
-  preset, _, rest = run.partition("@")
-  if "=" in preset:  # every part given
-    preset, rest = None, run
-  if preset is not None and preset not in RUN_KINDS:
-    raise UserError(
-        f"Unknown distillation run {run!r}; the named runs are"
-        f" {sorted(RUN_KINDS)}, and a run may change their parts"
-        " (e.g. 'sampled@n=16') or give them all"
-        " ('mode=offline,target=topk,loss=sparse_kl,k=8')."
-    )
-  if not rest:
-    return RUN_KINDS[preset]
-  parts = dataclasses.asdict(RUN_KINDS[preset]) if preset else {}
-  for item in rest.split(","):
-    key, eq, value = item.partition("=")
-    if not eq or key not in ("mode", "target", "loss", "q", *SIZES):
-      raise UserError(
-          f"Run {run!r}: {item!r} is not key=value with a key of mode,"
-          " target, loss, k, n, m or q."
-      )
-    if key in SIZES:
-      if not value.isdigit() or int(value) < 1:
-        raise UserError(f"Run {run!r}: {key}={value!r} must be an integer >= 1")
-      parts[key] = int(value)
-    else:
-      parts[key] = value
-  if "mode" not in parts:
-    raise UserError(f"Run {run!r}: give its mode (ce, online or offline)")
-  kind = RunKind(**parts)
-  _check_kind(run, kind)
-  return kind
-
-
-def _check_kind(run: str, kind: RunKind) -> None:
-  bad = lambda why: UserError(f"Run {run!r}: {why}")
-  if kind.q is not None and kind.q not in quantize.SCHEMES:
-    raise bad(f"q={kind.q!r}; use one of {sorted(quantize.SCHEMES)}")
-  if kind.mode not in ("ce", "online", "offline"):
-    raise bad(f"mode={kind.mode!r}; use ce, online or offline")
-  sizes = [key for key in SIZES if getattr(kind, key) is not None]
-  if kind.mode == "ce":
-    if kind.target or kind.loss or sizes:
-      raise bad(
-          "a ce run learns from labels only; give no target, loss or size"
-      )
-    return
-  if kind.mode == "online":
-    if (kind.target, kind.loss) not in ((None, "dense"), ("topk", "ghost_kl")):
-      raise bad("an online run uses loss=dense, or target=topk with ghost_kl")
-    if sizes:
-      raise bad("an online run reads no cache; give no k, n or m")
-    return
-  if kind.target not in LOSSES:
-    raise bad(f"target={kind.target!r}; use one of {sorted(LOSSES)}")
-  if kind.loss not in LOSSES[kind.target]:
-    raise bad(
-        f"loss={kind.loss!r} does not fit target={kind.target!r};"
-        f" use {' or '.join(LOSSES[kind.target])}"
-    )
-  for key in sizes:
-    if SIZES[key] != kind.target:
-      raise bad(f"{key} sizes a {SIZES[key]} target, not {kind.target}")
-
-
 run_folder = layout.run_folder  # a run spec's folder under W/student
 
 
@@ -246,37 +152,102 @@ def _schedules(d):
   return alpha, temperature
 
 
-def loss_fn_for(
-    kind: RunKind, d, cache_temperature: float | None = None, topk_k: int = 64
-):
-  """``loss_fn(model, batch, step, *frozen)`` for the trainer.
+_CACHED_KEYS = ("ids", "log_probs", "tail", "counts", "tail_ids", "tail_counts")
 
-  ``topk_k`` is the k of the ``online_topk`` run (the cache's k).
+
+def _cached_kd(kind: RunKind, logits, t, temperature):
+  """The KD term of an offline batch: its cached target's loss."""
+  if kind.loss == "sparse_kl":
+    return losses.sparse_kl_per_token(
+        logits, t["ids"], t["log_probs"], temperature
+    )
+  if kind.loss == "ghost_kl":
+    return losses.ghost_kl_per_token(
+        logits, t["ids"], t["log_probs"], t["tail"], temperature
+    )
+  if kind.loss == "topk_tail_kl":
+    return losses.topk_tail_kl_per_token(
+        logits,
+        t["ids"],
+        t["log_probs"],
+        t["tail"],
+        t["tail_ids"],
+        t["tail_counts"],
+        temperature,
+    )
+  return losses.sampled_kl_per_token(logits, t["ids"], t["counts"], temperature)
+
+
+def loss_fn_for(
+    kind: RunKind,
+    d,
+    cache_temperature: float | None = None,
+    topk_k: int = 64,
+    *,
+    on_policy_cfg: on_policy.OnPolicyConfig | None = None,
+    feature_pairs: tuple[tuple[int, int], ...] = (),
+):
+  """``loss_fn(model, batch, step, *frozen, extras=None)`` for the trainer.
+
+  ``topk_k`` is the k of the ``online_topk`` run (the cache's k);
+  ``on_policy_cfg`` how an on_policy run scores its on-policy batches (those
+  with ``on_policy.MASK``); ``feature_pairs`` the (student, teacher) blocks
+  of a run with feature distillation, whose projections are ``extras``.
   """
   alpha_at, temperature_at = _schedules(d)
   chunk = d.loss_chunk
+  student_blocks = tuple(s for s, _ in feature_pairs)
+  teacher_blocks = tuple(t for _, t in feature_pairs)
 
-  def loss_fn(model, batch, step, *frozen):
+  def loss_fn(model, batch, step, *frozen, extras=None):
     x = pipeline.model_inputs(batch)
-    hidden, _ = model.hidden(x["inputs"], x["segment_ids"], x["positions"])
+    hidden, aux = model.hidden(
+        x["inputs"], x["segment_ids"], x["positions"], features=student_blocks
+    )
     alpha = alpha_at(step)
-    if kind.mode == "offline":  # The cache fixed the temperature.
+    generated = on_policy.MASK in batch  # the student's own continuations
+    if kind.reads_cache and not generated:  # The cache fixed the temperature.
       temperature = jnp.asarray(cache_temperature, jnp.float32)
     else:
       temperature = temperature_at(step)
     targets: dict[str, Any] = {"labels": x["labels"]}
+    mask = batch[on_policy.MASK] if generated else x["mask"]
+    metrics = {"alpha": alpha, "temperature": temperature}
+    t_aux: dict[str, Any] = {}
+    if kind.needs_teacher and (kind.mode == "online" or generated):
+      (teacher,) = frozen
+      t_hidden, t_aux = teacher.hidden(
+          x["inputs"],
+          x["segment_ids"],
+          x["positions"],
+          features=teacher_blocks,
+      )
+      targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
 
     if kind.mode == "ce":
 
       def per_token(logits, t):
         return losses.cross_entropy_per_token(logits, t["labels"])
 
+    elif generated:  # No labels of the corpus: the divergence alone.
+      cfg = on_policy_cfg
+
+      def per_token(logits, t):
+        t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
+        if cfg.target == "topk":
+          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+          ids, log_probs, tail = cache_format.topk_targets(log_p, cfg.k)
+          kd = losses.ghost_kd_per_token(
+              logits, ids, log_probs, tail, temperature, cfg.divergence,
+              cfg.beta,
+          )  # fmt: skip
+        else:
+          kd = losses.dense_kd_per_token(
+              logits, t_logits, temperature, cfg.divergence, cfg.beta
+          )
+        return jnp.square(temperature) * kd
+
     elif kind.mode == "online":
-      (teacher,) = frozen
-      t_hidden, _ = teacher.hidden(
-          x["inputs"], x["segment_ids"], x["positions"]
-      )
-      targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
 
       def per_token(logits, t):
         t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
@@ -295,51 +266,25 @@ def loss_fn_for(
 
     else:
       # Cached targets are per position: [B, L, K] or [B, L], like the labels.
-      targets.update(
-          {
-              k: batch[k]
-              for k in (
-                  "ids",
-                  "log_probs",
-                  "tail",
-                  "counts",
-                  "tail_ids",
-                  "tail_counts",
-              )
-              if k in batch
-          }
-      )
+      targets.update({k: batch[k] for k in _CACHED_KEYS if k in batch})
 
       def per_token(logits, t):
-        if kind.loss == "sparse_kl":
-          kd = losses.sparse_kl_per_token(
-              logits, t["ids"], t["log_probs"], temperature
-          )
-        elif kind.loss == "ghost_kl":
-          kd = losses.ghost_kl_per_token(
-              logits, t["ids"], t["log_probs"], t["tail"], temperature
-          )
-        elif kind.loss == "topk_tail_kl":
-          kd = losses.topk_tail_kl_per_token(
-              logits,
-              t["ids"],
-              t["log_probs"],
-              t["tail"],
-              t["tail_ids"],
-              t["tail_counts"],
-              temperature,
-          )
-        else:
-          kd = losses.sampled_kl_per_token(
-              logits, t["ids"], t["counts"], temperature
-          )
+        kd = _cached_kd(kind, logits, t, temperature)
         ce = losses.cross_entropy_per_token(logits, t["labels"])
         return losses.mix_losses(ce, kd, alpha, temperature)
 
     loss = losses.chunked_loss(
-        hidden, model.logits_from_hidden, per_token, targets, x["mask"], chunk
+        hidden, model.logits_from_hidden, per_token, targets, mask, chunk
     )
-    return loss, {"alpha": alpha, "temperature": temperature}
+    if kind.mode == "on_policy":
+      metrics["on_policy"] = jnp.float32(generated)
+    if feature_pairs:
+      term = features.feature_loss(
+          extras, aux["features"], t_aux["features"], x["mask"], kind.feat
+      )
+      metrics["feature_loss"] = term
+      loss = loss + d.features.weight * term
+    return loss, metrics
 
   return loss_fn
 
@@ -387,44 +332,143 @@ def _check_sizes(run: str, kind: RunKind, manifest: dict[str, Any]) -> None:
       )
 
 
-def train_run(config, workdir: str, run: str) -> dict[str, Any]:
+def on_policy_config(config, kind: RunKind) -> on_policy.OnPolicyConfig:
+  """``config.distill.on_policy``, with the run's ``lam`` if it gives one."""
+  cfg = configs.from_section(
+      on_policy.OnPolicyConfig,
+      config.distill.on_policy,
+      where="config.distill.on_policy",
+  )
+  if kind.lam is not None:
+    cfg = dataclasses.replace(cfg, lam=kind.lam)
+  return cfg.check(config.data.seq_len)
+
+
+def recorded_settings(
+    run: str, kind: RunKind, d, init: dict[str, Any] | None
+) -> dict[str, Any]:
+  """What a run's folder records of how it was trained (compared on resume).
+
+  The distillation settings that can change this run: not the config's list
+  of other runs, and the on-policy, feature and continuation sections only
+  for runs that use them (so a folder stays valid when they change or when
+  a newer version adds such a section).
+  """
+  unused = {"runs", "init_from"}
+  if kind.mode != "on_policy":
+    unused.add("on_policy")
+  if kind.feat is None:
+    unused.add("features")
+  if init is None:
+    unused.add("continue_train")
+  settings = {
+      "run": run,
+      **kind.settings(),
+      "distill": {k: v for k, v in d.to_dict().items() if k not in unused},
+  }
+  if init is not None:
+    settings["init_from"] = init
+  # As config.json will hold them (tuples become lists).
+  return json.loads(json.dumps(settings))
+
+
+def _init_source(
+    workdir: str, run: str, kind: RunKind, init_from: str | None
+) -> str | None:
+  """The model folder a run starts from, or None (random parameters)."""
+  if kind.init is not None and init_from:
+    raise UserError(
+        f"Run {run!r} starts from W/student/{kind.init}; do not give"
+        " --init_from (or config.distill.init_from) as well"
+    )
+  if kind.init is None:
+    return init_from or None
+  source = layout.student_dir(workdir, kind.init)
+  if not trainer.is_finished(source):
+    raise UserError(
+        f"Run {run!r} starts from {source}, which has not finished training:"
+        f" train that run first (list it before {run!r} in"
+        " config.distill.runs)."
+    )
+  return source
+
+
+def _initial_student(
+    cfg: student_config.StudentConfig, seed: int, source: str | None
+) -> tuple[Student, dict[str, Any] | None]:
+  """A new student: random, or the parameters of ``source`` (its latest
+  checkpoint) -> (model, what the run records of its start)."""
+  model = Student(cfg, rngs=nnx.Rngs(seed))
+  if source is None:
+    return model, None
+  payload = ckpt.read_config(source, kind="student")
+  if ckpt.what_it_computes(payload["model"]) != ckpt.what_it_computes(cfg):
+    raise UserError(
+        f"--init_from {source}: that student has another architecture"
+        " than config.student describes; start from a run of this config."
+    )
+  step = ckpt.latest_step(source)
+  model = ckpt.restore_params(source, model, step)
+  record = {
+      "path": os.path.abspath(source),
+      "step": step,
+      "fingerprint": ckpt.fingerprint(model),
+  }
+  return model, record
+
+
+def train_run(
+    config, workdir: str, run: str, init_from: str | None = None
+) -> dict[str, Any]:
   """Trains one run on the mesh of ``config.mesh``; returns its summary
-  (also ``summary.json``)."""
+  (also ``summary.json``). ``init_from``: a student model folder to start
+  from (default ``config.distill.init_from``; empty: random parameters)."""
+  if init_from is None:
+    init_from = config.distill.init_from
   with sharding.use(sharding.from_config(config)):
-    return _train_run(config, workdir, run)
+    return _train_run(config, workdir, run, init_from)
 
 
-def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
+def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
   kind = run_kind(run)
   d = config.distill
   data_dir = layout.data_dir(workdir)
   tokenizer_path = layout.tokenizer_path(workdir)
   teacher = _teacher_or_none(workdir)
-  if kind.mode == "online" and teacher is None:
+  if kind.needs_teacher and teacher is None:
     raise UserError(
         f"Run {run!r} needs the teacher in {workdir}/teacher; run"
         " `python -m teacher.train` or `teacher.import_hf` first."
     )
+  policy = on_policy_config(config, kind) if kind.mode == "on_policy" else None
+  if policy is not None and kind.target is None and policy.lam < 1:
+    raise UserError(
+        f"Run {run!r} has no cached target for its offline steps"
+        f" (lam={policy.lam}); give one (on_policy's preset reads the"
+        " sampled target) or set lam=1."
+    )
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
+  pairs = ()
+  if kind.feat is not None:
+    pairs = features.resolve_pairs(
+        tuple(d.features.pairs), cfg.num_layers, teacher.config.num_layers
+    )
+  source = _init_source(workdir, run, kind, init_from)
   out_dir = layout.student_dir(workdir, run_folder(run))
-  # As config.json will hold them (tuples become lists), to compare on resume.
-  # Which other runs the config lists is not this run's business.
-  distill_settings = {k: v for k, v in d.to_dict().items() if k != "runs"}
-  settings = json.loads(
-      json.dumps({"run": run, **kind.settings(), "distill": distill_settings})
-  )
   loop_cfg = loop_config(config)
+  if source is not None:  # a continuation: its own, shorter schedule
+    loop_cfg = dataclasses.replace(loop_cfg, **dict(d.continue_train))
   data, seed = config.data, config.seed
   num_rows = None
   cache_temperature = None
   cache_dir = layout.cache_dir(workdir)
   has_cache = os.path.isfile(os.path.join(cache_dir, cache.MANIFEST))
-  if kind.mode == "offline" or (d.same_rows_as_cache and has_cache):
+  if kind.reads_cache or (d.same_rows_as_cache and has_cache):
     manifest = cache.read_manifest(cache_dir)
     num_rows = manifest["num_records"]
     cache_temperature = manifest["temperature"]
-  if kind.mode == "offline":
+  if kind.reads_cache:
     expect = cache_expectations(config, kind.target, teacher)
     expect.update(
         tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
@@ -457,6 +501,8 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
         )
     )
 
+  model, init = _initial_student(cfg, seed, source)
+  settings = recorded_settings(run, kind, d, init)
   # Every input is checked: only now does the run get its folder.
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="student")
@@ -477,17 +523,28 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
         tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
     )
 
-  model = Student(cfg, rngs=nnx.Rngs(seed))
   if kind.q is not None:  # the same parameters, seen through fake quantisation
     model = quantize.quantize(model, kind.q, qat=True)
+  extras = None
+  if pairs:  # learned maps to the teacher's width, not part of the student
+    extras = features.Projections(
+        len(pairs), cfg.d_model, teacher.config.d_model, seed=seed
+    )
   result = trainer.train(
       out_dir=out_dir,
       model=model,
       cfg=loop_cfg,
       desc=f"student {run}",
-      loss_fn=loss_fn_for(kind, d, cache_temperature, topk_k=config.cache.k),
+      loss_fn=loss_fn_for(
+          kind,
+          d,
+          cache_temperature,
+          topk_k=config.cache.k,
+          on_policy_cfg=policy,
+          feature_pairs=pairs,
+      ),
       make_iterator=make_iterator,
-      frozen=(teacher,) if kind.mode == "online" else (),
+      frozen=(teacher,) if kind.needs_teacher else (),
       eval_fn=validation.make_validation_fn(
           data_dir,
           seq_len=data.seq_len,
@@ -496,6 +553,8 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
           chunk_size=d.loss_chunk,
           teacher=teacher,
       ),
+      extras=extras,
+      prepare=None if policy is None else on_policy.prepare_fn(policy, seed),
   )
   summary = trainer.summarize(
       out_dir,
@@ -512,20 +571,34 @@ def _train_run(config, workdir: str, run: str) -> dict[str, Any]:
   return summary
 
 
-def train_all(config, workdir: str) -> dict[str, dict[str, Any]]:
+def train_all(
+    config, workdir: str, init_from: str | None = None
+) -> dict[str, dict[str, Any]]:
   """Trains every run of ``config.distill.runs`` in order."""
   runs = list(config.distill.runs)
+  folders = []
   for run in runs:
-    run_kind(run)  # Fail on a typo before hours of training.
-  return {run: train_run(config, workdir, run) for run in runs}
+    kind = run_kind(run)  # Fail on a typo before hours of training.
+    if (
+        kind.init is not None
+        and kind.init not in folders
+        and not trainer.is_finished(layout.student_dir(workdir, kind.init))
+    ):
+      raise UserError(
+          f"Run {run!r} starts from W/student/{kind.init}, which no earlier"
+          " run of config.distill.runs trains and which has not finished:"
+          f" list the run of folder {kind.init!r} before it."
+      )
+    folders.append(run_folder(run))
+  return {run: train_run(config, workdir, run, init_from) for run in runs}
 
 
 def main(argv):
   config, workdir = cli.setup(argv)
   if _RUN.value:
-    train_run(config, workdir, _RUN.value)
+    train_run(config, workdir, _RUN.value, _INIT_FROM.value)
   else:
-    train_all(config, workdir)
+    train_all(config, workdir, _INIT_FROM.value)
 
 
 if __name__ == "__main__":

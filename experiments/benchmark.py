@@ -14,7 +14,9 @@ machine they came from. Measured here:
   the memory bandwidth decoding is held to.
 - ``students``: a training step of the config's student with each run's loss
   (``--runs``; offline runs get targets of the cache's shapes, online runs the
-  teacher in the loop), as ``step_time_over_ce``; the CE step's
+  teacher in the loop, an on_policy run generates every step: its time is
+  the student's generation of the rows plus the step on them), as
+  ``step_time_over_ce``; the CE step's
   ``train_flops_over_matmul`` (model FLOPs utilisation: FLOPs per step over
   step time, over the matmul rate), ``compile_s`` per run, and the CE step
   compiled with ``scan_layers`` on and off.
@@ -55,6 +57,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from distill import on_policy
 from distill import train as distill_train
 from distill.core import cli
 from distill.core.errors import ConfigError
@@ -168,8 +171,10 @@ def _batch(
   return {"base": batch, "topk": topk, "sample": sample, "topk_tail": topk_tail}
 
 
-def _step_timing(loss_fn, model, loop, batch, frozen, repeats):
-  """(compile seconds, median seconds) of one training step of ``loss_fn``."""
+def _step_timing(loss_fn, model, loop, batch, frozen, repeats, prepare=None):
+  """(compile seconds, median seconds) of one training step of ``loss_fn``
+  (after ``prepare(model, batch, step)``, the on-policy generation, if
+  given)."""
   optimizer = nnx.Optimizer(model, trainer.make_optimizer(loop), wrt=nnx.Param)
 
   @nnx.jit
@@ -181,7 +186,12 @@ def _step_timing(loss_fn, model, loop, batch, frozen, repeats):
     optimizer.update(model, grads)
     return loss
 
-  return _timed(lambda: step(model, optimizer, batch, frozen), repeats)
+  if prepare is None:
+    return _timed(lambda: step(model, optimizer, batch, frozen), repeats)
+  batch = jax.tree.map(jnp.asarray, batch)
+  return _timed(
+      lambda: step(model, optimizer, prepare(model, batch, 0), frozen), repeats
+  )
 
 
 def step_ratios(
@@ -201,7 +211,7 @@ def step_ratios(
   batches = _batch(config, vocab, rng)
   loop = distill_train.loop_config(config)
   s_cfg = distill_train.model_config(config, vocab)
-  needs_teacher = any(kinds[r].mode == "online" for r in runs)
+  needs_teacher = any(kinds[r].needs_teacher for r in runs)
   teacher = (
       Teacher(teacher_train.model_config(config, vocab), rngs=nnx.Rngs(1))
       if needs_teacher
@@ -210,15 +220,31 @@ def step_ratios(
   seconds, compile_s = {}, {}
   for run in runs:
     kind = kinds[run]
+    policy, prepare = None, None
+    if kind.mode == "on_policy":  # timed as a step that generates
+      policy = dataclasses.replace(
+          distill_train.on_policy_config(config, kind), lam=1.0
+      )
+      prepare = on_policy.prepare_fn(policy, config.seed)
     loss_fn = distill_train.loss_fn_for(
-        kind, config.distill, cache_temperature=1.0, topk_k=config.cache.k
+        kind,
+        config.distill,
+        cache_temperature=1.0,
+        topk_k=config.cache.k,
+        on_policy_cfg=policy,
     )
     batch = dict(batches["base"])
-    if kind.mode == "offline":
+    if kind.reads_cache:
       batch.update(batches[kind.target])
-    frozen = (teacher,) if kind.mode == "online" else ()
+    frozen = (teacher,) if kind.needs_teacher else ()
     compile_s[run], seconds[run] = _step_timing(
-        loss_fn, Student(s_cfg, rngs=nnx.Rngs(0)), loop, batch, frozen, repeats
+        loss_fn,
+        Student(s_cfg, rngs=nnx.Rngs(0)),
+        loop,
+        batch,
+        frozen,
+        repeats,
+        prepare,
     )
   scanned = dataclasses.replace(s_cfg, scan_layers=not s_cfg.scan_layers)
   ce_loss = distill_train.loss_fn_for(

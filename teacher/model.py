@@ -140,10 +140,12 @@ class Teacher(decoder.Decoder):
         )
     )
 
-  def run_blocks(self, x, segment_ids, positions):
-    x, auxes = self.stack(lambda block, x: block(x, segment_ids, positions), x)
+  def block_call(self, segment_ids, positions):
+    return lambda block, x: block(x, segment_ids, positions)
+
+  def merge_aux(self, auxes):
     auxes = [aux for aux in auxes if aux is not None]
-    return x, _merge_aux(auxes, self.config.num_experts)
+    return _merge_aux(auxes, self.config.num_experts)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> logits [B, T, V] float32."""

@@ -25,6 +25,15 @@ def test_presets_and_parts():
   assert qat.q == "int8" and qat.settings()["q"] == "int8"
   assert distill_train.run_folder("sampled@q=int8") == "sampled_qint8"
   assert distill_train.run_folder("sampled") == "sampled"
+  op = kind("on_policy@from=sampled,lam=0.25")
+  assert (op.mode, op.target, op.loss, op.init, op.lam) == (
+      "on_policy", "sample", "sampled_kl", "sampled", 0.25
+  )  # fmt: skip
+  assert distill_train.run_folder("on_policy@from=sampled") == (
+      "on_policy_fromsampled"
+  )
+  assert kind("mode=on_policy,lam=1").target is None
+  assert kind("online@feat=mse").feat == "mse"
   # Unset sizes stay out of a run's recorded settings (old folders match).
   assert distill_train.RUN_KINDS["sampled"].settings() == {
       "mode": "offline",
@@ -45,6 +54,13 @@ def test_presets_and_parts():
         ("online@k=4", "online run reads no cache"),
         ("target=topk,loss=ghost_kl", "give its mode"),
         ("sampled@q=int3", "q='int3'; use one of"),
+        ("on_policy@lam=1.5", "lam='1.5' must be a number in"),
+        ("on_policy@lam=x", "lam='x' must be a number in"),
+        ("sampled@lam=0.5", "it needs mode=on_policy"),
+        ("sampled@feat=cosine", "feat .* needs mode=online"),
+        ("online@feat=l1", "feat='l1'; use cosine or mse"),
+        ("sampled@from=../x", "must name a run folder under"),
+        ("mode=on_policy,loss=sampled_kl", "without a cached target"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec, why):
@@ -95,9 +111,11 @@ def test_sweep_variant_reads_one_cache_at_every_size():
   runs = config.distill.runs
   folders = {distill_train.run_folder(r) for r in runs}
   assert len(folders) == len(runs) == 18
-  # The default's float runs, reused (its quantisation-aware run is not
-  # about targets).
-  assert {r for r in default.distill.runs if "q=" not in r} <= set(runs)
+  # The default's float runs from scratch, reused (its quantisation-aware
+  # run and its continuations of the sampled student are not about targets).
+  assert {
+      r for r in default.distill.runs if "q=" not in r and "from=" not in r
+  } <= set(runs)
   for run in runs:
     kind = distill_train.run_kind(run)
     for key, target in distill_train.SIZES.items():

@@ -392,6 +392,68 @@ def generate(
   return [row[row >= 0].tolist() for row in np.stack(steps, axis=1)]
 
 
+@per_model(static_argnames=("new_tokens", "greedy"))
+def _continue(
+    graphdef, state, prompts, key, temperature, *, new_tokens: int, greedy
+):
+  """Traced body of ``continuations``: prefill, then a fori_loop."""
+  model = nnx.merge(graphdef, state)
+  rows, width = prompts.shape
+  positions = jnp.zeros_like(prompts) + jnp.arange(width, dtype=jnp.int32)
+  max_len = round_up(width + new_tokens, LENGTH_BUCKET)
+  logits, cache = _prefill(model, prompts, positions, max_len, 0)
+  token = pick(
+      logits, jax.random.fold_in(key, 0), temperature, 1.0, greedy=greedy
+  )
+  out = jnp.zeros((rows, new_tokens), jnp.int32).at[:, 0].set(token)
+
+  def body(i, carry):
+    out, cache, token = carry
+    position = jnp.zeros_like(token[:, None]) + width + i - 1
+    logits, cache = model.decode(token[:, None], cache, position)
+    token = pick(
+        logits[:, 0],
+        jax.random.fold_in(key, i),
+        temperature,
+        1.0,
+        greedy=greedy,
+    )
+    return out.at[:, i].set(token), cache, token
+
+  out, _, _ = jax.lax.fori_loop(1, new_tokens, body, (out, cache, token))
+  return out
+
+
+def continuations(
+    model: nnx.Module,
+    prompts: jax.Array,
+    new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
+  """Exactly ``new_tokens`` new tokens after each prompt, on the device.
+
+  prompts [B, P] int32 (a jax array, possibly spread over a mesh, every row
+  P real tokens at positions 0..P-1) -> [B, new_tokens] int32, in one
+  jitted call that never goes through the host (what on-policy training
+  calls at every step). No end-of-sequence stop, no nucleus; sampling is
+  ``generate``'s, token i drawn with ``fold_in(key, i)``, so the rows equal
+  ``generate``'s for the same prompts, key and temperature (0: greedy).
+  """
+  if new_tokens < 1:
+    raise ValueError(f"new_tokens={new_tokens} must be >= 1")
+  graphdef, state = nnx.split(model)
+  return _continue(graphdef)(
+      state,
+      jnp.asarray(prompts, jnp.int32),
+      jax.random.key(0) if key is None else key,
+      np.float32(max(temperature, 1e-6)),
+      new_tokens=new_tokens,
+      greedy=temperature <= 0,
+  )
+
+
 # ----------------------------------------------------------------------------
 # Speed
 

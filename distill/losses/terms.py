@@ -209,6 +209,50 @@ def topk_tail_kl(
 # ------------------------------------------------------- dense (online) teacher
 
 
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def _check_divergence(kind: str, beta) -> tuple[str, float]:
+  """Validates (kind, beta); JSD at beta 0 or 1 is forward or reverse KL."""
+  if kind not in DIVERGENCES:
+    raise ValueError(
+        f"divergence kind must be 'forward', 'reverse' or 'jsd', got {kind!r}"
+    )
+  beta = float(beta)
+  if not 0.0 <= beta <= 1.0:
+    raise ValueError(f"divergence beta must be in [0, 1], got {beta}")
+  if kind == "jsd" and beta == 0.0:
+    kind = "forward"
+  if kind == "jsd" and beta == 1.0:
+    kind = "reverse"
+  return kind, beta
+
+
+def _divergence(log_p, log_q, kind: str, beta: float):
+  """The divergence between teacher p and student q over the last axis.
+
+  log_p may hold -inf (exact zeros; teacher side, no gradient); log_q the
+  student's log-probs, -inf only where its class does not exist (then p is 0
+  there too). See `dense_kd_per_token` for the kinds.
+  """
+  p = jnp.exp(log_p)
+  q = jnp.exp(log_q)
+  safe_log_q = jnp.where(q > 0, log_q, 0.0)
+  if kind == "forward":
+    return _xlogy_diff(p, log_p, log_q)
+  if kind == "reverse":
+    return jnp.sum(
+        jnp.where(q > 0, q * (safe_log_q - jnp.maximum(log_p, LOG_FLOOR)), 0.0),
+        axis=-1,
+    )
+  log_m = jnp.logaddexp(
+      jnp.maximum(log_p, LOG_FLOOR) + math.log(beta), log_q + math.log1p(-beta)
+  )
+  kl_pm = _xlogy_diff(p, log_p, log_m)
+  kl_qm = jnp.sum(jnp.where(q > 0, q * (safe_log_q - log_m), 0.0), axis=-1)
+  return (beta * kl_pm + (1.0 - beta) * kl_qm) / (beta * (1.0 - beta))
+
+
 def dense_kd_per_token(
     logits, teacher_logits, temperature=1.0, kind="forward", beta=0.5
 ):
@@ -226,31 +270,51 @@ def dense_kd_per_token(
     usual JSD.
   -> [B, T].
   """
-  if kind not in ("forward", "reverse", "jsd"):
-    raise ValueError(
-        f"dense_kd kind must be 'forward', 'reverse' or 'jsd', got {kind!r}"
-    )
-  beta = float(beta)
-  if not 0.0 <= beta <= 1.0:
-    raise ValueError(f"dense_kd beta must be in [0, 1], got {beta}")
-  if kind == "jsd" and beta == 0.0:
-    kind = "forward"
-  if kind == "jsd" and beta == 1.0:
-    kind = "reverse"
+  kind, beta = _check_divergence(kind, beta)
   log_q = _log_q(logits, temperature)
   log_p = jax.lax.stop_gradient(_log_q(teacher_logits, temperature))
-  p = jnp.exp(log_p)
-  q = jnp.exp(log_q)
+  return _divergence(log_p, log_q, kind, beta)
+
+
+def ghost_kd_per_token(
+    logits, ids, log_probs, tail, temperature=1.0, kind="forward", beta=0.5
+):
+  """`dense_kd_per_token`'s divergences over the K+1 classes of a top-k target.
+
+  The classes are the K stored ids and a "ghost" holding the rest: the teacher
+  puts `exp(log_probs)` on the ids and `tail` on the ghost, the student its
+  probabilities of the ids and the mass it puts outside them (as in
+  `ghost_kl_per_token`, which 'forward' equals). What an on-policy run uses
+  when the teacher's top-k stands in for its full distribution.
+  ids, log_probs [B, T, K] (invalid ids: log_probs -inf), tail [B, T].
+  -> [B, T].
+  """
+  kind, beta = _check_divergence(kind, beta)
   if kind == "forward":
-    return _xlogy_diff(p, log_p, log_q)
-  if kind == "reverse":
-    return jnp.sum(q * (log_q - jnp.maximum(log_p, LOG_FLOOR)), axis=-1)
-  log_m = jnp.logaddexp(
-      jnp.maximum(log_p, LOG_FLOOR) + math.log(beta), log_q + math.log1p(-beta)
+    return ghost_kl_per_token(logits, ids, log_probs, tail, temperature)
+  z = logits.astype(jnp.float32) / temperature
+  lse_all = jax.nn.logsumexp(z, axis=-1)
+  log_q = z - lse_all[..., None]
+  lp = jax.lax.stop_gradient(log_probs.astype(jnp.float32))
+  valid = lp > -jnp.inf
+  stored = _membership(ids, valid, z.shape[-1])
+  has_rest = ~jnp.all(stored, axis=-1)
+  log_q_ghost = (
+      jax.nn.logsumexp(jnp.where(stored, -jnp.inf, z), axis=-1) - lse_all
   )
-  kl_pm = _xlogy_diff(p, log_p, log_m)
-  kl_qm = jnp.sum(q * (log_q - log_m), axis=-1)
-  return (beta * kl_pm + (1.0 - beta) * kl_qm) / (beta * (1.0 - beta))
+  t = jnp.clip(jax.lax.stop_gradient(tail.astype(jnp.float32)), 0.0, 1.0)
+  log_t = jnp.where(t > 0, jnp.log(jnp.where(t > 0, t, 1.0)), -jnp.inf)
+  classes_q = jnp.concatenate(
+      [
+          jnp.where(valid, _gather(log_q, ids), -jnp.inf),
+          jnp.where(has_rest, log_q_ghost, -jnp.inf)[..., None],
+      ],
+      axis=-1,
+  )
+  classes_p = jnp.concatenate(
+      [jnp.where(valid, lp, -jnp.inf), log_t[..., None]], axis=-1
+  )
+  return _divergence(classes_p, classes_q, kind, beta)
 
 
 def dense_kd(

@@ -3,15 +3,16 @@
 A model subclasses ``Decoder`` and provides ``embed``, ``blocks`` (each with
 ``.attn``, ``__call__(x, segment_ids, positions)`` and ``decode(x, positions,
 layer_cache)``), ``final_norm``, ``config`` and ``logits_from_hidden``; it
-may override ``embed_tokens`` (the student scales its embeddings) and
-``run_blocks`` (the teacher collects its routers' statistics). The base class
-gives it the rest:
+may override ``embed_tokens`` (the student scales its embeddings),
+``block_call`` and ``merge_aux`` (the teacher collects its routers'
+statistics). The base class gives it the rest:
 
 - ``hidden`` and ``__call__``: tokens [B, T] int32 -> hidden [B, T, D] / logits
   [B, T, V] float32, with default segment ids (one document) and positions;
 - ``init_cache`` and ``decode``: KV-cache decoding (see ``distill.nn.attention``);
 - ``run_blocks`` by ``distill.nn.stack`` (scanned and rematerialised as
-  the config's ``scan_layers`` and ``remat`` say);
+  the config's ``scan_layers`` and ``remat`` say), which can also return
+  chosen blocks' outputs (feature distillation);
 - ``param_counts``; ``abstract(config)`` (parameters as shapes only, no
   memory); ``load(directory)`` from a model folder of its ``kind``.
 """
@@ -51,18 +52,46 @@ class Decoder(nnx.Module):
     """tokens [B, T] -> embeddings [B, T, D]."""
     return self.embed(tokens)
 
+  def block_call(
+      self, segment_ids: jax.Array, positions: jax.Array
+  ) -> stack_lib.BlockCall:
+    """``call(block, x) -> (x, aux)`` running one block on these rows."""
+    return lambda block, x: (block(x, segment_ids, positions), None)
+
+  def merge_aux(self, auxes: list[Any]) -> dict:
+    """The blocks' auxes (one per block, in order) -> the model's aux dict."""
+    del auxes
+    return {}
+
   def run_blocks(
-      self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array
+      self,
+      x: jax.Array,
+      segment_ids: jax.Array,
+      positions: jax.Array,
+      features: tuple[int, ...] = (),
   ) -> tuple[jax.Array, dict]:
     """x [B, T, D] through every block -> (x [B, T, D], aux dict).
 
     Unrolled or scanned, rematerialised or not, as the config's
-    ``scan_layers`` and ``remat`` say (``distill.nn.stack``).
+    ``scan_layers`` and ``remat`` say (``distill.nn.stack``). ``features``:
+    block indices (negative from the end) whose outputs, the residual
+    stream after that block [B, T, D], aux holds as ``aux["features"]``, a
+    tuple in the order asked (feature distillation reads them).
     """
-    x, _ = self.stack(
-        lambda block, x: (block(x, segment_ids, positions), None), x
-    )
-    return x, {}
+    call = self.block_call(segment_ids, positions)
+    if features:
+      inner = call
+
+      def call(block, x):  # pylint: disable=function-redefined
+        y, aux = inner(block, x)
+        return y, (aux, y)
+
+    x, auxes = self.stack(call, x)
+    if not features:
+      return x, self.merge_aux(auxes)
+    aux = self.merge_aux([a for a, _ in auxes])
+    outputs = [y for _, y in auxes]
+    return x, {**aux, "features": tuple(outputs[i] for i in features)}
 
   def stack(self, call: stack_lib.BlockCall, x: jax.Array):
     """``stack_lib.run`` over this model's blocks with its config's
@@ -84,19 +113,22 @@ class Decoder(nnx.Module):
       tokens: jax.Array,
       segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None,
+      *,
+      features: tuple[int, ...] = (),
   ) -> tuple[jax.Array, dict]:
     """tokens [B, T] -> (hidden [B, T, D] after the final norm, aux).
 
     segment_ids [B, T] (0 = padding; default all ones), positions [B, T]
     (default arange(T)). ``aux``: the model's auxiliary outputs (the
-    teacher's router statistics; empty for a dense model).
+    teacher's router statistics; empty for a dense model), and with
+    ``features`` (block indices) those blocks' outputs (``run_blocks``).
     """
     if segment_ids is None:
       segment_ids = attention.default_segment_ids(tokens)
     if positions is None:
       positions = attention.default_positions(tokens)
     x = sharding.constrain(self.embed_tokens(tokens), "batch", None, None)
-    x, aux = self.run_blocks(x, segment_ids, positions)
+    x, aux = self.run_blocks(x, segment_ids, positions, features)
     return self.final_norm(x), aux
 
   def __call__(

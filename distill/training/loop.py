@@ -12,7 +12,11 @@ finished, and calling ``train`` again does nothing.
 The caller supplies the model, a ``loss_fn(model, batch, step) -> (loss,
 metrics)`` and a factory for the training iterator; the output folder is a
 model folder (see ``distill.core.checkpoint``), so ``load_teacher`` /
-``load_student`` read it directly.
+``load_student`` read it directly. Optionally: ``extras``, a module trained
+with the model but kept out of its parameters (checkpointed as an item of
+its own, never in ``best/`` or an export: feature distillation's
+projections), and ``prepare``, which turns each batch into the one the step
+trains on and may run the model (on-policy distillation's generation).
 """
 
 from __future__ import annotations
@@ -186,6 +190,8 @@ def _save_best(
 # process and for any process count (an elastic restart on fewer hosts goes
 # on with the same batch); with prefetch workers grain's per-worker state.
 DATA_STATE = "data_state"
+# The item holding the parameters of ``extras`` (trained, not the model's).
+EXTRAS = "extras"
 # Before: grain's own per-process item (``process_<i>-of-<n>.json`` files).
 _GRAIN_DATA = "data"
 
@@ -219,6 +225,14 @@ class _StopRequest:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _WithExtras(nnx.Module):
+  """The model and its ``extras``: what the optimizer trains together."""
+
+  def __init__(self, model: nnx.Module, extras: nnx.Module):
+    self.model = model
+    self.extras = extras
 
 
 @dataclasses.dataclass
@@ -345,6 +359,8 @@ def train(
     best_metric: str | None = "loss",
     desc: str = "train",
     mesh: jax.sharding.Mesh | None = None,
+    extras: nnx.Module | None = None,
+    prepare: Callable[[nnx.Module, dict, int], dict] | None = None,
 ) -> TrainResult:
   """Trains ``model`` in place for ``cfg.steps`` steps, resuming if possible.
 
@@ -368,6 +384,14 @@ def train(
       ``fsdp``). The model, its optimizer state and ``frozen`` are placed on it
       by ``distill.core.sharding``'s rules; each batch the iterator yields is
       this process's rows of the global batch.
+    extras: a module trained with ``model`` (one optimizer) whose parameters
+      are not the model's: checkpointed as the item ``extras``, left out of
+      ``best/`` and of anything that loads the folder as a model. With it,
+      ``loss_fn`` is called with ``extras=`` the module as a keyword.
+    prepare: ``(model, batch, step) -> batch``, called outside the step's
+      gradient on each global batch (on the mesh) before the step; it may
+      run the model (which is not differentiated through it) and return a
+      batch of another structure (the step compiles once per structure).
   """
   mesh = mesh if mesh is not None else sharding.active() or sharding.make_mesh()
   with sharding.use(mesh):  # activations and the eval hook on it too
@@ -382,6 +406,8 @@ def train(
         best_metric,
         desc,
         mesh,
+        extras,
+        prepare,
     )
 
 
@@ -396,6 +422,8 @@ def _train(
     best_metric,
     desc,
     mesh,
+    extras,
+    prepare,
 ) -> TrainResult:
   mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
   step = mngr.latest_step() or 0
@@ -408,13 +436,14 @@ def _train(
 
   # Parameters, optimizer state and frozen modules on the mesh, by the
   # rules; the compiled step keeps them there.
-  sharding.place(model, mesh)
+  trainable = model if extras is None else _WithExtras(model, extras)
+  sharding.place(trainable, mesh)
   for module in frozen:
     sharding.place(module, mesh)
   tx = make_optimizer(cfg)
-  optimizer = sharding.place(nnx.Optimizer(model, tx, wrt=nnx.Param), mesh)
+  optimizer = sharding.place(nnx.Optimizer(trainable, tx, wrt=nnx.Param), mesh)
   placement = (
-      sharding.state_shardings(nnx.state(model, nnx.Param), mesh),
+      sharding.state_shardings(nnx.state(trainable, nnx.Param), mesh),
       sharding.state_shardings(nnx.state(optimizer), mesh),
   )
   iterator = make_iterator()
@@ -429,6 +458,15 @@ def _train(
               params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
               opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
               **_data_restore_args(out_dir, step, iterator),
+              **(
+                  {}
+                  if extras is None
+                  else {
+                      EXTRAS: ocp.args.StandardRestore(
+                          nnx.state(extras, nnx.Param)
+                      )
+                  }
+              ),
           ),
       )
     except Exception as e:  # pylint: disable=broad-exception-caught
@@ -436,6 +474,8 @@ def _train(
       raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
     nnx.update(model, restored["params"])
     nnx.update(optimizer, restored["opt_state"])
+    if extras is not None:
+      nnx.update(extras, restored[EXTRAS])
     if DATA_STATE in restored:
       iterator.set_state(restored[DATA_STATE])
     logging.info("Resumed %s from step %d", out_dir, step)
@@ -445,26 +485,32 @@ def _train(
     _truncate_metrics(out_dir, step)
 
   @nnx.jit
-  def train_step(model, optimizer, batch, step, frozen):
-    def objective(model):
-      return loss_fn(model, batch, step, *frozen)
+  def train_step(trainable, optimizer, batch, step, frozen):
+    def objective(trainable):
+      if extras is None:
+        return loss_fn(trainable, batch, step, *frozen)
+      return loss_fn(
+          trainable.model, batch, step, *frozen, extras=trainable.extras
+      )
 
-    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(
+        trainable
+    )
     grad_norm = optax.global_norm(grads)
     # A step whose loss, gradients or updated parameters are not finite
     # changes nothing: the update is computed, then the old parameters and
     # optimizer state (its step count included) are kept.
     before = jax.tree.map(
-        jnp.asarray, (nnx.state(model, nnx.Param), nnx.state(optimizer))
+        jnp.asarray, (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
     )
-    optimizer.update(model, grads)
-    after = (nnx.state(model, nnx.Param), nnx.state(optimizer))
+    optimizer.update(trainable, grads)
+    after = (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     for p in jax.tree.leaves(after[0]):
       finite &= jnp.all(jnp.isfinite(p))
     kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
     kept = jax.lax.with_sharding_constraint(kept, placement)
-    nnx.update(model, kept[0])
+    nnx.update(trainable, kept[0])
     nnx.update(optimizer, kept[1])
     return {"loss": loss, "grad_norm": grad_norm, **metrics}, finite
 
@@ -476,6 +522,13 @@ def _train(
             params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
             opt_state=ocp.args.StandardSave(nnx.state(optimizer)),
             **{DATA_STATE: ocp.args.JsonSave(iterator.get_state())},
+            **(
+                {}
+                if extras is None
+                else {
+                    EXTRAS: ocp.args.StandardSave(nnx.state(extras, nnx.Param))
+                }
+            ),
         ),
         force=True,
     )
@@ -500,13 +553,15 @@ def _train(
     while step < cfg.steps:
       host_batch = next(iterator)
       batch = sharding.put_batch(host_batch, mesh)
+      if prepare is not None:
+        batch = prepare(model, batch, step)
       args = (batch, jnp.asarray(step, jnp.int32), tuple(frozen))
       if cfg.replay_check_every and (step + 1) % cfg.replay_check_every == 0:
         metrics, finite = _replayed_step(
-            train_step, model, optimizer, args, desc, step + 1
+            train_step, trainable, optimizer, args, desc, step + 1
         )
       else:
-        metrics, finite = train_step(model, optimizer, *args)
+        metrics, finite = train_step(trainable, optimizer, *args)
       step += 1
       finite = bool(finite)  # waits for the step
       if first_step_s is None:  # compilation, then one step
