@@ -141,6 +141,11 @@ def get_config(arg=None):
       "topk_tail",
       "online",
       "sampled@q=int8",  # quantisation-aware: int8 projections
+      # Two continuations of the sampled student, the same steps each
+      # (config.distill.continue_train): on its own continuations scored
+      # by the teacher, and, as the control, more of the cached target.
+      "on_policy@from=sampled",
+      "sampled@from=sampled",
   )
   c.distill.alpha = 0.0  # weight of hard-label CE in the mix
   c.distill.alpha_end = 0.0
@@ -152,6 +157,41 @@ def get_config(arg=None):
   c.distill.jsd_beta = 0.5
   c.distill.loss_chunk = 128  # sequence chunk of the loss
   c.distill.same_rows_as_cache = True  # ce/online read only the cached rows
+  # On-policy runs (distill/on_policy.py): each step, with probability lam,
+  # the student continues the first prompt_len tokens of every row at
+  # temperature and trains on the divergence to the teacher on what it
+  # wrote (dense: full vocabulary; topk: the teacher's top-k and its tail);
+  # the other steps train on the run's cached target.
+  c.distill.on_policy = ml_collections.ConfigDict(
+      dict(
+          lam=1.0,
+          prompt_len=32,
+          temperature=1.0,
+          divergence="forward",  # forward | reverse | jsd
+          beta=0.5,  # jsd
+          target="dense",  # dense | topk
+          k=64,
+      )
+  )
+  # Feature distillation (runs with feat=cosine|mse; distill/features.py):
+  # (student block, teacher block) pairs, () = the middle and last of each.
+  c.distill.features = ml_collections.ConfigDict(dict(pairs=(), weight=1.0))
+  # A student folder every run starts from ("" = random parameters; the
+  # flag --init_from overrides it); runs that name theirs with from=<run>
+  # ignore it.
+  c.distill.init_from = ""
+  # What changes for a run that starts from another student (from=<run>
+  # or init_from): its own, shorter schedule (other LoopConfig fields are
+  # config.distill.train's).
+  c.distill.continue_train = ml_collections.ConfigDict(
+      dict(
+          steps=28,
+          learning_rate=1e-3,
+          warmup_steps=3,
+          eval_every=14,
+          checkpoint_every=14,
+      )
+  )
   c.distill.eval_batches = 4  # training-time hook; 0: the whole split
   c.distill.train = ml_collections.ConfigDict(
       dict(
@@ -215,6 +255,10 @@ def get_config(arg=None):
     )
     c.distill.loss_chunk = 16
     c.distill.eval_batches = 2
+    c.distill.on_policy.update(dict(prompt_len=8, k=8))
+    c.distill.continue_train.update(
+        dict(steps=4, warmup_steps=1, eval_every=4, checkpoint_every=4)
+    )
     c.distill.train.update(
         dict(
             steps=8,
@@ -312,6 +356,10 @@ def _gpu(c) -> None:
       **accelerator,
   )
   c.distill.loss_chunk = 512
+  c.distill.on_policy.prompt_len = 128
+  c.distill.continue_train.update(
+      dict(steps=80, warmup_steps=8, eval_every=40, checkpoint_every=40)
+  )
   c.distill.train.update(
       dict(  # 5,120 rows of 512: about one pass over the train split
           steps=160,
