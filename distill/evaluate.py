@@ -6,8 +6,10 @@ For the teacher and every run under ``W/student/`` (their latest
 checkpoints), on the validation split: loss and perplexity, KL(teacher ||
 model) over the full vocabulary, top-1 agreement with the teacher, expected
 calibration error, parameters (total and active), KV-cache bytes per token at
-several context lengths, prefill and decode tokens/s (batch 1 and 8), and
-speculative decoding with each student drafting for the teacher. For the
+several context lengths, prefill and decode tokens/s (batch 1 and 8),
+speculative decoding with each student drafting for the teacher, and the
+teacher's log-likelihood of each model's own greedy and sampled
+continuations of held-out prompts (``distill.evals.generation``). For the
 logit cache: bytes per cached token of each method and the time it took.
 
 Writes ``W/eval/report.json`` (every number), ``W/eval/report.md`` (tables a
@@ -40,7 +42,7 @@ from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, registry, sharding
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
-from distill.evals import metrics, report, targets, validation
+from distill.evals import generation, metrics, report, targets, validation
 from student import quantize
 
 
@@ -246,7 +248,9 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   (positive: distillation helped); ``teacher_gain``: CE-baseline loss minus
   the teacher's; ``decode_speedup_b1``: the best student's batch-1 decode
   tokens/s over the teacher's. Quantised students (PTQ variants, QAT runs)
-  are compared in their own rows, not here. Missing pieces give None.
+  and continuations of another student (``from=``, more steps than the
+  baseline) are compared in their own rows, not here. Missing pieces give
+  None.
   """
   distilled = {
       n: e
@@ -254,6 +258,9 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
       if n != "teacher"
       and e.get("mode") not in (None, "ce")
       and not e.get("quantization")  # trained float students only
+      # Continuations of another student train longer than the baseline;
+      # they are compared with their own control.
+      and "init" not in (e.get("parts") or {})
   }
   ce = report.ce_baseline(models)
   teacher = models.get("teacher")
@@ -325,6 +332,8 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       )
       sizes = {key: settings.get(key) for key in ("k", "n", "m")}
       entry["sizes"] = {key: v for key, v in sizes.items() if v is not None}
+      parts = {key: settings.get(key) for key in ("lam", "init", "feat")}
+      entry["parts"] = {key: v for key, v in parts.items() if v is not None}
       if entry["mode"] == "offline" and figures_of_cache:
         entry["cache_bytes_per_token"] = (
             target_bytes_per_token(
@@ -436,6 +445,21 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     for name in tqdm(students, desc="evaluate: speculative", unit="drafter"):
       models[name]["speculative"] = speculative_figures(
           teacher, loaded[name], prompts, baselines, sp
+      )
+
+  co = e.continuations
+  if teacher is not None and co.prompts:
+    prompts = validation_prompts(workdir, co.prompts, co.prompt_len)
+    for name, model in tqdm(
+        loaded.items(), desc="evaluate: continuations", unit="model"
+    ):
+      models[name]["continuations"] = generation.teacher_log_likelihood(
+          teacher,
+          model,
+          prompts,
+          co.new_tokens,
+          temperature=co.temperature,
+          key=jax.random.key(config.seed),
       )
 
   result = {

@@ -233,6 +233,12 @@ def get_config(arg=None):
           gammas=(4,), prompts=2, prompt_len=32, new_tokens=48, repeats=3
       )
   )
+  # Each model continues held-out prompts (greedy, and sampled at
+  # temperature); the teacher scores what it wrote (mean log-likelihood per
+  # token, distill/evals/generation.py). prompts=0: off.
+  c.eval.continuations = ml_collections.ConfigDict(
+      dict(prompts=16, prompt_len=32, new_tokens=64, temperature=1.0)
+  )
 
   c.export = ml_collections.ConfigDict()
   c.export.formats = ("orbax", "hf")  # every student run, in each format
@@ -249,6 +255,7 @@ def get_config(arg=None):
     c.eval.speculative.update(
         dict(gammas=(2,), prompts=1, prompt_len=8, new_tokens=8, repeats=1)
     )
+    c.eval.continuations.update(dict(prompts=2, prompt_len=8, new_tokens=8))
     c.student.preset = "tiny"
     c.student.model = configs.model_section(
         StudentConfig, dtype="float32", param_dtype="float32"

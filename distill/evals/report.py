@@ -45,6 +45,10 @@ def _kind(entry: dict[str, Any]) -> str:
   )
   sizes = entry.get("sizes") or {}
   kind += "".join(f" {k}={v}" for k, v in sizes.items())
+  parts = entry.get("parts") or {}
+  kind += "".join(
+      f" {'from' if k == 'init' else k}={v}" for k, v in parts.items()
+  )
   if entry.get("quantization"):
     how = "PTQ" if entry.get("parent") else "QAT"
     kind += f" [{how} {entry['quantization']}]"
@@ -175,6 +179,7 @@ def quality_per_byte(
         e.get("mode") == "offline"
         and e.get("cache_bytes_per_token")
         and not e.get("quantization")  # those are about weight bytes
+        and "init" not in (e.get("parts") or {})  # more steps than CE's
     ):
       method = f"{e['target']} / {e['loss_kind']}"
       point = (e["cache_bytes_per_token"], ce["loss"] - e["loss"])
@@ -245,6 +250,52 @@ def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
           "cache s",
       ],
       rows,
+  )
+
+
+def _continuations(models: dict[str, dict[str, Any]]) -> str:
+  """The teacher's log-likelihood of each model's own continuations."""
+  rows = []
+  for name, e in models.items():
+    c = e.get("continuations")
+    if not c:
+      continue
+    spec = e.get("speculative") or [{}]
+    rows.append(
+        [
+            name,
+            _kind(e),
+            c["teacher_loglik_greedy"],
+            c["teacher_loglik_sampled"],
+            c.get("model_loglik_sampled"),
+            spec[0].get("acceptance_rate"),
+        ]
+    )
+  if not rows:
+    return ""
+  tokens = next(
+      e["continuations"]["tokens"]
+      for e in models.values()
+      if e.get("continuations")
+  )
+  return (
+      "\n## Own continuations, scored by the teacher\n\n"
+      "Each model continues held-out prompts; the teacher's mean"
+      " log-probability per generated token (nats, higher is better:"
+      f" {tokens} tokens per figure), greedy and sampled; the model's own"
+      " log-likelihood of its samples, and its speculative acceptance as a"
+      " drafter (the first γ) beside them.\n\n"
+      + _table(
+          [
+              "model",
+              "kind",
+              "teacher log-lik (greedy)",
+              "teacher log-lik (sampled)",
+              "own log-lik (sampled)",
+              "acceptance",
+          ],
+          rows,
+      )
   )
 
 
@@ -404,6 +455,7 @@ def markdown(result: dict[str, Any]) -> str:
             spec_rows,
         )
     )
+  parts.append(_continuations(models))
   cache = result.get("cache")
   if cache:
     parts.append("\n## Logit cache\n\n")
