@@ -41,9 +41,17 @@ from tqdm import tqdm
 
 from distill.core import checkpoint as ckpt
 from distill.core import files, sharding
-from distill.core.errors import UserError
+from distill.training.records import (  # pylint: disable=unused-import
+    METRICS_FILE,
+    MetricsWriter,
+    read_metrics,
+    truncate_metrics,
+)
+from distill.training.replay import (  # pylint: disable=unused-import
+    SilentCorruptionError,
+    replayed_step,
+)
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
@@ -97,59 +105,6 @@ def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
           mask=decay_mask,
       ),
   )
-
-
-class MetricsWriter:
-  """Appends metrics to ``metrics.jsonl`` and TensorBoard event files."""
-
-  def __init__(self, out_dir: str):
-    self._path = os.path.join(out_dir, METRICS_FILE)
-    self._tb = None
-    try:
-      # Optional: imported only when present.
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-      self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
-    except ImportError:  # Optional: the JSONL file has everything.
-      logging.warning(
-          "tensorboardX is not installed; metrics go to %s only", self._path
-      )
-
-  def write(
-      self, step: int, metrics: dict[str, float], prefix: str = ""
-  ) -> None:
-    record = {
-        "step": int(step),
-        **{prefix + k: float(v) for k, v in metrics.items()},
-    }
-    with open(self._path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
-    if self._tb is not None:
-      for key, value in record.items():
-        if key != "step":
-          self._tb.add_scalar(key, value, step)
-      self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-def read_metrics(out_dir: str) -> list[dict[str, float]]:
-  """The records of a run's ``metrics.jsonl``, oldest first."""
-  path = os.path.join(out_dir, METRICS_FILE)
-  if not os.path.isfile(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(out_dir: str, step: int) -> None:
-  """After a resume from ``step``, drops records the lost steps had written."""
-  records = [r for r in read_metrics(out_dir) if r["step"] <= step]
-  path = os.path.join(out_dir, METRICS_FILE)
-  if os.path.isfile(path):
-    files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 BEST_DIR = "best"
@@ -279,51 +234,6 @@ def is_finished(out_dir: str) -> bool:
   with open(path, encoding="utf-8") as f:
     steps = json.load(f).get("steps")
   return steps is not None and steps == ckpt.latest_step(out_dir)
-
-
-class SilentCorruptionError(UserError):
-  """The same step, from the same state and batch, gave two results."""
-
-
-@jax.jit
-def _leaves_equal(a, b):
-  """Per leaf: are the two trees' arrays equal bit for bit (NaN = NaN)?"""
-  return [
-      jnp.array_equal(x, y, equal_nan=jnp.issubdtype(x.dtype, jnp.inexact))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  ]
-
-
-def _replayed_step(train_step, model, optimizer, args, desc, step):
-  """``train_step`` run twice from one state; the results must be equal bit
-  for bit (a split-phase check for silent data corruption: a flipped bit in
-  memory or arithmetic shows up as a difference)."""
-
-  def snapshot():  # The arrays themselves (immutable), kept on the mesh.
-    return jax.tree.map(lambda x: x, (nnx.state(model), nnx.state(optimizer)))
-
-  before = snapshot()
-  train_step(model, optimizer, *args)
-  after_first = snapshot()
-  nnx.update(model, before[0])
-  nnx.update(optimizer, before[1])
-  second = train_step(model, optimizer, *args)
-  after_second = snapshot()
-  paths = [
-      jax.tree_util.keystr(path)
-      for path, _ in jax.tree_util.tree_leaves_with_path(after_first)
-  ]
-  same = _leaves_equal(after_first, after_second)
-  differ = [path for path, ok in zip(paths, same) if not bool(ok)]
-  if differ:
-    raise SilentCorruptionError(
-        f"{desc}: step {step} computed twice from the same state and batch"
-        f" gave different results in {len(differ)} arrays (first"
-        f" {differ[0]}): the machine corrupts data silently. Stop using it;"
-        " resume from the last checkpoint on another machine."
-    )
-  logging.info("%s: step %d replayed bit for bit", desc, step)
-  return second
 
 
 def summarize(
@@ -482,7 +392,7 @@ def _train(
   # Records past the checkpoint (all of them, without one) are of steps the
   # resumed run will take again.
   if sharding.is_main():
-    _truncate_metrics(out_dir, step)
+    truncate_metrics(out_dir, step)
 
   @nnx.jit
   def train_step(trainable, optimizer, batch, step, frozen):
@@ -557,7 +467,7 @@ def _train(
         batch = prepare(model, batch, step)
       args = (batch, jnp.asarray(step, jnp.int32), tuple(frozen))
       if cfg.replay_check_every and (step + 1) % cfg.replay_check_every == 0:
-        metrics, finite = _replayed_step(
+        metrics, finite = replayed_step(
             train_step, trainable, optimizer, args, desc, step + 1
         )
       else:
