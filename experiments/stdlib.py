@@ -9,8 +9,11 @@ Variants (``experiments/stdlib.py:VARIANT``):
            active) pretrained for 110 steps of 32 x 128 tokens; seven 2.48M
            Gemma-3-style students (ce, sampled, topk_ghost, topk_sparse,
            topk_tail, online, and sampled@q=int8, quantisation-aware) of 56
-           steps each on the same 1,792 cached rows; evaluate adds an int8
-           copy of the best.
+           steps each on the same 1,792 cached rows, then two 28-step
+           continuations of the sampled student: on_policy@from=sampled (on
+           its own continuations, scored by the teacher) and its control
+           sampled@from=sampled (more of the cached target); evaluate adds
+           an int8 copy of the best.
   tiny     every stage in seconds (90 s in all); the fast test suite runs it
            end to end.
   sweep    the default's teacher and cache, and 18 students: CE, online,
@@ -33,7 +36,9 @@ default with its six float students took about 16 minutes in all (the
 quantisation-aware one adds about 95 s) and gave validation losses teacher
 5.369, CE baseline 6.025, online 5.771 (+0.254 over CE), topk_tail 5.777
 (+0.248), sampled 5.784 (+0.241), topk_ghost 6.487, topk_sparse 6.583, and
-sampled@q=int8 5.784 nats/token; the README has the full tables.
+sampled@q=int8 5.784 nats/token. The two continuations took 73 s
+(on-policy) and 50 s (control) more and gave on_policy@from=sampled 5.625
+and sampled@from=sampled 5.598; the README has the full tables.
 """
 
 import ml_collections
