@@ -37,8 +37,11 @@ def test_benchmark_reports_every_ratio(tmp_path):
       "topk_ghost",
       "topk_sparse",
       "topk_tail",
+      "on_policy",
   }
   assert ratios["ce"] == 1.0 and all(r > 0 for r in ratios.values())
+  # Generating the rows and the teacher's pass come on top of a step.
+  assert ratios["on_policy"] > ratios["sampled"]
   assert 0 < bench["students"]["train_flops_over_matmul"]
   assert 0 < bench["cache"]["cache_over_forward"]
   assert bench["cache"]["methods"] == ["sample", "topk", "topk_tail"]
