@@ -63,14 +63,13 @@ import json
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from data import cache, cache_format, pipeline
+from data import cache, pipeline
 from data import tokenizer as tok
-from distill import features, losses, on_policy
+from distill import features, on_policy
+from distill.objective import loss_fn_for
 from distill.core import checkpoint as ckpt
 from distill.core import cli, configs, layout, sharding
 from distill.core.errors import UserError
@@ -142,151 +141,6 @@ def student_vocab_size(workdir: str, teacher=None) -> int:
 
 
 run_folder = layout.run_folder  # a run spec's folder under W/student
-
-
-def _schedules(d):
-  alpha = losses.schedule(d.alpha_schedule, d.alpha, d.alpha_end, d.train.steps)
-  temperature = losses.schedule(
-      d.temperature_schedule, d.temperature, d.temperature_end, d.train.steps
-  )
-  return alpha, temperature
-
-
-_CACHED_KEYS = ("ids", "log_probs", "tail", "counts", "tail_ids", "tail_counts")
-
-
-def _cached_kd(kind: RunKind, logits, t, temperature):
-  """The KD term of an offline batch: its cached target's loss."""
-  if kind.loss == "sparse_kl":
-    return losses.sparse_kl_per_token(
-        logits, t["ids"], t["log_probs"], temperature
-    )
-  if kind.loss == "ghost_kl":
-    return losses.ghost_kl_per_token(
-        logits, t["ids"], t["log_probs"], t["tail"], temperature
-    )
-  if kind.loss == "topk_tail_kl":
-    return losses.topk_tail_kl_per_token(
-        logits,
-        t["ids"],
-        t["log_probs"],
-        t["tail"],
-        t["tail_ids"],
-        t["tail_counts"],
-        temperature,
-    )
-  return losses.sampled_kl_per_token(logits, t["ids"], t["counts"], temperature)
-
-
-def loss_fn_for(
-    kind: RunKind,
-    d,
-    cache_temperature: float | None = None,
-    topk_k: int = 64,
-    *,
-    on_policy_cfg: on_policy.OnPolicyConfig | None = None,
-    feature_pairs: tuple[tuple[int, int], ...] = (),
-):
-  """``loss_fn(model, batch, step, *frozen, extras=None)`` for the trainer.
-
-  ``topk_k`` is the k of the ``online_topk`` run (the cache's k);
-  ``on_policy_cfg`` how an on_policy run scores its on-policy batches (those
-  with ``on_policy.MASK``); ``feature_pairs`` the (student, teacher) blocks
-  of a run with feature distillation, whose projections are ``extras``.
-  """
-  alpha_at, temperature_at = _schedules(d)
-  chunk = d.loss_chunk
-  student_blocks = tuple(s for s, _ in feature_pairs)
-  teacher_blocks = tuple(t for _, t in feature_pairs)
-
-  def loss_fn(model, batch, step, *frozen, extras=None):
-    x = pipeline.model_inputs(batch)
-    hidden, aux = model.hidden(
-        x["inputs"], x["segment_ids"], x["positions"], features=student_blocks
-    )
-    alpha = alpha_at(step)
-    generated = on_policy.MASK in batch  # the student's own continuations
-    if kind.reads_cache and not generated:  # The cache fixed the temperature.
-      temperature = jnp.asarray(cache_temperature, jnp.float32)
-    else:
-      temperature = temperature_at(step)
-    targets: dict[str, Any] = {"labels": x["labels"]}
-    mask = batch[on_policy.MASK] if generated else x["mask"]
-    metrics = {"alpha": alpha, "temperature": temperature}
-    t_aux: dict[str, Any] = {}
-    if kind.needs_teacher and (kind.mode == "online" or generated):
-      (teacher,) = frozen
-      t_hidden, t_aux = teacher.hidden(
-          x["inputs"],
-          x["segment_ids"],
-          x["positions"],
-          features=teacher_blocks,
-      )
-      targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
-
-    if kind.mode == "ce":
-
-      def per_token(logits, t):
-        return losses.cross_entropy_per_token(logits, t["labels"])
-
-    elif generated:  # No labels of the corpus: the divergence alone.
-      cfg = on_policy_cfg
-
-      def per_token(logits, t):
-        t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
-        if cfg.target == "topk":
-          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          ids, log_probs, tail = cache_format.topk_targets(log_p, cfg.k)
-          kd = losses.ghost_kd_per_token(
-              logits, ids, log_probs, tail, temperature, cfg.divergence,
-              cfg.beta,
-          )  # fmt: skip
-        else:
-          kd = losses.dense_kd_per_token(
-              logits, t_logits, temperature, cfg.divergence, cfg.beta
-          )
-        return jnp.square(temperature) * kd
-
-    elif kind.mode == "online":
-
-      def per_token(logits, t):
-        t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
-        if kind.target == "topk":  # What a top-k cache would have stored.
-          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          ids, log_probs, tail = cache_format.topk_targets(log_p, topk_k)
-          kd = losses.ghost_kl_per_token(
-              logits, ids, log_probs, tail, temperature
-          )
-        else:
-          kd = losses.dense_kd_per_token(
-              logits, t_logits, temperature, d.dense_kind, d.jsd_beta
-          )
-        ce = losses.cross_entropy_per_token(logits, t["labels"])
-        return losses.mix_losses(ce, kd, alpha, temperature)
-
-    else:
-      # Cached targets are per position: [B, L, K] or [B, L], like the labels.
-      targets.update({k: batch[k] for k in _CACHED_KEYS if k in batch})
-
-      def per_token(logits, t):
-        kd = _cached_kd(kind, logits, t, temperature)
-        ce = losses.cross_entropy_per_token(logits, t["labels"])
-        return losses.mix_losses(ce, kd, alpha, temperature)
-
-    loss = losses.chunked_loss(
-        hidden, model.logits_from_hidden, per_token, targets, mask, chunk
-    )
-    if kind.mode == "on_policy":
-      metrics["on_policy"] = jnp.float32(generated)
-    if feature_pairs:
-      term = features.feature_loss(
-          extras, aux["features"], t_aux["features"], x["mask"], kind.feat
-      )
-      metrics["feature_loss"] = term
-      loss = loss + d.features.weight * term
-    return loss, metrics
-
-  return loss_fn
 
 
 def _teacher_or_none(workdir: str):
