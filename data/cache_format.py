@@ -5,7 +5,7 @@ tokens[:-1], labels tokens[1:]), `segment_ids` [L+1] (0 = padding, documents
 1, 2, 3, ...), and for each position t in [0, L) a sparse teacher target for
 predicting tokens[t+1]: a top-k target, a sampled target, both, or neither.
 The cache writer and reader call `encode_record` / `decode_record`; the teacher
-side makes the targets with the jittable `topk_targets` / `sample_targets`.
+side makes the targets with the jittable functions of `data.sparse_targets`.
 
 Byte layout (version 2; every integer little-endian; version 1 is version 2
 without the top-k-with-tail section, and is still read). Header, 32 bytes:
@@ -72,12 +72,9 @@ has the top-k block's bounds.
 
 from __future__ import annotations
 
-import functools
 import struct
 import zlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 MAGIC = b"KDLC"
@@ -600,109 +597,3 @@ def _decode_sample(
   ids[rows, rank] = (keys % np.uint64(vocab)).astype(np.int64)
   out_counts[rows, rank] = counts
   return ids, out_counts
-
-
-# ------------------------------------------------- making targets from teacher
-
-
-def topk_from_log_probs(log_probs: np.ndarray, k: int):
-  """Numpy reference. log_probs [L, V] -> ids [L, k] int32 (descending, ties by
-  lower id), log_probs [L, k] float32, tail [L] float32 = 1 - sum p_topk (float64).
-  """
-  lp = np.asarray(log_probs)
-  ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
-  vals = np.take_along_axis(lp, ids, -1)
-  tail = np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(-1), 0.0, 1.0)
-  return ids.astype(np.int32), vals.astype(np.float32), tail.astype(np.float32)
-
-
-def sample_from_log_probs(
-    rng: np.random.Generator, log_probs: np.ndarray, n: int
-):
-  """Numpy reference: n draws with replacement per position. log_probs [L, V] ->
-  ids, counts [L, n] int32 (unique ids ascending, then padding id 0, count 0).
-  """
-  lp = np.asarray(log_probs, np.float64)
-  ids = np.zeros((len(lp), n), np.int32)
-  counts = np.zeros((len(lp), n), np.int32)
-  for t, row in enumerate(lp):
-    p = np.exp(row - row.max())
-    drawn = rng.multinomial(n, p / p.sum())
-    nz = np.flatnonzero(drawn)
-    ids[t, : len(nz)], counts[t, : len(nz)] = nz, drawn[nz]
-  return ids, counts
-
-
-@functools.partial(jax.jit, static_argnames="k")
-def topk_targets(log_probs: jax.Array, k: int):
-  """log_probs [B, T, V] -> ids [B, T, k] int32, log_probs [B, T, k], tail [B, T].
-
-  tail = 1 - sum p over the k ids, in float32 (absolute error ~1e-6, below the
-  7.6e-6 storage step), clipped to [0, 1].
-  """
-  vals, ids = jax.lax.top_k(log_probs.astype(jnp.float32), k)
-  tail = jnp.clip(1.0 - jnp.sum(jnp.exp(vals), axis=-1), 0.0, 1.0)
-  return ids.astype(jnp.int32), vals, tail
-
-
-def _unique_counts(sorted_ids: jax.Array):
-  """[n] ascending ids -> unique ids [n] (padding 0) and their counts [n] (padding 0)."""
-  n = sorted_ids.shape[0]
-  new = jnp.concatenate(
-      [jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]]
-  )
-  rank = jnp.cumsum(new) - 1
-  ids = jnp.zeros((n,), jnp.int32).at[rank].max(sorted_ids)
-  counts = jnp.zeros((n,), jnp.int32).at[rank].add(1)
-  return ids, counts
-
-
-@functools.partial(jax.jit, static_argnames=("k", "m", "stratified"))
-def topk_tail_targets(
-    key: jax.Array,
-    log_probs: jax.Array,
-    k: int,
-    m: int,
-    stratified: bool = False,
-):
-  """The top k ids as ``topk_targets`` makes them, and m draws from the
-  teacher restricted to the other ids (its tail, renormalised).
-
-  log_probs [B, T, V] -> ids [B, T, k], log_probs [B, T, k], tail [B, T],
-  tail_ids / tail_counts [B, T, m] (as ``sample_targets``). Where the tail
-  holds no probability (tail == 0) the draws are meaningless and carry no
-  weight in the loss.
-  """
-  ids, vals, tail = topk_targets(log_probs, k)
-  rest = jnp.put_along_axis(
-      log_probs.astype(jnp.float32), ids, -jnp.inf, axis=-1, inplace=False
-  )
-  tail_ids, tail_counts = sample_targets(key, rest, m, stratified)
-  return ids, vals, tail, tail_ids, tail_counts
-
-
-@functools.partial(jax.jit, static_argnames=("n", "stratified"))
-def sample_targets(
-    key: jax.Array, log_probs: jax.Array, n: int, stratified: bool = False
-):
-  """n draws per position by inverse-CDF sampling (one cumsum, n binary searches).
-
-  log_probs [B, T, V] -> ids [B, T, n] int32 (unique ids ascending, then
-  padding 0) and counts [B, T, n] int32 (summing to n; padding 0). Draws are
-  i.i.d. by default; `stratified=True` puts one uniform in each [i/n, (i+1)/n)
-  (still unbiased, lower variance). float32 CDF: each id's probability is
-  resolved to about 2^-24; zero-probability ids are never drawn.
-  """
-  p = jnp.exp(log_probs.astype(jnp.float32))
-  cdf = jnp.cumsum(p, axis=-1)
-  u = jax.random.uniform(key, (*p.shape[:-1], n))
-  u = (jnp.arange(n) + u) / n if stratified else jnp.sort(u, axis=-1)
-  x = u * cdf[..., -1:]
-  search = jnp.vectorize(
-      lambda c, v: jnp.searchsorted(c, v, side="right"),
-      signature="(v),(n)->(n)",
-  )
-  idx = search(cdf, x)
-  last_positive = p.shape[-1] - 1 - jnp.argmax(jnp.flip(p > 0, -1), axis=-1)
-  idx = jnp.minimum(idx, last_positive[..., None]).astype(jnp.int32)
-  return jnp.vectorize(_unique_counts, signature="(n)->(n),(n)")(idx)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from data import cache_format, pipeline
+from data import pipeline, sparse_targets
 from distill import features, losses, on_policy
 from distill.runs import RunKind
 
@@ -119,7 +119,7 @@ def loss_fn_for(
         t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
         if cfg.target == "topk":
           log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          ids, log_probs, tail = cache_format.topk_targets(log_p, cfg.k)
+          ids, log_probs, tail = sparse_targets.topk_targets(log_p, cfg.k)
           kd = losses.ghost_kd_per_token(
               logits, ids, log_probs, tail, temperature, cfg.divergence,
               cfg.beta,
@@ -136,7 +136,7 @@ def loss_fn_for(
         t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
         if kind.target == "topk":  # What a top-k cache would have stored.
           log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          ids, log_probs, tail = cache_format.topk_targets(log_p, topk_k)
+          ids, log_probs, tail = sparse_targets.topk_targets(log_p, topk_k)
           kd = losses.ghost_kl_per_token(
               logits, ids, log_probs, tail, temperature
           )

@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from data import cache, cache_format, pipeline
+from data import cache, cache_format, pipeline, sparse_targets
 from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, sharding
@@ -91,15 +91,15 @@ def make_target_fn(
     out = {}
     if "topk" in methods:
       out["topk_ids"], out["topk_log_probs"], out["topk_tail"] = (
-          cache_format.topk_targets(log_probs, k)
+          sparse_targets.topk_targets(log_probs, k)
       )
     if "sample" in methods:
-      out["sample_ids"], out["sample_counts"] = cache_format.sample_targets(
+      out["sample_ids"], out["sample_counts"] = sparse_targets.sample_targets(
           key, log_probs, num_samples, stratified
       )
     if "topk_tail" in methods:
       names = ("ids", "log_probs", "tail", "sample_ids", "sample_counts")
-      made = cache_format.topk_tail_targets(
+      made = sparse_targets.topk_tail_targets(
           jax.random.fold_in(key, 1),
           log_probs,
           tail_k,

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from data import cache_format as cf
+from data import sparse_targets
 
 
 def random_record(rng, vocab, length, k, draws, with_topk, with_sample):
@@ -210,7 +211,7 @@ def test_topk_targets_match_lax_top_k_and_tail():
   rng = np.random.default_rng(4)
   logits = rng.normal(size=(2, 5, 300)).astype(np.float32) * 3
   log_probs = jax.nn.log_softmax(jnp.asarray(logits) / 1.5)
-  ids, vals, tail = cf.topk_targets(log_probs, 16)
+  ids, vals, tail = sparse_targets.topk_targets(log_probs, 16)
   want_vals, want_ids = jax.lax.top_k(log_probs, 16)
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_array_equal(vals, want_vals)
@@ -218,7 +219,7 @@ def test_topk_targets_match_lax_top_k_and_tail():
   np.testing.assert_allclose(
       tail, 1 - np.take_along_axis(p, np.asarray(ids), -1).sum(-1), atol=2e-6
   )
-  ref_ids, ref_vals, ref_tail = cf.topk_from_log_probs(
+  ref_ids, ref_vals, ref_tail = sparse_targets.topk_from_log_probs(
       np.asarray(log_probs).reshape(10, 300), 16
   )
   np.testing.assert_array_equal(ref_ids, np.asarray(ids).reshape(10, 16))
@@ -245,7 +246,7 @@ def test_sample_targets_are_unbiased(stratified):
   log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
   p = np.exp(np.asarray(log_probs, np.float64))
   assert p[p > 0].min() > 1e-3
-  ids, counts = cf.sample_targets(
+  ids, counts = sparse_targets.sample_targets(
       jax.random.key(0),
       jnp.broadcast_to(log_probs, (batches, positions, vocab)),
       n,
@@ -284,10 +285,12 @@ def test_jax_targets_encode_and_decode():
   log_probs = jax.nn.log_softmax(
       jnp.asarray(rng.normal(size=(1, 12, 70_000)) * 4, jnp.float32)
   )
-  ids, vals, tail = (np.asarray(x[0]) for x in cf.topk_targets(log_probs, 64))
+  ids, vals, tail = (
+      np.asarray(x[0]) for x in sparse_targets.topk_targets(log_probs, 64)
+  )
   s_ids, s_counts = (
       np.asarray(x[0])
-      for x in cf.sample_targets(jax.random.key(1), log_probs, 64)
+      for x in sparse_targets.sample_targets(jax.random.key(1), log_probs, 64)
   )
   record = dict(
       tokens=rng.integers(0, 70_000, 13),
@@ -325,11 +328,14 @@ def bytes_per_token(log_probs, method, k=64, n=64, seed=0):
       "segment_ids": np.ones(length + 1, int),
   }
   if method == "topk":
-    ids, vals, tail = (np.asarray(x[0]) for x in cf.topk_targets(lp, k))
+    ids, vals, tail = (
+        np.asarray(x[0]) for x in sparse_targets.topk_targets(lp, k)
+    )
     record.update(topk_ids=ids, topk_log_probs=vals, topk_tail=tail)
   else:
     ids, counts = (
-        np.asarray(x[0]) for x in cf.sample_targets(jax.random.key(seed), lp, n)
+        np.asarray(x[0])
+        for x in sparse_targets.sample_targets(jax.random.key(seed), lp, n)
     )
     record.update(sample_ids=ids, sample_counts=counts)
   data = cf.encode_record(**record, vocab_size=vocab)

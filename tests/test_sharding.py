@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data import cache_format, pipeline
+from data import pipeline, sparse_targets
 from distill import train as distill_train
 from distill.core import checkpoint as ckpt
 from distill.core import layout, sharding
@@ -254,9 +254,9 @@ def student_setup():
       batch["positions"][:, :-1],
   )
   log_p = jax.nn.log_softmax(logits, axis=-1)
-  ids, log_probs, tail = cache_format.topk_targets(log_p, 8)
-  s_ids, counts = cache_format.sample_targets(jax.random.key(0), log_p, 16)
-  tt = cache_format.topk_tail_targets(jax.random.key(1), log_p, 4, 8)
+  ids, log_probs, tail = sparse_targets.topk_targets(log_p, 8)
+  s_ids, counts = sparse_targets.sample_targets(jax.random.key(0), log_p, 16)
+  tt = sparse_targets.topk_tail_targets(jax.random.key(1), log_p, 4, 8)
   targets = {
       "topk": dict(ids=ids, log_probs=log_probs, tail=tail),
       "sample": dict(ids=s_ids, counts=counts),

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import cache_format as cf
+from data import sparse_targets
 from distill.evals import targets
 
 V = 30
@@ -38,7 +38,7 @@ def test_figures_against_a_numpy_reference():
   np.testing.assert_allclose(got["topk_kl"], -np.log(top).mean(), rtol=1e-4)
   np.testing.assert_allclose(got["topk_missing"], 1 - top.mean(), atol=1e-6)
   # The sample's figures from the very draws target_sums makes.
-  ids, counts = cf.sample_targets(jax.random.key(3), log_p, 16)
+  ids, counts = sparse_targets.sample_targets(jax.random.key(3), log_p, 16)
   ids, counts = np.asarray(ids[0]), np.asarray(counts[0])
   t = counts / 16
   drawn_p = np.take_along_axis(p, ids, -1)

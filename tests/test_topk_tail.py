@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from data import cache_format as cf
+from data import sparse_targets
 from distill import losses
 
 V, K, M = 40, 5, 4
@@ -29,10 +30,12 @@ def test_expected_gradient_is_the_dense_kl_gradient():
   ghost loss on the same head (biased) misses it by far more."""
   log_p, logits = _teacher_and_student()
   lp = log_p[None, None]  # [1, 1, V]
-  ids, vals, tail, _, _ = cf.topk_tail_targets(jax.random.key(0), lp, K, M)
+  ids, vals, tail, _, _ = sparse_targets.topk_tail_targets(
+      jax.random.key(0), lp, K, M
+  )
 
   def grad_for(key):
-    *_, t_ids, t_counts = cf.topk_tail_targets(key, lp, K, M)
+    *_, t_ids, t_counts = sparse_targets.topk_tail_targets(key, lp, K, M)
     loss = lambda z: losses.topk_tail_kl_per_token(
         z[None, None], ids, vals, tail, t_ids, t_counts
     )[0, 0]
@@ -63,7 +66,9 @@ def test_exact_when_the_tail_holds_nothing():
       .set(jnp.arange(K, dtype=jnp.float32))
   )
   log_p = jax.nn.log_softmax(head_logits)
-  made = cf.topk_tail_targets(jax.random.key(2), log_p[None, None], K, M)
+  made = sparse_targets.topk_tail_targets(
+      jax.random.key(2), log_p[None, None], K, M
+  )
   assert float(made[2][0, 0]) < 1e-6  # 1 - sum of the head, in float32
   # As the cache stores it (the tail quantised to 1/65535): exactly 0.
   names = ("tt_ids", "tt_log_probs", "tt_tail", "tt_sample_ids")
@@ -104,7 +109,7 @@ def test_exact_when_the_tail_holds_nothing():
 def test_tail_draws_follow_the_teacher_outside_the_head():
   log_p, _ = _teacher_and_student(5)
   lp = jnp.broadcast_to(log_p, (1, 2000, V))  # 2,000 positions, same p
-  ids, _, tail, t_ids, t_counts = cf.topk_tail_targets(
+  ids, _, tail, t_ids, t_counts = sparse_targets.topk_tail_targets(
       jax.random.key(7), lp, K, M
   )
   t_ids, t_counts = np.asarray(t_ids), np.asarray(t_counts)
@@ -128,7 +133,7 @@ def _record(**extra):
   lp = jax.nn.log_softmax(
       jnp.asarray(rng.normal(size=(1, length, V)), jnp.float32)
   )
-  ids, vals, tail, t_ids, t_counts = cf.topk_tail_targets(
+  ids, vals, tail, t_ids, t_counts = sparse_targets.topk_tail_targets(
       jax.random.key(0), lp, K, M
   )
   arrays = dict(
@@ -192,7 +197,7 @@ def test_version_1_records_still_read():
   """A version-1 record (no tail section) decodes as it always did."""
   rng = np.random.default_rng(1)
   lp = np.log(rng.dirichlet(np.ones(V), 6)).astype(np.float32)
-  ids, vals, tail = cf.topk_from_log_probs(lp, K)
+  ids, vals, tail = sparse_targets.topk_from_log_probs(lp, K)
   record = bytearray(
       cf.encode_record(
           rng.integers(0, V, 7),

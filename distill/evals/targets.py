@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import cache_format, pipeline
+from data import pipeline, sparse_targets
 from distill.core import sharding
 from distill.evals import metrics
 
@@ -68,13 +68,13 @@ def target_sums(
       "teacher_entropy": total(-jnp.sum(jnp.where(p > 0, p * log_p, 0.0), -1)),
   }
   if "topk" in methods:
-    _, _, tail = cache_format.topk_targets(log_p, k)
+    _, _, tail = sparse_targets.topk_targets(log_p, k)
     coverage = 1.0 - tail
     out["topk_coverage"] = total(coverage)
     out["topk_kl"] = total(-jnp.log(jnp.maximum(coverage, 1e-30)))
     out["topk_missing"] = total(tail)
   if "sample" in methods:
-    ids, counts = cache_format.sample_targets(key, log_p, n)
+    ids, counts = sparse_targets.sample_targets(key, log_p, n)
     t = counts / n
     out["sample_unique"] = total(jnp.sum(counts > 0, -1).astype(jnp.float32))
     out["sample_kl"] = total(
@@ -82,7 +82,7 @@ def target_sums(
     )
     out["sample_missing"] = total(1.0 - _mass(log_p, ids, counts))
   if "topk_tail" in methods:
-    head_ids, head_lp, tail, t_ids, t_counts = cache_format.topk_tail_targets(
+    head_ids, head_lp, tail, t_ids, t_counts = sparse_targets.topk_tail_targets(
         jax.random.fold_in(key, 1), log_p, tail_k, m
     )
     del head_ids, head_lp  # exact: no KL, no missing mass on the head
