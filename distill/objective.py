@@ -69,13 +69,15 @@ def loss_fn_for(
     *,
     on_policy_cfg: on_policy.OnPolicyConfig | None = None,
     feature_pairs: tuple[tuple[int, int], ...] = (),
+    feature_weight: float = 1.0,
 ):
   """``loss_fn(model, batch, step, *frozen, extras=None)`` for the trainer.
 
   ``topk_k`` is the k of the ``online_topk`` run (the cache's k);
   ``on_policy_cfg`` how an on_policy run scores its on-policy batches (those
   with ``on_policy.MASK``); ``feature_pairs`` the (student, teacher) blocks
-  of a run with feature distillation, whose projections are ``extras``.
+  of a run with feature distillation, whose projections are ``extras``, and
+  ``feature_weight`` its term's weight.
   """
   alpha_at, temperature_at = _schedules(d)
   chunk = d.loss_chunk
@@ -166,7 +168,7 @@ def loss_fn_for(
           extras, aux["features"], t_aux["features"], x["mask"], kind.feat
       )
       metrics["feature_loss"] = term
-      loss = loss + d.features.weight * term
+      loss = loss + feature_weight * term
     return loss, metrics
 
   return loss_fn

@@ -304,9 +304,12 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
   pairs = ()
+  feature_cfg = configs.from_section(
+      features.FeatureConfig, d.features, where="config.distill.features"
+  )
   if kind.feat is not None:
     pairs = features.resolve_pairs(
-        tuple(d.features.pairs), cfg.num_layers, teacher.config.num_layers
+        feature_cfg.pairs, cfg.num_layers, teacher.config.num_layers
     )
   source = _init_source(workdir, run, kind, init_from)
   out_dir = layout.student_dir(workdir, run_folder(run))
@@ -396,6 +399,7 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
           topk_k=config.cache.k,
           on_policy_cfg=policy,
           feature_pairs=pairs,
+          feature_weight=feature_cfg.weight,
       ),
       make_iterator=make_iterator,
       frozen=(teacher,) if kind.needs_teacher else (),

@@ -260,6 +260,7 @@ def _poll_and_kill(workdir, args, timeout=120):
   return proc.returncode
 
 
+@pytest.mark.slow  # ~35 s: a subprocess killed mid-cache, then resumed
 def test_killed_run_resumes_to_the_same_cache(base, tmp_path):
   args = flags_for(KILL_SEQ_LEN, **KILL_OVERRIDES)
   killed = copy(base, tmp_path / "killed")

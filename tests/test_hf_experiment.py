@@ -69,6 +69,7 @@ def hf_dir(tmp_path_factory):
   return str(directory)
 
 
+@pytest.mark.slow  # ~60 s; the tiny end-to-end run covers the stages
 def test_cpu_variant_imports_distils_and_exports(hf_dir, tmp_path):
   config = hf_moe.get_config("cpu")
   config.teacher.hf_dir = hf_dir

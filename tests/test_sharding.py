@@ -384,7 +384,14 @@ def _lose_last_step(src, dst):
 
 
 @pytest.mark.parametrize(
-    "saved_on, restored_on", [(8, 2), (8, 1), (2, 1), (1, 8)]
+    "saved_on, restored_on",
+    [
+        (8, 2),
+        # The other directions, ~5 s each, in the slow suite.
+        pytest.param(8, 1, marks=pytest.mark.slow),
+        pytest.param(2, 1, marks=pytest.mark.slow),
+        pytest.param(1, 8, marks=pytest.mark.slow),
+    ],
 )
 def test_elastic_restore_onto_another_device_count(
     tiny_prepared, tmp_path, saved_on, restored_on
