@@ -258,8 +258,9 @@ def _initial_student(
   payload = ckpt.read_config(source, kind="student")
   if ckpt.what_it_computes(payload["model"]) != ckpt.what_it_computes(cfg):
     raise UserError(
-        f"--init_from {source}: that student has another architecture"
-        " than config.student describes; start from a run of this config."
+        f"The run would start from {source}, a student of another"
+        " architecture than config.student describes; start from a run of"
+        " this config."
     )
   step = ckpt.latest_step(source)
   model = ckpt.restore_params(source, model, step)
