@@ -292,6 +292,13 @@ def test_unfinished_or_missing_source_is_refused(trained):
   config.distill.on_policy.prompt_len = config.data.seq_len
   with pytest.raises(UserError, match="prompt_len"):
     distill_train.train_run(config, trained, "on_policy")
+  deeper = stdlib.get_config("tiny")
+  deeper.student.model.num_layers = 3
+  with pytest.raises(UserError, match="of another architecture"):
+    distill_train.train_run(deeper, trained, "sampled@n=4,from=sampled")
+  assert not os.path.exists(
+      layout.student_dir(trained, "sampled_n4_fromsampled")
+  )
 
 
 def test_on_policy_without_a_cached_target_needs_lam_one(trained):
