@@ -80,13 +80,8 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
   ax.set_xlabel("training step")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("Validation loss during training")
-  ax.grid(alpha=0.3)
   ax.legend()
-  path = os.path.join(out_dir, "validation_loss.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  written.append(os.path.basename(path))
+  written.append(_save(plt, fig, ax, out_dir, "validation_loss.png"))
 
   points = [
       (n, e["decode"]["batch_1"]["decode_tokens_per_s"], e["loss"])
@@ -95,21 +90,12 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
   ]
   if points:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, speed, loss in points:
-      ax.scatter(speed, loss, s=40)
-      ax.annotate(
-          name, (speed, loss), textcoords="offset points", xytext=(5, 4)
-      )
+    _labelled_points(ax, points)
     ax.set_xscale("log")
     ax.set_xlabel("decode tokens/s, batch 1 (log scale)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Quality against decode speed (lower right is better)")
-    ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "quality_vs_speed.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(os.path.basename(path))
+    written.append(_save(plt, fig, ax, out_dir, "quality_vs_speed.png"))
 
   quantized = [
       (n, e["weight_bytes"], e["loss"])
@@ -120,20 +106,11 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
   ]  # fmt: skip
   if quantized:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, size, loss in quantized:
-      ax.scatter(size / 2**20, loss, s=40)
-      ax.annotate(
-          name, (size / 2**20, loss), textcoords="offset points", xytext=(5, 4)
-      )
+    _labelled_points(ax, [(n, b / 2**20, loss) for n, b, loss in quantized])
     ax.set_xlabel("weight MiB (as stored)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Quantised students against their float parents")
-    ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "quality_vs_weight_bytes.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(os.path.basename(path))
+    written.append(_save(plt, fig, ax, out_dir, "quality_vs_weight_bytes.png"))
 
   lines = quality_per_byte(models)
   if lines:
@@ -155,14 +132,26 @@ def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
     ax.set_xlabel("cache bytes per token (log scale)")
     ax.set_ylabel("validation gain over CE (nats/token)")
     ax.set_title("What each cached byte buys (higher is better)")
-    ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(out_dir, "quality_per_byte.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(os.path.basename(path))
+    written.append(_save(plt, fig, ax, out_dir, "quality_per_byte.png"))
   return written
+
+
+def _labelled_points(ax, points) -> None:
+  """A scatter of (name, x, y), each point labelled with its name."""
+  for name, x, y in points:
+    ax.scatter(x, y, s=40)
+    ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4))
+
+
+def _save(plt, fig, ax, out_dir: str, filename: str) -> str:
+  """Grids ``ax``, writes ``fig`` to ``out_dir/filename`` and closes it;
+  returns the file name."""
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, filename), dpi=110)
+  plt.close(fig)
+  return filename
 
 
 def quality_per_byte(
