@@ -62,8 +62,17 @@ def _dtype(dtype: Dtype | None):
   return None if dtype is None else jnp.dtype(dtype)
 
 
-def _compute_dtype(dtype, *arrays):
-  return dtype if dtype is not None else jnp.result_type(*arrays)
+def _operands(dtype, x: jax.Array, weight) -> tuple[Any, jax.Array, Any]:
+  """(compute dtype, x, weight) of a matmul, both operands in that dtype.
+
+  A Qwix-quantised weight (``is_quantized``) is left as it is, for Qwix's
+  einsum to dequantise; the compute dtype is then the layer's or x's.
+  """
+  if is_quantized(weight):
+    dtype = dtype if dtype is not None else x.dtype
+    return dtype, x.astype(dtype), weight
+  dtype = dtype if dtype is not None else jnp.result_type(x, weight)
+  return dtype, x.astype(dtype), weight.astype(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -134,13 +143,8 @@ class Einsum(nnx.Module):
       self.bias = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
-    if is_quantized(kernel):  # qwix's einsum takes its quantised array
-      dtype = self.dtype if self.dtype is not None else x.dtype
-    else:
-      dtype = _compute_dtype(self.dtype, x, kernel)
-      kernel = kernel.astype(dtype)
-    y = jnp.einsum(self.eqn, x.astype(dtype), kernel)
+    dtype, x, kernel = _operands(self.dtype, x, self.kernel[...])
+    y = jnp.einsum(self.eqn, x, kernel)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -262,15 +266,10 @@ class Embed(nnx.Module):
     return out.astype(self.dtype) if self.dtype is not None else out
 
   def attend(self, h: jax.Array) -> jax.Array:
-    table = self.embedding[...]
-    if is_quantized(table):  # qwix's einsum takes its quantised array
-      dtype = self.dtype if self.dtype is not None else h.dtype
-    else:
-      dtype = _compute_dtype(self.dtype, h, table)
-      table = table.astype(dtype)
+    _, h, table = _operands(self.dtype, h, self.embedding[...])
     logits = jnp.einsum(
         "BTD,VD->BTV",
-        h.astype(dtype),
+        h,
         table,
         preferred_element_type=jnp.float32,
     ).astype(jnp.float32)
@@ -314,12 +313,11 @@ class Unembed(nnx.Module):
     )
 
   def __call__(self, h: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
-    dtype = _compute_dtype(self.dtype, h, kernel)
+    _, h, kernel = _operands(self.dtype, h, self.kernel[...])
     logits = jnp.einsum(
         "BTD,DV->BTV",
-        h.astype(dtype),
-        kernel.astype(dtype),
+        h,
+        kernel,
         preferred_element_type=jnp.float32,
     )
     return sharding.constrain(logits, "batch", None, "vocab")
