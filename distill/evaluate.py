@@ -226,10 +226,9 @@ def float_twin(payload: dict[str, Any]) -> str | None:
   """For a run trained quantisation-aware (``q=...`` in its spec), the
   folder of the same run without it ("sampled@q=int4" -> "sampled"), so that
   evaluate can set the same recipe's PTQ beside it; None for other runs."""
-  settings = payload.get("settings") or {}
-  if not settings.get("q"):
+  if quantize.trained_scheme(payload) is None:
     return None
-  preset, _, rest = settings["run"].partition("@")
+  preset, _, rest = payload["settings"]["run"].partition("@")
   parts = [p for p in rest.split(",") if p and not p.startswith("q=")]
   return layout.run_folder(preset + ("@" + ",".join(parts) if parts else ""))
 
@@ -321,10 +320,11 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   # here, not after the speed measurements.
   figures_of_cache = cache_figures(workdir, teacher)
   models: dict[str, dict[str, Any]] = {}
+  payloads = {name: ckpt.read_config(path) for name, path in folders.items()}
   for name, path in folders.items():
     entry: dict[str, Any] = {"path": path, "step": ckpt.latest_step(path)}
     if name != "teacher":
-      settings = ckpt.read_config(path).get("settings", {})
+      settings = payloads[name].get("settings", {})
       entry["mode"], entry["target"], entry["loss_kind"] = (
           settings.get("mode"),
           settings.get("target"),
@@ -396,8 +396,8 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   wanted = [(best, scheme) for scheme in e.ptq] if best else []
   # A QAT run's float twin, quantised after training exactly as the QAT run
   # is (the same scheme, the embedding left float): like with like.
-  for name, path in folders.items():
-    twin = float_twin(ckpt.read_config(path))
+  for name, payload in payloads.items():
+    twin = float_twin(payload)
     if twin in loaded:
       wanted.append((twin, loaded[name].quantization))
   parents, variants = {}, {}

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill import losses
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
 
@@ -66,7 +67,7 @@ class OnPolicyConfig:
           f" below the row length config.data.seq_len={seq_len}, so that"
           " something is generated"
       )
-    if self.divergence not in ("forward", "reverse", "jsd"):
+    if self.divergence not in losses.DIVERGENCES:
       raise UserError(
           f"{where}.divergence={self.divergence!r}; use forward, reverse or"
           " jsd"

@@ -36,7 +36,7 @@ def load_student(directory: str) -> Student:
     return hf.load_hf(directory)
   if payload.get(quantize.CONFIG_KEY):
     return quantize.load(directory)
-  qat = (payload.get("settings") or {}).get("q")
+  qat = quantize.trained_scheme(payload)
   if qat:  # trained quantisation-aware: served as its quantised self
     return quantize.quantize(Student.load(directory), qat, embedding=False)
   return Student.load(directory)

@@ -165,7 +165,7 @@ def export_all(config, workdir: str) -> list[str]:
 
 def _trained_quantized(workdir: str, run: str) -> bool:
   payload = checkpoint.read_config(layout.student_dir(workdir, run))
-  return bool((payload.get("settings") or {}).get("q"))
+  return quantize.trained_scheme(payload) is not None
 
 
 def _save_orbax(directory: str, model, dtype: str, step: int) -> None:

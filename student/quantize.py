@@ -145,6 +145,13 @@ def weight_bytes(model: nnx.Module) -> int:
   return int(total)
 
 
+def trained_scheme(payload: dict[str, Any]) -> str | None:
+  """The scheme a run folder's student trained through quantisation-aware
+  (its settings' ``q``, from a ``q=...`` run spec), from its config.json
+  ``payload``; None for a run trained in float."""
+  return (payload.get("settings") or {}).get("q") or None
+
+
 def save(directory: str, model: Student, step: int = 0, **extra) -> None:
   """Writes a PTQ student as a model folder: config.json names the scheme,
   the checkpoint holds the codes and scales."""
