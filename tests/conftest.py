@@ -7,14 +7,37 @@ imports jax.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# The test models are tiny: compiling them costs far more than running them,
-# and XLA's cheapest backend optimisation level compiles about a quarter
-# faster (the tiny end-to-end run: 46 s -> 36 s on 2 cores). Subprocesses
-# inherit it.
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# The test models are tiny: compiling them costs far more than running them.
+# XLA's cheapest backend optimisation level compiles about a quarter faster
+# (the tiny end-to-end run: 46 s -> 36 s on 2 cores); its older CPU fusion
+# emitters and LLVM without its expensive passes halve what is left (three
+# tiny students' training: 20 s of XLA compilation -> 9 s). They change how
+# the same program is compiled, not what it computes. Subprocesses inherit
+# them.
+for _flag in (
+    "--xla_backend_optimization_level=0",
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_llvm_disable_expensive_passes=true",
+):
+  if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compiling is most of the suite's time, and many tests compile the same
+# programs (a tiny student's step, its decode loop): JAX's persistent
+# compilation cache keeps every executable on disk, so a program compiles
+# once per suite (and not again in a later run, or in a binary a test starts
+# as a subprocess: they inherit these). Its key is the program, the flags
+# and the devices, never the values. (No size bound: with one, every write
+# rereads the whole folder, and a suite writes thousands of entries.)
+_JAX_CACHE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ".pytest_cache",
+    "jax",
+)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # The project's modules are imported after the environment above is set.
 # pylint: disable=wrong-import-position
@@ -33,19 +56,31 @@ from teacher import cache_logits
 from teacher import train as teacher_train
 from teacher.model import Teacher
 
+# XLA's CPU backend maps each executable's code into memory; one process
+# running the whole suite would keep thousands of them alive and run into the
+# kernel's limit on memory mappings (vm.max_map_count, 65,530), where
+# compiling segfaults. Past this many mappings, the compiled programs are
+# dropped after a test module (and compiled again, or read back from the
+# persistent cache, when a later module needs them).
+_MAX_MAPPINGS = 30_000
+
+
+def _mappings() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux: drop them after every module
+    return _MAX_MAPPINGS
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Drops every compiled program after each test module.
-
-  XLA's CPU backend maps each executable's code into memory; one process
-  running the whole suite would otherwise keep thousands of them alive and
-  run into the kernel's limit on memory mappings (vm.max_map_count, 65,530),
-  where compiling segfaults.
-  """
+  """Drops every compiled program after a test module once the process
+  holds too many memory mappings (see _MAX_MAPPINGS)."""
   yield
-  jax.clear_caches()
-  gc.collect()
+  if _mappings() >= _MAX_MAPPINGS:
+    jax.clear_caches()
+    gc.collect()
 
 
 def copy_workdir(src: str, dst) -> str:
@@ -93,3 +128,41 @@ def tiny_cached(tiny_prepared, tmp_path_factory) -> str:
   write_random_teacher(workdir)
   cache_logits.cache_logits(stdlib.get_config("tiny"), workdir)
   return workdir
+
+
+# ----------------------------------------------------------------------------
+# Parallel workers (pytest-xdist; pyproject's addopts ask for them)
+
+# Modules in the order they are handed to the workers: the longest first
+# (measured: seconds on the 2-core development machine, one process), so
+# that the workers finish together; the rest follow in their usual order.
+LONGEST_FIRST = (
+    "test_run.py",  # the whole tiny main job
+    "test_on_policy.py",
+    "test_sharding.py",
+    "test_speculative.py",
+    "test_compiled_decoding.py",
+    "test_generate.py",
+    "test_quantize.py",
+    "test_generation_quality.py",
+    "test_stack.py",
+    "test_teacher_hf.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto``: a worker per core, but no more than one per 4 GiB of
+  memory (a worker holds up to 3 GiB: compiled programs, and 8 simulated
+  devices' arrays)."""
+  del config
+  cores = len(os.sched_getaffinity(0))
+  try:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError):
+    return cores
+  return max(1, min(cores, memory // (4 << 30)))
