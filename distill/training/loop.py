@@ -304,37 +304,6 @@ def train(
       batch of another structure (the step compiles once per structure).
   """
   mesh = mesh if mesh is not None else sharding.active() or sharding.make_mesh()
-  with sharding.use(mesh):  # activations and the eval hook on it too
-    return _train(
-        out_dir,
-        model,
-        loss_fn,
-        make_iterator,
-        cfg,
-        eval_fn,
-        frozen,
-        best_metric,
-        desc,
-        mesh,
-        extras,
-        prepare,
-    )
-
-
-def _train(
-    out_dir,
-    model,
-    loss_fn,
-    make_iterator,
-    cfg,
-    eval_fn,
-    frozen,
-    best_metric,
-    desc,
-    mesh,
-    extras,
-    prepare,
-) -> TrainResult:
   mngr = ckpt.checkpoint_manager(out_dir, max_to_keep=cfg.keep_checkpoints)
   step = mngr.latest_step() or 0
   if step >= cfg.steps:
@@ -343,61 +312,126 @@ def _train(
     )
     mngr.close()
     return TrainResult(step, "already finished", {})
-
-  # Parameters, optimizer state and frozen modules on the mesh, by the
-  # rules; the compiled step keeps them there.
-  trainable = model if extras is None else _WithExtras(model, extras)
-  sharding.place(trainable, mesh)
-  for module in frozen:
-    sharding.place(module, mesh)
-  tx = make_optimizer(cfg)
-  optimizer = sharding.place(nnx.Optimizer(trainable, tx, wrt=nnx.Param), mesh)
-  placement = (
-      sharding.state_shardings(nnx.state(trainable, nnx.Param), mesh),
-      sharding.state_shardings(nnx.state(optimizer), mesh),
-  )
-  iterator = make_iterator()
-  writer = MetricsWriter(out_dir) if sharding.is_main() else None
-  if step:
-    # The targets are the arrays already on this mesh: orbax reads each
-    # device's part, whatever mesh or device count saved them.
-    try:
-      restored = mngr.restore(
-          step,
-          args=ocp.args.Composite(
-              params=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
-              opt_state=ocp.args.StandardRestore(nnx.state(optimizer)),
-              **_data_restore_args(out_dir, step, iterator),
-              **(
-                  {}
-                  if extras is None
-                  else {
-                      EXTRAS: ocp.args.StandardRestore(
-                          nnx.state(extras, nnx.Param)
-                      )
-                  }
-              ),
-          ),
+  writer = None
+  try:
+    with sharding.use(mesh):  # activations and the eval hook on it too
+      state = _State.place(model, extras, frozen, cfg, mesh)
+      iterator = make_iterator()
+      if step:
+        _restore(mngr, out_dir, step, state, iterator)
+      # Records past the checkpoint (all of them, without one) are of steps
+      # the resumed run will take again.
+      if sharding.is_main():
+        truncate_metrics(out_dir, step)
+        writer = MetricsWriter(out_dir)
+      run = _Run(
+          out_dir=out_dir,
+          cfg=cfg,
+          desc=desc,
+          mesh=mesh,
+          mngr=mngr,
+          state=state,
+          iterator=iterator,
+          train_step=_train_step(loss_fn, extras is not None, state.placement),
+          frozen=tuple(frozen),
+          prepare=prepare,
+          eval_fn=eval_fn,
+          best_metric=best_metric,
+          writer=writer,
       )
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      mngr.close()
-      raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
-    nnx.update(model, restored["params"])
-    nnx.update(optimizer, restored["opt_state"])
-    if extras is not None:
-      nnx.update(extras, restored[EXTRAS])
-    if DATA_STATE in restored:
-      iterator.set_state(restored[DATA_STATE])
-    logging.info("Resumed %s from step %d", out_dir, step)
-  # Records past the checkpoint (all of them, without one) are of steps the
-  # resumed run will take again.
-  if sharding.is_main():
-    truncate_metrics(out_dir, step)
+      return run.from_step(step)
+  finally:
+    mngr.close()
+    if writer is not None:
+      writer.close()
+
+
+# ----------------------------------------------------------------------------
+# What one run trains, restores and saves
+
+
+@dataclasses.dataclass
+class _State:
+  """The model (and its ``extras``), their optimizer, and where they live.
+
+  ``trainable`` is what the step differentiates: the model, or the model
+  and its extras together; ``placement``: the shardings of its parameters
+  and of the optimizer state, which every step keeps.
+  """
+
+  model: nnx.Module
+  extras: nnx.Module | None
+  trainable: nnx.Module
+  optimizer: nnx.Optimizer
+  placement: tuple[Any, Any]
+
+  @classmethod
+  def place(cls, model, extras, frozen, cfg: LoopConfig, mesh) -> "_State":
+    """Parameters, optimizer state and frozen modules on the mesh, by the
+    rules; the compiled step keeps them there."""
+    trainable = model if extras is None else _WithExtras(model, extras)
+    sharding.place(trainable, mesh)
+    for module in frozen:
+      sharding.place(module, mesh)
+    optimizer = sharding.place(
+        nnx.Optimizer(trainable, make_optimizer(cfg), wrt=nnx.Param), mesh
+    )
+    placement = (
+        sharding.state_shardings(nnx.state(trainable, nnx.Param), mesh),
+        sharding.state_shardings(nnx.state(optimizer), mesh),
+    )
+    return cls(model, extras, trainable, optimizer, placement)
+
+  def items(self, make) -> dict[str, Any]:
+    """The checkpoint items of the arrays, each wrapped by ``make``
+    (``ocp.args.StandardSave`` or ``StandardRestore``)."""
+    items = {
+        "params": make(nnx.state(self.model, nnx.Param)),
+        "opt_state": make(nnx.state(self.optimizer)),
+    }
+    if self.extras is not None:
+      items[EXTRAS] = make(nnx.state(self.extras, nnx.Param))
+    return items
+
+
+def _restore(mngr, out_dir: str, step: int, state: _State, iterator) -> None:
+  """Loads checkpoint ``step`` into ``state`` and the data iterator.
+
+  The targets are the arrays already on this mesh: orbax reads each
+  device's part, whatever mesh or device count saved them.
+  """
+  try:
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **state.items(ocp.args.StandardRestore),
+            **_data_restore_args(out_dir, step, iterator),
+        ),
+    )
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
+  nnx.update(state.model, restored["params"])
+  nnx.update(state.optimizer, restored["opt_state"])
+  if state.extras is not None:
+    nnx.update(state.extras, restored[EXTRAS])
+  if DATA_STATE in restored:
+    iterator.set_state(restored[DATA_STATE])
+  logging.info("Resumed %s from step %d", out_dir, step)
+
+
+def _train_step(loss_fn: Callable, with_extras: bool, placement) -> Callable:
+  """The compiled step: ``(trainable, optimizer, batch, step, frozen) ->
+  (metrics, finite)``, updating both in place.
+
+  A step whose loss, gradients or updated parameters are not finite changes
+  nothing: the update is computed, then the old parameters and optimizer
+  state (its step count included) are kept.
+  """
 
   @nnx.jit
   def train_step(trainable, optimizer, batch, step, frozen):
     def objective(trainable):
-      if extras is None:
+      if not with_extras:
         return loss_fn(trainable, batch, step, *frozen)
       return loss_fn(
           trainable.model, batch, step, *frozen, extras=trainable.extras
@@ -407,9 +441,6 @@ def _train(
         trainable
     )
     grad_norm = optax.global_norm(grads)
-    # A step whose loss, gradients or updated parameters are not finite
-    # changes nothing: the update is computed, then the old parameters and
-    # optimizer state (its step count included) are kept.
     before = jax.tree.map(
         jnp.asarray, (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
     )
@@ -424,115 +455,194 @@ def _train(
     nnx.update(optimizer, kept[1])
     return {"loss": loss, "grad_norm": grad_norm, **metrics}, finite
 
-  def save(at_step: int) -> None:
-    ckpt.check_finite(nnx.state(model, nnx.Param), f"{desc} at step {at_step}")
-    mngr.save(
-        at_step,
+  return train_step
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+class _Meter:
+  """What the steps since the last log line measured: their metrics (the
+  finite ones), tokens per second after the first (compiling) step, and
+  the steps skipped as not finite."""
+
+  def __init__(self, desc: str):
+    self.desc = desc
+    self.window: list[dict[str, Any]] = []
+    self.skipped = 0
+    self.bad_in_a_row = 0
+    self.tokens = 0
+    self.started = time.time()
+    self.first_step_s: float | None = None
+
+  def count(self, metrics, finite: bool, tokens: int) -> None:
+    if self.first_step_s is None:  # compilation, then one step
+      self.first_step_s = time.time() - self.started
+      logging.info(
+          "%s: first step %.1f s (compilation included)",
+          self.desc,
+          self.first_step_s,
+      )
+      self.started = time.time()  # throughput after it
+    else:
+      self.tokens += tokens
+    if finite:
+      self.window.append(metrics)
+      self.bad_in_a_row = 0
+    else:
+      self.skipped += 1
+      self.bad_in_a_row += 1
+
+  def means(self, learning_rate: float) -> dict[str, float]:
+    """The window's mean metrics and the run's counters; starts a new
+    window."""
+    means = {
+        k: float(np.mean([float(m[k]) for m in self.window]))
+        for k in (self.window[0] if self.window else {})
+    }
+    means["learning_rate"] = learning_rate
+    if self.tokens:  # steps after the first (compiling) one
+      means["tokens_per_second"] = self.tokens / max(
+          time.time() - self.started, 1e-9
+      )
+    means["first_step_seconds"] = self.first_step_s
+    means["skipped_steps"] = float(self.skipped)
+    self.window = []
+    return means
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step % every == 0 or step == last
+
+
+@dataclasses.dataclass
+class _Run:
+  """One call of ``train``: the loop and what each of its steps does."""
+
+  out_dir: str
+  cfg: LoopConfig
+  desc: str
+  mesh: jax.sharding.Mesh
+  mngr: Any
+  state: _State
+  iterator: Any
+  train_step: Callable
+  frozen: tuple[nnx.Module, ...]
+  prepare: Callable | None
+  eval_fn: Callable | None
+  best_metric: str | None
+  writer: MetricsWriter | None
+  last: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def from_step(self, step: int) -> TrainResult:
+    """Steps from ``step`` to ``cfg.steps``, or until a SIGTERM."""
+    cfg = self.cfg
+    meter = _Meter(self.desc)
+    with (
+        _StopRequest() as stop,
+        tqdm(
+            total=cfg.steps,
+            initial=step,
+            desc=self.desc,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not sharding.is_main(),
+        ) as bar,
+    ):
+      while step < cfg.steps:
+        batch = next(self.iterator)
+        metrics, finite, tokens = self.step(batch, step)
+        step += 1
+        meter.count(metrics, finite, tokens)
+        if not finite:
+          _report_bad_step(
+              self.desc,
+              step,
+              metrics,
+              batch,
+              meter.bad_in_a_row,
+              cfg,
+              self.mngr,
+          )
+        bar.update(1)
+        if _due(step, cfg.log_every, cfg.steps):
+          self.log(step, meter, bar)
+        if self.eval_fn is not None and _due(step, cfg.eval_every, cfg.steps):
+          self.evaluate(step)
+        if _due(step, cfg.checkpoint_every, cfg.steps):
+          self.save(step)
+        # Every process stops at the same step (the save is collective).
+        if sharding.main_says(stop.requested):
+          self.save(step)
+          logging.warning(
+              "%s: SIGTERM at step %d; checkpoint saved, stopping.",
+              self.desc,
+              step,
+          )
+          print(
+              f"{self.desc}: stopped by SIGTERM at step {step}; checkpoint"
+              " saved. Rerun the same command to resume."
+          )
+          return TrainResult(step, "interrupted", self.last)
+    return TrainResult(step, "finished", self.last)
+
+  def step(self, host_batch, step: int):
+    """One optimisation step on this process's rows of a global batch ->
+    (metrics, finite, tokens trained on)."""
+    batch = sharding.put_batch(host_batch, self.mesh)
+    if self.prepare is not None:
+      batch = self.prepare(self.state.model, batch, step)
+    args = (batch, jnp.asarray(step, jnp.int32), self.frozen)
+    every = self.cfg.replay_check_every
+    state = self.state
+    if every and (step + 1) % every == 0:
+      metrics, finite = replayed_step(
+          self.train_step,
+          state.trainable,
+          state.optimizer,
+          args,
+          self.desc,
+          step + 1,
+      )
+    else:
+      metrics, finite = self.train_step(state.trainable, state.optimizer, *args)
+    tokens = math.prod(batch["tokens"].shape) - len(batch["tokens"])
+    return metrics, bool(finite), tokens  # bool() waits for the step
+
+  def log(self, step: int, meter: _Meter, bar) -> None:
+    means = meter.means(float(learning_rate_schedule(self.cfg)(step - 1)))
+    if self.writer is not None:
+      self.writer.write(step, means)
+    if "loss" in means:
+      bar.set_postfix(loss=f"{means['loss']:.3f}")
+    self.last = means
+
+  def evaluate(self, step: int) -> None:
+    eval_metrics = self.eval_fn(self.state.model, step)
+    if self.writer is not None:
+      self.writer.write(step, eval_metrics, prefix="eval/")
+    if self.best_metric:
+      _save_best(
+          self.out_dir, self.state.model, step, eval_metrics, self.best_metric
+      )
+    self.last.update({"eval/" + k: v for k, v in eval_metrics.items()})
+
+  def save(self, step: int) -> None:
+    """Checkpoints the state and the data position at ``step`` (once: a
+    step already saved is not written again)."""
+    if self.mngr.latest_step() == step:
+      return
+    state = self.state
+    ckpt.check_finite(
+        nnx.state(state.model, nnx.Param), f"{self.desc} at step {step}"
+    )
+    self.mngr.save(
+        step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
-            opt_state=ocp.args.StandardSave(nnx.state(optimizer)),
-            **{DATA_STATE: ocp.args.JsonSave(iterator.get_state())},
-            **(
-                {}
-                if extras is None
-                else {
-                    EXTRAS: ocp.args.StandardSave(nnx.state(extras, nnx.Param))
-                }
-            ),
+            **state.items(ocp.args.StandardSave),
+            **{DATA_STATE: ocp.args.JsonSave(self.iterator.get_state())},
         ),
         force=True,
     )
-    mngr.wait_until_finished()
-
-  schedule = learning_rate_schedule(cfg)
-  status, last, window = "finished", {}, []
-  skipped, bad_in_a_row = 0, 0
-  tokens_seen, started = 0, time.time()
-  first_step_s = None
-  with (
-      _StopRequest() as stop,
-      tqdm(
-          total=cfg.steps,
-          initial=step,
-          desc=desc,
-          unit="step",
-          dynamic_ncols=True,
-          disable=not sharding.is_main(),
-      ) as bar,
-  ):
-    while step < cfg.steps:
-      host_batch = next(iterator)
-      batch = sharding.put_batch(host_batch, mesh)
-      if prepare is not None:
-        batch = prepare(model, batch, step)
-      args = (batch, jnp.asarray(step, jnp.int32), tuple(frozen))
-      if cfg.replay_check_every and (step + 1) % cfg.replay_check_every == 0:
-        metrics, finite = replayed_step(
-            train_step, trainable, optimizer, args, desc, step + 1
-        )
-      else:
-        metrics, finite = train_step(trainable, optimizer, *args)
-      step += 1
-      finite = bool(finite)  # waits for the step
-      if first_step_s is None:  # compilation, then one step
-        first_step_s = time.time() - started
-        logging.info(
-            "%s: first step %.1f s (compilation included)", desc, first_step_s
-        )
-        tokens_seen, started = 0, time.time()  # throughput after it
-      else:
-        tokens_seen += math.prod(batch["tokens"].shape) - len(batch["tokens"])
-      if finite:
-        window.append(metrics)
-        bad_in_a_row = 0
-      else:
-        skipped += 1
-        bad_in_a_row += 1
-        _report_bad_step(
-            desc, step, metrics, host_batch, bad_in_a_row, cfg, mngr
-        )
-      bar.update(1)
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        means = {
-            k: float(np.mean([float(m[k]) for m in window]))
-            for k in (window[0] if window else {})
-        }
-        means["learning_rate"] = float(schedule(step - 1))
-        if tokens_seen:  # steps after the first (compiling) one
-          means["tokens_per_second"] = tokens_seen / max(
-              time.time() - started, 1e-9
-          )
-        means["first_step_seconds"] = first_step_s
-        means["skipped_steps"] = float(skipped)
-        if writer is not None:
-          writer.write(step, means)
-        if "loss" in means:
-          bar.set_postfix(loss=f"{means['loss']:.3f}")
-        last, window = means, []
-      if eval_fn is not None and (
-          step % cfg.eval_every == 0 or step == cfg.steps
-      ):
-        eval_metrics = eval_fn(model, step)
-        if writer is not None:
-          writer.write(step, eval_metrics, prefix="eval/")
-        if best_metric:
-          _save_best(out_dir, model, step, eval_metrics, best_metric)
-        last.update({"eval/" + k: v for k, v in eval_metrics.items()})
-      if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        save(step)
-      # Every process stops at the same step (the save is collective).
-      if sharding.main_says(stop.requested):
-        save(step)
-        status = "interrupted"
-        logging.warning(
-            "%s: SIGTERM at step %d; checkpoint saved, stopping.", desc, step
-        )
-        print(
-            f"{desc}: stopped by SIGTERM at step {step}; checkpoint saved."
-            " Rerun the same command to resume."
-        )
-        break
-  mngr.close()
-  if writer is not None:
-    writer.close()
-  return TrainResult(step, status, last)
+    self.mngr.wait_until_finished()
