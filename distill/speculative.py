@@ -108,6 +108,7 @@ def _draft(
     *,
     gamma: int,
     greedy: bool,
+    nucleus: bool,
 ):
   """Student drafts gamma tokens after the chunk tokens/positions [1, c].
 
@@ -121,9 +122,9 @@ def _draft(
   def choose(logits, k):  # logits [1, V]
     if greedy:
       return gen.pick(
-          logits, k, temperature, top_p, greedy=True
+          logits, k, temperature, top_p, greedy=True, nucleus=False
       ), jnp.zeros_like(logits)
-    q = gen.sampling_probs(logits, temperature, top_p)
+    q = gen.sampling_probs(logits, temperature, top_p, nucleus=nucleus)
     return jax.random.categorical(k, jnp.log(q), axis=-1).astype(jnp.int32), q
 
   logits, cache = model.decode(tokens, cache, positions)
@@ -156,6 +157,7 @@ def _verify(
     top_p,
     *,
     greedy: bool,
+    nucleus: bool,
 ):
   """Teacher checks the drafts in one pass.
 
@@ -175,7 +177,7 @@ def _verify(
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
     token = choice[accepted]
   else:
-    p = gen.sampling_probs(logits, temperature, top_p)
+    p = gen.sampling_probs(logits, temperature, top_p, nucleus=nucleus)
     accepted, token = accept_reject(key, p, q, drafts)
   i = jnp.arange(gamma + 1)
   committed = jnp.where(
@@ -218,7 +220,8 @@ def accept_reject(
 
 
 @gen.per_model(
-    static_argnames=("gamma", "greedy"), donate_argnames=("t_cache", "s_cache")
+    static_argnames=("gamma", "greedy", "nucleus"),
+    donate_argnames=("t_cache", "s_cache"),
 )
 def _rounds(
     t_graph,
@@ -237,6 +240,7 @@ def _rounds(
     *,
     gamma: int,
     greedy: bool,
+    nucleus: bool,
 ):
   """Every round of one generation in one while loop (batch 1).
 
@@ -269,6 +273,7 @@ def _rounds(
         top_p,
         gamma=gamma,
         greedy=greedy,
+        nucleus=nucleus,
     )
     a, committed, t_cache = _verify(
         teacher,
@@ -282,6 +287,7 @@ def _rounds(
         temperature,
         top_p,
         greedy=greedy,
+        nucleus=nucleus,
     )
     seq = jax.lax.dynamic_update_slice(seq, committed, (n,))
     eos = jnp.any((committed == eos_id) & (jnp.arange(gamma + 1) <= a))
@@ -371,6 +377,7 @@ def speculative_generate(
       np.float32(top_p),
       gamma=gamma,
       greedy=greedy,
+      nucleus=gen.nucleus_for(top_p),
   )
   out = np.asarray(seq)[len(prompt) : int(n)][:max_new_tokens].tolist()
   if eos_id in out:

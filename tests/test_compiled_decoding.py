@@ -57,14 +57,14 @@ def teacher():
 
 
 @functools.lru_cache(maxsize=8)
-def _reference_step(graphdef, greedy):
+def _reference_step(graphdef, mode):
   """One jitted step: feed tokens [B] at positions [B], pick the next."""
 
   def step(state, cache, tokens, positions, key, temperature, top_p):
     logits, cache = nnx.merge(graphdef, state).decode(
         tokens[:, None], cache, positions[:, None]
     )
-    return gen.pick(logits[:, 0], key, temperature, top_p, greedy=greedy), cache
+    return gen.pick(logits[:, 0], key, temperature, top_p, **dict(mode)), cache
 
   return jax.jit(step)
 
@@ -74,7 +74,7 @@ def _reference_stream(
 ):
   """Per step: [B] tokens (-1 once a row is done), one dispatch per token."""
   key = jax.random.key(3)
-  greedy = temperature <= 0
+  mode = (("greedy", temperature <= 0), ("nucleus", gen.nucleus_for(top_p)))
   temperature, top_p = np.float32(max(temperature, 1e-6)), np.float32(top_p)
   graphdef, state = nnx.split(model)
   tokens, positions = gen.left_pad(rows, gen.PROMPT_BUCKET)
@@ -83,7 +83,7 @@ def _reference_stream(
       state, tokens, positions, max_len=max_len
   )
   token = gen.pick(
-      logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy
+      logits, jax.random.fold_in(key, 0), temperature, top_p, **dict(mode)
   )
   done = np.zeros(len(rows), bool)
   out = []
@@ -93,7 +93,7 @@ def _reference_stream(
     done |= host == eos_id
     if done.all() or i + 1 == max_new_tokens:
       return out
-    token, cache = _reference_step(graphdef, greedy)(
+    token, cache = _reference_step(graphdef, mode)(
         state,
         cache,
         token,
@@ -162,10 +162,10 @@ def test_the_loop_exits_once_every_row_is_done(student):
   tokens, positions = gen.left_pad(prompts, gen.PROMPT_BUCKET)
   args = (jax.random.key(0), np.float32(1e-6), np.float32(1.0), eos)
   cache, cursor = gen._start(graphdef)(
-      state, tokens, positions, *args, max_len=64, greedy=True
+      state, tokens, positions, *args, max_len=64, greedy=True, nucleus=False
   )
   _, cursor, out, count = gen._decode_loop(graphdef)(
-      state, cache, cursor, 12, *args, steps=16, greedy=True
+      state, cache, cursor, 12, *args, steps=16, greedy=True, nucleus=False
   )
   assert int(count) == int(cursor.step) == stop
   assert np.asarray(cursor.done).all()
@@ -181,10 +181,13 @@ def test_one_loop_compilation_per_bucket_and_mode():
   gen.generate(model, [[4, 5]], 30, eos_id=3)  # the same step bucket
   assert loop._cache_size() == before + 1
   gen.generate(model, [[1, 2, 3]], 10, temperature=0.7, key=jax.random.key(1))
-  gen.generate(model, [[1, 2, 3]], 20, temperature=0.9, top_p=0.5)
+  gen.generate(model, [[1, 2, 3]], 20, temperature=0.8, key=jax.random.key(2))
   assert loop._cache_size() == before + 2  # sampling: once more
+  gen.generate(model, [[1, 2, 3]], 20, temperature=0.9, top_p=0.5)
+  gen.generate(model, [[1, 2, 3]], 30, temperature=0.9, top_p=0.7)
+  assert loop._cache_size() == before + 3  # with a nucleus: once more
   list(gen.stream(model, [[1, 2, 3]], 30, chunk=4))  # 8 calls of one shape
-  assert loop._cache_size() == before + 3
+  assert loop._cache_size() == before + 4
   # measure_speed times the loop generate compiled for that shape
   gen.generate(model, [list(range(16))], 9)
   compiled = loop._cache_size()
@@ -197,7 +200,7 @@ def test_one_loop_compilation_per_bucket_and_mode():
 
 
 @functools.lru_cache(maxsize=8)
-def _reference_round(t_graph, s_graph, gamma, greedy):
+def _reference_round(t_graph, s_graph, gamma, greedy, nucleus):
   """The two halves of a round, each its own jit (as dispatched per round)."""
 
   def draft(s_state, cache, tokens, positions, key, round_, temp, top_p):
@@ -212,6 +215,7 @@ def _reference_round(t_graph, s_graph, gamma, greedy):
         top_p,
         gamma=gamma,
         greedy=greedy,
+        nucleus=nucleus,
     )
 
   def verify(t_state, cache, last, drafts, q, position, key, round_, *rest):
@@ -226,6 +230,7 @@ def _reference_round(t_graph, s_graph, gamma, greedy):
         round_,
         *rest,
         greedy=greedy,
+        nucleus=nucleus,
     )
 
   return jax.jit(draft), jax.jit(verify)
@@ -239,11 +244,14 @@ def _reference_speculative(
   temperature = sampling.get("temperature", 0.0)
   eos_id = sampling.get("eos_id")
   temp = np.float32(max(temperature, 1e-6))
+  nucleus = gen.nucleus_for(sampling.get("top_p", 1.0))
   top_p = np.float32(sampling.get("top_p", 1.0))
   max_len = gen.round_up(len(prompt) + max_new_tokens + gamma + 1, 64)
   t_graph, t_state, t_cache = spec._fill(teacher, prompt[:-1], max_len, gamma)
   s_graph, s_state, s_cache = spec._fill(student, prompt[:-1], max_len, gamma)
-  draft, verify = _reference_round(t_graph, s_graph, gamma, temperature <= 0)
+  draft, verify = _reference_round(
+      t_graph, s_graph, gamma, temperature <= 0, nucleus
+  )
   seq, out = list(prompt), []
   stats = {"proposed": 0, "accepted": 0, "teacher_calls": 0, "draft_calls": 0}
   round_ = 0

@@ -19,6 +19,9 @@ the next chunk already running. Shapes are fixed per call (the cache holds
 ``prompt + max_new_tokens`` rounded up to a multiple of LENGTH_BUCKET;
 prompts are left-padded to a multiple of PROMPT_BUCKET), so everything
 compiles once per batch size and bucket, not per token or length.
+``continuations`` (on-policy training, the generated-text figures) runs the
+same prefill and the same loop in one call, with no stop; speculative
+decoding (``distill.speculative``) shares the prefill and the sampling.
 
     rows = generate(model, [[5, 6, 7]], 20, temperature=0.8, top_p=0.95,
                     eos_id=1, key=jax.random.key(0))     # [[new tokens...]]
@@ -27,7 +30,10 @@ compiles once per batch size and bucket, not per token or length.
 
 Sampling: ``temperature == 0`` is greedy (argmax); otherwise softmax of
 ``logits / temperature`` cut to the nucleus ``top_p`` (the smallest set of
-most likely tokens whose mass reaches top_p) and renormalised. New token i
+most likely tokens whose mass reaches top_p) and renormalised; with
+``top_p >= 1`` a token is drawn straight from ``logits / temperature``. Both
+choices are static flags of the compiled functions (``greedy``,
+``nucleus``), made once from the caller's numbers. New token i
 (0 = the one after the prompt) is drawn with ``jax.random.fold_in(key, i)``,
 so a row's tokens do not depend on how the steps are split into calls.
 """
@@ -48,15 +54,31 @@ from flax import nnx
 # Sampling
 
 
-def sampling_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
+def nucleus_for(top_p: float) -> bool:
+  """Whether sampling at ``top_p`` cuts the distribution to a nucleus.
+
+  Decided once, from the caller's number, and passed down as a static flag:
+  without a nucleus a token is drawn straight from the logits, and the two
+  vocabulary sorts the nucleus needs (most of a sampled decoding step on a
+  CPU) are never compiled.
+  """
+  return float(top_p) < 1.0
+
+
+def sampling_probs(
+    logits: jax.Array, temperature, top_p, *, nucleus: bool = True
+) -> jax.Array:
   """The distribution a token is drawn from: [..., V] -> probs [..., V] f32.
 
   softmax(logits / temperature), keeping only the nucleus: tokens sorted by
   probability are kept while the mass before them is < top_p (the most
-  likely token always stays); top_p >= 1 keeps every token. Needs
-  temperature > 0 (greedy decoding does not call this).
+  likely token always stays); top_p >= 1 keeps every token. ``nucleus=False``
+  is the plain softmax (``top_p`` unused). Needs temperature > 0 (greedy
+  decoding does not call this).
   """
   probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  if not nucleus:
+    return probs
   order = jnp.argsort(-probs, axis=-1)
   sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
   before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
@@ -67,17 +89,22 @@ def sampling_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
 
 
 def pick(
-    logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool
+    logits: jax.Array,
+    key: jax.Array,
+    temperature,
+    top_p,
+    *,
+    greedy: bool,
+    nucleus: bool,
 ) -> jax.Array:
-  """Next tokens from logits [..., V] -> [...] int32 (argmax when greedy).
+  """Next tokens from logits [..., V] -> [...] int32.
 
-  ``top_p`` given as a Python number >= 1 keeps every token: the draw is
-  then straight from ``logits / temperature``, without the sorts the
-  nucleus needs (which dominate a sampled decoding step on a CPU).
+  Greedy: the argmax. Else a draw from ``logits / temperature``, cut to the
+  ``top_p`` nucleus when ``nucleus`` (static; see ``nucleus_for``).
   """
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  if isinstance(top_p, (int, float)) and top_p >= 1.0:
+  if not nucleus:
     z = logits.astype(jnp.float32) / temperature
     return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
   probs = sampling_probs(logits, temperature, top_p)
@@ -154,10 +181,8 @@ class Cursor(NamedTuple):
   step: jax.Array
 
 
-@per_model(static_argnames=("max_len", "greedy"))
-def _start(
-    graphdef,
-    state,
+def _first(
+    model,
     tokens,
     positions,
     key,
@@ -167,26 +192,28 @@ def _start(
     *,
     max_len: int,
     greedy: bool,
+    nucleus: bool,
 ):
   """Prefills a fresh cache with the prompts and picks the first new token.
 
   tokens, positions [B, P] (left-padded); the token is drawn with
   ``fold_in(key, 0)``; eos_id: -1 for none -> (cache, Cursor at step 0).
   """
-  logits, cache = _prefill(
-      nnx.merge(graphdef, state), tokens, positions, max_len, 0
-  )
+  logits, cache = _prefill(model, tokens, positions, max_len, 0)
   token = pick(
-      logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy
+      logits,
+      jax.random.fold_in(key, 0),
+      temperature,
+      top_p,
+      greedy=greedy,
+      nucleus=nucleus,
   )
   cursor = Cursor(token, positions[:, -1] + 1, token == eos_id, jnp.int32(0))
   return cache, cursor
 
 
-@per_model(static_argnames=("steps", "greedy"), donate_argnames=("cache",))
-def _decode_loop(
-    graphdef,
-    state,
+def _loop(
+    model,
     cache,
     cursor: Cursor,
     limit,
@@ -197,6 +224,7 @@ def _decode_loop(
     *,
     steps: int,
     greedy: bool,
+    nucleus: bool,
 ):
   """Up to ``min(limit, steps)`` more tokens of every row, in one while loop.
 
@@ -206,7 +234,6 @@ def _decode_loop(
   had finished before that step, and in the columns after ``count``),
   count () int32: the steps taken).
   """
-  model = nnx.merge(graphdef, state)
   limit = jnp.minimum(limit, steps)
 
   def cond(carry):
@@ -225,6 +252,7 @@ def _decode_loop(
         temperature,
         top_p,
         greedy=greedy,
+        nucleus=nucleus,
     )
     out = out.at[:, count].set(jnp.where(cursor.done, -1, token))
     cursor = Cursor(
@@ -237,6 +265,52 @@ def _decode_loop(
       cond, body, (jnp.int32(0), out, cache, cursor)
   )
   return cache, cursor, out, count
+
+
+# The two halves every generation is made of, each compiled once per model
+# structure (``per_model``), bucketed shape and sampling mode: ``stream``
+# and ``generate`` call them in turn, ``continuations`` runs both in one
+# call, and ``measure_speed`` times them.
+
+
+@per_model(static_argnames=("max_len", "greedy", "nucleus"))
+def _start(graphdef, state, *args, max_len: int, greedy: bool, nucleus: bool):
+  """``_first`` under jit: (state, tokens, positions, key, temperature,
+  top_p, eos_id) -> (cache, Cursor)."""
+  return _first(
+      nnx.merge(graphdef, state),
+      *args,
+      max_len=max_len,
+      greedy=greedy,
+      nucleus=nucleus,
+  )
+
+
+@per_model(
+    static_argnames=("steps", "greedy", "nucleus"), donate_argnames=("cache",)
+)
+def _decode_loop(
+    graphdef,
+    state,
+    cache,
+    cursor,
+    *args,
+    steps: int,
+    greedy: bool,
+    nucleus: bool,
+):
+  """``_loop`` under jit (the cache buffers are donated): (state, cache,
+  cursor, limit, key, temperature, top_p, eos_id) -> (cache, Cursor,
+  tokens [B, steps], count)."""
+  return _loop(
+      nnx.merge(graphdef, state),
+      cache,
+      cursor,
+      *args,
+      steps=steps,
+      greedy=greedy,
+      nucleus=nucleus,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -317,7 +391,7 @@ def stream(
   if max_new_tokens <= 0:
     return
   tokens, positions = left_pad(rows, PROMPT_BUCKET)
-  greedy = temperature <= 0
+  mode = dict(greedy=temperature <= 0, nucleus=nucleus_for(top_p))
   key = jax.random.key(0) if key is None else key
   temperature = np.float32(max(temperature, 1e-6))
   top_p = np.float32(top_p)
@@ -332,7 +406,7 @@ def stream(
       top_p,
       eos_id,
       max_len=_cache_len(max(map(len, rows)), max_new_tokens),
-      greedy=greedy,
+      **mode,
   )
   loop = _decode_loop(graphdef)
   # (tokens [B, n] on the device, how many of the n are real, how many
@@ -353,7 +427,7 @@ def stream(
           top_p,
           eos_id,
           steps=chunk,
-          greedy=greedy,
+          **mode,
       )
       pending.append((out, count, limit))
     out, count, limit = pending.pop(0)
@@ -404,32 +478,39 @@ def generate(
 def _continue(
     graphdef, state, prompts, key, temperature, *, new_tokens: int, greedy
 ):
-  """Traced body of ``continuations``: prefill, then a fori_loop."""
+  """Both halves in one call, on equal-length prompts, with no stop:
+  prompts [B, P] -> [B, new_tokens]."""
   model = nnx.merge(graphdef, state)
-  rows, width = prompts.shape
-  positions = jnp.zeros_like(prompts) + jnp.arange(width, dtype=jnp.int32)
-  max_len = round_up(width + new_tokens, LENGTH_BUCKET)
-  logits, cache = _prefill(model, prompts, positions, max_len, 0)
-  token = pick(
-      logits, jax.random.fold_in(key, 0), temperature, 1.0, greedy=greedy
+  positions = jnp.zeros_like(prompts) + jnp.arange(
+      prompts.shape[1], dtype=jnp.int32
   )
-  out = jnp.zeros((rows, new_tokens), jnp.int32).at[:, 0].set(token)
-
-  def body(i, carry):
-    out, cache, token = carry
-    position = jnp.zeros_like(token[:, None]) + width + i - 1
-    logits, cache = model.decode(token[:, None], cache, position)
-    token = pick(
-        logits[:, 0],
-        jax.random.fold_in(key, i),
-        temperature,
-        1.0,
-        greedy=greedy,
-    )
-    return out.at[:, i].set(token), cache, token
-
-  out, _, _ = jax.lax.fori_loop(1, new_tokens, body, (out, cache, token))
-  return out
+  # No nucleus (top_p 1) and no end-of-sequence id (-1).
+  top_p, no_eos, mode = jnp.float32(1.0), -1, dict(greedy=greedy, nucleus=False)
+  cache, cursor = _first(
+      model,
+      prompts,
+      positions,
+      key,
+      temperature,
+      top_p,
+      no_eos,
+      max_len=_cache_len(prompts.shape[1], new_tokens),
+      **mode,
+  )
+  steps = new_tokens - 1
+  _, _, out, _ = _loop(
+      model,
+      cache,
+      cursor,
+      steps,
+      key,
+      temperature,
+      top_p,
+      no_eos,
+      steps=steps,
+      **mode,
+  )
+  return jnp.concatenate([cursor.token[:, None], out], axis=1)
 
 
 def continuations(
@@ -530,6 +611,7 @@ def measure_speed(
       no_eos,
       max_len=_cache_len(prompt_len, new_tokens + 1),
       greedy=True,
+      nucleus=False,
   )
   prefill_s, _ = median_time(run_prefill, repeats)
   loop = _decode_loop(graphdef)
@@ -544,6 +626,7 @@ def measure_speed(
           no_eos,
           steps=round_up(new_tokens, LENGTH_BUCKET),
           greedy=True,
+          nucleus=False,
       ),
       repeats,
       setup=run_prefill,
