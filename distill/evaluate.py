@@ -37,6 +37,7 @@ import student as student_lib  # pylint: disable=unused-import
 import teacher as teacher_lib  # pylint: disable=unused-import
 from data import cache, cache_format, pipeline
 from data import tokenizer as tok
+from distill import runs as run_specs
 from distill import speculative as spec
 from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, registry, sharding
@@ -228,9 +229,9 @@ def float_twin(payload: dict[str, Any]) -> str | None:
   evaluate can set the same recipe's PTQ beside it; None for other runs."""
   if quantize.trained_scheme(payload) is None:
     return None
-  preset, _, rest = payload["settings"]["run"].partition("@")
-  parts = [p for p in rest.split(",") if p and not p.startswith("q=")]
-  return layout.run_folder(preset + ("@" + ",".join(parts) if parts else ""))
+  return layout.run_folder(
+      run_specs.without_part(payload["settings"]["run"], "q")
+  )
 
 
 def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
@@ -299,8 +300,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         f"Nothing to evaluate in {workdir}: no teacher/ or student/<run>/"
         " with a checkpoint. Run the teacher and distill stages first."
     )
-  out_dir = layout.eval_dir(workdir)
-  json_path = os.path.join(out_dir, "report.json")
+  json_path = os.path.join(layout.eval_dir(workdir), "report.json")
   fingerprint = json.loads(json.dumps(_fingerprint(folders, config)))
   if os.path.isfile(json_path):
     with open(json_path, encoding="utf-8") as f:
@@ -309,8 +309,6 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       print(f"evaluate: report is up to date ({json_path}); nothing to do.")
       return previous
 
-  e, data = config.eval, config.data
-  data_dir = layout.data_dir(workdir)
   with sharding.use(mesh):  # Each parameter read straight onto the mesh.
     loaded = {name: registry.load_model(path) for name, path in folders.items()}
   for name, model in loaded.items():  # No report of a diverged model.
@@ -319,38 +317,89 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   # Inputs are checked before the long work: a damaged or stale cache fails
   # here, not after the speed measurements.
   figures_of_cache = cache_figures(workdir, teacher)
-  models: dict[str, dict[str, Any]] = {}
   payloads = {name: ckpt.read_config(path) for name, path in folders.items()}
-  for name, path in folders.items():
-    entry: dict[str, Any] = {"path": path, "step": ckpt.latest_step(path)}
-    if name != "teacher":
-      settings = payloads[name].get("settings", {})
-      entry["mode"], entry["target"], entry["loss_kind"] = (
-          settings.get("mode"),
-          settings.get("target"),
-          settings.get("loss"),
+  models = {
+      name: _entry(name, path, payloads[name], loaded[name])
+      for name, path in folders.items()
+  }
+  if figures_of_cache:
+    _cache_bytes(models, figures_of_cache, workdir, config.seed)
+  started = time.time()
+  with sharding.use(mesh):
+    score = _scorer(config, workdir, teacher)
+    for name, values in score(loaded, progress=True).items():
+      models[name].update(values)
+    logging.info("validation pass: %.1fs", time.time() - started)
+    if figures_of_cache and teacher is not None and config.eval.target_batches:
+      figures_of_cache["targets"] = targets.target_figures(
+          teacher,
+          layout.data_dir(workdir),
+          cache.read_manifest(layout.cache_dir(workdir)),
+          batch_size=config.data.batch_size,
+          max_batches=config.eval.target_batches,
+          seed=config.seed,
       )
-      sizes = {key: settings.get(key) for key in ("k", "n", "m")}
-      entry["sizes"] = {key: v for key, v in sizes.items() if v is not None}
-      parts = {key: settings.get(key) for key in ("lam", "init", "feat")}
-      entry["parts"] = {key: v for key, v in parts.items() if v is not None}
-      if entry["mode"] == "offline" and figures_of_cache:
-        entry["cache_bytes_per_token"] = (
-            target_bytes_per_token(
-                layout.cache_dir(workdir),
-                cache.read_manifest(layout.cache_dir(workdir)),
-                entry["target"],
-                cache.TargetView(**sizes, seed=config.seed),
-            )
-            if entry["sizes"]
-            else figures_of_cache.get(f"{entry['target']}_bytes_per_token")
-        )
-    entry["params"] = loaded[name].param_counts()
-    entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(
-        loaded[name].config
-    )
-    models[name] = entry
+    loaded.update(_quantised_variants(config, models, loaded, payloads, score))
+  for name, model in loaded.items():
+    models[name]["weight_bytes"] = quantize.weight_bytes(model)
+  _serving_figures(config, workdir, models, loaded)
+  result = {
+      "inputs": fingerprint,
+      "models": models,
+      "summary": headline(models),
+      "cache": figures_of_cache,
+      "machine": report.machine_description(),
+      "seconds": round(time.time() - started, 1),
+  }
+  if sharding.is_main():
+    _write_report(layout.eval_dir(workdir), result)
+  return result
 
+
+def _cache_bytes(models, figures_of_cache, workdir: str, seed: int) -> None:
+  """Each offline run's bytes per token of the target it reads."""
+  directory = layout.cache_dir(workdir)
+  for entry in models.values():
+    if entry.get("mode") != "offline":
+      continue
+    entry["cache_bytes_per_token"] = (
+        target_bytes_per_token(
+            directory,
+            cache.read_manifest(directory),
+            entry["target"],
+            cache.TargetView(**entry["sizes"], seed=seed),
+        )
+        if entry["sizes"]
+        else figures_of_cache.get(f"{entry['target']}_bytes_per_token")
+    )
+
+
+def _entry(name, path, payload, model):
+  """What a model's report entry says before it is scored: its folder and
+  step, how it was trained (students), what it stores and what it costs."""
+  entry: dict[str, Any] = {"path": path, "step": ckpt.latest_step(path)}
+  if name != "teacher":
+    settings = payload.get("settings", {})
+    entry["mode"], entry["target"], entry["loss_kind"] = (
+        settings.get("mode"),
+        settings.get("target"),
+        settings.get("loss"),
+    )
+    sizes = {key: settings.get(key) for key in ("k", "n", "m")}
+    entry["sizes"] = {key: v for key, v in sizes.items() if v is not None}
+    parts = {key: settings.get(key) for key in ("lam", "init", "feat")}
+    entry["parts"] = {key: v for key, v in parts.items() if v is not None}
+  entry["params"] = model.param_counts()
+  entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(model.config)
+  entry["quantization"] = getattr(model, "quantization", None)
+  return entry
+
+
+def _scorer(config, workdir: str, teacher):
+  """``score(models, progress=False) -> {name: figures}``: the validation
+  pass of the config over a dict of models (``progress``: a bar)."""
+  data, e = config.data, config.eval
+  data_dir = layout.data_dir(workdir)
   score = functools.partial(
       validation.validation_pass,
       teacher=teacher,
@@ -361,41 +410,31 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       chunk_size=config.distill.loss_chunk,
       num_bins=e.ece_bins,
   )
-  started = time.time()
-  rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
-  batches = rows // data.batch_size
-  with (
-      sharding.use(mesh),
-      tqdm(
-          total=min(e.batches, batches) if e.batches else batches,
-          desc="evaluate: validation",
-          unit="batch",
-          disable=not sharding.is_main(),
-      ) as bar,
-  ):
-    scores = score(loaded, progress=lambda i: bar.update(1))
-  for name, values in scores.items():
-    models[name].update(values)
-  logging.info("validation pass: %.1fs", time.time() - started)
-  if figures_of_cache and teacher is not None and e.target_batches:
-    with sharding.use(mesh):
-      figures_of_cache["targets"] = targets.target_figures(
-          teacher,
-          data_dir,
-          cache.read_manifest(layout.cache_dir(workdir)),
-          batch_size=data.batch_size,
-          max_batches=e.target_batches,
-          seed=config.seed,
-      )
 
-  # Post-training quantised variants of the best distilled student, scored
-  # like the others beside their float parent.
-  for name, model in loaded.items():
-    models[name]["quantization"] = getattr(model, "quantization", None)
+  def with_bar(models, progress: bool = False):
+    if not progress:
+      return score(models)
+    rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
+    batches = rows // data.batch_size
+    with tqdm(
+        total=min(e.batches, batches) if e.batches else batches,
+        desc="evaluate: validation",
+        unit="batch",
+        disable=not sharding.is_main(),
+    ) as bar:
+      return score(models, progress=lambda i: bar.update(1))
+
+  return with_bar
+
+
+def _quantised_variants(config, models, loaded, payloads, score):
+  """Post-training quantised variants, scored like the others beside their
+  float parent: of the best distilled student in each scheme of
+  ``config.eval.ptq``, and of each QAT run's float twin, quantised exactly
+  as that run is (the same scheme, the embedding left float): like with
+  like. Adds their entries to ``models``; returns {name: model}."""
   best = headline(models).get("best_distilled")
-  wanted = [(best, scheme) for scheme in e.ptq] if best else []
-  # A QAT run's float twin, quantised after training exactly as the QAT run
-  # is (the same scheme, the embedding left float): like with like.
+  wanted = [(best, scheme) for scheme in config.eval.ptq] if best else []
   for name, payload in payloads.items():
     twin = float_twin(payload)
     if twin in loaded:
@@ -408,26 +447,28 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     variants[name] = quantize.quantize(
         loaded[parent], scheme, embedding=embedding
     )
-  if variants:
-    with sharding.use(mesh):
-      scores = score(variants)
-    for name, model in variants.items():
-      models[name] = {
-          **{
-              k: v
-              for k, v in models[parents[name]].items()
-              if k not in scores[name]
-          },
-          **scores[name],
-          "parent": parents[name],
-          "quantization": model.quantization,
-      }
-      loaded[name] = model
-  for name, model in loaded.items():
-    models[name]["weight_bytes"] = quantize.weight_bytes(model)
+  if not variants:
+    return {}
+  scores = score(variants)
+  for name, model in variants.items():
+    parent = models[parents[name]]
+    models[name] = {
+        **{k: v for k, v in parent.items() if k not in scores[name]},
+        **scores[name],
+        "parent": parents[name],
+        "quantization": model.quantization,
+    }
+  return variants
 
-  # Decoding is timed as a model is served at batch 1 or 8: whole, on one
-  # device (this process's first), not spread over the mesh.
+
+def _serving_figures(config, workdir, models, loaded) -> None:
+  """Decode speed, speculative decoding with each student drafting, and the
+  teacher's judgement of each model's own continuations, into ``models``.
+
+  Decoding is timed as a model is served at batch 1 or 8: whole, on one
+  device (this process's first), not spread over the mesh.
+  """
+  e = config.eval
   device = jax.local_devices()[0]
   loaded = {name: sharding.to_device(m, device) for name, m in loaded.items()}
   teacher = loaded.get("teacher")
@@ -462,24 +503,16 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           key=jax.random.key(config.seed),
       )
 
-  result = {
-      "inputs": fingerprint,
-      "models": models,
-      "summary": headline(models),
-      "cache": figures_of_cache,
-      "machine": report.machine_description(),
-      "seconds": round(time.time() - started, 1),
-  }
-  if not sharding.is_main():
-    return result
+
+def _write_report(out_dir: str, result: dict[str, Any]) -> None:
+  """``report.json``, ``report.md`` and the plots, in ``out_dir``."""
   os.makedirs(out_dir, exist_ok=True)
-  result["plots"] = report.write_plots(out_dir, models)
-  files.write_json(json_path, result)
+  result["plots"] = report.write_plots(out_dir, result["models"])
+  json_path = files.write_json(os.path.join(out_dir, "report.json"), result)
   md_path = files.write_text(
       os.path.join(out_dir, "report.md"), report.markdown(result)
   )
   print(f"evaluate: wrote {md_path} and {json_path}")
-  return result
 
 
 def main(argv):

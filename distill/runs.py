@@ -108,13 +108,14 @@ _KEYS = ("mode", "target", "loss", "q", "lam", "from", "feat", *SIZES)
 _FOLDER = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def run_kind(run: str) -> RunKind:
-  """The RunKind a run spec names.
+def parse_spec(run: str) -> tuple[str | None, dict[str, str]]:
+  """A run spec's preset and its parts as written, in order.
 
-  A spec is a preset name (``RUN_KINDS``: "sampled"), a preset with some
-  parts changed ("sampled@n=16", "on_policy@from=sampled"), or every part
-  given ("mode=offline,target=sample,loss=sampled_kl,n=8"); the parts are
-  in the module docstring. Raises UserError naming what is wrong.
+  "sampled@n=16,from=sampled" -> ("sampled", {"n": "16", "from":
+  "sampled"}); a spec that gives every part has no preset (None). The
+  inverse of ``write_spec``. Raises UserError for an unknown preset or a
+  part that is not key=value with a known key; the values are checked by
+  ``run_kind``.
   """
   preset, _, rest = run.partition("@")
   if "=" in preset:  # every part given
@@ -126,16 +127,48 @@ def run_kind(run: str) -> RunKind:
         " (e.g. 'sampled@n=16') or give them all"
         " ('mode=offline,target=topk,loss=sparse_kl,k=8')."
     )
-  if not rest:
-    return RUN_KINDS[preset]
-  parts = dataclasses.asdict(RUN_KINDS[preset]) if preset else {}
-  for item in rest.split(","):
+  parts = {}
+  for item in rest.split(",") if rest else ():
     key, eq, value = item.partition("=")
     if not eq or key not in _KEYS:
       raise UserError(
           f"Run {run!r}: {item!r} is not key=value with a key of"
           f" {', '.join(_KEYS)}."
       )
+    parts[key] = value
+  return preset, parts
+
+
+def write_spec(preset: str | None, parts: dict[str, Any]) -> str:
+  """The run spec of a preset with these parts changed (``preset`` None:
+  every part given); ``write_spec(*parse_spec(spec)) == spec``."""
+  written = ",".join(f"{key}={value}" for key, value in parts.items())
+  if preset is None:
+    return written
+  return preset + ("@" + written if written else "")
+
+
+def without_part(run: str, key: str) -> str:
+  """The spec with one part left out ("sampled@q=int4,from=sampled", "q" ->
+  "sampled@from=sampled")."""
+  preset, parts = parse_spec(run)
+  parts.pop(key, None)
+  return write_spec(preset, parts)
+
+
+def run_kind(run: str) -> RunKind:
+  """The RunKind a run spec names.
+
+  A spec is a preset name (``RUN_KINDS``: "sampled"), a preset with some
+  parts changed ("sampled@n=16", "on_policy@from=sampled"), or every part
+  given ("mode=offline,target=sample,loss=sampled_kl,n=8"); the parts are
+  in the module docstring. Raises UserError naming what is wrong.
+  """
+  preset, given = parse_spec(run)
+  if preset is not None and not given:
+    return RUN_KINDS[preset]
+  parts = dataclasses.asdict(RUN_KINDS[preset]) if preset else {}
+  for key, value in given.items():
     parts["init" if key == "from" else key] = _part(run, key, value)
   if "mode" not in parts:
     raise UserError(

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from data import cache
+from distill import evaluate, runs
 from distill import train as distill_train
 from distill.core.errors import UserError
 from experiments import stdlib
@@ -40,6 +41,37 @@ def test_presets_and_parts():
       "target": "sample",
       "loss": "sampled_kl",
   }
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sampled",
+        "sampled@n=16",
+        "sampled@q=int4,from=sampled",
+        "on_policy@from=sampled,lam=0.25",
+        "mode=offline,target=topk,loss=ghost_kl,k=4",
+    ],
+)
+def test_a_spec_is_written_back_as_it_was_parsed(spec):
+  preset, parts = runs.parse_spec(spec)
+  assert runs.write_spec(preset, parts) == spec
+  assert runs.run_kind(runs.write_spec(preset, parts)) == runs.run_kind(spec)
+
+
+def test_leaving_out_a_part_keeps_the_rest_in_order():
+  assert runs.without_part("sampled@q=int4,from=sampled", "q") == (
+      "sampled@from=sampled"
+  )
+  assert runs.without_part("sampled@q=int8", "q") == "sampled"
+  assert runs.without_part("sampled", "q") == "sampled"
+  assert runs.parse_spec("mode=ce") == (None, {"mode": "ce"})
+  twin = lambda spec: evaluate.float_twin(
+      {"settings": {"run": spec, "q": runs.run_kind(spec).q}}
+  )
+  assert twin("sampled@q=int4,from=sampled") == "sampled_fromsampled"
+  assert twin("topk_tail@m=16,q=int8") == "topk_tail_m16"
+  assert twin("sampled") is None
 
 
 @pytest.mark.parametrize(
