@@ -19,8 +19,9 @@ from student.config import PRESETS, StudentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Each package's floor; an import may only reach a floor at or below its own
-# (a package may import itself, and the floors list what it may import).
+# Each package's floor; an import may only reach a floor below its own (a
+# package may import itself; two packages on one floor never import each
+# other: the teacher and the student stand side by side).
 FLOORS = {
     "distill.core": 0,
     "distill.nn": 1,
@@ -30,7 +31,7 @@ FLOORS = {
     "data": 1,
     "distill.evals": 2,
     "teacher": 3,
-    "student": 4,  # student.generate may load the teacher (--teacher)
+    "student": 3,
     "distill": 5,
     "experiments": 6,
 }

@@ -16,7 +16,7 @@ from data import tokenizer as tok
 from distill.core import checkpoint
 from distill.decoding import generate as gen
 from student import Student, get_preset
-from student import generate as student_generate
+from distill import generate as text_generate
 
 TOL = 1e-4
 T = 21  # longer than every window below, so the rings wrap
@@ -302,7 +302,7 @@ def workdir(tmp_path_factory):
 
 def test_binary_streams_text(workdir):
   proc = procs.binary(
-      "student.generate",
+      "distill.generate",
       f"--workdir={workdir}",
       "--run=r1",
       "--prompt=def hello",
@@ -311,7 +311,7 @@ def test_binary_streams_text(workdir):
   )
   assert proc.returncode == 0, proc.stderr
   out = io.StringIO()
-  text = student_generate.generate_text(
+  text = text_generate.generate_text(
       workdir, "def hello", run="r1", max_new_tokens=12, out=out
   )
   assert proc.stdout == out.getvalue() == "def hello" + text + "\n"
@@ -320,7 +320,7 @@ def test_binary_streams_text(workdir):
 
 def test_binary_errors_name_the_runs(workdir):
   proc = procs.binary(
-      "student.generate",
+      "distill.generate",
       f"--workdir={workdir}",
       "--run=nope",
       "--prompt=x",
@@ -329,8 +329,8 @@ def test_binary_errors_name_the_runs(workdir):
   assert proc.returncode == 1
   assert "no student run 'nope'" in proc.stderr and "r1" in proc.stderr
   assert "Traceback" not in proc.stderr
-  with pytest.raises(student_generate.GenerateError, match="no teacher"):
-    student_generate.model_dir(workdir, None, teacher=True)
-  with pytest.raises(student_generate.GenerateError, match="not both"):
-    student_generate.model_dir(workdir, "r1", teacher=True)
-  assert student_generate.model_dir(workdir, None, False).endswith("r1")
+  with pytest.raises(text_generate.GenerateError, match="no teacher"):
+    text_generate.model_dir(workdir, None, teacher=True)
+  with pytest.raises(text_generate.GenerateError, match="not both"):
+    text_generate.model_dir(workdir, "r1", teacher=True)
+  assert text_generate.model_dir(workdir, None, False).endswith("r1")

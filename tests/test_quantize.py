@@ -14,7 +14,7 @@ from distill.core import checkpoint, layout
 from distill.core.errors import ConfigError
 from distill.decoding import generate as gen
 from student import export, load_student, quantize
-from student import generate as student_generate
+from distill import generate as text_generate
 from student.config import PRESETS
 from student.model import Student
 from teacher import config as teacher_config
@@ -121,14 +121,14 @@ def test_qat_trains_through_fake_quantisation(student):
 
 
 def test_generate_binary_reads_a_quantised_export(student, tmp_path):
-  """``student.generate --model_dir`` on a quantised export streams text."""
+  """``distill.generate --model_dir`` on a quantised export streams text."""
   workdir = str(tmp_path)
   run_dir = layout.student_dir(workdir, "r")
   checkpoint.write_config(run_dir, "student", student.config)
   checkpoint.save_params(run_dir, student, step=1)
   folder = export.export(workdir, "r", "orbax", quantization="int8")
-  with pytest.raises(student_generate.GenerateError, match="leave out --run"):
-    student_generate.model_dir(workdir, "r", False, folder)
-  assert student_generate.model_dir(workdir, None, False, folder) == folder
-  with pytest.raises(student_generate.GenerateError, match="holds no config"):
-    student_generate.model_dir(workdir, None, False, str(tmp_path / "nothing"))
+  with pytest.raises(text_generate.GenerateError, match="leave out --run"):
+    text_generate.model_dir(workdir, "r", False, folder)
+  assert text_generate.model_dir(workdir, None, False, folder) == folder
+  with pytest.raises(text_generate.GenerateError, match="holds no config"):
+    text_generate.model_dir(workdir, None, False, str(tmp_path / "nothing"))

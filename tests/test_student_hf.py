@@ -369,7 +369,7 @@ def test_transformers_greedy_matches_ours_with_the_readme_prompt(
     tmp_path, student
 ):
   """The README's transformers recipe (EOS, then the prompt's tokens, as
-  student.generate encodes it) continues exactly as our decoding does."""
+  distill.generate encodes it) continues exactly as our decoding does."""
   from distill.decoding import generate as gen  # pylint: disable=import-outside-toplevel
 
   _tokenizer(tmp_path / "tokenizer.json")

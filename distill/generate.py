@@ -1,8 +1,8 @@
 r"""Generates text from a student run or the teacher, streamed as it comes.
 
-    python -m student.generate --workdir=/tmp/kd --run=sampled \
+    python -m distill.generate --workdir=/tmp/kd --run=sampled \
         --prompt="def fib(n):" --max_new_tokens=64 --temperature=0.8
-    python -m student.generate --workdir=/tmp/kd --teacher --prompt="import os"
+    python -m distill.generate --workdir=/tmp/kd --teacher --prompt="import os"
 
 Loads ``W/tokenizer.json`` and the model (``W/student/R/``, latest
 checkpoint, or ``W/teacher/``, or any model folder with ``--model_dir``, such
