@@ -419,43 +419,9 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
   for a foreign, newer, truncated or corrupted record or a vocab mismatch.
   """
   data = memoryview(data).cast("B")
-  if len(data) < HEADER.size:
-    raise CacheFormatError(
-        f"record truncated: {len(data)} bytes, the header alone needs {HEADER.size}"
-    )
-  (
-      magic,
-      version,
-      flags,
-      id_bytes,
-      low_bits,
-      vocab,
-      length,
-      k,
-      draws,
-      runs,
-      num_unique,
-      crc,
-  ) = HEADER.unpack_from(data)
-  if magic != MAGIC:
-    raise CacheFormatError(
-        f"not a logit-cache record: magic {bytes(magic)!r}, expected {MAGIC!r}"
-    )
-  if version not in READABLE_VERSIONS:
-    raise CacheFormatError(
-        f"logit-cache record version {version} is not supported (this reader"
-        f" knows versions {READABLE_VERSIONS}); rebuild the cache with"
-        " teacher.cache_logits or update the code"
-    )
-  if vocab != vocab_size:
-    raise CacheFormatError(
-        f"record was written for vocab_size {vocab}, the reader expects {vocab_size}"
-    )
-  known = 15 if version >= 2 else 7
-  if flags & ~known or id_bytes != id_dtype(vocab).itemsize:
-    raise CacheFormatError(
-        f"corrupt record header (flags {flags}, id_bytes {id_bytes})"
-    )
+  header = _read_header(data, vocab_size)
+  (_, _, flags, id_bytes, low_bits, vocab, length, k, draws, runs, num_unique,
+   crc) = header  # fmt: skip
   sizes = _section_sizes(
       flags, id_bytes, low_bits, vocab, length, k, draws, runs, num_unique
   )
@@ -506,19 +472,55 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
     )
     out.update(sample_ids=ids, sample_counts=counts)
   if tail_fields is not None:
-    tk, t_draws, t_num, t_low, t_bytes = tail_fields
-    head = _decode_topk(section["tt_topk"], dt, length, tk)
-    ids, counts = _decode_sample(
-        section, "tt_", t_bytes, t_low, vocab, length, t_draws, t_num
-    )
-    out.update(
-        tt_ids=head["topk_ids"],
-        tt_log_probs=head["topk_log_probs"],
-        tt_tail=head["topk_tail"],
-        tt_sample_ids=ids,
-        tt_sample_counts=counts,
-    )
+    out.update(_decode_tail(section, tail_fields, dt, vocab, length))
   return out
+
+
+def _read_header(data: memoryview, vocab_size: int) -> tuple:
+  """The record's header fields (``HEADER``), checked: a foreign, newer or
+  damaged header, or another vocabulary, is a CacheFormatError."""
+  if len(data) < HEADER.size:
+    raise CacheFormatError(
+        f"record truncated: {len(data)} bytes, the header alone needs {HEADER.size}"
+    )
+  header = HEADER.unpack_from(data)
+  magic, version, flags, id_bytes, _, vocab = header[:6]
+  if magic != MAGIC:
+    raise CacheFormatError(
+        f"not a logit-cache record: magic {bytes(magic)!r}, expected {MAGIC!r}"
+    )
+  if version not in READABLE_VERSIONS:
+    raise CacheFormatError(
+        f"logit-cache record version {version} is not supported (this reader"
+        f" knows versions {READABLE_VERSIONS}); rebuild the cache with"
+        " teacher.cache_logits or update the code"
+    )
+  if vocab != vocab_size:
+    raise CacheFormatError(
+        f"record was written for vocab_size {vocab}, the reader expects {vocab_size}"
+    )
+  known = 15 if version >= 2 else 7
+  if flags & ~known or id_bytes != id_dtype(vocab).itemsize:
+    raise CacheFormatError(
+        f"corrupt record header (flags {flags}, id_bytes {id_bytes})"
+    )
+  return header
+
+
+def _decode_tail(section, tail_fields, dt, vocab, length):
+  """The top-k head and sampled tail of a ``topk_tail`` target."""
+  tk, t_draws, t_num, t_low, t_bytes = tail_fields
+  head = _decode_topk(section["tt_topk"], dt, length, tk)
+  ids, counts = _decode_sample(
+      section, "tt_", t_bytes, t_low, vocab, length, t_draws, t_num
+  )
+  return dict(
+      tt_ids=head["topk_ids"],
+      tt_log_probs=head["topk_log_probs"],
+      tt_tail=head["topk_tail"],
+      tt_sample_ids=ids,
+      tt_sample_counts=counts,
+  )
 
 
 def _decode_topk(buf, dt, length, k):

@@ -110,54 +110,17 @@ def loss_fn_for(
       targets["teacher_hidden"] = jax.lax.stop_gradient(t_hidden)
 
     if kind.mode == "ce":
-
-      def per_token(logits, t):
-        return losses.cross_entropy_per_token(logits, t["labels"])
-
+      per_token = _ce_per_token
     elif generated:  # No labels of the corpus: the divergence alone.
-      cfg = on_policy_cfg
-
-      def per_token(logits, t):
-        t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
-        if cfg.target == "topk":
-          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          ids, log_probs, tail = sparse_targets.topk_targets(log_p, cfg.k)
-          kd = losses.ghost_kd_per_token(
-              logits, ids, log_probs, tail, temperature, cfg.divergence,
-              cfg.beta,
-          )  # fmt: skip
-        else:
-          kd = losses.dense_kd_per_token(
-              logits, t_logits, temperature, cfg.divergence, cfg.beta
-          )
-        return jnp.square(temperature) * kd
-
+      per_token = _on_policy_per_token(teacher, on_policy_cfg, temperature)
     elif kind.mode == "online":
-
-      def per_token(logits, t):
-        t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
-        if kind.target == "topk":  # What a top-k cache would have stored.
-          log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-          ids, log_probs, tail = sparse_targets.topk_targets(log_p, topk_k)
-          kd = losses.ghost_kl_per_token(
-              logits, ids, log_probs, tail, temperature
-          )
-        else:
-          kd = losses.dense_kd_per_token(
-              logits, t_logits, temperature, d.dense_kind, d.jsd_beta
-          )
-        ce = losses.cross_entropy_per_token(logits, t["labels"])
-        return losses.mix_losses(ce, kd, alpha, temperature)
-
+      per_token = _online_per_token(
+          teacher, kind, d, topk_k, alpha, temperature
+      )
     else:
       # Cached targets are per position: [B, L, K] or [B, L], like the labels.
       targets.update({k: batch[k] for k in _CACHED_KEYS if k in batch})
-
-      def per_token(logits, t):
-        kd = _cached_kd(kind, logits, t, temperature)
-        ce = losses.cross_entropy_per_token(logits, t["labels"])
-        return losses.mix_losses(ce, kd, alpha, temperature)
-
+      per_token = _offline_per_token(kind, alpha, temperature)
     loss = losses.chunked_loss(
         hidden, model.logits_from_hidden, per_token, targets, mask, chunk
     )
@@ -172,3 +135,64 @@ def loss_fn_for(
     return loss, metrics
 
   return loss_fn
+
+
+# Per-token losses: ``per_token(logits [B, c, V], targets of the chunk) ->
+# [B, c]``, as ``losses.chunked_loss`` calls them.
+
+
+def _ce_per_token(logits, t):
+  return losses.cross_entropy_per_token(logits, t["labels"])
+
+
+def _on_policy_per_token(teacher, cfg: on_policy.OnPolicyConfig, temperature):
+  """The divergence to the teacher on the student's own tokens (no labels
+  of the corpus): over the full vocabulary, or the teacher's top-k and its
+  tail."""
+
+  def per_token(logits, t):
+    t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
+    if cfg.target == "topk":
+      log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+      ids, log_probs, tail = sparse_targets.topk_targets(log_p, cfg.k)
+      kd = losses.ghost_kd_per_token(
+          logits, ids, log_probs, tail, temperature, cfg.divergence, cfg.beta
+      )
+    else:
+      kd = losses.dense_kd_per_token(
+          logits, t_logits, temperature, cfg.divergence, cfg.beta
+      )
+    return jnp.square(temperature) * kd
+
+  return per_token
+
+
+def _online_per_token(teacher, kind: RunKind, d, topk_k, alpha, temperature):
+  """KD to the teacher in the loop (its full distribution, or what a top-k
+  cache would have stored), mixed with CE."""
+
+  def per_token(logits, t):
+    t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
+    if kind.target == "topk":
+      log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+      ids, log_probs, tail = sparse_targets.topk_targets(log_p, topk_k)
+      kd = losses.ghost_kl_per_token(logits, ids, log_probs, tail, temperature)
+    else:
+      kd = losses.dense_kd_per_token(
+          logits, t_logits, temperature, d.dense_kind, d.jsd_beta
+      )
+    ce = losses.cross_entropy_per_token(logits, t["labels"])
+    return losses.mix_losses(ce, kd, alpha, temperature)
+
+  return per_token
+
+
+def _offline_per_token(kind: RunKind, alpha, temperature):
+  """KD to the cached target, mixed with CE."""
+
+  def per_token(logits, t):
+    kd = _cached_kd(kind, logits, t, temperature)
+    ce = losses.cross_entropy_per_token(logits, t["labels"])
+    return losses.mix_losses(ce, kd, alpha, temperature)
+
+  return per_token

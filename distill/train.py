@@ -287,8 +287,6 @@ def train_run(
 def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
   kind = run_kind(run)
   d = config.distill
-  data_dir = layout.data_dir(workdir)
-  tokenizer_path = layout.tokenizer_path(workdir)
   teacher = _teacher_or_none(workdir)
   if kind.needs_teacher and teacher is None:
     raise UserError(
@@ -304,89 +302,30 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
     )
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
-  pairs = ()
   feature_cfg = configs.from_section(
       features.FeatureConfig, d.features, where="config.distill.features"
   )
+  pairs = ()
   if kind.feat is not None:
     pairs = features.resolve_pairs(
         feature_cfg.pairs, cfg.num_layers, teacher.config.num_layers
     )
   source = _init_source(workdir, run, kind, init_from)
-  out_dir = layout.student_dir(workdir, run_folder(run))
   loop_cfg = loop_config(config)
   if source is not None:  # a continuation: its own, shorter schedule
     loop_cfg = dataclasses.replace(loop_cfg, **dict(d.continue_train))
-  data, seed = config.data, config.seed
-  num_rows = None
-  cache_temperature = None
-  cache_dir = layout.cache_dir(workdir)
-  has_cache = os.path.isfile(os.path.join(cache_dir, cache.MANIFEST))
-  if kind.reads_cache or (d.same_rows_as_cache and has_cache):
-    manifest = cache.read_manifest(cache_dir)
-    num_rows = manifest["num_records"]
-    cache_temperature = manifest["temperature"]
-  if kind.reads_cache:
-    expect = cache_expectations(config, kind.target, teacher)
-    expect.update(
-        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
-        vocab_size=vocab_size,
-        seq_len=data.seq_len,
-    )
-    cache.check_matches(manifest, expect, cache_dir)
-    _check_sizes(run, kind, manifest)
-    make_iterator = lambda: iter(
-        cache.make_dataset(
-            cache_dir,
-            expect=expect,
-            target=kind.target,
-            view=kind.view(seed),
-            batch_size=data.batch_size,
-            seed=seed,
-            worker_count=data.worker_count,
-        )
-    )
-  else:
-    make_iterator = lambda: iter(
-        pipeline.make_dataset(
-            data_dir,
-            "train",
-            seq_len=data.seq_len,
-            batch_size=data.batch_size,
-            seed=seed,
-            worker_count=data.worker_count,
-            num_rows=num_rows,
-        )
-    )
-
-  model, init = _initial_student(cfg, seed, source)
-  settings = recorded_settings(run, kind, d, init)
+  make_iterator, cache_temperature = _batches(
+      config, workdir, run, kind, teacher, vocab_size
+  )
+  model, init = _initial_student(cfg, config.seed, source)
   # Every input is checked: only now does the run get its folder.
-  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
-    existing = ckpt.read_config(out_dir, kind="student")
-    if (
-        ckpt.what_it_computes(existing["model"]) != ckpt.what_it_computes(cfg)
-        or existing.get("settings") != settings
-    ):
-      raise UserError(
-          f"{out_dir} holds a run with another configuration; training would mix"
-          " the two. Use a new --workdir or remove that folder to start over."
-      )
-  else:
-    ckpt.write_config(
-        out_dir,
-        "student",
-        cfg,
-        settings=settings,
-        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
-    )
-
+  out_dir = _run_dir(workdir, run, cfg, recorded_settings(run, kind, d, init))
   if kind.q is not None:  # the same parameters, seen through fake quantisation
     model = quantize.quantize(model, kind.q, qat=True)
   extras = None
   if pairs:  # learned maps to the teacher's width, not part of the student
     extras = features.Projections(
-        len(pairs), cfg.d_model, teacher.config.d_model, seed=seed
+        len(pairs), cfg.d_model, teacher.config.d_model, seed=config.seed
     )
   result = trainer.train(
       out_dir=out_dir,
@@ -405,15 +344,17 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
       make_iterator=make_iterator,
       frozen=(teacher,) if kind.needs_teacher else (),
       eval_fn=validation.make_validation_fn(
-          data_dir,
-          seq_len=data.seq_len,
-          batch_size=data.batch_size,
+          layout.data_dir(workdir),
+          seq_len=config.data.seq_len,
+          batch_size=config.data.batch_size,
           max_batches=d.eval_batches,
           chunk_size=d.loss_chunk,
           teacher=teacher,
       ),
       extras=extras,
-      prepare=None if policy is None else on_policy.prepare_fn(policy, seed),
+      prepare=None
+      if policy is None
+      else on_policy.prepare_fn(policy, config.seed),
   )
   summary = trainer.summarize(
       out_dir,
@@ -428,6 +369,88 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
         f" {summary.get('eval/loss', float('nan')):.3f}"
     )
   return summary
+
+
+def _batches(
+    config, workdir: str, run: str, kind: RunKind, teacher, vocab_size
+):
+  """``(make_iterator, the cache's temperature or None)`` of a run: batches of
+  the logit cache's records (a run that reads a target, after checking the
+  cache holds what it needs), or of the packed training rows (the cached
+  rows only, when ``config.distill.same_rows_as_cache`` and a cache exists).
+  """
+  data, seed = config.data, config.seed
+  num_rows = None
+  cache_temperature = None
+  cache_dir = layout.cache_dir(workdir)
+  has_cache = os.path.isfile(os.path.join(cache_dir, cache.MANIFEST))
+  if kind.reads_cache or (config.distill.same_rows_as_cache and has_cache):
+    manifest = cache.read_manifest(cache_dir)
+    num_rows = manifest["num_records"]
+    cache_temperature = manifest["temperature"]
+  if not kind.reads_cache:
+    return (
+        lambda: iter(
+            pipeline.make_dataset(
+                layout.data_dir(workdir),
+                "train",
+                seq_len=data.seq_len,
+                batch_size=data.batch_size,
+                seed=seed,
+                worker_count=data.worker_count,
+                num_rows=num_rows,
+            )
+        ),
+        cache_temperature,
+    )
+  expect = cache_expectations(config, kind.target, teacher)
+  expect.update(
+      tokenizer_hash=tok.tokenizer_hash(layout.tokenizer_path(workdir)),
+      vocab_size=vocab_size,
+      seq_len=data.seq_len,
+  )
+  cache.check_matches(manifest, expect, cache_dir)
+  _check_sizes(run, kind, manifest)
+  return (
+      lambda: iter(
+          cache.make_dataset(
+              cache_dir,
+              expect=expect,
+              target=kind.target,
+              view=kind.view(seed),
+              batch_size=data.batch_size,
+              seed=seed,
+              worker_count=data.worker_count,
+          )
+      ),
+      cache_temperature,
+  )
+
+
+def _run_dir(workdir: str, run: str, cfg, settings: dict[str, Any]) -> str:
+  """The run's folder, made with its config.json, or found holding this very
+  run (the same model and settings: it resumes); any other is refused."""
+  out_dir = layout.student_dir(workdir, run_folder(run))
+  tokenizer_path = layout.tokenizer_path(workdir)
+  if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
+    existing = ckpt.read_config(out_dir, kind="student")
+    if (
+        ckpt.what_it_computes(existing["model"]) != ckpt.what_it_computes(cfg)
+        or existing.get("settings") != settings
+    ):
+      raise UserError(
+          f"{out_dir} holds a run with another configuration; training would mix"
+          " the two. Use a new --workdir or remove that folder to start over."
+      )
+  else:
+    ckpt.write_config(
+        out_dir,
+        "student",
+        cfg,
+        settings=settings,
+        tokenizer_hash=tok.tokenizer_hash(tokenizer_path),
+    )
+  return out_dir
 
 
 def train_all(

@@ -439,35 +439,11 @@ def _cache_logits(
   ckpt.check_finite(
       nnx.state(teacher, nnx.Param), f"the teacher in {teacher_path}"
   )
-  data_dir = layout.data_dir(workdir)
-  rows = pipeline.PackedRows(data_dir, "train", config.data.seq_len)
-  c = config.cache
-  num_records = min(len(rows), c.max_rows) if c.max_rows else len(rows)
-  summary_path = os.path.join(data_dir, "prepare.json")
-  data_meta = {}
-  if os.path.isfile(summary_path):
-    with open(summary_path, encoding="utf-8") as f:
-      data_meta = json.load(f)
-  settings = _settings(
-      config, teacher, layout.tokenizer_path(workdir), num_records, data_meta
+  rows = pipeline.PackedRows(
+      layout.data_dir(workdir), "train", config.data.seq_len
   )
-  settings["shards"] = _plan_shards(num_records, c.rows_per_shard)
-
-  os.makedirs(directory, exist_ok=True)
-  manifest_path = os.path.join(directory, cache.MANIFEST)
-  if os.path.isfile(manifest_path):
-    existing = cache.read_manifest(directory, require_complete=False)
-    for field, value in settings.items():
-      have = existing.get(field)
-      if field == "shards":
-        have = [{"name": s["name"], "records": s["records"]} for s in have]
-      if have != value:
-        raise cache.CacheError(
-            f"{directory} holds a cache made with other settings ({field} differs);"
-            " resuming would mix them. Remove that folder to rebuild it, or use"
-            " another --workdir."
-        )
-  _write_manifest(directory, settings)
+  settings = _claim_folder(config, workdir, teacher, len(rows))
+  c = config.cache
 
   states = cache.shard_states(directory, settings)
   mine = [
@@ -533,6 +509,42 @@ def _cache_logits(
       f" {sizes['files']:.1f} in files; {directory}"
   )
   return manifest
+
+
+def _claim_folder(config, workdir: str, teacher, train_rows: int):
+  """The cache's settings (what it holds and how it is sharded), written to
+  its manifest, or found there already (it resumes); a cache made with
+  other settings is refused."""
+  directory = layout.cache_dir(workdir)
+  data_dir = layout.data_dir(workdir)
+  c = config.cache
+  num_records = min(train_rows, c.max_rows) if c.max_rows else train_rows
+  summary_path = os.path.join(data_dir, "prepare.json")
+  data_meta = {}
+  if os.path.isfile(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      data_meta = json.load(f)
+  settings = _settings(
+      config, teacher, layout.tokenizer_path(workdir), num_records, data_meta
+  )
+  settings["shards"] = _plan_shards(num_records, c.rows_per_shard)
+
+  os.makedirs(directory, exist_ok=True)
+  manifest_path = os.path.join(directory, cache.MANIFEST)
+  if os.path.isfile(manifest_path):
+    existing = cache.read_manifest(directory, require_complete=False)
+    for field, value in settings.items():
+      have = existing.get(field)
+      if field == "shards":
+        have = [{"name": s["name"], "records": s["records"]} for s in have]
+      if have != value:
+        raise cache.CacheError(
+            f"{directory} holds a cache made with other settings ({field} differs);"
+            " resuming would mix them. Remove that folder to rebuild it, or use"
+            " another --workdir."
+        )
+  _write_manifest(directory, settings)
+  return settings
 
 
 def bytes_per_token(manifest: dict[str, Any]) -> dict[str, float]:

@@ -372,6 +372,43 @@ def import_hf(
       dtype=dtype,  # refuse early, before I/O
       param_dtype=param_dtype or "float32",
   )
+  tokenizer_src, tokenizer_dst, tok_hash = _tokenizer_paths(hf_dir, workdir)
+  teacher_dir = layout.teacher_dir(workdir)
+  if os.path.exists(teacher_dir) and not overwrite:
+    existing = _existing_import(teacher_dir)
+    if existing == (hf_dir, tok_hash):
+      logging.info("%s already holds this import; skipping", teacher_dir)
+      if sharding.is_main():
+        files.copy(tokenizer_src, tokenizer_dst)
+      return teacher_dir
+    raise HFImportError(
+        f"{teacher_dir} already exists and is not an import of {hf_dir};"
+        " remove it or pass --overwrite"
+    )
+
+  model, config = _read_weights(hf_dir, hf, config, param_dtype, dtype, mesh)
+  with files.atomic_dir(
+      teacher_dir, shared=jax.process_count() > 1
+  ) as tmp:  # Replaces it on --overwrite.
+    checkpoint.write_config(
+        tmp,
+        "teacher",
+        config,
+        family=config.family,
+        source=hf_dir,
+        tokenizer_hash=tok_hash,
+        param_counts=model.param_counts(),
+    )
+    checkpoint.save_params(tmp, model, step=0)
+  if sharding.is_main():
+    files.copy(tokenizer_src, tokenizer_dst)
+  logging.info("Wrote %s (%s parameters)", teacher_dir, model.param_counts())
+  return teacher_dir
+
+
+def _tokenizer_paths(hf_dir: str, workdir: str) -> tuple[str, str, str]:
+  """(the checkpoint's tokenizer.json, the workdir's, its hash); refuses a
+  checkpoint without one and a workdir prepared with another."""
   tokenizer_src = os.path.join(hf_dir, "tokenizer.json")
   if not os.path.isfile(tokenizer_src):
     raise HFImportError(
@@ -390,20 +427,13 @@ def import_hf(
         " was prepared with another tokenizer. Use a fresh --workdir (data,"
         " caches and students must share the teacher's tokenizer)"
     )
+  return tokenizer_src, tokenizer_dst, tok_hash
 
-  teacher_dir = layout.teacher_dir(workdir)
-  if os.path.exists(teacher_dir) and not overwrite:
-    existing = _existing_import(teacher_dir)
-    if existing == (hf_dir, tok_hash):
-      logging.info("%s already holds this import; skipping", teacher_dir)
-      if sharding.is_main():
-        files.copy(tokenizer_src, tokenizer_dst)
-      return teacher_dir
-    raise HFImportError(
-        f"{teacher_dir} already exists and is not an import of {hf_dir};"
-        " remove it or pass --overwrite"
-    )
 
+def _read_weights(hf_dir, hf, config, param_dtype, dtype, mesh):
+  """The teacher with the checkpoint's weights, streamed onto ``mesh``, and
+  its config (stored in the checkpoint's own dtype when ``param_dtype`` is
+  None)."""
   mesh = mesh if mesh is not None else sharding.active() or sharding.make_mesh()
   reader = SafetensorsReader(hf_dir)
   try:
@@ -421,27 +451,9 @@ def import_hf(
       config = teacher_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
     logging.info("Importing %s (%s) as %s", hf_dir, config.family, config)
     with sharding.use(mesh):
-      model = load_hf_weights(hf_dir, config, reader)
+      return load_hf_weights(hf_dir, config, reader), config
   finally:
     reader.close()
-
-  with files.atomic_dir(
-      teacher_dir, shared=jax.process_count() > 1
-  ) as tmp:  # Replaces it on --overwrite.
-    checkpoint.write_config(
-        tmp,
-        "teacher",
-        config,
-        family=config.family,
-        source=hf_dir,
-        tokenizer_hash=tok_hash,
-        param_counts=model.param_counts(),
-    )
-    checkpoint.save_params(tmp, model, step=0)
-  if sharding.is_main():
-    files.copy(tokenizer_src, tokenizer_dst)
-  logging.info("Wrote %s (%s parameters)", teacher_dir, model.param_counts())
-  return teacher_dir
 
 
 def _existing_import(teacher_dir: str):

@@ -70,6 +70,37 @@ def teacher_config_from_hf(
   key means its default there). Raises HFImportError for anything the teacher
   does not implement rather than importing a different model.
   """
+  family = _check_supported(hf)
+  fields = _attention_fields(hf, family)
+  fields.update(
+      vocab_size=hf["vocab_size"],
+      num_layers=hf["num_hidden_layers"],
+      rope_base=_rope(hf),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      rms_eps=float(
+          hf.get(
+              "rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6
+          )
+      ),
+      router_aux_loss_coef=float(
+          hf.get("router_aux_loss_coef", 0.01 if family == "olmoe" else 0.001)
+      ),
+      family=family,
+      param_dtype=param_dtype,
+      dtype=dtype or ("float32" if param_dtype == "float32" else "bfloat16"),
+  )
+  fields.update(_expert_fields(hf, family))
+  fields.update(_family_fields(hf, family, fields))
+  try:
+    return TeacherConfig(**fields)
+  except ValueError as e:
+    raise HFImportError(
+        f"config.json describes an unsupported model: {e}"
+    ) from e
+
+
+def _check_supported(hf: dict[str, Any]) -> str:
+  """The config's family, or HFImportError for what the teacher lacks."""
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise HFImportError(
@@ -101,6 +132,16 @@ def teacher_config_from_hf(
     raise HFImportError(
         f"hidden_act={act!r}: only 'silu' experts are supported"
     )
+  if family in ("mixtral", "qwen3_moe", "olmoe") and hf.get("attention_bias"):
+    raise HFImportError(
+        f"{family} with attention_bias=true (a bias on o_proj too) is not"
+        " supported"
+    )
+  return family
+
+
+def _attention_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
+  """Width and heads, with each family's defaults."""
   d = hf.get("hidden_size", {"mixtral": 4096, "olmoe": 2048}.get(family, 2048))
   heads = hf.get(
       "num_attention_heads", 32 if family in ("mixtral", "qwen3_moe") else 16
@@ -108,31 +149,16 @@ def teacher_config_from_hf(
   kv_default = {"mixtral": 8, "qwen2_moe": 16, "qwen3_moe": 4}.get(
       family, heads
   )
-  kv = hf.get("num_key_value_heads") or kv_default
-  head_dim = hf.get("head_dim") or d // heads
-  layers = hf["num_hidden_layers"]
-  fields: dict[str, Any] = dict(
-      vocab_size=hf["vocab_size"],
+  return dict(
       d_model=d,
-      num_layers=layers,
       num_heads=heads,
-      num_kv_heads=kv,
-      head_dim=head_dim,
-      rope_base=_rope(hf),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      rms_eps=float(
-          hf.get(
-              "rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6
-          )
-      ),
-      router_aux_loss_coef=float(
-          hf.get("router_aux_loss_coef", 0.01 if family == "olmoe" else 0.001)
-      ),
-      family=family,
-      param_dtype=param_dtype,
-      dtype=dtype or ("float32" if param_dtype == "float32" else "bfloat16"),
+      num_kv_heads=hf.get("num_key_value_heads") or kv_default,
+      head_dim=hf.get("head_dim") or d // heads,
   )
 
+
+def _expert_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
+  """How many experts, how many each token takes, and their router."""
   # transformers' attribute_map aliases the expert count, and version 5 writes
   # Qwen3-MoE's as num_local_experts while the hub configs say num_experts.
   num_experts = hf.get("num_experts", hf.get("num_local_experts"))
@@ -143,30 +169,38 @@ def teacher_config_from_hf(
         "qwen3_moe": 128,
         "olmoe": 64,
     }[family]
-  fields["num_experts"] = num_experts
-  if family == "mixtral":
-    fields.update(
-        top_k=hf.get("num_experts_per_tok", 2),
-        d_ff=hf.get("intermediate_size", 14336),
-        norm_topk_prob=True,
-    )  # hard-coded in MixtralTopKRouter
-    fields["sliding_window"] = hf.get("sliding_window") or None
-  else:
-    fields.update(
-        top_k=hf.get(
-            "num_experts_per_tok",
-            {"qwen2_moe": 4, "qwen3_moe": 8, "olmoe": 8}[family],
-        ),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-    )
-  if fields["num_experts"] <= 0:
+  if num_experts <= 0:
     raise HFImportError(
-        f"num_experts={fields['num_experts']}: a dense model,"
+        f"num_experts={num_experts}: a dense model,"
         " not an MoE; the teacher importer needs experts"
     )
+  if family == "mixtral":
+    return dict(
+        num_experts=num_experts,
+        top_k=hf.get("num_experts_per_tok", 2),
+        d_ff=hf.get("intermediate_size", 14336),
+        norm_topk_prob=True,  # hard-coded in MixtralTopKRouter
+        sliding_window=hf.get("sliding_window") or None,
+    )
+  return dict(
+      num_experts=num_experts,
+      top_k=hf.get(
+          "num_experts_per_tok",
+          {"qwen2_moe": 4, "qwen3_moe": 8, "olmoe": 8}[family],
+      ),
+      norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+  )
 
+
+def _family_fields(
+    hf: dict[str, Any], family: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+  """What only some families have: Qwen's dense layers, window and shared
+  expert, the q/k norms, OLMoE's clipping."""
+  out: dict[str, Any] = {}
+  layers = fields["num_layers"]
   if family in ("qwen2_moe", "qwen3_moe"):
-    fields["d_ff"] = hf.get(
+    out["d_ff"] = hf.get(
         "moe_intermediate_size", 1408 if family == "qwen2_moe" else 768
     )
     step = hf.get("decoder_sparse_step", 1) or 1
@@ -175,43 +209,35 @@ def teacher_config_from_hf(
         i for i in range(layers) if i in mlp_only or (i + 1) % step != 0
     )
     if dense:
-      fields.update(
+      out.update(
           dense_layers=dense,
           dense_d_ff=hf.get(
               "intermediate_size", 5632 if family == "qwen2_moe" else 6144
           ),
       )
-    fields["sliding_window"] = _qwen_window(hf, family, layers)
-
+    out["sliding_window"] = _qwen_window(hf, family, layers)
   if family == "qwen2_moe":
-    fields["qkv_bias"] = bool(hf.get("qkv_bias", True))
-    fields["shared_expert_d_ff"] = hf.get(
-        "shared_expert_intermediate_size", 5632
-    )
+    out["qkv_bias"] = bool(hf.get("qkv_bias", True))
+    out["shared_expert_d_ff"] = hf.get("shared_expert_intermediate_size", 5632)
     if hf.get("attention_bias"):
       raise HFImportError("qwen2_moe with attention_bias is not supported")
   elif family == "qwen3_moe":
-    fields["qk_norm"] = "head"
+    out["qk_norm"] = "head"
   elif family == "olmoe":
-    fields["d_ff"] = hf.get("intermediate_size", 2048)
-    fields["qk_norm"] = "full"
-    fields["clip_qkv"] = hf.get("clip_qkv")
+    out["d_ff"] = hf.get("intermediate_size", 2048)
+    out["qk_norm"] = "full"
+    out["clip_qkv"] = hf.get("clip_qkv")
+    heads, head_dim, d = (
+        fields["num_heads"],
+        fields["head_dim"],
+        fields["d_model"],
+    )
     if head_dim * heads != d:
       raise HFImportError(
           f"OLMoE with head_dim={head_dim} * heads={heads} != hidden_size={d}"
           " is not supported (its q/k norms assume hidden_size // heads)"
       )
-  if family in ("mixtral", "qwen3_moe", "olmoe") and hf.get("attention_bias"):
-    raise HFImportError(
-        f"{family} with attention_bias=true (a bias on o_proj too) is not"
-        " supported"
-    )
-  try:
-    return TeacherConfig(**fields)
-  except ValueError as e:
-    raise HFImportError(
-        f"config.json describes an unsupported model: {e}"
-    ) from e
+  return out
 
 
 def _qwen_window(hf: dict[str, Any], family: str, layers: int) -> int | None:

@@ -323,49 +323,15 @@ def _target_table(cache: dict[str, Any], figures: dict[str, float]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+  """``report.md``: the report's tables and plots, section by section."""
   models = result["models"]
   parts = [
       "# Evaluation report\n\n",
       f"Machine: {result['machine']}. Validation split; every number is"
       " also in `report.json`.\n\n",
       _headline(result),
-      "## Quality\n\n",
-      "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
-      " expected calibration error.\n\n",
+      _quality(models),
   ]
-  parts.append(
-      _table(
-          [
-              "model",
-              "kind",
-              "step",
-              "val loss",
-              "perplexity",
-              "KL to teacher",
-              "top-1 agreement",
-              "ECE",
-              "params",
-              "active params",
-              "weight bytes",
-          ],
-          [
-              [
-                  n,
-                  _kind(e),
-                  e["step"],
-                  e["loss"],
-                  e["perplexity"],
-                  e.get("kl_to_teacher"),
-                  e.get("top1_agreement"),
-                  e["ece"],
-                  e["params"]["total"],
-                  e["params"]["active"],
-                  e.get("weight_bytes"),
-              ]
-              for n, e in models.items()
-          ],
-      )
-  )
   if any(n != "teacher" for n in models):
     parts.append(
         "\n## Distillation against the CE baseline\n\n"
@@ -375,12 +341,60 @@ def markdown(result: dict[str, Any]) -> str:
         " cache time is the one teacher pass that wrote every target.\n\n"
     )
     parts.append(_comparison(models, result.get("cache")))
-  contexts = list(next(iter(models.values()))["kv_cache_bytes_per_token"])
-  parts.append(
-      "\n## KV cache\n\nBytes per token of context (bfloat16 K and V).\n\n"
+  parts += [
+      _kv_cache(models),
+      _speed(models),
+      _speculative(models),
+      _continuations(models),
+      _cache(result.get("cache")),
+  ]
+  for plot in result.get("plots", []):
+    parts.append(f"\n![{plot}]({plot})\n")
+  return "".join(parts)
+
+
+def _quality(models: dict[str, dict[str, Any]]) -> str:
+  header = [
+      "model",
+      "kind",
+      "step",
+      "val loss",
+      "perplexity",
+      "KL to teacher",
+      "top-1 agreement",
+      "ECE",
+      "params",
+      "active params",
+      "weight bytes",
+  ]
+  rows = [
+      [
+          n,
+          _kind(e),
+          e["step"],
+          e["loss"],
+          e["perplexity"],
+          e.get("kl_to_teacher"),
+          e.get("top1_agreement"),
+          e["ece"],
+          e["params"]["total"],
+          e["params"]["active"],
+          e.get("weight_bytes"),
+      ]
+      for n, e in models.items()
+  ]
+  return (
+      "## Quality\n\n"
+      "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
+      " expected calibration error.\n\n" + _table(header, rows)
   )
-  parts.append(
-      _table(
+
+
+def _kv_cache(models: dict[str, dict[str, Any]]) -> str:
+  contexts = list(next(iter(models.values()))["kv_cache_bytes_per_token"])
+  return (
+      "\n## KV cache\n\nBytes per token of context (bfloat16 K and V).\n\n"
+      + _table(
           ["model"] + [f"{int(c) // 1024}k" for c in contexts],
           [
               [n] + [e["kv_cache_bytes_per_token"][c] for c in contexts]
@@ -388,11 +402,14 @@ def markdown(result: dict[str, Any]) -> str:
           ],
       )
   )
+
+
+def _speed(models: dict[str, dict[str, Any]]) -> str:
   sizes = sorted(
       {b for e in models.values() for b in e.get("decode", {})},
       key=lambda b: int(b.split("_")[1]),
   )
-  speed_rows = [
+  rows = [
       [n]
       + [
           e["decode"].get(b, {}).get(k)
@@ -402,18 +419,22 @@ def markdown(result: dict[str, Any]) -> str:
       for n, e in models.items()
       if e.get("decode")
   ]
-  if speed_rows:
-    parts.append(
-        "\n## Speed\n\nTokens/s summed over the batch, medians of"
-        " timed runs after a warm-up (compilation excluded).\n\n"
-    )
-    header = ["model"] + [
-        f"{what} tok/s (b{b.split('_')[1]})"
-        for b in sizes
-        for what in ("prefill", "decode")
-    ]
-    parts.append(_table(header, speed_rows))
-  spec_rows = [
+  if not rows:
+    return ""
+  header = ["model"] + [
+      f"{what} tok/s (b{b.split('_')[1]})"
+      for b in sizes
+      for what in ("prefill", "decode")
+  ]
+  return (
+      "\n## Speed\n\nTokens/s summed over the batch, medians of"
+      " timed runs after a warm-up (compilation excluded).\n\n"
+      + _table(header, rows)
+  )
+
+
+def _speculative(models: dict[str, dict[str, Any]]) -> str:
+  rows = [
       [
           n,
           s["gamma"],
@@ -425,50 +446,46 @@ def markdown(result: dict[str, Any]) -> str:
       for n, e in models.items()
       for s in e.get("speculative", [])
   ]
-  if spec_rows:
-    parts.append(
-        "\n## Speculative decoding (student drafts, teacher verifies)\n\n"
-        "Greedy; wall speed-up is the teacher alone over teacher +"
-        " drafter on the same prompts.\n\n"
-    )
-    parts.append(
-        _table(
-            [
-                "drafter",
-                "γ",
-                "acceptance",
-                "tokens per teacher call",
-                "wall speed-up",
-                "output = teacher greedy",
-            ],
-            spec_rows,
-        )
-    )
-  parts.append(_continuations(models))
-  cache = result.get("cache")
-  if cache:
-    parts.append("\n## Logit cache\n\n")
-    sizes = {
-        "topk": f"k={cache['k']}",
-        "sample": f"N={cache['num_samples']}",
-        "topk_tail": (
-            f"k={cache.get('tail_k')}, M={cache.get('tail_samples')}"
-        ),
-    }
-    rows = [
-        [m, cache.get(f"{m}_bytes_per_token"), sizes.get(m)]
-        for m in cache["methods"]
-    ]
-    parts.append(_table(["method", "bytes per token (records)", "size"], rows))
-    figures = cache.get("targets") or {}
-    if figures:
-      parts.append(_target_table(cache, figures))
-    parts.append(
-        f"\n{cache['records']:,} records of {cache['seq_len']} positions;"
-        f" {cache['file_bytes_per_token']:.1f} bytes per token in the shard"
-        f" files (every method together, with the container overhead);"
-        f" written in {cache['seconds']:.1f} s.\n"
-    )
-  for plot in result.get("plots", []):
-    parts.append(f"\n![{plot}]({plot})\n")
+  if not rows:
+    return ""
+  header = [
+      "drafter",
+      "γ",
+      "acceptance",
+      "tokens per teacher call",
+      "wall speed-up",
+      "output = teacher greedy",
+  ]
+  return (
+      "\n## Speculative decoding (student drafts, teacher verifies)\n\n"
+      "Greedy; wall speed-up is the teacher alone over teacher +"
+      " drafter on the same prompts.\n\n" + _table(header, rows)
+  )
+
+
+def _cache(cache: dict[str, Any] | None) -> str:
+  if not cache:
+    return ""
+  sizes = {
+      "topk": f"k={cache['k']}",
+      "sample": f"N={cache['num_samples']}",
+      "topk_tail": f"k={cache.get('tail_k')}, M={cache.get('tail_samples')}",
+  }
+  rows = [
+      [m, cache.get(f"{m}_bytes_per_token"), sizes.get(m)]
+      for m in cache["methods"]
+  ]
+  parts = [
+      "\n## Logit cache\n\n",
+      _table(["method", "bytes per token (records)", "size"], rows),
+  ]
+  figures = cache.get("targets") or {}
+  if figures:
+    parts.append(_target_table(cache, figures))
+  parts.append(
+      f"\n{cache['records']:,} records of {cache['seq_len']} positions;"
+      f" {cache['file_bytes_per_token']:.1f} bytes per token in the shard"
+      f" files (every method together, with the container overhead);"
+      f" written in {cache['seconds']:.1f} s.\n"
+  )
   return "".join(parts)
