@@ -255,7 +255,10 @@ def get_config(arg=None):
   if variant == "tiny":
     c.eval.batches = 4
     c.eval.target_batches = 1
-    c.eval.speed.update(dict(prompt_len=8, new_tokens=4, repeats=1))
+    # Batch 1 only: each batch size compiles its own decoding programs.
+    c.eval.speed.update(
+        dict(prompt_len=8, new_tokens=4, batch_sizes=(1,), repeats=1)
+    )
     c.eval.speculative.update(
         dict(gammas=(2,), prompts=1, prompt_len=8, new_tokens=8, repeats=1)
     )

@@ -83,6 +83,12 @@ def _release_compiled_programs():
     gc.collect()
 
 
+# A model's logits, compiled whole: a test that calls a model once compiles one
+# program instead of one per operation (an eager call compiles each of its
+# hundreds of operations on first sight).
+forward = nnx.jit(lambda model, *args: model(*args))
+
+
 def copy_workdir(src: str, dst) -> str:
   """A private copy of a shared workdir, for a test that writes into it."""
   shutil.copytree(src, dst)

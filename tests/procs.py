@@ -10,12 +10,29 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def binary(module, *args, timeout=300):
-  """Runs ``python -m module args`` in the repo; returns the CompletedProcess."""
+def device_env(devices: int) -> dict[str, str]:
+  """This process's environment for a process that sees ``devices``
+  simulated CPU devices (1: a laptop's)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env["XLA_FLAGS"] = " ".join(
+      flags + [f"--xla_force_host_platform_device_count={devices}"]
+  )
+  return env
+
+
+def binary(module, *args, timeout=300, env=None):
+  """Runs ``python -m module args`` in the repo; returns the CompletedProcess.
+
+  ``env``: the environment (default this process's)."""
   return subprocess.run(
       [sys.executable, "-m", module, *args],
       cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      env=dict(env or os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
       text=True,
       timeout=timeout,

@@ -27,24 +27,11 @@ pytestmark = pytest.mark.slow
 TINY = "--config=experiments/stdlib.py:tiny"
 
 
-def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  flags = [
-      f
-      for f in env.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count")
-  ]
-  env["XLA_FLAGS"] = " ".join(
-      flags + [f"--xla_force_host_platform_device_count={devices}"]
-  )
-  return env
-
-
 def _run(module, *args, devices=8, timeout=600):
   result = subprocess.run(
       [sys.executable, "-m", module, *args],
       cwd=procs.REPO,
-      env=_env(devices),
+      env=procs.device_env(devices),
       capture_output=True,
       text=True,
       timeout=timeout,
@@ -74,7 +61,7 @@ def _run_processes(module, *args, count=2, devices=2, timeout=600):
               f"--process_id={i}",
           ],
           cwd=procs.REPO,
-          env=_env(devices),
+          env=procs.device_env(devices),
           stdout=subprocess.PIPE,
           stderr=subprocess.PIPE,
           text=True,
@@ -209,7 +196,7 @@ def test_distributed_two_processes_train_and_cache_like_one(
               layout.teacher_dir(two),
           ],
           cwd=procs.REPO,
-          env=_env(2),
+          env=procs.device_env(2),
           stdout=subprocess.PIPE,
           stderr=subprocess.PIPE,
           text=True,

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 import teacher as teacher_lib
+from conftest import forward
 from distill.decoding import generate as gen
 from distill.evals import generation
 from student.config import get_preset
@@ -17,14 +18,19 @@ PROMPTS = np.random.default_rng(0).integers(1, V, (3, 6)).astype(np.int32)
 
 @pytest.fixture(scope="module")
 def teacher():
+  # One layer each: the figures do not depend on the depth, the compile
+  # time does.
   return teacher_lib.Teacher(
-      teacher_lib.get_preset("tiny", vocab_size=V), nnx.Rngs(1)
+      teacher_lib.get_preset("tiny", vocab_size=V, num_layers=1), nnx.Rngs(1)
   )
 
 
 @pytest.fixture(scope="module")
 def student():
-  return Student(get_preset("tiny", vocab_size=V), nnx.Rngs(5))
+  return Student(
+      get_preset("tiny", vocab_size=V, num_layers=1, layer_pattern=("local",)),
+      nnx.Rngs(5),
+  )
 
 
 def _log_softmax64(logits):
@@ -35,7 +41,7 @@ def _log_softmax64(logits):
 
 def _by_hand(teacher, prompts, continuation):
   tokens = np.concatenate([prompts, np.asarray(continuation)], axis=1)
-  log_p = _log_softmax64(teacher(tokens[:, :-1]))
+  log_p = _log_softmax64(forward(teacher, tokens[:, :-1]))
   picked = np.take_along_axis(log_p, tokens[:, 1:, None], -1)[..., 0]
   return picked[:, prompts.shape[1] - 1 :]
 
@@ -65,7 +71,7 @@ def test_greedy_text_is_the_most_likely_token_at_every_step(teacher):
   scores = np.asarray(
       generation.continuation_log_probs(teacher, tokens, PROMPTS.shape[1])
   )
-  best = _log_softmax64(teacher(tokens[:, :-1])).max(-1)[:, 5:]
+  best = _log_softmax64(forward(teacher, tokens[:, :-1])).max(-1)[:, 5:]
   np.testing.assert_allclose(scores, best, rtol=1e-5, atol=1e-6)
   got = generation.teacher_log_likelihood(teacher, teacher, PROMPTS, 6)
   np.testing.assert_allclose(got["teacher_loglik_greedy"], best.mean(), 1e-5)

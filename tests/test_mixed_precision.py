@@ -53,8 +53,8 @@ def test_bf16_compute_keeps_float32_weights_state_and_losses(name):
     assert b.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, vocab)
-  loss32, _ = _ce(f32, tokens)
-  loss16, logits = _ce(bf16, tokens)
+  loss32, _ = nnx.jit(_ce)(f32, tokens)
+  loss16, logits = nnx.jit(_ce)(bf16, tokens)
   assert logits.dtype == jnp.float32 and loss16.dtype == jnp.float32
   assert abs(float(loss16) - float(loss32)) < 0.02
 

@@ -22,6 +22,11 @@ from teacher.model import Teacher
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, 256, jnp.int32)
 
+# Forward passes compiled whole: one program per model structure, rather than
+# one per operation of an eager call.
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+_decode = nnx.jit(lambda model, *args: model.decode(*args))
+
 
 @pytest.fixture(scope="module")
 def student():
@@ -29,14 +34,14 @@ def student():
 
 
 def test_ptq_stores_codes_and_stays_close(student, tmp_path):
-  want = student(TOKENS)
+  want = _forward(student, TOKENS)
   spread = float(jnp.std(want))
   errors, sizes = {}, {}
   for scheme in ("int8", "fp8", "int4"):
     q = quantize.quantize(student, scheme)
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(q, nnx.Param))}
     assert jnp.dtype(quantize.SCHEMES[scheme][0]) in dtypes  # codes stored
-    got = nnx.jit(lambda m, t: m(t))(q, TOKENS)
+    got = _forward(q, TOKENS)
     assert got.dtype == jnp.float32
     errors[scheme] = float(jnp.abs(got - want).max()) / spread
     sizes[scheme] = quantize.weight_bytes(q)
@@ -46,16 +51,16 @@ def test_ptq_stores_codes_and_stays_close(student, tmp_path):
   assert sizes["int8"] < 0.3 * float_bytes  # 1 byte a weight + scales
   assert sizes["int4"] < sizes["int8"]
   # The float student is untouched.
-  np.testing.assert_array_equal(student(TOKENS), want)
+  np.testing.assert_array_equal(_forward(student, TOKENS), want)
 
 
 def test_quantised_decode_matches_its_own_forward(student):
   q = quantize.quantize(student, "int8")
-  full = q(TOKENS)
+  full = _forward(q, TOKENS)
   cache = q.init_cache(2, 32)
   positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
-  prefix, cache = q.decode(TOKENS[:, :10], cache, positions[:, :10])
-  step, _ = q.decode(TOKENS[:, 10:], cache, positions[:, 10:])
+  prefix, cache = _decode(q, TOKENS[:, :10], cache, positions[:, :10])
+  step, _ = _decode(q, TOKENS[:, 10:], cache, positions[:, 10:])
   np.testing.assert_allclose(prefix, full[:, :10], atol=1e-4)
   np.testing.assert_allclose(step, full[:, 10:], atol=1e-4)
   assert len(gen.generate(q, [[1, 2, 3]], 6)[0]) == 6
@@ -70,8 +75,8 @@ def test_folder_round_trip_and_hf_refusal(student, tmp_path):
   assert folder.endswith(os.path.join("export", "r-int8"))
   loaded = load_student(folder)
   assert loaded.quantization == "int8"
-  want = quantize.quantize(student, "int8")(TOKENS)
-  np.testing.assert_array_equal(loaded(TOKENS), want)
+  want = _forward(quantize.quantize(student, "int8"), TOKENS)
+  np.testing.assert_array_equal(_forward(loaded, TOKENS), want)
   with pytest.raises(export.ExportError, match="orbax folder only"):
     export.export(workdir, "r", "hf", quantization="int8")
   with pytest.raises(export.ExportError, match="unknown quantization"):
@@ -96,8 +101,13 @@ def test_qat_trains_through_fake_quantisation(student):
     assert leaf.dtype == jnp.float32
   ptq = quantize.quantize(student, "int4", embedding=False)
   assert ptq.quantization == "int4_projections"
-  np.testing.assert_allclose(qat(TOKENS), ptq(TOKENS), atol=1e-5)
-  assert float(jnp.abs(qat(TOKENS) - student(TOKENS)).max()) > 0.1
+  np.testing.assert_allclose(
+      _forward(qat, TOKENS), _forward(ptq, TOKENS), atol=1e-5
+  )
+  assert (
+      float(jnp.abs(_forward(qat, TOKENS) - _forward(student, TOKENS)).max())
+      > 0.1
+  )
   with pytest.raises(ConfigError, match="cannot quantise the embedding"):
     quantize.quantize(student, "int8", qat=True, embedding=True)
 

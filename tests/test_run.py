@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 
 import pytest
 
+from distill.core import checkpoint as ckpt
 from distill.training import loop as trainer
+import procs
 from conftest import copy_workdir
 from distill.train import run_folder
 from student import load_student
@@ -50,20 +53,40 @@ SPEC_FIELDS = (
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_prepared, tmp_path_factory):
-  """The whole main job on the tiny config, as ``experiments.run`` runs it
-  (from a copy of the shared prepared data: its prepare stage finds it done
-  and says so)."""
+  """The whole main job on the tiny config, as a user starts it: the
+  ``experiments.run`` binary, on one CPU device (a laptop's), from a copy of
+  the shared prepared data (its prepare stage finds it done and says so).
+  Each stage on a mesh of the suite's 8 devices is checked by its own tests
+  (test_sharding, test_cache, test_on_policy) and end to end, as several
+  processes, by test_distributed (slow)."""
   workdir = copy_workdir(tiny_prepared, tmp_path_factory.mktemp("kd") / "w")
   config = stdlib.get_config("tiny")
   # the comparison the issue asks for
   assert tuple(run_folder(r) for r in config.distill.runs) == RUNS
-  ran = run.run_all(config, workdir)
+  proc = procs.binary(
+      "experiments.run",
+      "--config=experiments/stdlib.py:tiny",
+      f"--workdir={workdir}",
+      timeout=1200,
+      env=procs.device_env(1),
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "prepare: already done" in proc.stdout
+  ran = re.findall(r"^run: stage (\w+) done in", proc.stdout, re.M)
   return workdir, config, ran
 
 
+def ran_summary(workdir, name):
+  with open(os.path.join(workdir, "student", name, "summary.json")) as f:
+    return json.load(f)
+
+
 def test_tiny_run_writes_every_stage(tiny_run):
-  workdir, _, ran = tiny_run
+  workdir, config, ran = tiny_run
   assert ran == [name for name, _ in run.STAGES]
+  sampled_fingerprint = ckpt.fingerprint(
+      load_student(os.path.join(workdir, "student", "sampled"))
+  )
   for path in (
       "tokenizer.json",
       "data/tokens/train/tokens.npy",
@@ -87,6 +110,12 @@ def test_tiny_run_writes_every_stage(tiny_run):
       with open(os.path.join(workdir, "student", name, "config.json")) as f:
         init = json.load(f)["settings"]["init_from"]
       assert init["path"] == os.path.join(workdir, "student", "sampled")
+      assert init["fingerprint"] == sampled_fingerprint
+      assert init["step"] == config.distill.train.steps
+      summary = ran_summary(workdir, name)
+      assert summary["steps"] == config.distill.continue_train.steps
+      assert ("on_policy" in summary) == (name == "on_policy_fromsampled")
+      assert summary.get("on_policy", 1.0) == 1.0  # every step on-policy
     else:
       assert records[-1]["loss"] < records[0]["loss"], name  # every run learns
     assert os.path.isfile(os.path.join(workdir, "export", name, "config.json"))

@@ -170,7 +170,10 @@ def _assert_same(got, want):
 @pytest.fixture(scope="module")
 def teacher_setup():
   # The tiny preset: MoE with 5 experts (odd: expert=4 must pad), top-2.
-  cfg = teacher_config.get_preset("tiny", vocab_size=256)
+  # One layer: the rules place every layer's parameters alike, and each
+  # layer more only costs compile time (the scanned stacks are checked
+  # against the loop by test_stack).
+  cfg = teacher_config.get_preset("tiny", vocab_size=256, num_layers=1)
   assert cfg.num_experts == 5 and cfg.top_k == 2
   model = Teacher(cfg, rngs=nnx.Rngs(0))
   loss_fn = teacher_train.loss_fn_for(cfg, chunk_size=8)
@@ -240,11 +243,17 @@ def student_setup():
   vocab = 256
   config = stdlib.get_config("tiny")
   d = config.distill
+  # One layer each (as in teacher_setup): a local one for the student, whose
+  # window is the mask the global one lacks.
   student = Student(
-      student_config.get_preset("tiny", vocab_size=vocab), rngs=nnx.Rngs(1)
+      student_config.get_preset(
+          "tiny", vocab_size=vocab, num_layers=1, layer_pattern=("local",)
+      ),
+      rngs=nnx.Rngs(1),
   )
   teacher = Teacher(
-      teacher_config.get_preset("tiny", vocab_size=vocab), rngs=nnx.Rngs(2)
+      teacher_config.get_preset("tiny", vocab_size=vocab, num_layers=1),
+      rngs=nnx.Rngs(2),
   )
   batch = _batch(vocab, seed=1)
   # Cached targets as teacher.cache_logits makes them, for the offline runs.
@@ -351,7 +360,10 @@ def _student_run(out_dir, data_dir, mesh, steps=3, seed=0):
       f.write('{"kind": "test", "model": {}}')
   config = stdlib.get_config("tiny")
   model = Student(
-      student_config.get_preset("tiny", vocab_size=512), rngs=nnx.Rngs(seed)
+      student_config.get_preset(
+          "tiny", vocab_size=512, num_layers=1, layer_pattern=("global",)
+      ),
+      rngs=nnx.Rngs(seed),
   )
   cfg = trainer.LoopConfig(
       steps=steps,

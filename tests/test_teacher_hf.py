@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 
 from distill.core import checkpoint, sharding  # noqa: E402
 from teacher import hf, load_teacher  # noqa: E402
+from conftest import forward  # noqa: E402
 
 VOCAB = 96
 COMMON = dict(
@@ -121,7 +122,7 @@ def _assert_parity(hf_model, teacher_dir, seq_len=11):
   with torch.no_grad():
     want = hf_model(torch.tensor(tokens)).logits.numpy()
   model = load_teacher(teacher_dir)
-  got = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+  got = np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))
   assert got.dtype == np.float32 and got.shape == want.shape
   assert np.abs(want).max() > 1.0  # not a trivially small comparison
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

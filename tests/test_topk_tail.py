@@ -42,16 +42,20 @@ def test_expected_gradient_is_the_dense_kl_gradient():
     return jax.grad(loss)(logits)
 
   keys = jax.random.split(jax.random.key(1), 4000)
-  grads = jax.vmap(grad_for)(keys)  # [S, V]
+  grads = jax.jit(jax.vmap(grad_for))(keys)  # [S, V], compiled whole
   mean = grads.mean(0)
   stderr = grads.std(0) / np.sqrt(len(keys))
-  want = jax.grad(_dense_kl)(logits, log_p)
+  want = jax.jit(jax.grad(_dense_kl))(logits, log_p)
   error = np.abs(np.asarray(mean - want))
   assert (error <= 4 * np.asarray(stderr) + 1e-6).all(), error.max()
   assert float(tail[0, 0]) > 0.05  # the tail matters in this example
 
-  ghost = jax.grad(
-      lambda z: losses.ghost_kl_per_token(z[None, None], ids, vals, tail)[0, 0]
+  ghost = jax.jit(
+      jax.grad(
+          lambda z: losses.ghost_kl_per_token(z[None, None], ids, vals, tail)[
+              0, 0
+          ]
+      )
   )(logits)
   assert np.abs(np.asarray(ghost - want)).max() > 10 * float(stderr.max())
 
