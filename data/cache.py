@@ -150,6 +150,13 @@ def seal(manifest: dict[str, Any]) -> dict[str, Any]:
   return {**manifest, "metadata_sha256": metadata_sha256(manifest)}
 
 
+def planned_records(max_rows: int, train_rows: int) -> int:
+  """How many packed training rows a cache holds: the first ``max_rows``
+  (``config.cache.max_rows``; 0: all ``train_rows``). Every run of a config
+  reads exactly these rows, whether or not the cache exists yet."""
+  return min(train_rows, max_rows) if max_rows else train_rows
+
+
 def check_matches(
     manifest: dict[str, Any], expect: dict[str, Any], where: str
 ) -> None:

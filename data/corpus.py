@@ -140,6 +140,11 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     )
 
   def _files(self) -> list[str]:
+    if getattr(self, "_matched", None) is None:
+      self._matched = self._find_files()  # pylint: disable=attribute-defined-outside-init
+    return self._matched
+
+  def _find_files(self) -> list[str]:
     cfg = self.builder_config
     files = glob_files(cfg.pattern) if cfg.pattern else stdlib_files(cfg.root)
     if not files:
@@ -150,31 +155,51 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
       )
     return files
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
+  def _root(self) -> str:
     cfg = self.builder_config
-    root = (
-        cfg.root
-        if not cfg.pattern
-        else os.path.commonpath(
-            [os.path.dirname(p) for p in self._files()] or ["/"]
-        )
+    if not cfg.pattern:
+      return cfg.root
+    return os.path.commonpath(
+        [os.path.dirname(p) for p in self._files()] or ["/"]
     )
-    splits = split_files(self._files(), root, cfg.validation_permille)
+
+  def splits(self) -> dict[str, list[str]]:
+    """The files of each split: split by path hash, then cut to
+    ``max_files`` in all (in proportion) when it is set."""
+    cfg = self.builder_config
+    files = self._files()
+    splits = split_files(files, self._root(), cfg.validation_permille)
     if cfg.max_files:
       splits = {
-          k: v[: max(1, cfg.max_files * len(v) // len(self._files()))]
+          k: v[: max(1, cfg.max_files * len(v) // len(files))]
           for k, v in splits.items()
       }
-    for name, files in splits.items():
-      if not files:
+    for name, kept in splits.items():
+      if not kept:
         raise CorpusError(
-            f"The {name} split is empty ({len(self._files())} files in all);"
+            f"The {name} split is empty ({len(files)} files in all);"
             " add files or change config.data.validation_permille."
         )
+    return splits
+
+  def file_counts(self) -> dict[str, int]:
+    """How many files matched, how many each split keeps, and how many
+    ``max_files`` left out (0 when it keeps them all)."""
+    matched = len(self._files())
+    counts = {name: len(v) for name, v in self.splits().items()}
+    return {
+        "matched": matched,
+        **counts,
+        "left_out": matched - sum(counts.values()),
+        "max_files": self.builder_config.max_files,
+    }
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    root = self._root()
     return {
         name: self._generate_examples(files, root)
-        for name, files in splits.items()
+        for name, files in self.splits().items()
     }
 
   def _generate_examples(self, files: list[str], root: str) -> Iterator[Any]:

@@ -43,7 +43,7 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from data import tokenizer as tok
-from distill.core import files, layout
+from distill.core import files, layout, stop
 from distill.core.errors import UserError
 
 META = "meta.json"
@@ -123,6 +123,7 @@ def tokenize_split(
   start = time.time()
   with tqdm(total=len(source), desc=f"tokenize {split}", unit="doc") as bar:
     for texts in ds:
+      stop.check("prepare", "the splits finished before this one are kept")
       num_bytes += sum(len(t.encode("utf-8")) for t in texts)
       for ids in tok.encode_batch(tokenizer, texts):
         ids.append(eos)

@@ -110,6 +110,9 @@ def _prepare(config, workdir: str) -> dict[str, Any]:
       summary["skipped"] = True
       return summary
 
+  counts = (
+      builder.file_counts() if isinstance(builder, corpus.FilesCorpus) else None
+  )
   builder.download_and_prepare()
   sources = {
       name: builder.as_data_source(split=tfds_split)
@@ -134,12 +137,23 @@ def _prepare(config, workdir: str) -> dict[str, Any]:
       "vocab_size": tok.load_tokenizer(tpath).get_vocab_size(),
       "splits": metas,
   }
+  if counts is not None:
+    summary["files"] = counts
   files.write_json(summary_path, summary)
   for name, meta in metas.items():
     print(
         f"prepare: {name}: {meta['num_docs']} docs, {meta['num_bytes']:,} bytes,"
         f" {meta['num_tokens']:,} tokens ({meta['bytes_per_token']:.2f} bytes/token)"
     )
+  if counts and counts["left_out"]:
+    line = (
+        f"prepare: config.data.max_files={counts['max_files']} kept"
+        f" {counts['matched'] - counts['left_out']} of the {counts['matched']}"
+        f" files the corpus matched ({counts['left_out']} left out; 0 keeps"
+        " them all)"
+    )
+    logging.warning("%s", line)
+    print(line)
   return summary
 
 

@@ -40,7 +40,7 @@ from data import tokenizer as tok
 from distill import runs as run_specs
 from distill import speculative as spec
 from distill.core import checkpoint as ckpt
-from distill.core import cli, files, layout, registry, sharding
+from distill.core import cli, files, layout, registry, sharding, stop
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
 from distill.evals import generation, metrics, report, targets, validation
@@ -73,10 +73,10 @@ def validation_prompts(
       "eos"
   ]
   prompts = []
-  for start, stop in zip(offsets[:-1], offsets[1:]):
+  for start, end in zip(offsets[:-1], offsets[1:]):
     if len(prompts) == count:
       break
-    if stop - start > length:
+    if end - start > length:
       prompts.append(
           [eos] + [int(t) for t in stream[start : start + length - 1]]
       )
@@ -293,6 +293,19 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   return _evaluate(config, workdir, sharding.from_config(config))
 
 
+def _stop_here() -> None:
+  """Raises ``stop.Stopped`` once a SIGTERM or Ctrl-C came (every process
+  at the same point: the passes on the mesh are collective)."""
+  signum = stop.agreed()
+  if signum is not None:
+    raise stop.stopped(
+        "evaluate",
+        signum,
+        "no report is written until it is complete, so a rerun evaluates"
+        " again from the start",
+    )
+
+
 def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   folders = model_folders(workdir)
   if not folders:
@@ -422,7 +435,13 @@ def _scorer(config, workdir: str, teacher):
         unit="batch",
         disable=not sharding.is_main(),
     ) as bar:
-      return score(models, progress=lambda i: bar.update(1))
+
+      def advance(i):
+        del i
+        bar.update(1)
+        _stop_here()
+
+      return score(models, progress=advance)
 
   return with_bar
 
@@ -449,6 +468,7 @@ def _quantised_variants(config, models, loaded, payloads, score):
     )
   if not variants:
     return {}
+  _stop_here()
   scores = score(variants)
   for name, model in variants.items():
     parent = models[parents[name]]
@@ -473,6 +493,7 @@ def _serving_figures(config, workdir, models, loaded) -> None:
   loaded = {name: sharding.to_device(m, device) for name, m in loaded.items()}
   teacher = loaded.get("teacher")
   for name, model in tqdm(loaded.items(), desc="evaluate: speed", unit="model"):
+    _stop_here()
     models[name]["decode"] = speed(model, e.speed)
 
   students = [n for n in loaded if n != "teacher"]
@@ -484,6 +505,7 @@ def _serving_figures(config, workdir, models, loaded) -> None:
         for p in prompts
     ]
     for name in tqdm(students, desc="evaluate: speculative", unit="drafter"):
+      _stop_here()
       models[name]["speculative"] = speculative_figures(
           teacher, loaded[name], prompts, baselines, sp
       )
@@ -494,6 +516,7 @@ def _serving_figures(config, workdir, models, loaded) -> None:
     for name, model in tqdm(
         loaded.items(), desc="evaluate: continuations", unit="model"
     ):
+      _stop_here()
       models[name]["continuations"] = generation.teacher_log_likelihood(
           teacher,
           model,

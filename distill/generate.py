@@ -65,6 +65,8 @@ def model_dir(
       )
     return path
   runs = layout.list_runs(workdir)
+  if run is not None:  # a run spec ("sampled@q=int8") or its folder
+    run = layout.run_folder(run)
   if run is None:
     if len(runs) == 1:
       run = runs[0]
@@ -167,7 +169,12 @@ def generate_text(
 
 def _define_flags():
   # Defined only when run as a binary (importing adds no flags).
-  flags.DEFINE_string("run", None, "Student run under WORKDIR/student/.")
+  flags.DEFINE_string(
+      "run",
+      None,
+      "Student run: its spec (sampled@q=int8) or its folder under"
+      " WORKDIR/student/ (sampled_qint8).",
+  )
   flags.DEFINE_bool("teacher", False, "Generate with WORKDIR/teacher instead.")
   flags.DEFINE_string(
       "model_dir",

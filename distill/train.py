@@ -49,9 +49,11 @@ lower rate) with a fresh optimizer, so the recipe "offline KD, then a short
 on-policy phase" is two runs of one config, and ``sampled@from=sampled``
 (the same steps on the cache) is its control.
 
-Every run of one config sees the same packed rows in the same order (the CE
-and online runs read the rows the cache covers, shuffled with the same seed),
-so they differ only in the target. The loss is
+Every run of one config sees the same packed rows in the same order (the
+first ``config.cache.max_rows`` rows, which the cache holds, shuffled with
+the same seed; the CE and online runs read them whether or not the cache
+exists yet, so the stages may run in any order), so they differ only in the
+target. The loss is
 ``alpha * CE + (1 - alpha) * T^2 * KD``; offline runs use the cache's
 temperature, online runs may follow a temperature schedule.
 """
@@ -376,18 +378,19 @@ def _batches(
 ):
   """``(make_iterator, the cache's temperature or None)`` of a run: batches of
   the logit cache's records (a run that reads a target, after checking the
-  cache holds what it needs), or of the packed training rows (the cached
-  rows only, when ``config.distill.same_rows_as_cache`` and a cache exists).
+  cache holds what it needs), or of the packed training rows (only those a
+  cache holds, ``config.cache.max_rows``, when
+  ``config.distill.same_rows_as_cache``).
   """
   data, seed = config.data, config.seed
+  # The rows the cache holds (or will hold): the same whether or not it
+  # exists yet, so the stages may run in any order.
   num_rows = None
-  cache_temperature = None
-  cache_dir = layout.cache_dir(workdir)
-  has_cache = os.path.isfile(os.path.join(cache_dir, cache.MANIFEST))
-  if kind.reads_cache or (config.distill.same_rows_as_cache and has_cache):
-    manifest = cache.read_manifest(cache_dir)
-    num_rows = manifest["num_records"]
-    cache_temperature = manifest["temperature"]
+  if kind.reads_cache or config.distill.same_rows_as_cache:
+    train_rows = len(
+        pipeline.PackedRows(layout.data_dir(workdir), "train", data.seq_len)
+    )
+    num_rows = cache.planned_records(config.cache.max_rows, train_rows)
   if not kind.reads_cache:
     return (
         lambda: iter(
@@ -401,13 +404,16 @@ def _batches(
                 num_rows=num_rows,
             )
         ),
-        cache_temperature,
+        None,
     )
+  cache_dir = layout.cache_dir(workdir)
+  manifest = cache.read_manifest(cache_dir)
   expect = cache_expectations(config, kind.target, teacher)
   expect.update(
       tokenizer_hash=tok.tokenizer_hash(layout.tokenizer_path(workdir)),
       vocab_size=vocab_size,
       seq_len=data.seq_len,
+      num_records=num_rows,
   )
   cache.check_matches(manifest, expect, cache_dir)
   _check_sizes(run, kind, manifest)
@@ -423,7 +429,7 @@ def _batches(
               worker_count=data.worker_count,
           )
       ),
-      cache_temperature,
+      manifest["temperature"],
   )
 
 

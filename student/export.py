@@ -32,7 +32,7 @@ import jax
 from absl import flags, logging
 from flax import nnx
 
-from distill.core import checkpoint, cli, files, layout
+from distill.core import checkpoint, cli, files, layout, stop
 from student import hf, load_student, quantize
 from student.model import abstract_student
 
@@ -74,6 +74,7 @@ def export(
           " --format=hf without --quantize (float32 or bfloat16) and quantise"
           " on the serving side, or use --format=orbax --quantize=..."
       )
+  run = layout.run_folder(run)  # a run spec ("sampled@q=int8") or its folder
   source = layout.student_dir(workdir, run)
   if not os.path.isfile(os.path.join(source, checkpoint.CONFIG_FILE)):
     raise ExportError(layout.missing_run_message(workdir, run))
@@ -103,14 +104,9 @@ def export(
   if quantization is not None:
     info["quantization"] = quantization
   if _read_info(final) == info:
-    logging.info(
-        "%s already holds step %d of %s (%s); nothing to do",
-        final,
-        step,
-        run,
-        dtype,
-    )
+    print(f"export: {final} already holds step {step} of {run}; nothing to do")
     return final
+  stop.check("export", "the exports finished so far are kept")
 
   model = load_student(source)
   if fmt == "hf" and getattr(model, "quantization", None):
@@ -132,6 +128,8 @@ def export(
     else:
       _save_orbax(tmp, model, dtype, step)
     files.write_json(os.path.join(tmp, EXPORT_INFO), info, sort_keys=True)
+  what = quantization or getattr(model, "quantization", None) or dtype
+  print(f"export: {run} step {step} as {fmt} ({what}) -> {final}")
   return final
 
 
@@ -189,7 +187,10 @@ def _define_flags():
   # Defined only when run as a binary, so that importing export_all into the
   # main job adds no flags there.
   flags.DEFINE_string(
-      "run", None, "Run under WORKDIR/student/ (default: all runs)."
+      "run",
+      None,
+      "Run to export: its spec as distill.train takes it (sampled@q=int8) or"
+      " its folder under WORKDIR/student/ (sampled_qint8); default: all runs.",
   )
   flags.DEFINE_enum(
       "format",
@@ -225,15 +226,13 @@ def main(argv):
     raise ExportError(
         f"{workdir}/student has no runs; run `python -m distill.train` first"
     )
-  for run in runs:
-    print(
-        export(
-            workdir,
-            run,
-            flags.FLAGS.format,
-            flags.FLAGS.dtype,
-            flags.FLAGS.quantize,
-        )
+  for run in runs:  # each export prints what it wrote
+    export(
+        workdir,
+        run,
+        flags.FLAGS.format,
+        flags.FLAGS.dtype,
+        flags.FLAGS.quantize,
     )
 
 

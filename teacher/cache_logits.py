@@ -47,7 +47,7 @@ from tqdm import tqdm
 from data import cache, cache_format, pipeline, sparse_targets
 from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
-from distill.core import cli, files, layout, sharding
+from distill.core import cli, files, layout, sharding, stop
 from distill.training import loop as trainer
 from teacher.model import load_teacher
 
@@ -337,8 +337,14 @@ def _write_shards(
 
   try:
     for i in range(steps):
-      s, start, stop = jobs[i] if i < len(jobs) else (None, 0, 1)
-      rows = [rows_source[j] for j in range(start, stop)]
+      # Every process stops at the same batch (the teacher pass is
+      # collective); what the teacher computed is written first.
+      signum = stop.agreed()
+      if signum is not None:
+        drain(limit=0)
+        raise stop.stopped("cache", signum, "its complete shards are kept")
+      s, start, end = jobs[i] if i < len(jobs) else (None, 0, 1)
+      rows = [rows_source[j] for j in range(start, end)]
       # One compiled shape: the last rows repeat to fill the batch.
       padded = rows + [rows[-1]] * (local - len(rows))
       batch = {
@@ -518,7 +524,7 @@ def _claim_folder(config, workdir: str, teacher, train_rows: int):
   directory = layout.cache_dir(workdir)
   data_dir = layout.data_dir(workdir)
   c = config.cache
-  num_records = min(train_rows, c.max_rows) if c.max_rows else train_rows
+  num_records = cache.planned_records(c.max_rows, train_rows)
   summary_path = os.path.join(data_dir, "prepare.json")
   data_meta = {}
   if os.path.isfile(summary_path):

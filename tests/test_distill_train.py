@@ -118,3 +118,24 @@ def test_offline_run_refuses_a_cache_for_another_sequence_length(
   json.dump(cache.seal(manifest), open(manifest_path, "w"))
   with pytest.raises(UserError, match="seq_len"):
     distill_train.train_run(stdlib.get_config("tiny"), w, "topk_ghost")
+
+
+def test_ce_sees_the_same_rows_before_and_after_the_cache(workdir, tmp_path):
+  """The stages in either order: a CE run trained before the cache exists
+  reads exactly the rows (and order) it reads after, so its losses agree
+  bit for bit; a cache of other rows is refused for offline runs."""
+  config = stdlib.get_config("tiny")
+  before = _copy(workdir, tmp_path / "before")
+  shutil.rmtree(layout.cache_dir(before))
+  after = _copy(workdir, tmp_path / "after")
+  losses = {}
+  for name, w in (("before", before), ("after", after)):
+    distill_train.train_run(config, w, "ce")
+    losses[name] = procs.losses_by_step(
+        os.path.join(layout.student_dir(w, "ce"), trainer.METRICS_FILE)
+    )
+  assert losses["before"] == losses["after"] and len(losses["after"]) > 1
+  fewer = stdlib.get_config("tiny")
+  fewer.cache.max_rows = config.cache.max_rows - 16
+  with pytest.raises(UserError, match="num_records"):
+    distill_train.train_run(fewer, after, "sampled")

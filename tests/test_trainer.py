@@ -14,7 +14,7 @@ from flax import nnx
 
 from data import pipeline
 from distill.core import checkpoint as ckpt
-from distill.core import layout
+from distill.core import layout, stop
 from distill import losses
 from distill.training import loop as trainer
 
@@ -57,6 +57,7 @@ def _run(
     eval_every=4,
     on_eval=None,
     replay_check_every=0,
+    signum=signal.SIGTERM,
 ):
   if not os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     os.makedirs(out_dir, exist_ok=True)
@@ -78,7 +79,7 @@ def _run(
     # grain reads ahead, so the signal lands a step or two after this fetch.
     seen[0] += 1
     if kill_at is not None and seen[0] == kill_at:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return batch
 
   def make_iterator():
@@ -145,9 +146,16 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
 
 def test_sigterm_then_resume_matches_running_through(tmp_path, data_dir):
   straight, _ = _run(str(tmp_path / "a"), data_dir)
-  interrupted, _ = _run(str(tmp_path / "b"), data_dir, kill_at=3)
-  assert interrupted.status == "interrupted" and 1 <= interrupted.step < 8
-  assert ckpt.latest_step(str(tmp_path / "b")) == interrupted.step
+  with pytest.raises(stop.Stopped) as stopped:
+    _run(str(tmp_path / "b"), data_dir, kill_at=3)
+  assert stopped.value.signum == signal.SIGTERM
+  assert stopped.value.exit_status == 143
+  step = ckpt.latest_step(str(tmp_path / "b"))
+  assert 1 <= step < 8
+  assert str(stopped.value) == (
+      f"train: stopped by SIGTERM; checkpoint saved at step {step}. Rerun the"
+      " same command to resume."
+  )
   resumed, _ = _run(str(tmp_path / "b"), data_dir)
   assert resumed.status == "finished"
   want = {
@@ -163,6 +171,31 @@ def test_sigterm_then_resume_matches_running_through(tmp_path, data_dir):
   assert sorted(got) == list(range(1, 9))
   for step in range(1, 9):
     assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(
+    tmp_path, data_dir, signum
+):
+  """Step 4 is checkpointed by the schedule; a SIGTERM or Ctrl-C in its
+  evaluation stops the run there (it once crashed saving step 4 twice), and
+  the rerun goes on to the end."""
+
+  def signal_at_4(model, step):
+    del model
+    if step == 4:
+      os.kill(os.getpid(), signum)
+
+  out = str(tmp_path / "run")
+  with pytest.raises(stop.Stopped) as stopped:
+    _run(out, data_dir, on_eval=signal_at_4)
+  assert stopped.value.exit_status == 128 + signum
+  assert "checkpoint saved at step 4" in str(stopped.value)
+  assert sorted(os.listdir(os.path.join(out, ckpt.CHECKPOINT_DIR))) == ["4"]
+  # The handlers are the caller's again once the loop has stopped.
+  assert signal.getsignal(signal.SIGINT) is not stop._handle
+  result, evals = _run(out, data_dir)
+  assert result.status == "finished" and result.step == 8 and evals == [8]
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path, data_dir, capsys):

@@ -6,6 +6,11 @@ Every failure a user can act on ends the binary with one line on stderr,
 override), a bad flag, a full disk. ``--verbose`` (or the environment
 variable ``FLASHDISTILL_VERBOSE=1``) shows the traceback instead.
 
+SIGTERM and Ctrl-C (SIGINT) stop the binary at the stage's next safe point
+(``distill.core.stop``): one line on stderr saying where it stopped and what
+was kept, and the exit status 128 + the signal (143, 130); a second Ctrl-C
+exits at once.
+
 Usage in a binary::
 
     from distill.core import cli
@@ -30,7 +35,7 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill.core import sharding
+from distill.core import sharding, stop
 from distill.core.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -186,7 +191,8 @@ flags.DEFINE_bool(
 
 
 def run(main: Callable):
-  """``app.run`` whose user errors end in one line and exit status 1."""
+  """``app.run`` whose user errors end in one line and exit status 1, and
+  whose stops on a signal in one line and 128 + the signal."""
 
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:
@@ -194,7 +200,14 @@ def run(main: Callable):
       # generated text readable. --verbosity=0 brings the INFO lines back.
       logging.set_verbosity(logging.WARNING)
     try:
-      main(argv)
+      with stop.watching():
+        main(argv)
+    except stop.Stopped as e:
+      print(str(e), file=sys.stderr, flush=True)
+      sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # before a stage could watch for it
+      print("interrupted", file=sys.stderr, flush=True)
+      sys.exit(128 + stop.signal.SIGINT)
     except UserError as e:
       if _verbose(sys.argv):
         raise

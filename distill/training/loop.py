@@ -5,9 +5,10 @@ gradient clipping, resumable orbax checkpoints that hold the parameters, the
 optimizer state and the grain iterator state (so a resumed run sees exactly
 the batches it would have seen), an eval hook every ``eval_every`` steps,
 metrics to TensorBoard event files and ``metrics.jsonl``, the parameters of
-the best evaluation kept in ``best/``, a progress bar, and SIGTERM handling
-(save, then stop cleanly). A run whose last checkpoint is at ``steps`` is
-finished, and calling ``train`` again does nothing.
+the best evaluation kept in ``best/``, a progress bar, and SIGTERM and
+Ctrl-C handling (save at the step, then raise ``distill.core.stop.Stopped``).
+A run whose last checkpoint is at ``steps`` is finished, and calling
+``train`` again does nothing.
 
 The caller supplies the model, a ``loss_fn(model, batch, step) -> (loss,
 metrics)`` and a factory for the training iterator; the output folder is a
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -40,7 +40,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from distill.core import checkpoint as ckpt
-from distill.core import files, sharding
+from distill.core import files, sharding, stop
 from distill.training.records import (  # pylint: disable=unused-import
     METRICS_FILE,
     MetricsWriter,
@@ -159,29 +159,6 @@ def _data_restore_args(out_dir: str, step: int, iterator) -> dict[str, Any]:
   return {DATA_STATE: ocp.args.JsonRestore()}
 
 
-class _StopRequest:
-  """Turns SIGTERM into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no signal handling.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 class _WithExtras(nnx.Module):
   """The model and its ``extras``: what the optimizer trains together."""
 
@@ -195,7 +172,7 @@ class TrainResult:
   """How a call of ``train`` ended, and the metrics it logged last."""
 
   step: int
-  status: str  # "finished", "already finished" or "interrupted"
+  status: str  # "finished" or "already finished"
   last_metrics: dict[str, float]
 
 
@@ -242,8 +219,9 @@ def summarize(
   """The run's summary, kept in ``out_dir/summary.json``.
 
   A run that has just finished writes ``fields``, its step count and its last
-  metrics there; a run that was already finished returns what it wrote then;
-  an interrupted one returns its status and step.
+  metrics there; a run that was already finished returns what it wrote then
+  (its status and step if it has none: killed between its last checkpoint
+  and the summary).
   """
   path = os.path.join(out_dir, SUMMARY_FILE)
   if result.status == "finished":
@@ -536,11 +514,13 @@ class _Run:
   last: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def from_step(self, step: int) -> TrainResult:
-    """Steps from ``step`` to ``cfg.steps``, or until a SIGTERM."""
+    """Steps from ``step`` to ``cfg.steps``. A SIGTERM or Ctrl-C stops it
+    after the step it lands in: the step is checkpointed, then
+    ``stop.Stopped`` is raised."""
     cfg = self.cfg
     meter = _Meter(self.desc)
     with (
-        _StopRequest() as stop,
+        stop.watching(),
         tqdm(
             total=cfg.steps,
             initial=step,
@@ -573,18 +553,13 @@ class _Run:
         if _due(step, cfg.checkpoint_every, cfg.steps):
           self.save(step)
         # Every process stops at the same step (the save is collective).
-        if sharding.main_says(stop.requested):
+        signum = stop.agreed()
+        if signum is not None:
           self.save(step)
-          logging.warning(
-              "%s: SIGTERM at step %d; checkpoint saved, stopping.",
-              self.desc,
-              step,
+          bar.close()
+          raise stop.stopped(
+              self.desc, signum, f"checkpoint saved at step {step}"
           )
-          print(
-              f"{self.desc}: stopped by SIGTERM at step {step}; checkpoint"
-              " saved. Rerun the same command to resume."
-          )
-          return TrainResult(step, "interrupted", self.last)
     return TrainResult(step, "finished", self.last)
 
   def step(self, host_batch, step: int):
