@@ -23,7 +23,9 @@ so ``_info`` constructs ``tfds.core.DatasetInfo`` directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as py_logging
 import glob as globlib
 import hashlib
 import os
@@ -221,6 +223,24 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
       )
 
 
+class _CustomConfigNotice(py_logging.Filter):
+  """Drops TFDS's "Using custom data configuration ..." warning: every
+  corpus here is a custom configuration, so it says nothing."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config() -> Iterator[None]:
+  notice = _CustomConfigNotice()
+  logging.get_absl_logger().addFilter(notice)
+  try:
+    yield
+  finally:
+    logging.get_absl_logger().removeFilter(notice)
+
+
 def corpus_builder(
     data_config, data_dir: str
 ) -> tuple[Any, str, dict[str, str]]:
@@ -251,9 +271,10 @@ def corpus_builder(
         max_files=data_config.max_files,
         validation_permille=data_config.validation_permille,
     )
-    builder = FilesCorpus(
-        config=config, data_dir=data_dir, file_format="array_record"
-    )
+    with _quiet_custom_config():
+      builder = FilesCorpus(
+          config=config, data_dir=data_dir, file_format="array_record"
+      )
     return builder, "text", {TRAIN: TRAIN, VALIDATION: VALIDATION}
   if source == "tfds":
     if not data_config.tfds_name:

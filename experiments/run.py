@@ -7,6 +7,10 @@ the teacher stage runs first, so the data is tokenized with its tokenizer.
 
 Each stage is also its own binary (see the README); this one calls the same
 library functions in one process. ``--stages=prepare,teacher`` runs a subset.
+
+SIGTERM (a preemption) or Ctrl-C stops the stage it lands in at its next safe
+point, starts no further stage, and exits with status 143 (130 for Ctrl-C);
+the same command then resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from absl import flags, logging
 from data import prepare
 from distill import evaluate
 from distill import train as distill_train
-from distill.core import cli
+from distill.core import cli, stop
 from student import export
 from teacher import cache_logits
 from teacher import train as teacher_train
@@ -57,6 +61,7 @@ def run_all(config, workdir: str, only: list[str] | None = None) -> list[str]:
   for name, function in stage_order(config):
     if only and name not in only:
       continue
+    stop.check("run", f"the stages before {name} are done")
     print(f"run: stage {name} ...")
     start = time.time()
     function(config, workdir)

@@ -339,6 +339,7 @@ def import_hf(
     dtype: str | None = None,
     overwrite: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    flag: str = "--hf_dir",
 ) -> str:
   """Imports a Hugging Face MoE checkpoint into ``workdir/teacher``.
 
@@ -360,12 +361,13 @@ def import_hf(
     dtype: compute dtype; default float32 for float32 weights, else bfloat16.
     overwrite: replace an existing ``workdir/teacher``.
     mesh: the device mesh the weights are placed on.
+    flag: how the user named ``hf_dir``, for the error a wrong one gets.
   Returns:
     The teacher folder.
   """
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   if not os.path.isdir(hf_dir):
-    raise HFImportError(f"--hf_dir={hf_dir} is not a folder")
+    raise HFImportError(f"{flag}={hf_dir} is not a folder")
   hf = read_hf_config(hf_dir)
   config = teacher_config_from_hf(
       hf,

@@ -225,6 +225,7 @@ def stage(config, workdir: str):
         param_dtype=config.teacher.get("param_dtype") or None,
         dtype=config.teacher.get("dtype") or None,
         mesh=sharding.from_config(config),
+        flag="--config.teacher.hf_dir",
     )
     print(f"teacher: imported {hf_dir} into {path}")
     return {"imported": hf_dir}

@@ -143,6 +143,9 @@ def tiny_cached(tiny_prepared, tmp_path_factory) -> str:
 # (measured: seconds on the 2-core development machine, one process), so
 # that the workers finish together; the rest follow in their usual order.
 LONGEST_FIRST = (
+    "test_main_job.py",  # slow: the tiny main job, whole and interrupted
+    "test_distributed.py",  # slow
+    "test_faults.py",  # slow
     "test_run.py",  # the whole tiny main job
     "test_on_policy.py",
     "test_sharding.py",

@@ -286,8 +286,10 @@ def test_imported_tokenizer_is_adopted_not_retrained(prepared, tmp_path):
 
 def test_glob_that_matches_nothing_is_a_clear_error(tmp_path):
   config = _files_config(str(tmp_path / "nope" / "*.txt"))
+  os.makedirs(tmp_path / "w")
   with pytest.raises(corpus.CorpusError, match="matched nothing"):
     prepare.prepare(config, str(tmp_path / "w"))
+  assert not os.listdir(tmp_path / "w")  # no empty W/data/ left behind
 
 
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
@@ -355,3 +357,18 @@ def test_preparing_local_files_announces_no_download(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "prepare: train:" in out
   assert "Downloading" not in out and "downloaded" not in out
+
+
+def test_building_a_corpus_does_not_warn_about_its_configuration(
+    tmp_path, caplog
+):
+  """TFDS warns "Using custom data configuration" for every custom corpus:
+  noise on every run, so the corpus keeps it out of the log."""
+  caplog.set_level("INFO")
+  corpus.corpus_builder(
+      _files_config(str(tmp_path / "*.txt")).data, str(tmp_path / "d")
+  )
+  corpus.corpus_builder(stdlib.get_config("tiny").data, str(tmp_path / "d"))
+  assert not [
+      r for r in caplog.records if "custom data configuration" in r.getMessage()
+  ]

@@ -84,7 +84,7 @@ def test_offline_run_sigterm_and_resume_match_running_through(
       metrics,
       after_step=3,
   )
-  assert code == 0 and "stopped by SIGTERM" in out, out[-2000:]
+  assert code == 143 and "stopped by SIGTERM" in out, out[-2000:]
   assert 3 <= ckpt.latest_step(os.path.join(stopped, "student", "sampled")) < 30
   result = procs.binary("distill.train", TINY, f"--workdir={stopped}", *args)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -84,35 +84,6 @@ def _close(a, b, tol):
     assert abs(a[step] - b[step]) <= tol, (step, a[step], b[step])
 
 
-def test_mesh_tiny_variant_end_to_end_matches_one_device(
-    tiny_prepared, tmp_path
-):
-  """experiments.run on the tiny variant: 8 devices (default mesh) and 1
-  give the same per-step losses for the teacher and every student."""
-  dirs = {}
-  for devices in (8, 1):
-    workdir = copy_workdir(tiny_prepared, tmp_path / f"d{devices}")
-    result = _run(
-        "experiments.run", TINY, f"--workdir={workdir}", devices=devices
-    )
-    if devices == 8:  # tiny's 4-row batches: the log says where they went
-      assert "8 cpu devices" in result.stderr
-    dirs[devices] = workdir
-  _close(
-      _losses(layout.teacher_dir(dirs[8])),
-      _losses(layout.teacher_dir(dirs[1])),
-      1e-4,
-  )
-  runs = layout.list_runs(dirs[1])
-  assert runs and runs == layout.list_runs(dirs[8])
-  for run in runs:
-    _close(
-        _losses(layout.student_dir(dirs[8], run)),
-        _losses(layout.student_dir(dirs[1], run)),
-        1e-4,
-    )
-
-
 def test_mesh_teacher_train_binary_matches_one_device(tiny_prepared, tmp_path):
   losses = {}
   for devices in (8, 1):

@@ -20,6 +20,10 @@ BAD_FLAGS = [  # (argv, what the one line says)
         ["--config=experiments/stdlib.py:tiny", "--config.data.seq_lenn=3"],
         "the config has no key 'seq_lenn'; did you mean 'seq_len'?",
     ),
+    (
+        ["--config=experiments/stdlib.py:tiny", "--config.data.files=x"],
+        "the config has no key 'files' (--config.data.files)",
+    ),
     (["--config=experiments/nope.py"], "experiments/nope.py: no such file"),
     (
         ["--config=experiments/stdlib.py:huge"],

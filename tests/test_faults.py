@@ -3,7 +3,8 @@ over several seeds; the rerun's outputs equal an uninterrupted run's.
 
 (The shorter fault cases live with their stages: a full disk and damaged
 inputs in test_errors.py, stale or edited caches in test_provenance.py,
-non-finite steps in test_trainer.py, SIGTERM in the trainer tests.)
+non-finite steps in test_trainer.py, SIGTERM in the trainer tests, SIGTERM
+and Ctrl-C in every stage of the main job in test_main_job.py.)
 """
 
 import random

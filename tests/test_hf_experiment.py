@@ -112,6 +112,16 @@ def test_missing_hf_dir_is_refused_before_any_stage(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_wrong_hf_dir_is_named_as_the_user_set_it(tmp_path):
+  config = hf_moe.get_config("cpu")
+  config.teacher.hf_dir = str(tmp_path / "no_such_checkpoint")
+  with pytest.raises(
+      UserError, match=r"^--config\.teacher\.hf_dir=.*no_such_checkpoint is"
+  ):
+    run.run_all(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_unknown_variant_is_refused():
   with pytest.raises(ValueError, match="Unknown variant"):
     hf_moe.get_config("gpu")

@@ -323,6 +323,25 @@ def test_export_with_another_familys_tokenizer(tmp_path, student):
   assert tokenizer.eos_token_id == 2
 
 
+def test_export_takes_a_run_spec_or_its_folder(tmp_path, student, capsys):
+  """``--run`` as distill.train takes it (a spec with parts) or as the folder
+  is named; either way the export says what it wrote, once."""
+  workdir = _workdir(tmp_path, student)
+  os.rename(
+      os.path.join(workdir, "student", "run1"),
+      os.path.join(workdir, "student", "sampled_n16"),
+  )
+  out = export.export(workdir, "sampled@n=16", "orbax")
+  assert out == os.path.join(workdir, "export", "sampled_n16")
+  assert capsys.readouterr().out == (
+      f"export: sampled_n16 step 7 as orbax (float32) -> {out}\n"
+  )
+  assert export.export(workdir, "sampled_n16", "orbax") == out
+  assert capsys.readouterr().out == (
+      f"export: {out} already holds step 7 of sampled_n16; nothing to do\n"
+  )
+
+
 def test_export_errors_say_what_to_do(tmp_path, student):
   workdir = _workdir(tmp_path, student, with_tokenizer=False)
   with pytest.raises(export.ExportError, match="no student run 'nope'.*run1"):

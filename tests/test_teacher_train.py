@@ -63,7 +63,7 @@ def test_sigterm_and_resume_match_running_through(prepared, tmp_path):
       metrics,
       after_step=3,
   )
-  assert code == 0 and "stopped by SIGTERM" in out, out[-2000:]
+  assert code == 143 and "stopped by SIGTERM" in out, out[-2000:]
   stop_step = ckpt.latest_step(os.path.join(stopped, "teacher"))
   assert 3 <= stop_step < 40
   result = procs.binary(

@@ -32,6 +32,7 @@ import sys
 import uuid
 from typing import Callable, NoReturn, Sequence
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -167,8 +168,34 @@ def _check_config_path(argv: Sequence[str]) -> None:
         )
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort")
+
+
+def _help() -> NoReturn:
+  """The binary's docstring and flags, and the flags every binary shares;
+  exit status 0 (absl's own ``--help`` exits 1 and lists only the
+  binary's)."""
+  doc = (sys.modules["__main__"].__doc__ or "").strip()
+  if doc:
+    print(doc + "\n")
+  print("flags:")
+  for text in (
+      flags.FLAGS.main_module_help(),
+      flags.FLAGS.module_help(__name__),
+  ):
+    if text.strip():
+      print(text.rstrip())
+  print(
+      "\n--config.KEY=VALUE overrides one value of the config; --helpfull lists"
+      " every flag, JAX's and absl's too."
+  )
+  sys.exit(0)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config and flag errors as one line."""
+  if any(a in _HELP for a in argv[1:]):
+    _help()
   _check_config_path(argv)
   try:
     return flags.FLAGS(argv)
@@ -177,10 +204,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
       raise
     message = _one_line(str(e))
     typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', message)
+    missing = re.fullmatch(r"""["']*(\w+)["']*""", message)
     if typo:
       message = (
           f"the config has no key {typo.group(2)!r}; did you mean"
           f" {typo.group(1)!r}?"
+      )
+    elif missing:  # ml_collections' bare KeyError of an unknown key
+      overrides = [
+          a.split("=", 1)[0]
+          for a in argv
+          if re.match(rf"--config\.[\w.]*\b{missing.group(1)}\b", a)
+      ]
+      message = f"the config has no key {missing.group(1)!r}" + (
+          f" ({overrides[0]})" if overrides else ""
       )
     _fail(f"{message} (--verbose shows the traceback)")
 
@@ -188,6 +225,30 @@ def _parse_flags(argv: list[str]) -> list[str]:
 flags.DEFINE_bool(
     "verbose", False, f"Show tracebacks of errors (or set {_VERBOSE_ENV}=1)."
 )
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache",
+    None,
+    "Folder of JAX's persistent compilation cache: a rerun (a resume after a"
+    " preemption) loads its compiled programs instead of compiling them"
+    " again. Default $JAX_COMPILATION_CACHE_DIR, else"
+    " ~/.cache/flashdistill/jax; 'none' turns it off.",
+)
+COMPILE_CACHE_BYTES = 4 << 30  # the cache drops its oldest programs past this
+
+
+def use_compile_cache(folder: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``folder`` (None: the
+  default above; "none": off); returns the folder used."""
+  if folder is None:
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "flashdistill", "jax"
+    )
+  if folder.lower() in ("", "none"):
+    return None
+  jax.config.update("jax_compilation_cache_dir", folder)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+  return folder
 
 
 def run(main: Callable):
@@ -199,6 +260,7 @@ def run(main: Callable):
       # Orbax and TFDS log every step at INFO; keep the progress bars and
       # generated text readable. --verbosity=0 brings the INFO lines back.
       logging.set_verbosity(logging.WARNING)
+    use_compile_cache(_COMPILE_CACHE.value)
     try:
       with stop.watching():
         main(argv)
