@@ -9,6 +9,9 @@ computed from log-probabilities [B, T, V] at the cache's temperature:
   as unique ids and counts;
 - ``topk_tail_targets``: the top k, plus m draws from the rest.
 
+The ``*_at`` forms take the uniforms of the draws instead of a key, so a pass
+over chunks of positions makes exactly the targets of a pass over the row.
+
 ``topk_from_log_probs`` and ``sample_from_log_probs`` are numpy references.
 """
 
@@ -89,11 +92,22 @@ def topk_tail_targets(
   holds no probability (tail == 0) the draws are meaningless and carry no
   weight in the loss.
   """
+  uniforms = jax.random.uniform(key, (*log_probs.shape[:-1], m))
+  return topk_tail_targets_at(uniforms, log_probs, k, stratified)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "stratified"))
+def topk_tail_targets_at(
+    uniforms: jax.Array, log_probs: jax.Array, k: int, stratified: bool = False
+):
+  """``topk_tail_targets`` with its uniforms given ([B, T, m] in [0, 1)), so
+  that a pass over chunks of positions draws what one pass over the whole
+  row draws."""
   ids, vals, tail = topk_targets(log_probs, k)
   rest = jnp.put_along_axis(
       log_probs.astype(jnp.float32), ids, -jnp.inf, axis=-1, inplace=False
   )
-  tail_ids, tail_counts = sample_targets(key, rest, m, stratified)
+  tail_ids, tail_counts = sample_targets_at(uniforms, rest, stratified)
   return ids, vals, tail, tail_ids, tail_counts
 
 
@@ -109,10 +123,20 @@ def sample_targets(
   (still unbiased, lower variance). float32 CDF: each id's probability is
   resolved to about 2^-24; zero-probability ids are never drawn.
   """
+  uniforms = jax.random.uniform(key, (*log_probs.shape[:-1], n))
+  return sample_targets_at(uniforms, log_probs, stratified)
+
+
+@functools.partial(jax.jit, static_argnames=("stratified",))
+def sample_targets_at(
+    uniforms: jax.Array, log_probs: jax.Array, stratified: bool = False
+):
+  """``sample_targets`` with its uniforms given: [B, T, n] in [0, 1), one
+  per draw (the draws of a chunk of positions are a slice of the row's)."""
   p = jnp.exp(log_probs.astype(jnp.float32))
   cdf = jnp.cumsum(p, axis=-1)
-  u = jax.random.uniform(key, (*p.shape[:-1], n))
-  u = (jnp.arange(n) + u) / n if stratified else jnp.sort(u, axis=-1)
+  n = uniforms.shape[-1]
+  u = (jnp.arange(n) + uniforms) / n if stratified else jnp.sort(uniforms, -1)
   x = u * cdf[..., -1:]
   search = jnp.vectorize(
       lambda c, v: jnp.searchsorted(c, v, side="right"),

@@ -390,6 +390,7 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
       c.stratified,
       c.tail_k,
       c.tail_samples,
+      c.get("position_chunk", 0),
   )
   key = jax.random.key(0)
   rows = jnp.arange(b, dtype=jnp.int32)

@@ -126,6 +126,9 @@ def get_config(arg=None):
   c.cache.rows_per_shard = 1024
   c.cache.batch_size = 32  # rows per teacher forward pass, from each process
   c.cache.writer_threads = 2  # host threads encoding records
+  # The output layer and the targets run over this many positions at a time
+  # (0: whole rows): [rows, chunk, V] float32 logits at once, not [rows, T, V].
+  c.cache.position_chunk = 512
 
   c.student = ml_collections.ConfigDict()
   c.student.preset = "demo"  # student/config.py presets

@@ -69,6 +69,7 @@ def make_target_fn(
     stratified: bool,
     tail_k: int = 0,
     tail_samples: int = 0,
+    position_chunk: int = 0,
 ):
   """Jitted ``(teacher, tokens, segment_ids, positions, base_key, row_ids)
   -> targets``: the one teacher pass over a batch of rows [B, L].
@@ -76,15 +77,30 @@ def make_target_fn(
   Row ``r`` draws its sample with ``fold_in(base_key, row_ids[r])`` (its
   index among the train rows) and, for ``topk_tail`` (a top-``tail_k`` head
   and ``tail_samples`` draws from the rest), its tail draws with that key
-  folded with 1. The
-  targets are made a row at a time on the CPU, where a row's [L, V]
-  log-probs stay in cache (demo teacher, 32 x 128 tokens, V = 8192, 2 cores:
-  the targets took 0.38 s over the forward pass for the whole batch at once,
-  0.22 s a row at a time), and for the whole batch at once elsewhere; the
-  records are the same either way.
+  folded with 1.
+
+  The teacher's blocks run once over the whole rows; its output layer, the
+  softmax and the targets then run over ``position_chunk`` positions at a
+  time (0: the whole row), so no [B, L, V] array of logits is whole: at a
+  real vocabulary (V = 151,936) one row of 8,192 positions is 5 GB of
+  float32 logits. Each position's draws are the slice of its row's, so the
+  targets do not depend on the chunk. On the CPU the targets are made a row
+  at a time, where a row's [L, V] log-probs stay in cache (demo teacher,
+  32 x 128 tokens, V = 8192, 2 cores: 0.22 s over the forward pass against
+  0.38 s for the whole batch at once), elsewhere for the whole batch.
   """
 
-  def row_targets(logits, key):  # logits [L, V]
+  def draws(key, length):  # one row's uniforms, [1, length, n] per method
+    out = {}
+    if "sample" in methods:
+      out["sample"] = jax.random.uniform(key, (1, length, num_samples))
+    if "topk_tail" in methods:
+      out["topk_tail"] = jax.random.uniform(
+          jax.random.fold_in(key, 1), (1, length, tail_samples)
+      )
+    return out
+
+  def row_targets(logits, uniforms):  # logits [C, V]; uniforms [1, C, n]
     log_probs = jax.nn.log_softmax(
         logits[None].astype(jnp.float32) / temperature, axis=-1
     )
@@ -94,46 +110,76 @@ def make_target_fn(
           sparse_targets.topk_targets(log_probs, k)
       )
     if "sample" in methods:
-      out["sample_ids"], out["sample_counts"] = sparse_targets.sample_targets(
-          key, log_probs, num_samples, stratified
+      out["sample_ids"], out["sample_counts"] = (
+          sparse_targets.sample_targets_at(
+              uniforms["sample"], log_probs, stratified
+          )
       )
     if "topk_tail" in methods:
       names = ("ids", "log_probs", "tail", "sample_ids", "sample_counts")
-      made = sparse_targets.topk_tail_targets(
-          jax.random.fold_in(key, 1),
-          log_probs,
-          tail_k,
-          tail_samples,
-          stratified,
+      made = sparse_targets.topk_tail_targets_at(
+          uniforms["topk_tail"], log_probs, tail_k, stratified
       )
       out.update({f"tt_{n}": v for n, v in zip(names, made)})
     return {name: value[0] for name, value in out.items()}
 
-  def local_targets(logits, keys):  # this device's rows, whole vocab
+  def local_targets(logits, uniforms):  # this device's rows, whole vocab
     one_row_at_a_time = jax.default_backend() == "cpu"
     return jax.lax.map(
         lambda args: row_targets(*args),
-        (logits, keys),
+        (logits, uniforms),
         batch_size=None if one_row_at_a_time else logits.shape[0],
     )
 
-  @nnx.jit
-  def targets(teacher, tokens, segment_ids, positions, base_key, row_ids):
-    logits = teacher(tokens, segment_ids, positions)
-    keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(row_ids)
+  def chunk_targets(teacher, hidden, uniforms):  # [B, C, D] -> targets
+    logits = teacher.logits_from_hidden(hidden)
     mesh = sharding.current()
     if mesh is None:
-      return local_targets(logits, keys)
+      return local_targets(logits, uniforms)
     # Each device makes the targets of its own rows (the vocab, split over
     # ``tensor`` in the logits, gathered per row).
-    rows_spec = sharding.spec(("batch",), row_ids.shape, mesh)
+    rows_spec = sharding.spec(("batch",), logits.shape[:1], mesh)
     return jax.shard_map(
         local_targets,
         mesh=mesh,
-        in_specs=(PartitionSpec(*rows_spec, None, None), rows_spec),
-        out_specs=rows_spec,
+        in_specs=(
+            PartitionSpec(*rows_spec, None, None),
+            PartitionSpec(*rows_spec, None, None, None),
+        ),
+        out_specs=PartitionSpec(*rows_spec),
         check_vma=False,
-    )(logits, keys)
+    )(logits, uniforms)
+
+  @nnx.jit
+  def targets(teacher, tokens, segment_ids, positions, base_key, row_ids):
+    hidden, _ = teacher.hidden(tokens, segment_ids, positions)
+    rows, length = tokens.shape
+    keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(row_ids)
+    uniforms = jax.vmap(lambda key: draws(key, length))(keys)
+    chunk = min(position_chunk or length, length)
+    if chunk == length:
+      return chunk_targets(teacher, hidden, uniforms)
+    # [B, L, ...] -> [chunks, B, C, ...], the last chunk padded; then back.
+    count = -(-length // chunk)
+
+    def split(x, axis):
+      pad = [(0, 0)] * x.ndim
+      pad[axis] = (0, count * chunk - length)
+      x = jnp.pad(x, pad)
+      x = x.reshape(*x.shape[:axis], count, chunk, *x.shape[axis + 1 :])
+      return jnp.moveaxis(x, axis, 0)
+
+    graphdef, state = nnx.split(teacher)
+    made = jax.lax.map(
+        lambda args: chunk_targets(nnx.merge(graphdef, state), *args),
+        (split(hidden, 1), jax.tree.map(lambda u: split(u, 2), uniforms)),
+    )
+    return jax.tree.map(
+        lambda x: jnp.moveaxis(x, 0, 1).reshape(
+            rows, count * chunk, *x.shape[3:]
+        )[:, :length],
+        made,
+    )
 
   return targets
 
@@ -472,6 +518,7 @@ def _cache_logits(
       c.stratified,
       settings["tail_k"],
       settings["tail_samples"],
+      c.get("position_chunk", 0),
   )
   base_key = jax.random.key(config.seed)
   done_records = sum(
@@ -507,10 +554,13 @@ def _cache_logits(
   sharding.barrier("cache_logits: every shard written")
   manifest = _write_manifest(directory, settings)
   written = sum(settings["shards"][s]["records"] for s in todo)
+  in_shards = sum(manifest["shards"][s].get("seconds", 0.0) for s in todo)
   sizes = bytes_per_token(manifest)
   print(
-      f"cache: {written} rows in {seconds:.1f}s"
-      f" ({written * config.data.seq_len / seconds:,.0f} tokens/s);"
+      f"cache: {written} rows in {seconds:.1f}s with compiling"
+      f" ({in_shards:.1f}s in the shards' passes and writes, as report.md"
+      f" counts them; {written * config.data.seq_len / seconds:,.0f}"
+      " tokens/s);"
       f" {sizes['records']:.1f} bytes/token in records,"
       f" {sizes['files']:.1f} in files; {directory}"
   )

@@ -596,3 +596,34 @@ def test_records_do_not_depend_on_the_batch_size(cached, base, tmp_path):
         )
         same.append((ra["ids"] == rb["ids"]).all(-1))
     assert np.mean(same) > 0.99, (target, np.mean(same))
+
+
+def test_records_do_not_depend_on_the_position_chunk(cached, base, tmp_path):
+  """The output layer and the targets made 8 positions at a time (the tiny
+  rows are otherwise made whole): the same bytes in every shard. Chunks
+  that do not divide the row (the last one padded) draw the same ids too,
+  their log-probs within float32 rounding of the whole row's."""
+  workdir = copy(base, tmp_path / "w")
+  cl.cache_logits(tiny_config(**dict(CACHE, position_chunk=8)), workdir)
+  assert manifest_of(workdir) == manifest_of(cached)
+
+  teacher = load_teacher(layout.teacher_dir(base))
+  rows = pipeline.PackedRows(layout.data_dir(base), "train", 32)
+  batch = [
+      np.stack([rows[i][key] for i in range(3)])[:, :-1]
+      for key in ("tokens", "segment_ids", "positions")
+  ]
+  made = {}
+  for chunk in (0, 5):
+    target_fn = cl.make_target_fn(
+        ("sample", "topk", "topk_tail"), 8, 16, 2.0, False, 4, 16, chunk
+    )
+    made[chunk] = target_fn(
+        teacher, *batch, jax.random.key(0), np.arange(3, dtype=np.int32)
+    )
+  assert made[0].keys() == made[5].keys()
+  for name, whole in made[0].items():
+    if jnp.issubdtype(whole.dtype, jnp.floating):  # log-probs, tail mass
+      np.testing.assert_allclose(made[5][name], whole, atol=2e-6, err_msg=name)
+    else:
+      np.testing.assert_array_equal(made[5][name], whole, err_msg=name)
