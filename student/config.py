@@ -119,7 +119,8 @@ PRESETS: dict[str, StudentConfig] = {
         d_ff=512,
         window=128,
     ),
-    # Published shapes (google/gemma-3-270m and gemma-3-1b-pt config.json).
+    # Published shapes (google/gemma-3-270m, gemma-3-1b-pt, gemma-3-4b-pt
+    # config.json).
     "gemma3_270m": StudentConfig(
         vocab_size=262_144,
         d_model=640,
@@ -140,6 +141,20 @@ PRESETS: dict[str, StudentConfig] = {
         head_dim=256,
         d_ff=6912,
         window=512,
+        query_pre_attn_scalar=256,
+    ),
+    # google/gemma-3-4b-pt's text decoder (its vocabulary has 64 image
+    # tokens more; global layers scale RoPE positions by 8).
+    "gemma3_4b": StudentConfig(
+        vocab_size=262_208,
+        d_model=2560,
+        num_layers=34,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        d_ff=10240,
+        window=1024,
+        rope_global_scaling=8.0,
         query_pre_attn_scalar=256,
     ),
 }

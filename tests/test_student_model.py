@@ -11,10 +11,10 @@ from student.config import PRESETS, StudentConfig, get_preset
 from student.model import Student, abstract_student
 
 
-def _hf_param_count(**kw):
+def _hf_param_count(vocab_size=262_144, **kw):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  config = transformers.Gemma3TextConfig(vocab_size=262_144, **kw)
+  config = transformers.Gemma3TextConfig(vocab_size=vocab_size, **kw)
   with torch.device("meta"):
     model = transformers.Gemma3ForCausalLM(config)
   return sum(p.numel() for p in model.parameters())  # tied head counted once
@@ -47,6 +47,19 @@ def _hf_param_count(**kw):
             ),
             1.0e9,
         ),
+        (
+            "gemma3_4b",
+            dict(
+                vocab_size=262_208,
+                hidden_size=2560,
+                num_hidden_layers=34,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=256,
+                intermediate_size=10240,
+            ),
+            3.88e9,  # the language model of the 4.3B image-text checkpoint
+        ),
     ],
 )
 def test_full_size_param_counts_match_transformers(name, hf_kw, published):
@@ -57,7 +70,7 @@ def test_full_size_param_counts_match_transformers(name, hf_kw, published):
   assert counts["total"] == pytest.approx(published, rel=0.01)
   leaf = model.embed.embedding.get_value()
   assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (
-      262_144,
+      hf_kw.get("vocab_size", 262_144),
       hf_kw["hidden_size"],
   )
 
