@@ -3,7 +3,9 @@
 On the CPU the cuDNN kernel cannot run, so its call is checked by running the
 very same ``jax.nn.dot_product_attention`` call through jax's own XLA
 reference (``fused_attention(implementation="xla")``) against the project's
-``attend``, forward and backward, in float32 and bfloat16.
+``attend``, forward and backward, in float32 and bfloat16. The banded path of
+local layers is checked against ``attend`` the same way, and its cost (read
+from the compiled program) against the row length.
 """
 
 import jax
@@ -128,3 +130,86 @@ def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
     attention.self_attention(
         q, k, v, SEGMENTS, window=5, scale=0.25, impl="cudnn"
     )
+
+
+# The banded path: rows of 24 in blocks of 8 (and 16: a padded last block);
+# windows of one token, less than a block, a block, more than a block.
+@pytest.mark.parametrize(
+    "window,block", [(1, 8), (5, 8), (8, 8), (11, 8), (11, 16)]
+)
+@pytest.mark.parametrize(
+    "dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)]
+)
+def test_banded_attention_matches_attend_forward_and_backward(
+    window, block, dtype, tol
+):
+  q, k, v = _qkv(dtype, seed=1)
+  scale = H**-0.5
+  banded = lambda q, k, v: attention.banded_attention(
+      q, k, v, SEGMENTS, window=window, scale=scale, block=block
+  )
+  dense = lambda q, k, v: _reference(q, k, v, SEGMENTS, window, scale)
+
+  def with_grads(fn):
+    loss = lambda *a: (jnp.sum(jnp.sin(fn(*a).astype(jnp.float32))), fn(*a))
+    return jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+
+  (g_band, out_band), (g_dense, out_dense) = with_grads(banded), with_grads(
+      dense
+  )
+  f32 = lambda x: np.asarray(x, np.float32)
+  np.testing.assert_allclose(f32(out_band), f32(out_dense), atol=tol, rtol=tol)
+  for a, b in zip(g_band, g_dense):
+    np.testing.assert_allclose(f32(a), f32(b), atol=tol * 4, rtol=tol)
+
+
+def test_self_attention_takes_the_band_where_it_pays():
+  """A local layer whose window is short against the row runs the banded
+  path (same outputs as the dense one); a global layer, or a window that
+  reaches across the row, the dense one exactly."""
+  assert attention.band_pays(4096, 512) and not attention.band_pays(4096, None)
+  assert not attention.band_pays(512, 128)  # one block holds the row
+  assert not attention.band_pays(1024, 1000)  # the band would be the row
+  t = 3 * attention.BAND_BLOCK
+  q, k, v = (
+      jax.random.normal(key, (1, t, heads, 8))
+      for key, heads in zip(jax.random.split(jax.random.key(2), 3), (2, 1, 1))
+  )
+  segments = jnp.ones((1, t), jnp.int32)
+  got = attention.self_attention(q, k, v, segments, window=16, scale=0.3)
+  want = _reference(q, k, v, segments, 16, 0.3)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+def _compiled_cost(length, window):
+  """Temporary bytes and FLOPs per token of one local layer's forward and
+  backward through ``self_attention``, read from the compiled program."""
+  shape = lambda heads: jax.ShapeDtypeStruct(
+      (1, length, heads, 32), jnp.float32
+  )
+  loss = lambda q, k, v, s: jnp.sum(
+      attention.self_attention(q, k, v, s, window=window, scale=0.2)
+  )
+  compiled = (
+      jax.jit(jax.grad(loss, (0, 1, 2)))
+      .trace(
+          shape(2),
+          shape(1),
+          shape(1),
+          jax.ShapeDtypeStruct((1, length), jnp.int32),
+      )
+      .lower()
+      .compile()
+  )
+  flops = compiled.cost_analysis()["flops"]
+  return compiled.memory_analysis().temp_size_in_bytes, flops / length
+
+
+def test_local_layer_cost_is_linear_in_the_row():
+  """4x the row: within 1.3x of 4x the temporaries and the same FLOPs per
+  token, where the dense path grows as the square."""
+  short, long = _compiled_cost(2048, 128), _compiled_cost(8192, 128)
+  assert long[0] <= short[0] * 4 * 1.3
+  assert long[1] == pytest.approx(short[1], rel=0.1)
+  dense = _compiled_cost(2048, 2048)[1]  # a window as long as the row
+  assert dense > 3 * short[1]
