@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import concurrent.futures
+import functools
 import glob
 import json
 import math
@@ -61,6 +62,45 @@ _ALLOW_PARTIAL = flags.DEFINE_bool(
 )
 
 
+def _draws(key, length, *, methods, num_samples, tail_samples, **_):
+  """One row's uniforms, [1, length, n] per sampling method, drawn as one
+  pass over the whole row draws them (``sparse_targets.sample_targets``)."""
+  out = {}
+  if "sample" in methods:
+    out["sample"] = jax.random.uniform(key, (1, length, num_samples))
+  if "topk_tail" in methods:
+    out["topk_tail"] = jax.random.uniform(
+        jax.random.fold_in(key, 1), (1, length, tail_samples)
+    )
+  return out
+
+
+def _row_targets(
+    logits, uniforms, *, methods, k, temperature, stratified, tail_k, **_
+):
+  """The targets of one row's positions: logits [C, V] and their uniforms
+  ([1, C, n] per method) -> {name: [C, ...]}."""
+  log_probs = jax.nn.log_softmax(
+      logits[None].astype(jnp.float32) / temperature, axis=-1
+  )
+  out = {}
+  if "topk" in methods:
+    out["topk_ids"], out["topk_log_probs"], out["topk_tail"] = (
+        sparse_targets.topk_targets(log_probs, k)
+    )
+  if "sample" in methods:
+    out["sample_ids"], out["sample_counts"] = sparse_targets.sample_targets_at(
+        uniforms["sample"], log_probs, stratified
+    )
+  if "topk_tail" in methods:
+    names = ("ids", "log_probs", "tail", "sample_ids", "sample_counts")
+    made = sparse_targets.topk_tail_targets_at(
+        uniforms["topk_tail"], log_probs, tail_k, stratified
+    )
+    out.update({f"tt_{n}": v for n, v in zip(names, made)})
+  return {name: value[0] for name, value in out.items()}
+
+
 def make_target_fn(
     methods,
     k: int,
@@ -90,38 +130,17 @@ def make_target_fn(
   0.38 s for the whole batch at once), elsewhere for the whole batch.
   """
 
-  def draws(key, length):  # one row's uniforms, [1, length, n] per method
-    out = {}
-    if "sample" in methods:
-      out["sample"] = jax.random.uniform(key, (1, length, num_samples))
-    if "topk_tail" in methods:
-      out["topk_tail"] = jax.random.uniform(
-          jax.random.fold_in(key, 1), (1, length, tail_samples)
-      )
-    return out
-
-  def row_targets(logits, uniforms):  # logits [C, V]; uniforms [1, C, n]
-    log_probs = jax.nn.log_softmax(
-        logits[None].astype(jnp.float32) / temperature, axis=-1
-    )
-    out = {}
-    if "topk" in methods:
-      out["topk_ids"], out["topk_log_probs"], out["topk_tail"] = (
-          sparse_targets.topk_targets(log_probs, k)
-      )
-    if "sample" in methods:
-      out["sample_ids"], out["sample_counts"] = (
-          sparse_targets.sample_targets_at(
-              uniforms["sample"], log_probs, stratified
-          )
-      )
-    if "topk_tail" in methods:
-      names = ("ids", "log_probs", "tail", "sample_ids", "sample_counts")
-      made = sparse_targets.topk_tail_targets_at(
-          uniforms["topk_tail"], log_probs, tail_k, stratified
-      )
-      out.update({f"tt_{n}": v for n, v in zip(names, made)})
-    return {name: value[0] for name, value in out.items()}
+  settings = dict(
+      methods=methods,
+      k=k,
+      num_samples=num_samples,
+      temperature=temperature,
+      stratified=stratified,
+      tail_k=tail_k,
+      tail_samples=tail_samples,
+  )
+  draws = functools.partial(_draws, **settings)
+  row_targets = functools.partial(_row_targets, **settings)
 
   def local_targets(logits, uniforms):  # this device's rows, whole vocab
     one_row_at_a_time = jax.default_backend() == "cpu"

@@ -226,6 +226,9 @@ def test_report_has_every_field_and_plots(tiny_run):
     assert heading in text, heading
   for name in RUNS:
     assert f"| {name} |" in text
+  # The validation plot's training-time curves are another sample than the
+  # tables': report.md says so under the plot.
+  assert "not its table figure" in text.split("![validation_loss.png]")[1]
 
 
 def test_rerun_skips_every_finished_stage(tiny_run, capsys):
