@@ -27,6 +27,11 @@ machine they came from. Measured here:
   configured target) over the forward alone, same batch
   (``cache_over_forward``; the stage overlaps host encoding and writing with
   it).
+- ``attention``: one local layer's forward and backward at the student's
+  shapes (heads, window) for rows of 4k to 32k tokens, read from the
+  compiled program (XLA's memory and cost analysis, not timed): temporaries
+  and FLOPs per token of the path the layer runs (banded) against the dense
+  one, which grows as the square of the row.
 - ``decode``: batch-1 and batch-8 greedy decode tokens/s of the student and
   the teacher (KV cache, the compiled loop ``generate`` runs), each over its
   memory roofline: ``batch x copy_bytes_per_s / bytes read per step``, the
@@ -73,6 +78,12 @@ from teacher.model import Teacher
 
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median).")
+SECTIONS = ("students", "teacher", "moe", "cache", "decode", "attention")
+_SECTIONS = flags.DEFINE_list(
+    "sections",
+    None,
+    f"Only these sections (default all): {', '.join(SECTIONS)}.",
+)
 _RUNS = flags.DEFINE_list(
     "runs",
     None,
@@ -465,27 +476,92 @@ def decode_ratio(
   return out
 
 
-def benchmark(config, repeats: int = 5, runs=None) -> dict[str, Any]:
-  vocab = config.data.vocab_size
-  dtype = distill_train.model_config(config, vocab).dtype
-  matmul = matmul_flops(dtype, repeats=repeats)
-  bandwidth = copy_bandwidth(repeats=repeats)
+def attention_cost(
+    config, lengths=(4096, 8192, 32768), vocab: int = 256
+) -> dict[str, Any]:
+  """One local layer of the config's student, forward and backward, for
+  rows of each length: temporary MiB and MFLOP per token of the compiled
+  program, on the path ``self_attention`` takes (banded) and on the dense
+  one (``attention_mask`` + ``attend``). Compiled, never run."""
+  model = distill_train.model_config(config, vocab)
+
+  def cost(length, fn):
+    shape = lambda heads: jax.ShapeDtypeStruct(
+        (1, length, heads, model.head_dim), jnp.float32
+    )
+    loss = lambda q, k, v, s: jnp.sum(fn(q, k, v, s))
+    compiled = (
+        jax.jit(jax.grad(loss, (0, 1, 2)))
+        .trace(
+            shape(model.num_heads),
+            shape(model.num_kv_heads),
+            shape(model.num_kv_heads),
+            jax.ShapeDtypeStruct((1, length), jnp.int32),
+        )
+        .lower()
+        .compile()
+    )
+    return {
+        "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+        "mflop_per_token": compiled.cost_analysis()["flops"] / length / 1e6,
+    }
+
+  def dense(q, k, v, s):
+    index = attention.default_positions(q)
+    mask = attention.attention_mask(s, s, index, index, window=model.window)
+    return attention.attend(q, k, v, mask, scale=model.query_scale)
+
+  path = lambda q, k, v, s: attention.self_attention(
+      q, k, v, s, window=model.window, scale=model.query_scale, impl="xla"
+  )
   return {
-      "machine": report.machine_description(),
-      "matmul_dtype": dtype,
-      "matmul_flops_per_s": matmul,
-      "copy_bytes_per_s": bandwidth,
-      "students": step_ratios(config, vocab, repeats, matmul, runs),
-      "teacher": teacher_step(config, vocab, repeats, matmul),
-      "moe": moe_impls(config, vocab, repeats),
-      "cache": cache_ratio(config, vocab, repeats),
-      "decode": decode_ratio(config, vocab, repeats, bandwidth),
+      "heads": [model.num_heads, model.num_kv_heads, model.head_dim],
+      "window": model.window,
+      "by_length": {
+          str(length): {
+              "banded": cost(length, path),
+              "dense": cost(length, dense),
+          }
+          for length in lengths
+      },
   }
+
+
+def benchmark(
+    config, repeats: int = 5, runs=None, sections=None
+) -> dict[str, Any]:
+  """The sections named (default every one of SECTIONS) as a dict."""
+  sections = list(sections or SECTIONS)
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    raise ConfigError(f"--sections: unknown {unknown}; use {SECTIONS}")
+  vocab = config.data.vocab_size
+  dtype = distill_train.model_config(config, vocab or 256).dtype
+  out: dict[str, Any] = {"machine": report.machine_description()}
+  if {"students", "teacher", "decode"} & set(sections):
+    out["matmul_dtype"] = dtype
+    out["matmul_flops_per_s"] = matmul_flops(dtype, repeats=repeats)
+    out["copy_bytes_per_s"] = copy_bandwidth(repeats=repeats)
+  matmul = out.get("matmul_flops_per_s")
+  make = {
+      "students": lambda: step_ratios(config, vocab, repeats, matmul, runs),
+      "teacher": lambda: teacher_step(config, vocab, repeats, matmul),
+      "moe": lambda: moe_impls(config, vocab, repeats),
+      "cache": lambda: cache_ratio(config, vocab, repeats),
+      "decode": lambda: decode_ratio(
+          config, vocab, repeats, out["copy_bytes_per_s"]
+      ),
+      "attention": lambda: attention_cost(config, vocab=vocab or 256),
+  }
+  for name in SECTIONS:
+    if name in sections:
+      out[name] = make[name]()
+  return out
 
 
 def main(argv):
   config = cli.setup_config(argv)
-  result = benchmark(config, _REPEATS.value, _RUNS.value)
+  result = benchmark(config, _REPEATS.value, _RUNS.value, _SECTIONS.value)
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

@@ -105,3 +105,22 @@ def test_decode_bytes_counts_params_experts_and_kv_cache():
 def test_unknown_run_kind_is_refused_before_any_work():
   with pytest.raises(ConfigError, match="unknown run kind.*'bogus'"):
     benchmark.step_ratios(stdlib.get_config("tiny"), 512, 1, 1.0, ["bogus"])
+
+
+def test_attention_cost_of_a_local_layer_is_linear_in_the_row():
+  """The tiny student's local layer (window 8), compiled at two lengths:
+  the banded path's temporaries grow 4x for 4x the row and its FLOPs per
+  token stay, while the dense path's FLOPs per token grow with the row."""
+  cost = benchmark.attention_cost(
+      stdlib.get_config("tiny"), lengths=(512, 2048)
+  )
+  assert cost["window"] == 8
+  short, long = (cost["by_length"][n] for n in ("512", "2048"))
+  assert long["banded"]["temp_mib"] <= 4 * 1.3 * short["banded"]["temp_mib"]
+  assert long["banded"]["mflop_per_token"] == pytest.approx(
+      short["banded"]["mflop_per_token"], rel=0.1
+  )
+  assert (
+      long["dense"]["mflop_per_token"] > 3 * short["dense"]["mflop_per_token"]
+  )
+  assert long["banded"]["mflop_per_token"] < long["dense"]["mflop_per_token"]
