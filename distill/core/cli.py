@@ -233,7 +233,6 @@ _COMPILE_CACHE = flags.DEFINE_string(
     " again. Default $JAX_COMPILATION_CACHE_DIR, else"
     " ~/.cache/flashdistill/jax; 'none' turns it off.",
 )
-COMPILE_CACHE_BYTES = 4 << 30  # the cache drops its oldest programs past this
 
 
 def use_compile_cache(folder: str | None) -> str | None:
@@ -245,9 +244,9 @@ def use_compile_cache(folder: str | None) -> str | None:
     )
   if folder.lower() in ("", "none"):
     return None
+  # No size bound by default: JAX's bounded cache lists the whole folder
+  # at every write. $JAX_COMPILATION_CACHE_MAX_SIZE sets one.
   jax.config.update("jax_compilation_cache_dir", folder)
-  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
   return folder
 
 
