@@ -58,6 +58,7 @@ def _run(
     on_eval=None,
     replay_check_every=0,
     signum=signal.SIGTERM,
+    log_every=1,
 ):
   if not os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     os.makedirs(out_dir, exist_ok=True)
@@ -68,7 +69,7 @@ def _run(
       steps=steps,
       learning_rate=lr,
       warmup_steps=2,
-      log_every=1,
+      log_every=log_every,
       eval_every=eval_every,
       checkpoint_every=4,
       replay_check_every=replay_check_every,
@@ -173,6 +174,30 @@ def test_sigterm_then_resume_matches_running_through(tmp_path, data_dir):
     assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
 
 
+def test_a_stop_between_two_log_lines_logs_what_running_through_logs(
+    tmp_path, data_dir
+):
+  """Logged metrics are means over the steps since the last log line: the
+  checkpoint keeps the steps not logged yet, so a run stopped between two
+  lines (here before step 4) writes the same records as one that was not."""
+  read = lambda out: [
+      {k: v for k, v in r.items() if k in ("step", "loss", "ce")}
+      for r in trainer.read_metrics(out)
+      if "loss" in r
+  ]
+  straight = str(tmp_path / "a")
+  _run(straight, data_dir, log_every=4, eval_every=100)
+  out = str(tmp_path / "b")
+  with pytest.raises(stop.Stopped):
+    _run(out, data_dir, log_every=4, eval_every=100, kill_at=1)
+  assert 1 <= ckpt.latest_step(out) < 4  # between two log lines
+  _run(out, data_dir, log_every=4, eval_every=100)
+  assert read(out) == read(straight) and [r["step"] for r in read(out)] == [
+      4,
+      8,
+  ]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(
     tmp_path, data_dir, signum
@@ -196,6 +221,39 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(
   assert signal.getsignal(signal.SIGINT) is not stop._handle
   result, evals = _run(out, data_dir)
   assert result.status == "finished" and result.step == 8 and evals == [8]
+
+
+def test_a_signal_on_the_last_step_lets_the_run_finish(tmp_path, data_dir):
+  """A signal in the last step's evaluation: the run is complete, so it
+  finishes (its caller writes the summary) and the stop comes at the next
+  safe point, here the next check."""
+
+  def signal_at_8(model, step):
+    del model
+    if step == 8:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with stop.watching():
+    result, _ = _run(str(tmp_path / "run"), data_dir, on_eval=signal_at_8)
+    assert result.status == "finished" and result.step == 8
+    with pytest.raises(stop.Stopped, match="next: stopped by SIGTERM"):
+      stop.check("next")
+
+
+def test_a_finished_run_without_its_summary_gets_it_on_rerun(
+    tmp_path, data_dir
+):
+  """Stopped or killed between its last checkpoint and its summary, a run
+  is finished; the rerun writes the summary the run would have written."""
+  out = str(tmp_path / "run")
+  result, _ = _run(out, data_dir)
+  want = trainer.summarize(out, result, kind="test")
+  os.remove(os.path.join(out, trainer.SUMMARY_FILE))
+  again, _ = _run(out, data_dir)
+  assert again.status == "already finished"
+  assert trainer.summarize(out, again, kind="test") == want
+  with open(os.path.join(out, trainer.SUMMARY_FILE)) as f:
+    assert json.load(f) == want
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path, data_dir, capsys):

@@ -89,8 +89,9 @@ def watching() -> Iterator[None]:
 
 
 def requested() -> int | None:
-  """The first signal received while watching, or None."""
-  return _received[0] if _received else None
+  """The first signal received while watching, or None (always None once
+  the outermost ``watching`` has ended)."""
+  return _received[0] if _received and _nesting[0] else None
 
 
 def agreed() -> int | None:

@@ -151,6 +151,20 @@ EXTRAS = "extras"
 _GRAIN_DATA = "data"
 
 
+# The metrics of the steps since the last log line, kept with a checkpoint
+# so that a run resumed between two log lines logs what it would have.
+METER = "meter"
+
+
+def _meter_restore_args(out_dir: str, step: int) -> dict[str, Any]:
+  """The restore argument of a checkpoint's meter item (older ones have
+  none)."""
+  step_dir = os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
+  if os.path.isdir(os.path.join(step_dir, METER)):
+    return {METER: ocp.args.JsonRestore()}
+  return {}
+
+
 def _data_restore_args(out_dir: str, step: int, iterator) -> dict[str, Any]:
   """The restore argument of a checkpoint's data item, whichever it has."""
   step_dir = os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
@@ -219,20 +233,24 @@ def summarize(
   """The run's summary, kept in ``out_dir/summary.json``.
 
   A run that has just finished writes ``fields``, its step count and its last
-  metrics there; a run that was already finished returns what it wrote then
-  (its status and step if it has none: killed between its last checkpoint
-  and the summary).
+  metrics there; a run that was already finished returns what it wrote then.
+  One that finished but was stopped or killed before its summary gets it
+  now, its last metrics read from the records of its last step (the same
+  values the run logged).
   """
   path = os.path.join(out_dir, SUMMARY_FILE)
-  if result.status == "finished":
-    summary = {**fields, "steps": result.step, **result.last_metrics}
-    if sharding.is_main():
-      files.write_json(path, summary)
-    return summary
-  if os.path.isfile(path):
+  if result.status != "finished" and os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  return {"status": result.status, "step": result.step}
+  last = dict(result.last_metrics)
+  if result.status != "finished":
+    for record in read_metrics(out_dir):
+      if record["step"] == result.step:
+        last.update({k: v for k, v in record.items() if k != "step"})
+  summary = {**fields, "steps": result.step, **last}
+  if sharding.is_main():
+    files.write_json(path, summary)
+  return summary
 
 
 def train(
@@ -295,8 +313,7 @@ def train(
     with sharding.use(mesh):  # activations and the eval hook on it too
       state = _State.place(model, extras, frozen, cfg, mesh)
       iterator = make_iterator()
-      if step:
-        _restore(mngr, out_dir, step, state, iterator)
+      window = _restore(mngr, out_dir, step, state, iterator) if step else []
       # Records past the checkpoint (all of them, without one) are of steps
       # the resumed run will take again.
       if sharding.is_main():
@@ -316,6 +333,7 @@ def train(
           eval_fn=eval_fn,
           best_metric=best_metric,
           writer=writer,
+          window=window,
       )
       return run.from_step(step)
   finally:
@@ -372,8 +390,11 @@ class _State:
     return items
 
 
-def _restore(mngr, out_dir: str, step: int, state: _State, iterator) -> None:
-  """Loads checkpoint ``step`` into ``state`` and the data iterator.
+def _restore(
+    mngr, out_dir: str, step: int, state: _State, iterator
+) -> list[dict[str, float]]:
+  """Loads checkpoint ``step`` into ``state`` and the data iterator;
+  returns the metrics of its steps since the last log line.
 
   The targets are the arrays already on this mesh: orbax reads each
   device's part, whatever mesh or device count saved them.
@@ -384,6 +405,7 @@ def _restore(mngr, out_dir: str, step: int, state: _State, iterator) -> None:
         args=ocp.args.Composite(
             **state.items(ocp.args.StandardRestore),
             **_data_restore_args(out_dir, step, iterator),
+            **_meter_restore_args(out_dir, step),
         ),
     )
   except Exception as e:  # pylint: disable=broad-exception-caught
@@ -395,6 +417,7 @@ def _restore(mngr, out_dir: str, step: int, state: _State, iterator) -> None:
   if DATA_STATE in restored:
     iterator.set_state(restored[DATA_STATE])
   logging.info("Resumed %s from step %d", out_dir, step)
+  return list(restored[METER]["window"]) if METER in restored else []
 
 
 def _train_step(loss_fn: Callable, with_extras: bool, placement) -> Callable:
@@ -511,6 +534,8 @@ class _Run:
   eval_fn: Callable | None
   best_metric: str | None
   writer: MetricsWriter | None
+  window: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  meter: _Meter | None = None
   last: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def from_step(self, step: int) -> TrainResult:
@@ -518,7 +543,8 @@ class _Run:
     after the step it lands in: the step is checkpointed, then
     ``stop.Stopped`` is raised."""
     cfg = self.cfg
-    meter = _Meter(self.desc)
+    meter = self.meter = _Meter(self.desc)
+    meter.window = list(self.window)  # what the checkpoint had not logged
     with (
         stop.watching(),
         tqdm(
@@ -530,6 +556,13 @@ class _Run:
             disable=not sharding.is_main(),
         ) as bar,
     ):
+      signum = stop.agreed()  # a signal during setup or an earlier run
+      if signum is not None:
+        raise stop.stopped(
+            self.desc,
+            signum,
+            f"checkpoint saved at step {step}" if step else "nothing trained",
+        )
       while step < cfg.steps:
         batch = next(self.iterator)
         metrics, finite, tokens = self.step(batch, step)
@@ -552,9 +585,11 @@ class _Run:
           self.evaluate(step)
         if _due(step, cfg.checkpoint_every, cfg.steps):
           self.save(step)
-        # Every process stops at the same step (the save is collective).
+        # Every process stops at the same step (the save is collective); a
+        # run at its last step finishes (its summary is written) and the
+        # stop comes at the next safe point.
         signum = stop.agreed()
-        if signum is not None:
+        if signum is not None and step < cfg.steps:
           self.save(step)
           bar.close()
           raise stop.stopped(
@@ -609,6 +644,10 @@ class _Run:
     if self.mngr.latest_step() == step:
       return
     state = self.state
+    window = [
+        {k: float(v) for k, v in m.items()}
+        for m in (self.meter.window if self.meter else ())
+    ]
     ckpt.check_finite(
         nnx.state(state.model, nnx.Param), f"{self.desc} at step {step}"
     )
@@ -617,6 +656,7 @@ class _Run:
         args=ocp.args.Composite(
             **state.items(ocp.args.StandardSave),
             **{DATA_STATE: ocp.args.JsonSave(self.iterator.get_state())},
+            **{METER: ocp.args.JsonSave({"window": window})},
         ),
         force=True,
     )
