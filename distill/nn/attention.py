@@ -11,9 +11,10 @@ A whole sequence (training, the cache pass, scoring) goes through
 (``ATTENTION_IMPLS``): ``xla`` is ``attention_mask`` + ``attend`` (scores
 materialised, any backend), except for a local layer whose window is short
 against the row: ``banded_attention`` computes only the key blocks each query
-block's window reaches, so its work and memory grow linearly in T; ``cudnn`` is cuDNN's fused flash attention
-through ``jax.nn.dot_product_attention``: causal and the sliding window are
-native there, grouped-query heads are read without copies, and packed rows'
+block's window reaches, so its work and memory grow linearly in T.
+``cudnn`` is cuDNN's fused flash attention through
+``jax.nn.dot_product_attention``: causal and the sliding window are native
+there, grouped-query heads are read without copies, and packed rows'
 segment ids become a boolean mask so documents never see each other. cuDNN
 needs a CUDA GPU and bfloat16/float16 inputs; ``auto`` takes it when those
 hold and the XLA path otherwise (the CPU, float32 compute, TPUs). The KV-cache
