@@ -14,8 +14,9 @@ Variants (``experiments/stdlib.py:VARIANT``):
            its own continuations, scored by the teacher) and its control
            sampled@from=sampled (more of the cached target); evaluate adds
            an int8 copy of the best.
-  tiny     every stage in seconds (90 s in all); the fast test suite runs it
-           end to end.
+  tiny     every stage of a toy run: 3 min 40 s on a 2-core CPU from nothing,
+           mostly compiling (2 min 1 s with the compilation cache warm); the
+           fast test suite runs it end to end.
   sweep    the default's teacher and cache, and 18 students: CE, online,
            and sampled (N = 8, 16, 32, 64), top-k ghost and sparse (k = 8,
            16, 32, 64) and top-k with a sampled tail (M = 8, 16, 32, 64
