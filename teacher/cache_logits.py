@@ -62,7 +62,7 @@ _ALLOW_PARTIAL = flags.DEFINE_bool(
 )
 
 
-def _draws(key, length, *, methods, num_samples, tail_samples, **_):
+def _draws(key, length, *, methods, num_samples, tail_samples):
   """One row's uniforms, [1, length, n] per sampling method, drawn as one
   pass over the whole row draws them (``sparse_targets.sample_targets``)."""
   out = {}
@@ -76,7 +76,7 @@ def _draws(key, length, *, methods, num_samples, tail_samples, **_):
 
 
 def _row_targets(
-    logits, uniforms, *, methods, k, temperature, stratified, tail_k, **_
+    logits, uniforms, *, methods, k, temperature, stratified, tail_k
 ):
   """The targets of one row's positions: logits [C, V] and their uniforms
   ([1, C, n] per method) -> {name: [C, ...]}."""
@@ -130,17 +130,20 @@ def make_target_fn(
   0.38 s for the whole batch at once), elsewhere for the whole batch.
   """
 
-  settings = dict(
+  draws = functools.partial(
+      _draws,
+      methods=methods,
+      num_samples=num_samples,
+      tail_samples=tail_samples,
+  )
+  row_targets = functools.partial(
+      _row_targets,
       methods=methods,
       k=k,
-      num_samples=num_samples,
       temperature=temperature,
       stratified=stratified,
       tail_k=tail_k,
-      tail_samples=tail_samples,
   )
-  draws = functools.partial(_draws, **settings)
-  row_targets = functools.partial(_row_targets, **settings)
 
   def local_targets(logits, uniforms):  # this device's rows, whole vocab
     one_row_at_a_time = jax.default_backend() == "cpu"

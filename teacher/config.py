@@ -258,24 +258,6 @@ PRESETS: dict[str, TeacherConfig] = {
         router_aux_loss_coef=0.001,
         family="qwen3_moe",
     ),
-    # Qwen/Qwen3-235B-A22B: 235B total, 22B active.
-    "qwen3_235b_a22b": TeacherConfig(
-        vocab_size=151936,
-        d_model=4096,
-        num_layers=94,
-        num_heads=64,
-        num_kv_heads=4,
-        head_dim=128,
-        d_ff=1536,
-        num_experts=128,
-        top_k=8,
-        norm_topk_prob=True,
-        qk_norm="head",
-        rope_base=1e6,
-        rms_eps=1e-6,
-        router_aux_loss_coef=0.001,
-        family="qwen3_moe",
-    ),
     # allenai/OLMoE-1B-7B-0924: 6.9B total, 1.3B active.
     "olmoe_1b_7b": TeacherConfig(
         vocab_size=50304,
@@ -295,6 +277,17 @@ PRESETS: dict[str, TeacherConfig] = {
         family="olmoe",
     ),
 }
+
+
+# Qwen/Qwen3-235B-A22B: 235B total, 22B active; Qwen3-30B-A3B's family,
+# wider and deeper.
+PRESETS["qwen3_235b_a22b"] = dataclasses.replace(
+    PRESETS["qwen3_30b_a3b"],
+    d_model=4096,
+    num_layers=94,
+    num_heads=64,
+    d_ff=1536,
+)
 
 
 def get_preset(name: str, **overrides) -> TeacherConfig:
