@@ -446,7 +446,7 @@ class MoE(nnx.Module):
     # D=768, F=1024: on one H100 "blocked" 4.8 ms, "ragged" 16.3 ms; on the
     # CPU, XLA lowers ragged_dot to a dense masked matmul (E times the
     # work). TPUs have a grouped-matmul kernel behind ragged_dot.
-    return "ragged" if jax.default_backend() == "tpu" else "blocked"
+    return "ragged" if sharding.platform() == "tpu" else "blocked"
 
   def __call__(
       self, x: Array, mask: Array | None = None

@@ -269,6 +269,18 @@ def current():
   return mesh
 
 
+def platform() -> str:
+  """The platform the code being traced or run will run on: that of the
+  active mesh's devices (also under ``jax.jit``; a TPU slice's mesh planned
+  on a CPU host says 'tpu'), else the default backend's. What branches on
+  the hardware (kernels, MoE matmuls) asks this, so that a program compiled
+  for a mesh is the one that mesh runs."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  if device is not None:
+    return device.platform
+  return jax.default_backend()
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   """``x`` constrained to the sharding of logical axis ``names`` on the
   active mesh; unchanged outside one."""
@@ -285,6 +297,11 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
 _WARNED: set[tuple[int, int]] = set()
 
 
+def batch_ways(mesh: Mesh) -> int:
+  """How many ways a batch's rows split: data x fsdp x expert."""
+  return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   """A batch array [B, ...]: rows over (data, fsdp, expert), rest whole.
 
@@ -292,7 +309,7 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   that divide them (the other devices compute the same rows); said once.
   """
   sharding = named(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
-  ways = math.prod(mesh.shape[a] for a in RULES["batch"])
+  ways = batch_ways(mesh)
   split = math.prod(mesh.shape[a] for a in axes_of(sharding.spec[0]))
   if split < ways and (shape[0], ways) not in _WARNED:
     _WARNED.add((shape[0], ways))
