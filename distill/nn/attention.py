@@ -17,7 +17,14 @@ block's window reaches, so its work and memory grow linearly in T.
 there, grouped-query heads are read without copies, and packed rows'
 segment ids become a boolean mask so documents never see each other. cuDNN
 needs a CUDA GPU and bfloat16/float16 inputs; ``auto`` takes it when those
-hold and the XLA path otherwise (the CPU, float32 compute, TPUs). The KV-cache
+hold. ``splash`` is jax's splash attention Pallas kernel for TPUs
+(``splash_attention``): causal or windowed masks, packed rows' segment ids
+and grouped-query heads are native, and blocks the mask hides entirely are
+skipped, so a local layer costs O(T x window) and a global one half the
+square; ``auto`` takes it on a TPU (the mesh's platform, so a plan made on
+a CPU host for a TPU compiles it) when the row splits into its 128-token
+blocks and head_dim is a multiple of 128. Elsewhere ``auto`` is the XLA
+path (the CPU, float32 compute on a GPU). The KV-cache
 decode path always uses ``attend`` (a few query rows per call, where a flash
 kernel gains nothing).
 
@@ -48,6 +55,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from distill.core import sharding
 from distill.core.errors import ConfigError
 from distill.nn import layers
 
@@ -67,7 +75,7 @@ class AttentionKind(enum.StrEnum):
 ATTENTION_KINDS = tuple(k.value for k in AttentionKind)
 QK_NORMS = ("none", "head", "full")
 #: Kernels ``self_attention`` can use (see the module docstring).
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -289,19 +297,36 @@ def _warn_once(message: str) -> None:
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def resolve_impl(impl: str, dtype, head_dim: int) -> str:
-  """The kernel ``self_attention`` runs for ``impl`` on this backend: 'xla'
-  or 'cudnn'. ``auto`` is cuDNN on a CUDA GPU when the compute dtype is
+def resolve_impl(
+    impl: str, dtype, head_dim: int, length: int | None = None
+) -> str:
+  """The kernel ``self_attention`` runs for ``impl`` on this backend (the
+  active mesh's platform, ``sharding.platform``): 'xla', 'cudnn' or
+  'splash'. ``auto`` is cuDNN on a CUDA GPU when the compute dtype is
   bfloat16/float16 and head_dim a multiple of 8 up to 256 (what its flash
-  kernel takes), else XLA. An explicit 'cudnn' that cannot run here is a
-  ConfigError that says why."""
+  kernel takes); splash on a TPU when ``length`` (the row's tokens, if
+  known) is a multiple of 128 and head_dim of 128; else XLA. An explicit
+  kernel that cannot run here is a ConfigError that says why."""
   check_impl(impl)
   if impl == "xla":
     return "xla"
-  on_gpu = jax.default_backend() == "gpu"
+  backend = sharding.platform()
+  if impl == "splash" or (impl == "auto" and backend == "tpu"):
+    why = None
+    if backend != "tpu":
+      why = f"it needs a TPU and the backend is {backend!r}"
+    elif head_dim % SPLASH_LANES:
+      why = f"it takes head_dim a multiple of {SPLASH_LANES}, not {head_dim}"
+    elif length is not None and length % SPLASH_LANES:
+      why = f"it takes rows a multiple of {SPLASH_LANES} tokens, not {length}"
+    if why is None:
+      return "splash"
+    if impl == "splash":
+      raise ConfigError(f"attention_impl='splash' cannot run: {why}")
+    return "xla"
   why = None
-  if not on_gpu:
-    why = f"it needs a CUDA GPU and the backend is {jax.default_backend()!r}"
+  if backend != "gpu":
+    why = f"it needs a CUDA GPU and the backend is {backend!r}"
   elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
     why = (
         f"it takes bfloat16 or float16 and the compute dtype is"
@@ -314,6 +339,108 @@ def resolve_impl(impl: str, dtype, head_dim: int) -> str:
   if impl == "cudnn":
     raise ConfigError(f"attention_impl='cudnn' cannot run: {why}")
   return "xla"
+
+
+#: Splash attention's tiles are multiples of a TPU vector's 128 lanes.
+SPLASH_LANES = 128
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_block(length: int, window: int | None) -> int | None:
+  """The query and key tile of a row: the largest of ``SPLASH_BLOCKS`` that
+  divides it, and for a local layer at most a quarter of the window (a
+  query block then visits about ``window + block`` keys, not twice the
+  window); None if none divides the row."""
+  limit = SPLASH_BLOCKS[0] if window is None else max(window // 4, SPLASH_LANES)
+  return next(
+      (b for b in SPLASH_BLOCKS if b <= limit and length % b == 0), None
+  )
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int | None,
+    scale: float,
+    interpret: bool = False,
+    block: int | None = None,
+) -> jax.Array:
+  """Causal (optionally windowed) GQA by jax's splash attention TPU kernel.
+
+  Blocks of queries and keys that the causal or window mask hides entirely
+  are never visited (forward or backward); segment ids keep packed
+  documents apart (padding, id 0, sees padding). On the active mesh the
+  kernel runs per device (``shard_map``) on its rows and, when the tensor
+  axis divides both head counts, its heads. ``interpret=True`` runs the
+  kernel's Pallas program on any backend (how the CPU tests check it).
+
+  q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H] in
+  v's dtype. T must be a multiple of 128; ``block``: the query and key
+  tiles (default ``splash_block``).
+  """
+  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash,
+      splash_attention_mask as masks,
+  )
+
+  length = q.shape[1]
+  if block is None:
+    block = splash_block(length, window)
+  if block is None or length % block:
+    raise ValueError(
+        f"splash attention takes rows a multiple of 128, not {length}"
+    )
+
+  def local(q, k, v, segment_ids):  # one device's rows and heads
+    heads = q.shape[2]
+    shape = (length, length)
+    if window is None:
+      mask = masks.CausalMask(shape)
+    else:
+      mask = masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    # One backward kernel for dq, dk and dv: QK^T and dO V^T computed once
+    # (two kernels would compute each twice).
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        use_fused_bwd_kernel=True,
+    )  # fmt: skip
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([mask] * heads),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
+    dtype = v.dtype
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, N, T, H]
+    out = jax.vmap(kernel)(
+        heads_first((q.astype(jnp.float32) * scale).astype(dtype)),
+        heads_first(k.astype(dtype)),
+        heads_first(v),
+        segment_ids=splash.SegmentIds(segment_ids, segment_ids),
+    )
+    return heads_first(out)
+
+  mesh = sharding.current()
+  if mesh is None:
+    return local(q, k, v, segment_ids)
+  rows = sharding.spec(("batch",), q.shape[:1], mesh)[0]
+  tensor = mesh.shape["tensor"]
+  split = q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0
+  heads = "tensor" if split and tensor > 1 else None
+  qkv = jax.P(rows, None, heads, None)
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(qkv, qkv, qkv, jax.P(rows, None)),
+      out_specs=qkv,
+      check_vma=False,
+  )(q, k, v, segment_ids)
 
 
 def fused_attention(
@@ -369,7 +496,10 @@ def self_attention(
   q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] (0 = padding)
   -> [B, T, N, H] in v's dtype.
   """
-  if resolve_impl(impl, v.dtype, q.shape[-1]) == "cudnn":
+  kernel = resolve_impl(impl, v.dtype, q.shape[-1], q.shape[1])
+  if kernel == "splash":
+    return splash_attention(q, k, v, segment_ids, window=window, scale=scale)
+  if kernel == "cudnn":
     dtype = v.dtype
     try:
       return fused_attention(
