@@ -475,7 +475,7 @@ def generate(
 
 
 @per_model(static_argnames=("new_tokens", "greedy"))
-def _continue(
+def continue_fn(
     graphdef, state, prompts, key, temperature, *, new_tokens: int, greedy
 ):
   """Both halves in one call, on equal-length prompts, with no stop:
@@ -533,7 +533,7 @@ def continuations(
   if new_tokens < 1:
     raise ValueError(f"new_tokens={new_tokens} must be >= 1")
   graphdef, state = nnx.split(model)
-  return _continue(graphdef)(
+  return continue_fn(graphdef)(
       state,
       jnp.asarray(prompts, jnp.int32),
       jax.random.key(0) if key is None else key,

@@ -28,7 +28,7 @@ from flax import nnx
 from distill.decoding import generate as gen
 
 
-@nnx.jit(static_argnames=("prompt_len",))
+@nnx.jit(static_argnames=("prompt_len",), graph_updates=False)
 def continuation_log_probs(teacher, tokens, prompt_len: int) -> jax.Array:
   """The teacher's log-probability of each token after the prompt.
 

@@ -110,7 +110,7 @@ def means(sums: dict) -> dict[str, float]:
   }
 
 
-@nnx.jit
+@functools.partial(nnx.jit, graph_updates=False)
 def _teacher_log_probs(teacher, batch, temperature):
   x = pipeline.model_inputs(batch)
   logits = teacher.logits_from_hidden(metrics.hidden_of(teacher, x))

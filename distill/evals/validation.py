@@ -41,8 +41,10 @@ def summarize(totals: dict) -> dict[str, float]:
   return out
 
 
-@functools.partial(nnx.jit, static_argnames=("chunk_size", "num_bins"))
-def _scores(
+@functools.partial(
+    nnx.jit, static_argnames=("chunk_size", "num_bins"), graph_updates=False
+)
+def scores(
     model, teacher, batch, t_hidden, hidden, *, chunk_size: int, num_bins: int
 ):
   """token_sums of one batch; teacher None: the model alone."""
@@ -57,7 +59,7 @@ def _scores(
   )
 
 
-@nnx.jit
+@functools.partial(nnx.jit, graph_updates=False)
 def _hidden(model, batch):
   return metrics.hidden_of(model, pipeline.model_inputs(batch))
 
@@ -107,11 +109,11 @@ def validation_pass(
     t_hidden = None if teacher is None else _hidden(teacher, batch)
     for name, model in models.items():
       if teacher is None:
-        sums = _scores(model, None, batch, None, None, **sizes)
+        sums = scores(model, None, batch, None, None, **sizes)
       elif model is teacher:  # scored alone, from the pass already made
-        sums = _scores(model, None, batch, None, t_hidden, **sizes)
+        sums = scores(model, None, batch, None, t_hidden, **sizes)
       else:
-        sums = _scores(model, teacher, batch, t_hidden, None, **sizes)
+        sums = scores(model, teacher, batch, t_hidden, None, **sizes)
       sums = jax.device_get(sums)
       totals[name] = (
           sums

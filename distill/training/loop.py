@@ -173,7 +173,7 @@ def _data_restore_args(out_dir: str, step: int, iterator) -> dict[str, Any]:
   return {DATA_STATE: ocp.args.JsonRestore()}
 
 
-class _WithExtras(nnx.Module):
+class WithExtras(nnx.Module):
   """The model and its ``extras``: what the optimizer trains together."""
 
   def __init__(self, model: nnx.Module, extras: nnx.Module):
@@ -327,7 +327,9 @@ def train(
           mngr=mngr,
           state=state,
           iterator=iterator,
-          train_step=_train_step(loss_fn, extras is not None, state.placement),
+          train_step=train_step_fn(
+              loss_fn, extras is not None, state.placement
+          ),
           frozen=tuple(frozen),
           prepare=prepare,
           eval_fn=eval_fn,
@@ -365,7 +367,7 @@ class _State:
   def place(cls, model, extras, frozen, cfg: LoopConfig, mesh) -> "_State":
     """Parameters, optimizer state and frozen modules on the mesh, by the
     rules; the compiled step keeps them there."""
-    trainable = model if extras is None else _WithExtras(model, extras)
+    trainable = model if extras is None else WithExtras(model, extras)
     sharding.place(trainable, mesh)
     for module in frozen:
       sharding.place(module, mesh)
@@ -420,43 +422,78 @@ def _restore(
   return list(restored[METER]["window"]) if METER in restored else []
 
 
-def _train_step(loss_fn: Callable, with_extras: bool, placement) -> Callable:
+class TrainStep:
   """The compiled step: ``(trainable, optimizer, batch, step, frozen) ->
   (metrics, finite)``, updating both in place.
 
   A step whose loss, gradients or updated parameters are not finite changes
   nothing: the update is computed, then the old parameters and optimizer
   state (its step count included) are kept.
+
+  The step is a ``jax.jit`` of the modules' states (``nnx.split``): the
+  parameters and optimizer state are donated, so the updated ones take
+  their buffers rather than living beside them, and the frozen modules
+  (a teacher) are inputs only, never copied out (an ``nnx.jit`` would
+  return every module it is given). ``trace`` traces it for the same
+  arguments, as ``jax.jit``'s does.
   """
 
-  @nnx.jit
-  def train_step(trainable, optimizer, batch, step, frozen):
-    def objective(trainable):
-      if not with_extras:
-        return loss_fn(trainable, batch, step, *frozen)
-      return loss_fn(
-          trainable.model, batch, step, *frozen, extras=trainable.extras
+  def __init__(self, loss_fn: Callable, with_extras: bool, placement):
+    def pure(graph, state, batch, step, frozen_graph, frozen_state):
+      trainable, optimizer = nnx.merge(graph, state)
+      frozen = nnx.merge(frozen_graph, frozen_state)
+
+      def objective(trainable):
+        if not with_extras:
+          return loss_fn(trainable, batch, step, *frozen)
+        return loss_fn(
+            trainable.model, batch, step, *frozen, extras=trainable.extras
+        )
+
+      (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(
+          trainable
       )
+      grad_norm = optax.global_norm(grads)
+      before = jax.tree.map(
+          jnp.asarray,
+          (nnx.state(trainable, nnx.Param), nnx.state(optimizer)),
+      )
+      optimizer.update(trainable, grads)
+      after = (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      for p in jax.tree.leaves(after[0]):
+        finite &= jnp.all(jnp.isfinite(p))
+      kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
+      kept = jax.lax.with_sharding_constraint(kept, placement)
+      nnx.update(trainable, kept[0])
+      nnx.update(optimizer, kept[1])
+      metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+      return metrics, finite, nnx.state((trainable, optimizer))
 
-    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(
-        trainable
-    )
-    grad_norm = optax.global_norm(grads)
-    before = jax.tree.map(
-        jnp.asarray, (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
-    )
-    optimizer.update(trainable, grads)
-    after = (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    for p in jax.tree.leaves(after[0]):
-      finite &= jnp.all(jnp.isfinite(p))
-    kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
-    kept = jax.lax.with_sharding_constraint(kept, placement)
-    nnx.update(trainable, kept[0])
-    nnx.update(optimizer, kept[1])
-    return {"loss": loss, "grad_norm": grad_norm, **metrics}, finite
+    self._jitted = jax.jit(pure, donate_argnums=(1,))
 
-  return train_step
+  @staticmethod
+  def _split(trainable, optimizer, batch, step, frozen):
+    graph, state = nnx.split((trainable, optimizer))
+    frozen_graph, frozen_state = nnx.split(tuple(frozen))
+    return graph, state, batch, step, frozen_graph, frozen_state
+
+  def __call__(self, trainable, optimizer, batch, step, frozen):
+    metrics, finite, state = self._jitted(
+        *self._split(trainable, optimizer, batch, step, frozen)
+    )
+    nnx.update((trainable, optimizer), state)
+    return metrics, finite
+
+  def trace(self, trainable, optimizer, batch, step, frozen):
+    return self._jitted.trace(
+        *self._split(trainable, optimizer, batch, step, frozen)
+    )
+
+
+def train_step_fn(loss_fn: Callable, with_extras: bool, placement) -> TrainStep:
+  """The compiled training step (``TrainStep``)."""
+  return TrainStep(loss_fn, with_extras, placement)
 
 
 # ----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def replayed_step(train_step, model, optimizer, args, desc, step):
   def snapshot():  # The arrays themselves (immutable), kept on the mesh.
     return jax.tree.map(lambda x: x, (nnx.state(model), nnx.state(optimizer)))
 
-  before = snapshot()
+  # A copy: the step donates the state it is given to the state it returns.
+  before = jax.tree.map(jnp.copy, snapshot())
   train_step(model, optimizer, *args)
   after_first = snapshot()
   nnx.update(model, before[0])
