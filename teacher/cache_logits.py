@@ -146,7 +146,7 @@ def make_target_fn(
   )
 
   def local_targets(logits, uniforms):  # this device's rows, whole vocab
-    one_row_at_a_time = jax.default_backend() == "cpu"
+    one_row_at_a_time = sharding.platform() == "cpu"
     return jax.lax.map(
         lambda args: row_targets(*args),
         (logits, uniforms),
@@ -172,7 +172,8 @@ def make_target_fn(
         check_vma=False,
     )(logits, uniforms)
 
-  @nnx.jit
+  # Read-only: no copy of the teacher comes out (graph_updates=False).
+  @functools.partial(nnx.jit, graph_updates=False)
   def targets(teacher, tokens, segment_ids, positions, base_key, row_ids):
     hidden, _ = teacher.hidden(tokens, segment_ids, positions)
     rows, length = tokens.shape
