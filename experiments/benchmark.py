@@ -62,7 +62,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from distill import on_policy
+from distill import on_policy, planning
 from distill import train as distill_train
 from distill.core import cli
 from distill.core.errors import ConfigError
@@ -128,14 +128,11 @@ def copy_bandwidth(num_bytes: int | None = None, repeats=5) -> float:
 def attention_train_flops(
     kinds, window: int | None, batch: int, seq: int, heads: int, head_dim: int
 ) -> float:
-  """Attention FLOPs of one training step (see the module docstring)."""
-  total = 0.0
-  for kind in kinds:
-    keys = np.arange(1, seq + 1)
-    if kind == attention.AttentionKind.LOCAL:
-      keys = np.minimum(keys, window)
-    total += 3 * 4 * head_dim * heads * batch * float(keys.sum())
-  return total
+  """Attention FLOPs of one training step (see the module docstring): three
+  times the forward pass's."""
+  return 3 * planning.attention_flops(
+      kinds, window, batch, seq, heads, head_dim
+  )
 
 
 def _train_flops(counts, kinds, window, heads, head_dim, batch, seq) -> float:

@@ -24,6 +24,12 @@ Variants (``experiments/hf_moe.py:VARIANT``):
            files, a 4-layer student, a few steps); the tests run it on a tiny
            random Qwen3-MoE checkpoint built with ``transformers``.
 
+Before booking accelerators, plan it: ``python -m experiments.plan
+--config=experiments/hf_moe.py --topology=v5p-64`` compiles every stage for
+that slice on this host and says what fits (``--config.teacher.preset`` picks
+the teacher's published shapes when there is no ``hf_dir``; see the README's
+"Plan before you book").
+
 Choose the student's size with single overrides, e.g.
 ``--config.student.preset=gemma3_1b`` or ``--config.student.model.num_layers=12``
 (``student/config.py`` presets; the vocabulary always comes from the teacher).
@@ -62,6 +68,10 @@ def get_config(arg=None):
     c.cache.rows_per_shard = 4096
     c.cache.max_rows = 20_000 * 64  # every row the students read
     c.student.preset = "gemma3_270m"  # its published shape
+    # The teacher a plan (experiments/plan.py) assumes when no hf_dir is
+    # given: the published shapes, no checkpoint needed. An import reads
+    # the checkpoint's own config.json instead.
+    c.teacher.preset = "qwen3_30b_a3b"
     # bfloat16 compute, float32 master weights: the accelerator default.
     c.student.model = configs.model_section(
         StudentConfig, dtype="bfloat16", param_dtype="float32"

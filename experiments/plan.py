@@ -1,0 +1,284 @@
+r"""Will it fit, and how fast? Every stage compiled ahead of time for a topology.
+
+    python -m experiments.plan --config=experiments/hf_moe.py --topology=v5p-64
+    python -m experiments.plan --config=experiments/stdlib.py:tiny --topology=cpu:8
+    python -m experiments.plan --config=... --topology=v6e-64 --find_batch --out=plan.json
+
+Compiles, on the config's mesh over the topology's devices and without
+allocating anything, the programs the stages run (the same jitted functions):
+the teacher's training step (when it is trained here), the cache pass, each
+run's training step (online and on-policy runs with the teacher resident; an
+on-policy run's generation too), the validation pass, and a decode step of
+the student at batch 1 and 8 with a full cache of ``config.data.seq_len``.
+A TPU slice (``v5p-64``, ``v6e-64``, ``2xv5p-64``...) compiles on this host
+with libtpu (``pip install -e '.[tpu]'``) and no TPU; ``cpu:N`` and
+``local`` need nothing more (``distill/topology.py`` lists the names).
+
+Per program, per device: arguments (parameters, optimizer state, the batch),
+temporaries and outputs, their peak against the device's memory, the
+FLOPs of the program (matmuls, loops counted as often as they run) over the
+model FLOPs it must do at the least (``distill/planning.py``), XLA's own
+estimate of its seconds where its cost model gives one, and the compile
+time. A program that does not fit is one line saying what it needs, what
+there is, and what to change; the command then exits with status 1.
+``--find_batch`` finds, by bisection on compiles, the most rows a step can
+take on this topology (a multiple of the devices the batch splits over).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import flags
+
+from distill import planning
+
+from distill.core import cli, files, sharding, topology
+from distill.core.errors import UserError
+
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    "local",
+    "What to compile for: a Cloud TPU slice (v5p-64, v5e-16, v6e-64,"
+    " 2xv5p-64), a grid (v5p:2x4x4), cpu:N, or local (this process's"
+    " devices).",
+)
+_STAGES = flags.DEFINE_list(
+    "stages",
+    None,
+    "Only these: teacher, cache, distill, export (the decode steps).",
+)
+_RUNS = flags.DEFINE_list(
+    "runs", None, "Only these runs of config.distill.runs (default: all)."
+)
+_FIND_BATCH = flags.DEFINE_bool(
+    "find_batch",
+    False,
+    "Find the most rows per step that fit, per program (bisection).",
+)
+_MEMORY_GIB = flags.DEFINE_float(
+    "memory_gib",
+    None,
+    "Memory per device in GiB (default: the topology's; a TPU's HBM).",
+)
+_OUT = flags.DEFINE_string("out", None, "Write the plan as JSON here.")
+
+GIB = topology.GIB
+STAGES = ("teacher", "cache", "distill", "export")
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f}"
+
+
+def _size(n: float) -> str:
+  """Bytes in the unit that reads best: 512 B, 12.3 MiB, 3.21 GiB."""
+  for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{n:.0f} B"
+
+
+def _flops(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{n:.3g}"
+
+
+def _ratio(a, b) -> str:
+  return f"{a / b:.2f}" if b and math.isfinite(a) else "-"
+
+
+def table(rows: list[planning.Measure], memory: int) -> str:
+  """The plan as a text table, one line per program."""
+  head = (
+      "program", "rows", "arguments", "temporaries", "outputs", "peak",
+      "free", "FLOP/device", "/model", "XLA est s", "compile s",
+  )  # fmt: skip
+  lines = [head]
+  for m in rows:
+    lines.append((
+        m.name, str(m.rows), _size(m.arguments), _size(m.temporaries),
+        _size(m.outputs), _size(m.peak), f"{1 - m.peak / memory:.0%}",
+        _flops(m.flops), _ratio(m.flops, m.model_flops),
+        f"{m.estimated_s:.3g}" if m.estimated_s else "-", f"{m.compile_s:.0f}",
+    ))  # fmt: skip
+  widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+  return "\n".join(
+      "  ".join(
+          cell.ljust(w) if i == 0 else cell.rjust(w)
+          for i, (cell, w) in enumerate(zip(line, widths))
+      )
+      for line in lines
+  )
+
+
+def verdict(m: planning.Measure, program: planning.Program, memory: int) -> str:
+  """One line on a program that does not fit: what, needed, there, knobs."""
+  knobs = []
+  if program.rows_knob:
+    knobs.append(
+        f"fewer rows ({program.rows_knob}={program.rows}; --find_batch)"
+    )
+  if program.stage in ("teacher", "distill"):
+    knobs.append("remat (--config.*.model.remat=full)")
+  knobs.append("a mesh that splits the parameters more (config.mesh)")
+  return (
+      f"{m.name} does not fit: it needs {_gib(m.peak)} GiB per device and"
+      f" {_gib(memory)} GiB are there; try {', or '.join(knobs)}."
+  )
+
+
+def _with_rows(config, program: planning.Program, rows: int, processes: int):
+  """A copy of ``config`` whose ``program`` takes ``rows`` rows a step."""
+  config = config.copy_and_resolve_references()
+  if program.stage == "cache":
+    config.cache.batch_size = rows // processes
+  else:
+    config.data.batch_size = rows
+  return config
+
+
+def find_batch(config, mesh, program: planning.Program, memory: int, log,
+               known: planning.Measure | None = None):  # fmt: skip
+  """The most rows ``program`` takes within ``memory``, a multiple of the
+  devices a batch splits over (and of the processes). Returns (rows, its
+  Measure), or (0, None) when even the fewest do not fit.
+
+  A step's peak grows about linearly in its rows, so each next compile is
+  the rows where the line through the peaks measured so far meets
+  ``memory``, kept strictly between the most rows known to fit and the
+  fewest known not to (bisection's bracket), until they are one apart:
+  usually four or five compiles where bisection takes ten. ``known``: the
+  program's own measure, a first point for free.
+  """
+  ways = sharding.batch_ways(mesh)
+  processes = len({d.process_index for d in mesh.devices.flat})
+  step = max(ways, processes)
+  peaks: dict[int, planning.Measure] = {}
+  if known is not None and known.rows % step == 0:
+    peaks[known.rows // step] = known
+
+  def measure(units: int) -> planning.Measure:
+    rows = units * step
+    rebuilt = planning.programs(
+        _with_rows(config, program, rows, processes),
+        mesh,
+        stages=[program.stage],
+        runs=_runs_of(program),
+        names=[program.name],
+    )[0]
+    peaks[units] = m = planning.measure(rebuilt, mesh)
+    log(f"plan: {program.name} with {rows} rows: peak {_size(m.peak)}")
+    return m
+
+  def guess(low: int) -> int:
+    points = sorted(peaks.items())
+    if len(points) < 2:
+      return low * 2
+    (u0, m0), (u1, m1) = points[0], points[-1]
+    slope = (m1.peak - m0.peak) / (u1 - u0)
+    if slope <= 0:
+      return low * 2
+    return int(u0 + (memory - m0.peak) / slope)
+
+  for units in (1, 2):
+    if units not in peaks:
+      measure(units)
+  if peaks[1].peak > memory:
+    return 0, None
+  limit = (1 << 16) // step  # a bound on the search, not on the answer
+  while True:
+    fitting = [u for u, m in peaks.items() if m.peak <= memory]
+    failing = [u for u, m in peaks.items() if m.peak > memory]
+    low, high = max(fitting), min(failing, default=None)
+    if (high is not None and high == low + 1) or low >= limit:
+      return low * step, peaks[low]
+    top = high - 1 if high is not None else limit
+    measure(min(max(guess(low), low + 1), top))
+
+
+def _runs_of(program: planning.Program):
+  for prefix in ("student ", "generate "):
+    if program.name.startswith(prefix):
+      return [program.name[len(prefix) :]]
+  return None
+
+
+def plan(config, topo: topology.Topology, *, stages=None, runs=None,
+         find=False, memory=None, log=print) -> dict[str, Any]:  # fmt: skip
+  """Compiles every program; returns the plan (as ``--out`` writes it)."""
+  memory = memory or topo.memory_per_device
+  mesh = sharding.make_mesh(config.get("mesh"), devices=topo.devices)
+  log(f"plan: {topo.description}; mesh {sharding.describe(mesh)}")
+  programs = planning.programs(config, mesh, stages=stages, runs=runs)
+  measures, verdicts, batches = [], [], {}
+  for i, program in enumerate(programs):
+    log(f"plan: compiling {program.name} ({i + 1}/{len(programs)}) ...")
+    m = planning.measure(program, mesh)
+    measures.append(m)
+    log(
+        f"plan: {program.name}: peak {_size(m.peak)} of {_size(memory)},"
+        f" compiled in {m.compile_s:.0f}s"
+    )
+    if m.peak > memory:
+      verdicts.append(verdict(m, program, memory))
+    if find and program.rows_knob:
+      rows, _ = find_batch(config, mesh, program, memory, log, known=m)
+      batches[program.name] = {
+          "rows": rows,
+          "rows_per_device": rows / sharding.batch_ways(mesh),
+          "knob": program.rows_knob,
+      }
+  return {
+      "topology": topo.name,
+      "description": topo.description,
+      "mesh": sharding.describe(mesh),
+      "memory_per_device": memory,
+      "programs": [m.as_dict() for m in measures],
+      "fits": not verdicts,
+      "verdicts": verdicts,
+      "find_batch": batches,
+      "table": table(measures, memory),
+  }
+
+
+def main(argv):
+  config = cli.setup_config(argv)
+  if _TOPOLOGY.value != "local":
+    # Compiling for other devices: this host's accelerator (or libtpu on a
+    # host without a TPU) is not wanted, only its CPU.
+    jax.config.update("jax_platforms", "cpu")
+  # Executables for devices this host does not have are not worth caching.
+  jax.config.update("jax_enable_compilation_cache", False)
+  unknown = sorted(set(_STAGES.value or ()) - set(STAGES))
+  if unknown:
+    raise UserError(f"--stages: unknown {unknown}; use some of {STAGES}")
+  topo = topology.resolve(_TOPOLOGY.value)
+  memory = int(_MEMORY_GIB.value * GIB) if _MEMORY_GIB.value else None
+  start = time.time()
+  result = plan(
+      config, topo, stages=_STAGES.value, runs=_RUNS.value,
+      find=_FIND_BATCH.value, memory=memory,
+  )  # fmt: skip
+  result["seconds"] = time.time() - start
+  print(result["table"])
+  for name, found in result["find_batch"].items():
+    print(f"find_batch: {name}: {found['rows']} rows ({found['knob']})")
+  if _OUT.value:
+    files.write_json(_OUT.value, result)
+    print(f"plan: wrote {_OUT.value}")
+  for line in result["verdicts"]:
+    print(line, file=sys.stderr)
+  print(f"plan: {len(result['programs'])} programs in {result['seconds']:.0f}s")
+  if result["verdicts"]:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,252 @@
+"""The plan: every stage compiled ahead of time for a topology, measured."""
+
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import procs
+from distill import planning
+
+from distill.core import sharding, topology
+from distill.core.errors import ConfigError
+from experiments import plan as plan_binary
+from experiments import stdlib
+from teacher import moe as moe_lib
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'"
+)
+
+
+def _tiny():
+  config = stdlib.get_config("tiny")
+  config.data.batch_size = 8  # a row per device of cpu:8
+  return config
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  """The tiny config planned on cpu:8: a run of each mode, every stage."""
+  config = _tiny()
+  topo = topology.resolve("cpu:8")
+  runs = ["sampled", "online", "on_policy"]
+  mesh = sharding.make_mesh(config.get("mesh"), devices=topo.devices)
+  programs = planning.programs(config, mesh, runs=runs)
+  result = plan_binary.plan(config, topo, runs=runs, log=lambda _: None)
+  return config, mesh, programs, result
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes of one device's share of every abstract array in ``tree``."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      itemsize = 8  # threefry: two uint32
+    else:
+      itemsize = jnp.dtype(x.dtype).itemsize
+    total += math.prod(shape) * itemsize
+  return total
+
+
+def test_every_stage_of_the_tiny_config_compiles(tiny_plan):
+  _, _, programs, result = tiny_plan
+  names = [p["name"] for p in result["programs"]]
+  assert names == [
+      "teacher step",
+      "cache pass",
+      "student sampled",
+      "student online",
+      "student on_policy",
+      "generate on_policy",
+      "validation",
+      "decode b1",
+      "decode b8",
+  ]
+  assert names == [p.name for p in programs]
+  assert result["fits"] and not result["verdicts"]
+  for m in result["programs"]:
+    assert m["peak"] > 0 and m["compile_s"] > 0
+    # Matmul FLOPs counted from the program are at least the model's
+    # (a training step recomputes its loss chunks' logits, no more than 2x).
+    assert 0.95 <= m["flops"] / m["model_flops"] < 2.0, m
+  assert "teacher step" in result["table"] and "/model" in result["table"]
+
+
+def test_arguments_are_the_parameters_and_optimizer_split_over_devices(
+    tiny_plan,
+):
+  """XLA's argument bytes per device equal each array's share of one device
+  (parameters and optimizer state split by the rules, the batch by rows)."""
+  _, mesh, programs, result = tiny_plan
+  measured = {m["name"]: m for m in result["programs"]}
+  steps = [
+      p for p in programs if p.name.startswith(("student", "teacher step"))
+  ]
+  assert len(steps) == 4
+  for program in programs:
+    args = jax.tree.map(
+        lambda x: nnx.state(x) if isinstance(x, nnx.Module) else x,
+        program.args,
+        is_leaf=lambda x: isinstance(x, nnx.Module),
+    )
+    expected = _shard_bytes(args)
+    # A scalar argument the program does not read (the step, in a loss
+    # without a schedule) is dropped from the compiled program.
+    scalars = [x for x in jax.tree.leaves(args) if not x.shape]
+    unread = measured[program.name]["arguments"] - expected
+    if program in steps:
+      assert -4 * len(scalars) <= unread <= 0, program.name
+    else:  # a pass that reads part of a model (the teacher's head) drops the rest
+      assert unread <= 0, program.name
+  for program in steps:  # the updated state takes the donated buffers
+    trained = _shard_bytes(
+        [nnx.state(program.args[0]), nnx.state(program.args[1])]
+    )
+    assert measured[program.name]["aliased"] == trained, program.name
+  # A pass that only reads its models returns no copy of them.
+  validation = measured["validation"]
+  assert validation["outputs"] < validation["arguments"] / 4
+  # The student's parameters and Adam's two moments are split 8 ways (fsdp)
+  # where the rules split them: its argument bytes are far below the whole.
+  step = next(p for p in programs if p.name == "student sampled")
+  whole = step.state_bytes
+  assert measured["student sampled"]["arguments"] < whole / 2
+  assert mesh.shape["fsdp"] == 8
+
+
+def test_flops_count_scanned_layers_once_per_layer():
+  """XLA counts a scanned layer stack's body once; the plan's own count
+  does not: scanned and unrolled students count the same matmul FLOPs."""
+  config = _tiny()
+  config.student.model.num_layers = 4
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  counted = {}
+  for scan in (False, True):
+    config.student.model.scan_layers = scan
+    (program,) = planning.programs(
+        config, mesh, stages=["distill"], runs=["ce"], names=["student ce"]
+    )
+    with sharding.use(mesh):
+      counted[scan] = planning.matmul_flops(program.trace().jaxpr)
+  assert counted[True] == pytest.approx(counted[False], rel=1e-6)
+
+
+def test_a_config_that_cannot_fit_says_so_in_one_line_and_exits_1():
+  result = procs.binary(
+      "experiments.plan",
+      "--config=experiments/stdlib.py:tiny",
+      "--topology=cpu:8",
+      "--stages=export",
+      "--memory_gib=0.000001",
+      env=procs.device_env(8),
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  verdicts = [
+      line for line in result.stderr.splitlines() if "does not fit" in line
+  ]
+  assert len(verdicts) == 2  # decode b1 and b8
+  assert verdicts[0].startswith("decode b1 does not fit: it needs")
+  assert "GiB per device" in verdicts[0] and "config.mesh" in verdicts[0]
+  assert "decode b8" in result.stdout  # the table is printed all the same
+
+
+def test_find_batch_finds_the_most_rows_that_fit():
+  """With a memory between two batch sizes' peaks, the search lands on the
+  larger one that fits."""
+  config = _tiny()
+  topo = topology.resolve("cpu:8")
+  mesh = sharding.make_mesh(devices=topo.devices)
+  peaks = {}
+  for rows in (8, 16, 24):
+    config.data.batch_size = rows
+    (program,) = planning.programs(
+        config, mesh, stages=["distill"], runs=["ce"], names=["student ce"]
+    )
+    peaks[rows] = planning.measure(program, mesh).peak
+  assert peaks[8] < peaks[16] < peaks[24]
+  config.data.batch_size = 8
+  rows, m = plan_binary.find_batch(
+      config, mesh, program, (peaks[16] + peaks[24]) // 2, lambda _: None
+  )
+  assert rows == 16 and m.peak == peaks[16]
+
+
+@pytest.mark.parametrize(
+    "chips,dims,shape",
+    [(4, 3, (2, 2, 1)), (8, 3, (2, 2, 2)), (32, 3, (2, 4, 4)),
+     (64, 3, (4, 4, 4)), (128, 3, (4, 4, 8)), (1, 2, (1, 1)),
+     (8, 2, (2, 4)), (16, 2, (4, 4)), (64, 2, (8, 8)), (256, 2, (16, 16))],
+)  # fmt: skip
+def test_cloud_tpu_grids(chips, dims, shape):
+  assert topology.grid(chips, dims) == shape
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("v7x-8", "use a Cloud TPU name"),
+        ("cpu:99", "xla_force_host_platform_device_count=99"),
+        ("v5p-7", "counts cores"),
+        ("v6e-12", "power of two"),
+        ("v5p:2x2", "3 dimensions"),
+    ],
+)
+def test_bad_topologies_say_what_would_work(name, message):
+  with pytest.raises(ConfigError, match=message):
+    topology.resolve(name)
+
+
+@needs_libtpu
+def test_a_tpu_mesh_chooses_the_tpu_implementations_on_a_cpu_host():
+  topo = topology.resolve("v5p-8")
+  assert topo.platform == "tpu" and len(topo.devices) == 4
+  assert topo.memory_per_device == 95 * topology.GIB
+  mesh = sharding.make_mesh(devices=topo.devices)
+  layer = nnx.eval_shape(lambda: moe_lib.MoE(8, 16, 4, 2, rngs=nnx.Rngs(0)))
+  assert jax.default_backend() == "cpu"
+  assert layer.resolved_impl() == "blocked"  # this host's choice
+  with sharding.use(mesh):
+    assert sharding.platform() == "tpu"
+    assert layer.resolved_impl() == "ragged"  # the TPU's
+    seen = []
+
+    @jax.jit
+    def f(x):
+      seen.append(sharding.platform())  # under jit: the abstract mesh's
+      return x
+
+    f.trace(jax.ShapeDtypeStruct((4,), jnp.float32))
+  assert seen == ["tpu"]
+  assert sharding.platform() == "cpu"
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~1 min: compiles the tiny config's stages for a TPU
+def test_the_tiny_config_planned_for_a_tpu_slice(tmp_path):
+  out = tmp_path / "plan.json"
+  result = procs.binary(
+      "experiments.plan",
+      "--config=experiments/stdlib.py:tiny",
+      "--config.data.batch_size=8",
+      "--topology=v5p-8",
+      "--runs=sampled,online,on_policy",
+      f"--out={out}",
+      timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  plan = json.loads(out.read_text())
+  assert plan["fits"] and plan["mesh"].startswith("data=1 fsdp=4")
+  assert "4 tpu devices" in plan["mesh"]
+  names = [p["name"] for p in plan["programs"]]
+  assert "cache pass" in names and "student on_policy" in names
+  for m in plan["programs"]:
+    assert 0 < m["peak"] < 95 * topology.GIB
+    assert np.isfinite(m["flops"]) and m["flops"] >= 0.95 * m["model_flops"]
