@@ -150,15 +150,25 @@ def _splash_flops(eqn, values) -> float | None:
       dict(eqn.params["metadata"] or {}).get("xprof_metadata", "{}")
   )
   bq, bkv = (sizes[k] for k in _SPLASH_BLOCKS[phase])
-  # The grid: (rows, when vmapped), heads, query blocks, key blocks.
+  # The grid: (rows, when vmapped), then heads and the query and key blocks
+  # in the kernel's order; q [(rows,) heads, T, head_dim] is the float
+  # operand of the grid's rank with the most heads.
   grid = eqn.params["grid_mapping"].grid
-  rows, heads = math.prod(grid[:-3]), grid[-3]
-  head_dim = eqn.invars[3].aval.shape[-1]  # q's, k's and v's
+  rows = math.prod(grid[:-3])
+  q = max(
+      (
+          v.aval.shape
+          for v in eqn.invars
+          if len(v.aval.shape) == len(grid)
+          and jnp.issubdtype(v.aval.dtype, jnp.floating)
+      ),
+      key=lambda shape: shape[-3],
+  )
+  heads, head_dim = q[-3], q[-1]
   visited = np.count_nonzero(np.asarray(block_mask))
   visited *= heads // np.shape(block_mask)[0]  # heads that share a mask
   matmuls = SPLASH_MATMULS[phase]
-  q_rank = len(eqn.invars[3].aval.shape)
-  if phase == "dkv" and any(len(v.aval.shape) > q_rank for v in eqn.outvars):
+  if phase == "dkv" and any(len(v.aval.shape) > len(q) for v in eqn.outvars):
     matmuls += 1  # the fused backward: its dq partials, one per key block
   return 2.0 * matmuls * bq * bkv * head_dim * visited * rows
 

@@ -12,7 +12,7 @@ on-policy run's generation too), the validation pass, and a decode step of
 the student at batch 1 and 8 with a full cache of ``config.data.seq_len``.
 A TPU slice (``v5p-64``, ``v6e-64``, ``2xv5p-64``...) compiles on this host
 with libtpu (``pip install -e '.[tpu]'``) and no TPU; ``cpu:N`` and
-``local`` need nothing more (``distill/topology.py`` lists the names).
+``local`` need nothing more (``distill/core/topology.py`` lists the names).
 
 Per program, per device: arguments (parameters, optimizer state, the batch),
 temporaries and outputs, their peak against the device's memory, the
@@ -39,33 +39,6 @@ from distill import planning
 
 from distill.core import cli, files, sharding, topology
 from distill.core.errors import UserError
-
-_TOPOLOGY = flags.DEFINE_string(
-    "topology",
-    "local",
-    "What to compile for: a Cloud TPU slice (v5p-64, v5e-16, v6e-64,"
-    " 2xv5p-64), a grid (v5p:2x4x4), cpu:N, or local (this process's"
-    " devices).",
-)
-_STAGES = flags.DEFINE_list(
-    "stages",
-    None,
-    "Only these: teacher, cache, distill, export (the decode steps).",
-)
-_RUNS = flags.DEFINE_list(
-    "runs", None, "Only these runs of config.distill.runs (default: all)."
-)
-_FIND_BATCH = flags.DEFINE_bool(
-    "find_batch",
-    False,
-    "Find the most rows per step that fit, per program (bisection).",
-)
-_MEMORY_GIB = flags.DEFINE_float(
-    "memory_gib",
-    None,
-    "Memory per device in GiB (default: the topology's; a TPU's HBM).",
-)
-_OUT = flags.DEFINE_string("out", None, "Write the plan as JSON here.")
 
 GIB = topology.GIB
 STAGES = ("teacher", "cache", "distill", "export")
@@ -248,31 +221,63 @@ def plan(config, topo: topology.Topology, *, stages=None, runs=None,
   }
 
 
+def _define_flags():
+  # Defined only when run as a binary (importing adds no flags, so tests and
+  # other binaries may import this module).
+  flags.DEFINE_string(
+      "topology",
+      "local",
+      "What to compile for: a Cloud TPU slice (v5p-64, v5e-16, v6e-64,"
+      " 2xv5p-64), a grid (v5p:2x4x4), cpu:N, or local (this process's"
+      " devices).",
+  )
+  flags.DEFINE_list(
+      "stages",
+      None,
+      "Only these: teacher, cache, distill, export (the decode steps).",
+  )
+  flags.DEFINE_list(
+      "runs", None, "Only these runs of config.distill.runs (default: all)."
+  )
+  flags.DEFINE_bool(
+      "find_batch",
+      False,
+      "Find the most rows per step that fit, per program.",
+  )
+  flags.DEFINE_float(
+      "memory_gib",
+      None,
+      "Memory per device in GiB (default: the topology's; a TPU's HBM).",
+  )
+  flags.DEFINE_string("out", None, "Write the plan as JSON here.")
+
+
 def main(argv):
+  f = flags.FLAGS
   config = cli.setup_config(argv)
-  if _TOPOLOGY.value != "local":
+  if f.topology != "local":
     # Compiling for other devices: this host's accelerator (or libtpu on a
     # host without a TPU) is not wanted, only its CPU.
     jax.config.update("jax_platforms", "cpu")
   # Executables for devices this host does not have are not worth caching.
   jax.config.update("jax_enable_compilation_cache", False)
-  unknown = sorted(set(_STAGES.value or ()) - set(STAGES))
+  unknown = sorted(set(f.stages or ()) - set(STAGES))
   if unknown:
     raise UserError(f"--stages: unknown {unknown}; use some of {STAGES}")
-  topo = topology.resolve(_TOPOLOGY.value)
-  memory = int(_MEMORY_GIB.value * GIB) if _MEMORY_GIB.value else None
+  topo = topology.resolve(f.topology)
+  memory = int(f.memory_gib * GIB) if f.memory_gib else None
   start = time.time()
   result = plan(
-      config, topo, stages=_STAGES.value, runs=_RUNS.value,
-      find=_FIND_BATCH.value, memory=memory,
+      config, topo, stages=f.stages, runs=f.runs,
+      find=f.find_batch, memory=memory,
   )  # fmt: skip
   result["seconds"] = time.time() - start
   print(result["table"])
   for name, found in result["find_batch"].items():
     print(f"find_batch: {name}: {found['rows']} rows ({found['knob']})")
-  if _OUT.value:
-    files.write_json(_OUT.value, result)
-    print(f"plan: wrote {_OUT.value}")
+  if f.out:
+    files.write_json(f.out, result)
+    print(f"plan: wrote {f.out}")
   for line in result["verdicts"]:
     print(line, file=sys.stderr)
   print(f"plan: {len(result['programs'])} programs in {result['seconds']:.0f}s")
@@ -281,4 +286,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)
