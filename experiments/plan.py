@@ -91,15 +91,23 @@ def table(rows: list[planning.Measure], memory: int) -> str:
   )
 
 
-def verdict(m: planning.Measure, program: planning.Program, memory: int) -> str:
+def verdict(
+    m: planning.Measure, program: planning.Program, memory: int, processes: int
+) -> str:
   """One line on a program that does not fit: what, needed, there, knobs."""
   knobs = []
-  if program.rows_knob:
+  if program.stage == "cache":  # its knob counts one process's rows
     knobs.append(
-        f"fewer rows ({program.rows_knob}={program.rows}; --find_batch)"
+        f"fewer rows (config.cache.batch_size={program.rows // processes}"
+        f" per process, {program.rows} in all; --find_batch)"
+    )
+  elif program.rows_knob:
+    knobs.append(
+        f"fewer rows (config.{program.rows_knob}={program.rows}; --find_batch)"
     )
   if program.stage in ("teacher", "distill"):
-    knobs.append("remat (--config.*.model.remat=full)")
+    model = "teacher" if program.stage == "teacher" else "student"
+    knobs.append(f"remat (--config.{model}.model.remat=full)")
   knobs.append("a mesh that splits the parameters more (config.mesh)")
   return (
       f"{m.name} does not fit: it needs {_gib(m.peak)} GiB per device and"
@@ -200,7 +208,8 @@ def plan(config, topo: topology.Topology, *, stages=None, runs=None,
         f" compiled in {m.compile_s:.0f}s"
     )
     if m.peak > memory:
-      verdicts.append(verdict(m, program, memory))
+      processes = len({d.process_index for d in mesh.devices.flat})
+      verdicts.append(verdict(m, program, memory, processes))
     if find and program.rows_knob:
       rows, _ = find_batch(config, mesh, program, memory, log, known=m)
       batches[program.name] = {
