@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from typing import Any, Callable
 
@@ -649,14 +650,14 @@ def decode_programs(config, mesh, vocab: int, batches=(1, 8)) -> list[Program]:
   student = on_mesh(lambda: Student(s_cfg, rngs=nnx.Rngs(0)), mesh)
   graphdef, state = nnx.split(student)
   context = config.data.seq_len
+  # Rows split as far as they go (one row: on every device), said once in
+  # the table rather than warned about as a training batch would be.
+  rows = lambda shape: sharding.named(
+      ("batch",) + (None,) * (len(shape) - 1), shape, mesh
+  )
   out = []
   for b in batches:
     cache = jax.eval_shape(lambda b=b: student.init_cache(b, context))
-    # Rows split as far as they go (one row: on every device), said once
-    # in the table rather than warned about as a training batch would be.
-    rows = lambda shape: sharding.named(
-        ("batch",) + (None,) * (len(shape) - 1), shape, mesh
-    )
     cache = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=rows(x.shape)
@@ -727,6 +728,10 @@ class Measure:
   compile_s: float
   rows: int
   tokens: int
+  #: Why the compiler refused the program (it checks the device's memory
+  #: itself on TPUs), if it did; the bytes are then its own figure for the
+  #: temporaries and the arguments' shares.
+  refused: str | None = None
 
   @property
   def peak(self) -> int:
@@ -743,34 +748,86 @@ class Measure:
     return {**dataclasses.asdict(self), "peak": self.peak}
 
 
+#: What the TPU compiler says when a program's buffers exceed the chip:
+#: "... required for HLO temporaries (16.49G) exceeds available HBM ...".
+_OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _argument_bytes(args) -> int:
+  """One device's share of every abstract array in ``args``."""
+  leaves = jax.tree.leaves(
+      jax.tree.map(
+          lambda x: nnx.state(x) if isinstance(x, nnx.Module) else x,
+          args,
+          is_leaf=lambda x: isinstance(x, nnx.Module),
+      )
+  )
+  total = 0
+  for x in leaves:
+    shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      itemsize = 8  # threefry: two uint32
+    else:
+      itemsize = jnp.dtype(x.dtype).itemsize
+    total += math.prod(shape) * itemsize
+  return total
+
+
 def measure(program: Program, mesh) -> Measure:
-  """Compiles ``program`` for ``mesh``'s devices and reads its analyses."""
+  """Compiles ``program`` for ``mesh``'s devices and reads its analyses.
+
+  A program the compiler refuses for want of memory (the TPU compiler
+  checks the chip's HBM itself) is measured from its message: its
+  temporaries, and the arguments' shares of one device.
+  """
   start = time.perf_counter()
   with sharding.use(mesh):
     traced = program.trace()
-    compiled = traced.lower().compile()
+    try:
+      compiled = traced.lower().compile()
+      refused = None
+    except jax.errors.JaxRuntimeError as e:
+      found = _OUT_OF_MEMORY.search(str(e))
+      if "RESOURCE_EXHAUSTED" not in str(e) or found is None:
+        raise
+      compiled, refused = None, str(e).strip().splitlines()[0]
   seconds = time.perf_counter() - start
+  # An nnx.jit's Traced wraps jax's.
+  jaxpr = getattr(traced, "traced", traced).jaxpr
+  counted = matmul_flops(jaxpr, program.while_trips) / mesh.size
+  common = dict(
+      name=program.name,
+      flops=counted,
+      model_flops=program.model_flops / mesh.size,
+      compile_s=seconds,
+      rows=program.rows,
+      tokens=program.tokens,
+  )
+  if compiled is None:
+    scale = 1024 ** "KMGT".index(found.group(2)) * 1024
+    return Measure(
+        arguments=_argument_bytes(program.args),
+        outputs=0,
+        temporaries=int(float(found.group(1)) * scale),
+        aliased=0,
+        code=0,
+        xla_flops=float("nan"),
+        estimated_s=None,
+        refused=refused,
+        **common,
+    )
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  jaxpr = getattr(
-      traced, "traced", traced
-  ).jaxpr  # an nnx.jit's Traced wraps jax's
-  counted = matmul_flops(jaxpr, program.while_trips) / mesh.size
   estimated = cost.get("optimal_seconds")
   return Measure(
-      name=program.name,
       arguments=int(memory.argument_size_in_bytes),
       outputs=int(memory.output_size_in_bytes),
       temporaries=int(memory.temp_size_in_bytes),
       aliased=int(memory.alias_size_in_bytes),
       code=int(memory.generated_code_size_in_bytes),
-      flops=counted,
       xla_flops=float(cost.get("flops", float("nan"))),
-      model_flops=program.model_flops / mesh.size,
       estimated_s=float(estimated) if estimated and estimated > 0 else None,
-      compile_s=seconds,
-      rows=program.rows,
-      tokens=program.tokens,
+      **common,
   )

@@ -109,9 +109,10 @@ def verdict(
     model = "teacher" if program.stage == "teacher" else "student"
     knobs.append(f"remat (--config.{model}.model.remat=full)")
   knobs.append("a mesh that splits the parameters more (config.mesh)")
+  refused = " (the compiler refused it)" if m.refused else ""
   return (
-      f"{m.name} does not fit: it needs {_gib(m.peak)} GiB per device and"
-      f" {_gib(memory)} GiB are there; try {', or '.join(knobs)}."
+      f"{m.name} does not fit{refused}: it needs {_gib(m.peak)} GiB per"
+      f" device and {_gib(memory)} GiB are there; try {', or '.join(knobs)}."
   )
 
 

@@ -158,6 +158,43 @@ def test_a_config_that_cannot_fit_says_so_in_one_line_and_exits_1():
   assert "decode b8" in result.stdout  # the table is printed all the same
 
 
+def test_a_program_the_compiler_refuses_for_memory_gets_a_verdict(
+    monkeypatch,
+):
+  """The TPU compiler checks the chip's memory itself and raises; the plan
+  reads the temporaries from its message and says the program does not fit."""
+  config = _tiny()
+  mesh = sharding.make_mesh(devices=jax.devices()[:8])
+  (program,) = planning.programs(
+      config, mesh, stages=["export"], names=["decode b1"]
+  )
+  message = (
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory"
+      " required for HLO temporaries (16.49G) exceeds available HBM (15.75G)."
+  )
+
+  class Refusing:
+
+    def __init__(self, traced):
+      self.traced = traced
+      self.jaxpr = traced.jaxpr
+
+    def lower(self):
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(message)
+
+  real = program.trace
+  monkeypatch.setattr(program, "trace", lambda: Refusing(real()))
+  m = planning.measure(program, mesh)
+  assert m.refused.startswith("RESOURCE_EXHAUSTED")
+  assert m.temporaries == int(16.49 * 2**30)
+  assert m.arguments > 0 and m.flops > 0
+  line = plan_binary.verdict(m, program, 16 * 2**30, processes=1)
+  assert line.startswith("decode b1 does not fit (the compiler refused it)")
+
+
 def test_find_batch_finds_the_most_rows_that_fit():
   """With a memory between two batch sizes' peaks, the search lands on the
   larger one that fits (the validation pass: quick to compile)."""
