@@ -361,13 +361,28 @@ class Program:
     return self.fn.trace(*self.args, **self.kwargs)
 
 
-def _nbytes(tree) -> int:
+def array_bytes(tree, *, per_device: bool = False) -> int:
+  """Bytes of every abstract array in ``tree`` (modules in it count their
+  state): whole, or with ``per_device`` one device's share by each array's
+  sharding."""
   leaves = jax.tree.leaves(
-      nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+      jax.tree.map(
+          lambda x: nnx.state(x) if isinstance(x, nnx.Module) else x,
+          tree,
+          is_leaf=lambda x: isinstance(x, nnx.Module),
+      )
   )
-  return int(
-      sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
-  )
+  total = 0
+  for x in leaves:
+    shape = x.shape
+    if per_device and x.sharding is not None:
+      shape = x.sharding.shard_shape(x.shape)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      itemsize = 8  # threefry: two uint32
+    else:
+      itemsize = jnp.dtype(x.dtype).itemsize
+    total += math.prod(shape) * itemsize
+  return total
 
 
 def teacher_model_config(config, vocab: int | None = None):
@@ -437,7 +452,7 @@ def _train_program(
       rows=rows,
       tokens=rows * (width - 1),
       model_flops=model_flops_of(model, rows, width - 1),
-      state_bytes=_nbytes(trainable) + _nbytes(optimizer),
+      state_bytes=array_bytes(trainable) + array_bytes(optimizer),
       rows_knob=rows_knob,
   )
 
@@ -471,7 +486,7 @@ def teacher_programs(config, mesh, vocab: int, rows: int | None = None):
       tuple(c.methods), c.k, c.num_samples, c.temperature, c.stratified,
       c.tail_k, c.tail_samples, c.get("position_chunk", 0),
   )  # fmt: skip
-  b = rows or c.batch_size * _processes(mesh)
+  b = rows or c.batch_size * processes(mesh)
   plain = batch_shapes(b, seq, None, None, mesh)
   cut = {k: jax.ShapeDtypeStruct((b, seq), v.dtype, sharding=v.sharding)
          for k, v in plain.items()}  # fmt: skip
@@ -494,14 +509,15 @@ def teacher_programs(config, mesh, vocab: int, rows: int | None = None):
           rows=b,
           tokens=b * seq,
           model_flops=forward_flops(teacher, b, seq),
-          state_bytes=_nbytes(teacher),
+          state_bytes=array_bytes(teacher),
           rows_knob="cache.batch_size (per process)",
       )
   )
   return out
 
 
-def _processes(mesh) -> int:
+def processes(mesh) -> int:
+  """How many processes (hosts) hold the mesh's devices."""
   return len({d.process_index for d in mesh.devices.flat})
 
 
@@ -574,7 +590,7 @@ def student_programs(
         model_flops_of=flops_of,
         rows_knob="data.batch_size",
     )
-    program.state_bytes += sum(_nbytes(f) for f in frozen)
+    program.state_bytes += sum(array_bytes(f) for f in frozen)
     out.append(program)
     if policy is not None and policy.lam > 0:
       out.append(
@@ -612,7 +628,7 @@ def _generation_program(student, policy, rows, seq, mesh, run) -> Program:
       rows=rows,
       tokens=rows * new,
       model_flops=forward_flops(student, rows, seq),
-      state_bytes=_nbytes(state),
+      state_bytes=array_bytes(state),
       rows_knob="data.batch_size",
   )
 
@@ -638,7 +654,7 @@ def _validation_program(config, student, teacher, rows, mesh) -> Program:
       rows=rows,
       tokens=rows * seq,
       model_flops=forward_flops(student, rows, seq) + head,
-      state_bytes=_nbytes(student) + _nbytes(teacher),
+      state_bytes=array_bytes(student) + array_bytes(teacher),
       rows_knob="data.batch_size",
   )
 
@@ -675,7 +691,7 @@ def decode_programs(config, mesh, vocab: int, batches=(1, 8)) -> list[Program]:
             rows=b,
             tokens=b,
             model_flops=decode_flops(student, b, context),
-            state_bytes=_nbytes(state),
+            state_bytes=array_bytes(state),
             rows_knob="",
         )
     )
@@ -753,26 +769,6 @@ class Measure:
 _OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
 
 
-def _argument_bytes(args) -> int:
-  """One device's share of every abstract array in ``args``."""
-  leaves = jax.tree.leaves(
-      jax.tree.map(
-          lambda x: nnx.state(x) if isinstance(x, nnx.Module) else x,
-          args,
-          is_leaf=lambda x: isinstance(x, nnx.Module),
-      )
-  )
-  total = 0
-  for x in leaves:
-    shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      itemsize = 8  # threefry: two uint32
-    else:
-      itemsize = jnp.dtype(x.dtype).itemsize
-    total += math.prod(shape) * itemsize
-  return total
-
-
 def measure(program: Program, mesh) -> Measure:
   """Compiles ``program`` for ``mesh``'s devices and reads its analyses.
 
@@ -804,9 +800,9 @@ def measure(program: Program, mesh) -> Measure:
       tokens=program.tokens,
   )
   if compiled is None:
-    scale = 1024 ** "KMGT".index(found.group(2)) * 1024
+    scale = 1024 ** ("KMGT".index(found.group(2)) + 1)
     return Measure(
-        arguments=_argument_bytes(program.args),
+        arguments=array_bytes(program.args, per_device=True),
         outputs=0,
         temporaries=int(float(found.group(1)) * scale),
         aliased=0,

@@ -140,7 +140,7 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
   program's own measure, a first point for free.
   """
   ways = sharding.batch_ways(mesh)
-  processes = len({d.process_index for d in mesh.devices.flat})
+  processes = planning.processes(mesh)
   step = max(ways, processes)
   peaks: dict[int, planning.Measure] = {}
   if known is not None and known.rows % step == 0:
@@ -209,8 +209,7 @@ def plan(config, topo: topology.Topology, *, stages=None, runs=None,
         f" compiled in {m.compile_s:.0f}s"
     )
     if m.peak > memory:
-      processes = len({d.process_index for d in mesh.devices.flat})
-      verdicts.append(verdict(m, program, memory, processes))
+      verdicts.append(verdict(m, program, memory, planning.processes(mesh)))
     if find and program.rows_knob:
       rows, _ = find_batch(config, mesh, program, memory, log, known=m)
       batches[program.name] = {

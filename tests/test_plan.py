@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -43,19 +42,6 @@ def tiny_plan():
   return config, mesh, programs, result
 
 
-def _shard_bytes(tree) -> int:
-  """Bytes of one device's share of every abstract array in ``tree``."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      itemsize = 8  # threefry: two uint32
-    else:
-      itemsize = jnp.dtype(x.dtype).itemsize
-    total += math.prod(shape) * itemsize
-  return total
-
-
 def test_every_stage_of_the_tiny_config_compiles(tiny_plan):
   _, _, programs, result = tiny_plan
   names = [p["name"] for p in result["programs"]]
@@ -92,24 +78,24 @@ def test_arguments_are_the_parameters_and_optimizer_split_over_devices(
   ]
   assert len(steps) == 4
   for program in programs:
-    args = jax.tree.map(
-        lambda x: nnx.state(x) if isinstance(x, nnx.Module) else x,
-        program.args,
-        is_leaf=lambda x: isinstance(x, nnx.Module),
-    )
-    expected = _shard_bytes(args)
+    expected = planning.array_bytes(program.args, per_device=True)
     # A scalar argument the program does not read (the step, in a loss
     # without a schedule) is dropped from the compiled program.
-    scalars = [x for x in jax.tree.leaves(args) if not x.shape]
+    leaves = jax.tree.leaves(
+        jax.tree.map(
+            lambda x: nnx.state(x) if isinstance(x, nnx.Module) else x,
+            program.args,
+            is_leaf=lambda x: isinstance(x, nnx.Module),
+        )
+    )
+    scalars = [x for x in leaves if not x.shape]
     unread = measured[program.name]["arguments"] - expected
     if program in steps:
       assert -4 * len(scalars) <= unread <= 0, program.name
     else:  # a pass that reads part of a model (the teacher's head) drops the rest
       assert unread <= 0, program.name
   for program in steps:  # the updated state takes the donated buffers
-    trained = _shard_bytes(
-        [nnx.state(program.args[0]), nnx.state(program.args[1])]
-    )
+    trained = planning.array_bytes(program.args[:2], per_device=True)
     assert measured[program.name]["aliased"] == trained, program.name
   # A pass that only reads its models returns no copy of them.
   validation = measured["validation"]
