@@ -176,35 +176,48 @@ def make_target_fn(
   @functools.partial(nnx.jit, graph_updates=False)
   def targets(teacher, tokens, segment_ids, positions, base_key, row_ids):
     hidden, _ = teacher.hidden(tokens, segment_ids, positions)
-    rows, length = tokens.shape
+    length = tokens.shape[1]
     keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(row_ids)
     uniforms = jax.vmap(lambda key: draws(key, length))(keys)
     chunk = min(position_chunk or length, length)
     if chunk == length:
       return chunk_targets(teacher, hidden, uniforms)
-    # [B, L, ...] -> [chunks, B, C, ...], the last chunk padded; then back.
-    count = -(-length // chunk)
-
-    def split(x, axis):
-      pad = [(0, 0)] * x.ndim
-      pad[axis] = (0, count * chunk - length)
-      x = jnp.pad(x, pad)
-      x = x.reshape(*x.shape[:axis], count, chunk, *x.shape[axis + 1 :])
-      return jnp.moveaxis(x, axis, 0)
-
     graphdef, state = nnx.split(teacher)
-    made = jax.lax.map(
-        lambda args: chunk_targets(nnx.merge(graphdef, state), *args),
-        (split(hidden, 1), jax.tree.map(lambda u: split(u, 2), uniforms)),
-    )
-    return jax.tree.map(
-        lambda x: jnp.moveaxis(x, 0, 1).reshape(
-            rows, count * chunk, *x.shape[3:]
-        )[:, :length],
-        made,
+    return _by_position_chunks(
+        lambda h, u: chunk_targets(nnx.merge(graphdef, state), h, u),
+        hidden,
+        uniforms,
+        chunk,
     )
 
   return targets
+
+
+def _by_position_chunks(fn, hidden, uniforms, chunk: int):
+  """``fn(hidden [B, C, D], uniforms [B, ..., C, ...]) -> targets [B, C,
+  ...]`` over ``chunk`` positions at a time (``lax.map``), joined back to
+  [B, L, ...]: [B, L, ...] -> [chunks, B, C, ...], the last chunk padded;
+  then back. uniforms' position axis is 2 (after the row and the draw)."""
+  rows, length = hidden.shape[:2]
+  count = -(-length // chunk)
+
+  def split(x, axis):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, count * chunk - length)
+    x = jnp.pad(x, pad)
+    x = x.reshape(*x.shape[:axis], count, chunk, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+  made = jax.lax.map(
+      lambda args: fn(*args),
+      (split(hidden, 1), jax.tree.map(lambda u: split(u, 2), uniforms)),
+  )
+  return jax.tree.map(
+      lambda x: jnp.moveaxis(x, 0, 1).reshape(
+          rows, count * chunk, *x.shape[3:]
+      )[:, :length],
+      made,
+  )
 
 
 def _encode_batch(
