@@ -1,18 +1,31 @@
 """Text corpora as TFDS datasets in the array_record format.
 
-Three sources share one code path (``config.data.source``):
+Five sources share one code path (``config.data.source``):
 
 - ``stdlib``: the embedded default, the ``.py`` files of the running
   interpreter's standard library (no network needed). ``test/``, ``tests/``,
   ``idlelib`` and ``site-packages`` are skipped.
-- ``files``: a glob of local text files (``config.data.files_glob``).
+- ``files``: a glob of local text files (``config.data.files_glob``), one
+  document each.
+- ``jsonl`` / ``parquet``: a glob of JSON-lines files (``.gz`` too) or Parquet
+  files, one document per record, its text in the field
+  ``config.data.text_key``; read as streams (a line, a record batch at a
+  time).
 - ``tfds``: any TFDS text dataset by name (``config.data.tfds_name``), whose
   text feature is ``config.data.text_key``; this one needs the network the
   first time TFDS prepares it.
 
 For ``stdlib`` and ``files`` the validation split is chosen by a hash of the
-file's path relative to its root, so the split is the same on every run and
-every machine with the same files. Bytes that are not valid UTF-8 are decoded
+file's path relative to its root, for ``jsonl`` and ``parquet`` by a hash of
+the record's file and line (or row), so the split is the same on every run and
+every machine with the same files.
+
+Building the local corpora streams: TFDS sorts the examples by a hash of
+their keys and keeps up to 1 GB of them in memory to do it, beyond which it
+sorts through bucket files on disk with TensorFlow's file API. ``build``
+lowers the memory to ``SORT_MEMORY`` bytes and gives TFDS buckets on plain
+files (``_FileBucket``): the same order, no TensorFlow, and a large corpus
+never sits whole in memory. Bytes that are not valid UTF-8 are decoded
 with U+FFFD replacement and counted; the count is logged as a warning with the
 first offending path.
 
@@ -25,16 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import json
 import logging as py_logging
 import glob as globlib
 import hashlib
 import os
+import struct
 import sys
 import sysconfig
 from typing import Any, Iterator
 
 from absl import logging
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from distill.core.errors import UserError
 
@@ -42,6 +59,8 @@ SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 )
 TRAIN, VALIDATION = "train", "validation"
+RECORD_KINDS = ("jsonl", "parquet")
+SORT_MEMORY = 16 << 20
 
 
 class CorpusError(UserError):
@@ -112,6 +131,8 @@ class FilesCorpusConfig(tfds.core.BuilderConfig):
   pattern: str = ""  # empty: the standard library under ``root``
   max_files: int = 0  # 0: all files (after the split)
   validation_permille: int = 20
+  kind: str = "text"  # text: a document per file | jsonl | parquet
+  text_key: str = "text"  # jsonl, parquet: the field with the text
 
 
 class FilesCorpus(tfds.core.GeneratorBasedBuilder):
@@ -170,6 +191,9 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     ``max_files`` in all (in proportion) when it is set."""
     cfg = self.builder_config
     files = self._files()
+    if cfg.kind in RECORD_KINDS:  # both read every file, records split by key
+      kept = files[: cfg.max_files] if cfg.max_files else files
+      return {TRAIN: kept, VALIDATION: kept}
     splits = split_files(files, self._root(), cfg.validation_permille)
     if cfg.max_files:
       splits = {
@@ -189,20 +213,44 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     ``max_files`` left out (0 when it keeps them all)."""
     matched = len(self._files())
     counts = {name: len(v) for name, v in self.splits().items()}
+    kept = (
+        counts[TRAIN]
+        if self.builder_config.kind in RECORD_KINDS
+        else sum(counts.values())
+    )
     return {
         "matched": matched,
         **counts,
-        "left_out": matched - sum(counts.values()),
+        "left_out": matched - kept,
         "max_files": self.builder_config.max_files,
     }
 
   def _split_generators(self, dl_manager):
     del dl_manager
     root = self._root()
+    if self.builder_config.kind in RECORD_KINDS:
+      return {
+          name: self._generate_records(files, root, name)
+          for name, files in self.splits().items()
+      }
     return {
         name: self._generate_examples(files, root)
         for name, files in self.splits().items()
     }
+
+  def _generate_records(
+      self, files: list[str], root: str, split: str
+  ) -> Iterator[Any]:
+    """The records of ``files`` whose key (file and line or row) hashes
+    into ``split``, streamed."""
+    cfg = self.builder_config
+    read = read_jsonl if cfg.kind == "jsonl" else read_parquet
+    for path in files:
+      rel = os.path.relpath(path, root)
+      for index, text in read(path, cfg.text_key):
+        key = f"{rel}:{index}"
+        if is_validation(key, cfg.validation_permille) == (split == VALIDATION):
+          yield key, {"text": text, "path": key}
 
   def _generate_examples(self, files: list[str], root: str) -> Iterator[Any]:
     bad_files, bad_bytes, first_bad = 0, 0, None
@@ -221,6 +269,119 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
           bad_bytes,
           first_bad,
       )
+
+
+def read_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+  """(line number, text) of each record of a JSON-lines file (gzipped when
+  its name ends in .gz), one line at a time; blank lines are skipped."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}:{number} is not JSON ({e.msg}).") from e
+      if not isinstance(record, dict) or text_key not in record:
+        raise CorpusError(
+            f"{path}:{number} has no {text_key!r} field; set"
+            " config.data.text_key to the field with the text."
+        )
+      yield number, str(record[text_key])
+
+
+def read_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+  """(row number, text) of each row of a Parquet file, a record batch at a
+  time."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+  try:
+    table = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises its own ArrowInvalid and OSError.
+    raise CorpusError(f"{path} is not a readable Parquet file: {e}") from e
+  if text_key not in table.schema_arrow.names:
+    raise CorpusError(
+        f"{path} has no column {text_key!r} (it has"
+        f" {', '.join(table.schema_arrow.names)}); set config.data.text_key."
+    )
+  row = 0
+  for batch in table.iter_batches(batch_size=1024, columns=[text_key]):
+    for value in batch.column(0).to_pylist():
+      yield row, "" if value is None else str(value)
+      row += 1
+
+
+class _FileBucket:
+  """TFDS's sort bucket (``shuffle._Bucket``: the same file format and
+  interface) on plain files, so that sorting on disk needs no TensorFlow
+  (TFDS's own goes through ``tf.io.gfile``). Writes are gathered per bucket
+  up to ``BUFFER`` bytes, so no bucket holds a file open."""
+
+  BUFFER = 64 << 10
+
+  def __init__(self, path):
+    self._path = os.fspath(path)
+    self._pending: list[bytes] = []
+    self._pending_bytes = 0
+    self._length = 0
+    self._size = 0
+
+  @property
+  def size(self) -> int:
+    return self._size
+
+  def __len__(self) -> int:
+    return self._length
+
+  def add(self, key: int, data: bytes) -> None:
+    record = tfds_shuffle._hkey_to_bytes(key) + struct.pack("=Q", len(data))  # pylint: disable=protected-access
+    self._pending += [record, data]
+    self._pending_bytes += len(record) + len(data)
+    self._length += 1
+    self._size += len(data)
+    if self._pending_bytes >= self.BUFFER:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._pending:
+      os.makedirs(os.path.dirname(self._path), exist_ok=True)
+      with open(self._path, "ab") as f:
+        f.write(b"".join(self._pending))
+      self._pending, self._pending_bytes = [], 0
+
+  def read_values(self) -> Iterator[tuple[int, bytes]]:
+    self.flush()
+    if not os.path.exists(self._path):
+      return
+    key_bytes = tfds_shuffle.HKEY_SIZE_BYTES
+    with open(self._path, "rb") as f:
+      while head := f.read(key_bytes):
+        key = tfds_shuffle._read_hkey(head)  # pylint: disable=protected-access
+        (size,) = struct.unpack("=Q", f.read(8))
+        yield key, f.read(size)
+
+  def del_file(self) -> None:
+    if os.path.exists(self._path):
+      os.remove(self._path)
+
+
+@contextlib.contextmanager
+def _sort_memory(limit: int) -> Iterator[None]:
+  previous = tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle._Bucket  # pylint: disable=protected-access
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(previous[0], limit)
+  tfds_shuffle._Bucket = _FileBucket  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE, tfds_shuffle._Bucket = previous  # pylint: disable=protected-access
+
+
+def build(builder, sort_memory: int = SORT_MEMORY) -> None:
+  """Builds the corpus into its data_dir (a no-op when built), holding at
+  most ``sort_memory`` bytes of examples in memory while TFDS orders them."""
+  with _sort_memory(sort_memory):
+    builder.download_and_prepare()
 
 
 class _CustomConfigNotice(py_logging.Filter):
@@ -250,7 +411,7 @@ def corpus_builder(
   builder is not prepared yet.
   """
   source = data_config.source
-  if source in ("stdlib", "files"):
+  if source in ("stdlib", "files") + RECORD_KINDS:
     if source == "stdlib":
       root, pattern = stdlib_root(), ""
       version = f"py{sys.version_info[0]}.{sys.version_info[1]}"
@@ -258,11 +419,17 @@ def corpus_builder(
     else:
       if not data_config.files_glob:
         raise CorpusError(
-            "config.data.source='files' needs config.data.files_glob"
+            f"config.data.source={source!r} needs config.data.files_glob"
         )
       root, pattern = "", data_config.files_glob
-      digest = hashlib.sha1(pattern.encode()).hexdigest()[:10]
-      name = f"files-{digest}-n{data_config.max_files}-v{data_config.validation_permille}"
+      key = (
+          pattern
+          if source == "files"
+          else f"{source}:{data_config.text_key}:{pattern}"
+      )
+      digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+      prefix = "files" if source == "files" else source
+      name = f"{prefix}-{digest}-n{data_config.max_files}-v{data_config.validation_permille}"
     config = FilesCorpusConfig(
         name=name,
         version=FilesCorpus.VERSION,
@@ -270,6 +437,8 @@ def corpus_builder(
         pattern=pattern,
         max_files=data_config.max_files,
         validation_permille=data_config.validation_permille,
+        kind=source if source in RECORD_KINDS else "text",
+        text_key=data_config.text_key if source in RECORD_KINDS else "text",
     )
     with _quiet_custom_config():
       builder = FilesCorpus(
@@ -291,12 +460,13 @@ def corpus_builder(
         },
     )
   raise CorpusError(
-      f"Unknown config.data.source {source!r}; use 'stdlib', 'files' or 'tfds'."
+      f"Unknown config.data.source {source!r}; use 'stdlib', 'files',"
+      " 'jsonl', 'parquet' or 'tfds'."
   )
 
 
 def prepare_corpus(data_config, data_dir: str):
   """Builds the corpus into ``data_dir`` (a no-op when already built)."""
   builder, text_key, splits = corpus_builder(data_config, data_dir)
-  builder.download_and_prepare()
+  build(builder)
   return builder, text_key, splits

@@ -2,12 +2,12 @@
 
 Two steps:
 
-1. ``tokenize_split`` (run once by ``data.prepare``): read the split's TFDS
-   array_record source with ``grain.MapDataset.source`` → decode → tokenize in
-   batches → append EOS → concatenate into one token stream. It is stored under
-   ``W/data/tokens/<split>/`` as ``tokens.npy`` (smallest unsigned dtype for the
-   vocab), ``doc_offsets.npy`` (int64 [num_docs + 1], where each document
-   starts in the stream) and ``meta.json`` (counts and the tokenizer hash).
+1. ``data.prepare`` (once) tokenizes each split into a token stream: every
+   document in the source's order, followed by EOS, back to back. It is
+   stored under ``W/data/tokens/<split>/`` as bounded shard files (smallest
+   unsigned dtype for the vocab) and ``manifest.json`` (the shards in order,
+   with counts, hashes and the tokenizer hash); ``data.shards`` writes and
+   reads them.
 
 2. ``make_dataset``: a random-access ``grain.MapDataset`` over packed rows.
    Row ``i`` is the slice ``stream[i * (L + 1) : (i + 1) * (L + 1)]`` with
@@ -30,23 +30,18 @@ the loss mask is ``target_mask(segment_ids)``.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-import time
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-from absl import flags, logging
-from tqdm import tqdm
+from absl import flags
 
+from data import shards
 from data import tokenizer as tok
-from distill.core import files, layout, stop
+from distill.core import layout
 from distill.core.errors import UserError
-
-META = "meta.json"
 
 
 class DataError(UserError):
@@ -76,104 +71,20 @@ def tokens_dir(data_dir: str, split: str) -> str:
 
 
 def read_meta(data_dir: str, split: str) -> dict[str, Any] | None:
-  path = os.path.join(tokens_dir(data_dir, split), META)
-  if not os.path.isfile(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  """The split's manifest (``data.shards``), or None before it is ready."""
+  return shards.read_manifest(tokens_dir(data_dir, split))
 
 
-def _decode(example: dict[str, Any], text_key: str) -> str:
-  value = example[text_key]
-  return (
-      value.decode("utf-8", errors="replace")
-      if isinstance(value, bytes)
-      else str(value)
-  )
-
-
-def tokenize_split(
-    source,
-    text_key: str,
-    tokenizer_path: str,
-    data_dir: str,
-    split: str,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-  """Tokenizes a split's documents into a packed token stream (see module doc).
-
-  Skipped when the stream exists for the same tokenizer. Written to a
-  temporary folder and renamed, so an interrupted run leaves nothing behind.
-  """
-  tokenizer_hash = tok.tokenizer_hash(tokenizer_path)
-  meta = read_meta(data_dir, split)
-  if meta and meta["tokenizer_hash"] == tokenizer_hash:
-    return meta
-  tokenizer = tok.load_tokenizer(tokenizer_path)
-  eos = tok.special_ids(tokenizer)["eos"]
-  vocab_size = tokenizer.get_vocab_size()
-  dtype = token_dtype(vocab_size)
-
-  ds = (
-      grain.MapDataset.source(source)
-      .map(lambda ex: _decode(ex, text_key))
-      .batch(batch_size, batch_fn=list)
-  )
-  pieces, lengths, num_bytes = [], [], 0
-  start = time.time()
-  with tqdm(total=len(source), desc=f"tokenize {split}", unit="doc") as bar:
-    for texts in ds:
-      stop.check("prepare", "the splits finished before this one are kept")
-      num_bytes += sum(len(t.encode("utf-8")) for t in texts)
-      for ids in tok.encode_batch(tokenizer, texts):
-        ids.append(eos)
-        pieces.append(np.asarray(ids, dtype=dtype))
-        lengths.append(len(ids))
-      bar.update(len(texts))
-  if not pieces:
-    raise DataError(f"The {split} split has no documents; nothing to tokenize.")
-  stream = np.concatenate(pieces)
-  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-  meta = {
-      "split": split,
-      "tokenizer_hash": tokenizer_hash,
-      "vocab_size": vocab_size,
-      "dtype": dtype.name,
-      "num_docs": len(lengths),
-      "num_tokens": int(stream.size),
-      "num_bytes": num_bytes,
-      "bytes_per_token": num_bytes / max(1, int(stream.size) - len(lengths)),
-      "seconds": round(time.time() - start, 2),
-  }
-  with files.atomic_dir(tokens_dir(data_dir, split)) as tmp:
-    np.save(os.path.join(tmp, "tokens.npy"), stream)
-    np.save(os.path.join(tmp, "doc_offsets.npy"), offsets)
-    files.write_json(os.path.join(tmp, META), meta)
-  logging.info(
-      "Tokenized %s: %d docs, %d tokens, %.2f bytes/token",
-      split,
-      meta["num_docs"],
-      meta["num_tokens"],
-      meta["bytes_per_token"],
-  )
-  return meta
-
-
-# ``np.load`` parses the .npy header with ``ast.literal_eval``, and CPython
-# 3.11's AST constructor is not thread-safe (concurrent calls raise
-# "SystemError: AST constructor recursion depth mismatch"); grain reads rows
-# from several threads, so every .npy open here holds this lock.
-_OPEN_LOCK = threading.Lock()
-
-
-def load_stream(directory: str) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens memory map, doc_offsets) of a tokenized split's folder
-  (``tokens_dir(data_dir, split)``); safe to call from any thread."""
-  with _OPEN_LOCK:
-    offsets = np.load(os.path.join(directory, "doc_offsets.npy"))
-    tokens = np.load(os.path.join(directory, "tokens.npy"), mmap_mode="r")
-  return tokens, offsets
+def load_stream(directory: str) -> shards.TokenShards:
+  """The token stream of a tokenized split's folder
+  (``tokens_dir(data_dir, split)``), read from its shards on demand."""
+  manifest = shards.read_manifest(directory)
+  if manifest is None:
+    raise DataError(
+        f"No tokenized split under {directory}; run `python -m data.prepare`"
+        " first."
+    )
+  return shards.TokenShards(directory, manifest)
 
 
 class PackedRows:
@@ -181,16 +92,17 @@ class PackedRows:
 
   ``rows[i]`` is a dict of int32 arrays [seq_len + 1]: ``tokens``,
   ``segment_ids`` (1-based per document piece) and ``positions``; and
-  ``row``, the scalar ``i`` (a batch names its rows with it). The
-  memory map is reopened lazily, so the source pickles into grain workers.
+  ``row``, the scalar ``i`` (a batch names its rows with it). A row may span
+  two shards; the shards are memory-mapped on first use, so the source
+  pickles into grain workers.
   """
 
   def __init__(self, data_dir: str, split: str, seq_len: int):
-    self._dir = tokens_dir(data_dir, split)
+    directory = tokens_dir(data_dir, split)
     meta = read_meta(data_dir, split)
     if meta is None:
       raise DataError(
-          f"No tokenized {split!r} split under {self._dir}; run"
+          f"No tokenized {split!r} split under {directory}; run"
           " `python -m data.prepare` first."
       )
     self.meta = meta
@@ -201,38 +113,23 @@ class PackedRows:
           f"The {split} split has {meta['num_tokens']} tokens, fewer than one row"
           f" of seq_len + 1 = {self.row_len}; lower config.data.seq_len."
       )
-    self._tokens = None
-    self._offsets = None
-
-  def _open(self):
-    # Called from grain's reader threads: ``_tokens`` is checked, so it is
-    # assigned last, after what it guards (``load_stream`` holds the lock).
-    if self._tokens is None:
-      tokens, self._offsets = load_stream(self._dir)
-      self._tokens = tokens
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_tokens"] = state["_offsets"] = None
-    return state
+    self._stream = shards.TokenShards(directory, meta)
 
   def __len__(self) -> int:
     return self._num_rows
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    self._open()
     if not 0 <= index < self._num_rows:
       raise IndexError(f"row {index} out of range [0, {self._num_rows})")
     start = index * self.row_len
-    idx = np.arange(start, start + self.row_len)
-    doc = np.searchsorted(self._offsets, idx, side="right") - 1
-    doc_start = np.maximum(self._offsets[doc], start)
+    stop = start + self.row_len
+    doc, doc_start = self._stream.documents(start, stop)
     return {
-        "tokens": np.asarray(
-            self._tokens[start : start + self.row_len], np.int32
-        ),
+        "tokens": self._stream.tokens(start, stop).astype(np.int32),
         "segment_ids": (doc - doc[0] + 1).astype(np.int32),
-        "positions": (idx - doc_start).astype(np.int32),
+        "positions": (
+            np.arange(start, stop) - np.maximum(doc_start, start)
+        ).astype(np.int32),
         "row": np.int32(index),
     }
 

@@ -6,37 +6,321 @@ Writes ``W/data/`` (the TFDS data_dir with array_record files, plus the
 tokenized streams under ``W/data/tokens/``) and ``W/tokenizer.json``. An
 existing ``W/tokenizer.json`` (an imported teacher's) is used, not retrained.
 A second run finds everything done and says so.
+
+Tokenizing scales out (``data.shards`` has the format):
+
+- each split is cut into units, contiguous ranges of documents; every JAX
+  process takes every ``process_count``-th unit and tokenizes its units with a
+  pool of ``config.data.prepare_workers`` worker processes (default: one per
+  core), each writing its unit's shards to disk as they fill, so nothing holds
+  a split in memory; the shards are the same whoever wrote them;
+- the tokenizer is trained once, by the main process, on the train split's
+  first ``config.data.tokenizer_max_bytes`` before the others start;
+- ``config.data.max_tokens`` bounds the train split (by default to what the
+  configured stages read, with a margin; see ``token_budget``): the leading
+  units that reach it are kept, and the summary says what share of the corpus
+  that was;
+- a finished unit stays finished: a killed prepare redoes only the others;
+- a progress bar counts tokens, and after the first unit a line forecasts the
+  wall time of the whole split.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
 
 import jax
 from absl import logging
+from tqdm import tqdm
 
-from data import corpus, pipeline
+from data import corpus, pipeline, shards
 from data import tokenizer as tok
-from distill.core import cli, files, layout, sharding
+from distill.core import cli, files, layout, sharding, stop
+
+# Below this many tokens a bound saves under a few minutes of tokenizing, and
+# the whole split gives the shuffle more rows: the automatic bound is never
+# lower (the embedded default, ~2.8M tokens, is tokenized whole).
+AUTO_MIN_TOKENS = 1 << 27
+AUTO_MARGIN = 1.25  # the automatic bound over what the stages read
+# A split expected to be smaller is tokenized in the process itself (on
+# threads of every core): starting workers would cost more than it saves.
+POOL_MIN_TOKENS = 4 << 20
+FORECAST_MIN_SECONDS = 20  # a shorter job is not worth a forecast line
 
 
 def _training_texts(source, text_key: str, max_bytes: int):
-  """Train-split texts for the tokenizer, up to ``max_bytes`` (0: all)."""
+  """Train-split texts for the tokenizer, up to ``max_bytes`` of UTF-8
+  (0: all), from the start of the split."""
   total = 0
   for i in range(len(source)):  # pylint: disable=consider-using-enumerate
-    value = source[i][text_key]
-    text = (
-        value.decode("utf-8", errors="replace")
-        if isinstance(value, bytes)
-        else value
-    )
+    text = shards.decode_text(source[i], text_key)
     yield text
-    total += len(text)
+    total += len(text.encode("utf-8"))
     if max_bytes and total >= max_bytes:
       return
+
+
+def _steps(config, path: str) -> int:
+  node = config
+  for key in path.split("."):
+    if key not in node:
+      return 0
+    node = node[key]
+  return int(node or 0)
+
+
+def token_budget(config) -> int:
+  """How many tokens of the train split to tokenize (0: all of it).
+
+  ``config.data.max_tokens`` when it is 0 or more; at -1 (the default) what
+  the stages read (the most rows any of them reads: steps x batch of the
+  teacher and the students, the cache's rows) times ``AUTO_MARGIN``, and never
+  below ``AUTO_MIN_TOKENS``.
+  """
+  data = config.data
+  if data.max_tokens >= 0:
+    return int(data.max_tokens)
+  steps = max(
+      _steps(config, p)
+      for p in (
+          "teacher.train.steps",
+          "distill.train.steps",
+          "distill.continue_train.steps",
+      )
+  )
+  rows = max(steps * data.batch_size, _steps(config, "cache.max_rows"))
+  return max(AUTO_MIN_TOKENS, int(rows * (data.seq_len + 1) * AUTO_MARGIN))
+
+
+def prepare_workers(config) -> int:
+  return config.data.prepare_workers or os.cpu_count() or 1
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+class SplitWork:
+  """One split's tokenizing: its units, shared by every process and worker
+  (``data.shards``), the part this process does, and the manifest."""
+
+  def __init__(self, source, text_key, tpath, ddir, split, config):
+    self.split = split
+    self.out_dir = pipeline.tokens_dir(ddir, split)
+    tokenizer = tok.load_tokenizer(tpath)
+    vocab_size = tokenizer.get_vocab_size()
+    self.max_tokens = token_budget(config) if split == corpus.TRAIN else 0
+    self.job = shards.Job(
+        source=source,
+        text_key=text_key,
+        tokenizer_path=tpath,
+        tokenizer_hash=tok.tokenizer_hash(tpath),
+        eos=tok.special_ids(tokenizer)["eos"],
+        dtype=pipeline.token_dtype(vocab_size).name,
+        shard_tokens=config.data.shard_tokens,
+        out_dir=self.out_dir,
+    )
+    self.identity = {
+        "split": split,
+        "tokenizer_hash": self.job.tokenizer_hash,
+        "vocab_size": vocab_size,
+        "dtype": self.job.dtype,
+        "shard_tokens": self.job.shard_tokens,
+        "max_tokens": self.max_tokens,
+    }
+    self.tokens_per_doc = shards.estimate_tokens_per_doc(
+        source, text_key, tokenizer
+    )
+    self.units = shards.plan_units(
+        len(source),
+        self.tokens_per_doc,
+        min(shards.UNIT_TOKENS, self.job.shard_tokens),
+    )
+    self.tokenize_seconds = 0.0
+    self.expected_tokens = int(self.tokens_per_doc * len(source))
+    if self.max_tokens:
+      self.expected_tokens = min(self.expected_tokens, self.max_tokens)
+
+  def done(self) -> dict[str, Any] | None:
+    """The manifest, when the split is already tokenized as configured."""
+    manifest = shards.read_manifest(self.out_dir)
+    if manifest and all(manifest.get(k) == v for k, v in self.identity.items()):
+      return manifest
+    return None
+
+  def clear_stale(self) -> None:
+    """Removes a manifest made otherwise (and the single-file stream of
+    earlier versions); finished units of the same plan stay."""
+    if self.done() is not None or not os.path.isdir(self.out_dir):
+      return
+    for name in (shards.MANIFEST, "tokens.npy", "doc_offsets.npy", "meta.json"):
+      path = os.path.join(self.out_dir, name)
+      if os.path.exists(path):
+        os.remove(path)
+
+  def run(self, workers: int, process_index: int, process_count: int) -> None:
+    """Tokenizes this process's units (every ``process_count``-th from
+    ``process_index``) with ``workers`` worker processes (in this process
+    below ``POOL_MIN_TOKENS``), skipping finished ones, until the units a
+    manifest needs are all finished."""
+    if self.done() is not None:
+      return
+    started = time.time()
+    try:
+      tracker = self._run(workers, process_index, process_count)
+    finally:
+      self.tokenize_seconds = time.time() - started
+    logging.info(
+        "prepare: %s: process %d of %d tokenized %d of the %d units (%d"
+        " found finished) in %.1f s",
+        self.split,
+        process_index,
+        process_count,
+        tracker.tokenized,
+        len(self.units),
+        tracker.resumed,
+        self.tokenize_seconds,
+    )
+
+  def _run(
+      self, workers: int, process_index: int, process_count: int
+  ) -> "_Tracker":
+    os.makedirs(os.path.join(self.out_dir, shards.UNITS), exist_ok=True)
+    mine = self.units[process_index::process_count]
+    pooled = self.expected_tokens >= POOL_MIN_TOKENS
+    tracker = _Tracker(self, process_count, workers if pooled else 1)
+    with tracker.bar:
+      if not pooled:
+        for unit in mine:
+          if tracker.enough():
+            break
+          stop.check(
+              "prepare", "finished shards are kept; a rerun does the rest"
+          )
+          tracker.finished(unit, _marker_or_tokenize(self.job, unit))
+      else:
+        _run_pool(self.job, mine, workers, tracker)
+    return tracker
+
+  def finish(self, start: float) -> dict[str, Any]:
+    """Writes the manifest of the units the split needs (main process, once
+    every process has run)."""
+    records = [shards.read_marker(self.job, u) for u in self.units]
+    count = shards.needed_prefix(records, self.max_tokens)
+    if count is None:
+      missing = records.index(None)
+      raise pipeline.DataError(
+          f"Unit {missing} of the {self.split} split under {self.out_dir} is"
+          " unfinished after every process ran; rerun data.prepare."
+      )
+    meta = dict(
+        self.identity,
+        corpus_docs=len(self.job.source),
+        seconds=round(time.time() - start, 2),
+        tokenize_seconds=round(self.tokenize_seconds, 2),
+    )
+    return shards.finish(self.out_dir, records[:count], meta)
+
+
+def _marker_or_tokenize(job, unit):
+  return shards.read_marker(job, unit) or shards.tokenize_unit(job, unit)
+
+
+def _run_pool(job, units, workers: int, tracker: "_Tracker") -> None:
+  """Units through a pool of spawned workers, at most two per worker in
+  flight and in order; a stop request or an early enough prefix ends it
+  (the pool is terminated: a killed unit is redone next time)."""
+  context = multiprocessing.get_context("spawn")
+  pool = context.Pool(workers, initializer=shards.init_worker, initargs=(job,))
+  try:
+    pending, todo = [], list(units)
+    while todo or pending:
+      stop.check("prepare", "finished shards are kept; a rerun does the rest")
+      if tracker.enough():
+        break
+      while todo and len(pending) < 2 * workers:
+        unit = todo.pop(0)
+        record = shards.read_marker(job, unit)
+        if record is not None:
+          tracker.finished(unit, record)
+        else:
+          pending.append(
+              (unit, pool.apply_async(shards.worker_tokenize, (unit,)))
+          )
+      ready = [(u, r) for u, r in pending if r.ready()]
+      for unit, result in ready:
+        pending.remove((unit, result))
+        tracker.finished(unit, result.get())
+      if not ready and pending:
+        pending[0][1].wait(0.05)
+    pool.close()
+  finally:
+    pool.terminate()
+    pool.join()
+
+
+class _Tracker:
+  """Progress (a bar over this process's share of the expected tokens, a
+  forecast after the first unit) and whether the split has enough tokens."""
+
+  def __init__(self, work: SplitWork, process_count: int, workers: int):
+    self.work = work
+    self.records = [None] * len(work.units)
+    self.rate_said = False
+    self.tokenized = self.resumed = 0
+    self.parallel = process_count * workers
+    self.bar = tqdm(
+        total=work.expected_tokens // process_count,
+        desc=f"tokenize {work.split}",
+        unit="tok",
+        unit_scale=True,
+        disable=not sharding.is_main(),
+    )
+
+  def finished(self, unit, record) -> None:
+    self.records[unit.index] = record
+    self.bar.update(record["tokens"])
+    if "seconds" in record:
+      self.tokenized += 1
+    else:
+      self.resumed += 1
+    if not self.rate_said and "seconds" in record:  # tokenized, not resumed
+      self.rate_said = True
+      self._forecast(record["tokens"] / max(1e-6, record["seconds"]))
+
+  def _forecast(self, rate: float) -> None:
+    seconds = self.work.expected_tokens / (rate * self.parallel)
+    if seconds < FORECAST_MIN_SECONDS:
+      return
+    line = (
+        f"prepare: {self.work.split}: about {self.work.expected_tokens:,}"
+        f" tokens to tokenize; the first unit ran at {rate:,.0f} tokens/s"
+        f" per worker, so about {_duration(seconds)} with {self.parallel}"
+        f" worker{'s' if self.parallel > 1 else ''}"
+    )
+    logging.info("%s", line)
+    if sharding.is_main():
+      tqdm.write(line)
+
+  def enough(self) -> bool:
+    """True once the units the manifest needs are finished (this process's
+    and, read from disk, the others')."""
+    if not self.work.max_tokens:
+      return False
+    for i, unit in enumerate(self.work.units):
+      if self.records[i] is None:
+        self.records[i] = shards.read_marker(self.work.job, unit)
+        if self.records[i] is None:
+          break
+    return shards.needed_prefix(self.records, self.work.max_tokens) is not None
 
 
 def check_existing_tokenizer(data_config, path: str) -> None:
@@ -76,44 +360,76 @@ def _adopt_or_train_tokenizer(
 def prepare(config, workdir: str) -> dict[str, Any]:
   """Runs the stage; returns a summary (also written to W/data/prepare.json).
 
-  With several processes the main one prepares and the others wait for it.
+  The main process builds the corpus and the tokenizer; then every process
+  tokenizes its share of each split's units with its own pool of workers, and
+  the main process writes the manifests and the summary.
   """
-  if jax.process_count() == 1:
-    return _prepare(config, workdir)
-  summary = _prepare(config, workdir) if sharding.is_main() else None
-  sharding.barrier("data.prepare")
-  if summary is None:
-    with open(
-        os.path.join(layout.data_dir(workdir), "prepare.json"), encoding="utf-8"
-    ) as f:
-      summary = json.load(f)
+  start = time.time()
+  ddir = layout.data_dir(workdir)
+  tpath = layout.tokenizer_path(workdir)
+  is_main = sharding.is_main()
+  done = _already_done(config, ddir, tpath) if is_main else None
+  if sharding.main_says(done is not None):
+    return done or _read_summary(ddir)
+  counts, works = None, {}
+  if is_main:
+    counts, works = _corpus_and_tokenizer(config, ddir, tpath)
+  sharding.barrier("data.prepare: corpus and tokenizer")
+  if not is_main:
+    works = _split_works(config, ddir, tpath)
+  for work in works.values():
+    work.run(prepare_workers(config), jax.process_index(), jax.process_count())
+  sharding.barrier("data.prepare: units")
+  if is_main:
+    summary = _summarize(config, ddir, tpath, works, counts, start)
+  sharding.barrier("data.prepare: manifests")
+  return summary if is_main else _read_summary(ddir)
+
+
+def _read_summary(ddir: str) -> dict[str, Any]:
+  with open(os.path.join(ddir, "prepare.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _identity(config, ddir: str, tpath: str) -> dict[str, Any]:
+  """What a finished prepare must match to be skipped."""
+  builder, _, _ = corpus.corpus_builder(config.data, ddir)
+  return {
+      "dataset": builder.info.full_name,
+      "tokenizer_hash": tok.tokenizer_hash(tpath),
+      "format": shards.FORMAT,
+      "shard_tokens": config.data.shard_tokens,
+      "max_tokens": token_budget(config),
+  }
+
+
+def _already_done(config, ddir: str, tpath: str) -> dict[str, Any] | None:
+  if os.path.isfile(tpath):
+    check_existing_tokenizer(config.data, tpath)
+  if not (
+      os.path.isfile(os.path.join(ddir, "prepare.json"))
+      and os.path.isfile(tpath)
+  ):
+    return None
+  summary = _read_summary(ddir)
+  identity = _identity(config, ddir, tpath)
+  if any(summary.get(k) != v for k, v in identity.items()):
+    return None
+  logging.info("prepare: already done (%s, %s); nothing to do.", ddir, tpath)
+  print(f"prepare: already done ({ddir}); nothing to do.")
+  summary["skipped"] = True
   return summary
 
 
-def _prepare(config, workdir: str) -> dict[str, Any]:
-  ddir = layout.data_dir(workdir)
-  tpath = layout.tokenizer_path(workdir)
-  summary_path = os.path.join(ddir, "prepare.json")
+def _corpus_and_tokenizer(config, ddir: str, tpath: str):
+  """Builds the corpus (TFDS array_record) and trains or adopts the
+  tokenizer; returns the file counts and each split's work, stale
+  manifests cleared."""
   builder, text_key, splits = corpus.corpus_builder(config.data, ddir)
-  if os.path.isfile(tpath):
-    check_existing_tokenizer(config.data, tpath)
-  if os.path.isfile(summary_path) and os.path.isfile(tpath):
-    with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
-    if summary.get("dataset") == builder.info.full_name and summary.get(
-        "tokenizer_hash"
-    ) == tok.tokenizer_hash(tpath):
-      logging.info(
-          "prepare: already done (%s, %s); nothing to do.", ddir, tpath
-      )
-      print(f"prepare: already done ({ddir}); nothing to do.")
-      summary["skipped"] = True
-      return summary
-
   counts = (
       builder.file_counts() if isinstance(builder, corpus.FilesCorpus) else None
   )
-  builder.download_and_prepare()
+  corpus.build(builder)
   sources = {
       name: builder.as_data_source(split=tfds_split)
       for name, tfds_split in splits.items()
@@ -123,27 +439,61 @@ def _prepare(config, workdir: str) -> dict[str, Any]:
       raise corpus.CorpusError(
           f"The {name} split of {builder.info.full_name} is empty."
       )
-  tokenizer_status = _adopt_or_train_tokenizer(
+  status = _adopt_or_train_tokenizer(
       config.data, tpath, sources["train"], text_key
   )
-  metas = {
-      name: pipeline.tokenize_split(source, text_key, tpath, ddir, name)
+  works = {
+      name: SplitWork(source, text_key, tpath, ddir, name, config)
       for name, source in sources.items()
   }
-  summary = {
-      "dataset": builder.info.full_name,
-      "tokenizer": tokenizer_status,
-      "tokenizer_hash": tok.tokenizer_hash(tpath),
-      "vocab_size": tok.load_tokenizer(tpath).get_vocab_size(),
-      "splits": metas,
+  for work in works.values():
+    work.clear_stale()
+  return dict(counts or {}, tokenizer=status), works
+
+
+def _split_works(config, ddir: str, tpath: str) -> dict[str, SplitWork]:
+  builder, text_key, splits = corpus.corpus_builder(config.data, ddir)
+  return {
+      name: SplitWork(
+          builder.as_data_source(split=tfds_split),
+          text_key,
+          tpath,
+          ddir,
+          name,
+          config,
+      )
+      for name, tfds_split in splits.items()
   }
-  if counts is not None:
+
+
+def _summarize(config, ddir, tpath, works, counts, start) -> dict[str, Any]:
+  """Writes every split's manifest and ``prepare.json``; prints a line per
+  split (with the share of the corpus a bound kept)."""
+  metas = {}
+  for name, work in works.items():
+    manifest = work.done() or work.finish(start)
+    metas[name] = {k: v for k, v in manifest.items() if k != "shards"}
+    metas[name]["num_shards"] = len(manifest["shards"])
+  status = counts.pop("tokenizer")
+  summary = dict(
+      _identity(config, ddir, tpath),
+      tokenizer=status,
+      vocab_size=tok.load_tokenizer(tpath).get_vocab_size(),
+      workers=prepare_workers(config),
+      processes=jax.process_count(),
+      seconds=round(time.time() - start, 2),
+      splits=metas,
+  )
+  if counts:
     summary["files"] = counts
-  files.write_json(summary_path, summary)
+  files.write_json(os.path.join(ddir, "prepare.json"), summary)
   for name, meta in metas.items():
+    kept = meta["num_docs"] / max(1, meta["corpus_docs"])
     print(
-        f"prepare: {name}: {meta['num_docs']} docs, {meta['num_bytes']:,} bytes,"
-        f" {meta['num_tokens']:,} tokens ({meta['bytes_per_token']:.2f} bytes/token)"
+        f"prepare: {name}: {meta['num_docs']:,} docs of {meta['corpus_docs']:,}"
+        f" ({kept:.0%}), {meta['num_bytes']:,} bytes, {meta['num_tokens']:,}"
+        f" tokens ({meta['bytes_per_token']:.2f} bytes/token) in"
+        f" {meta['num_shards']} shards"
     )
   if counts and counts["left_out"]:
     line = (

@@ -68,7 +68,8 @@ def validation_prompts(
   (a document starts after an EOS in training, so that is how prompts start).
   """
   directory = pipeline.tokens_dir(layout.data_dir(workdir), "validation")
-  stream, offsets = pipeline.load_stream(directory)
+  stream = pipeline.load_stream(directory)
+  offsets = stream.doc_offsets()
   eos = tok.special_ids(tok.load_tokenizer(layout.tokenizer_path(workdir)))[
       "eos"
   ]
@@ -78,7 +79,7 @@ def validation_prompts(
       break
     if end - start > length:
       prompts.append(
-          [eos] + [int(t) for t in stream[start : start + length - 1]]
+          [eos] + [int(t) for t in stream.tokens(start, start + length - 1)]
       )
   if not prompts:
     raise UserError(

@@ -32,6 +32,10 @@ machine they came from. Measured here:
   compiled program (XLA's memory and cost analysis, not timed): temporaries
   and FLOPs per token of the path the layer runs (banded) against the dense
   one, which grows as the square of the row.
+- ``prepare`` (only when named): the prepare stage on local-files corpora
+  of 20 and 200 MiB with one and two workers: peak memory (the larger over
+  the smaller) and tokens/s (two workers over one); see
+  ``experiments.bench_prepare``.
 - ``decode``: batch-1 and batch-8 greedy decode tokens/s of the student and
   the teacher (KV cache, the compiled loop ``generate`` runs), each over its
   memory roofline: ``batch x copy_bytes_per_s / bytes read per step``, the
@@ -70,6 +74,7 @@ from distill.decoding import generate as gen
 from distill.evals import report
 from distill.nn import attention
 from distill.training import loop as trainer
+from experiments import bench_prepare
 from student.model import Student
 from teacher import cache_logits
 from teacher import moe as moe_lib
@@ -79,10 +84,13 @@ from teacher.model import Teacher
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median).")
 SECTIONS = ("students", "teacher", "moe", "cache", "decode", "attention")
+# Run only when named: minutes of work and ~250 MB of corpus written to /tmp.
+OPT_IN = ("prepare",)
 _SECTIONS = flags.DEFINE_list(
     "sections",
     None,
-    f"Only these sections (default all): {', '.join(SECTIONS)}.",
+    f"Only these sections (default all of {', '.join(SECTIONS)}; also"
+    f" {', '.join(OPT_IN)}, only when named).",
 )
 _RUNS = flags.DEFINE_list(
     "runs",
@@ -529,9 +537,9 @@ def benchmark(
 ) -> dict[str, Any]:
   """The sections named (default every one of SECTIONS) as a dict."""
   sections = list(sections or SECTIONS)
-  unknown = sorted(set(sections) - set(SECTIONS))
+  unknown = sorted(set(sections) - set(SECTIONS + OPT_IN))
   if unknown:
-    raise ConfigError(f"--sections: unknown {unknown}; use {SECTIONS}")
+    raise ConfigError(f"--sections: unknown {unknown}; use {SECTIONS + OPT_IN}")
   vocab = config.data.vocab_size
   dtype = distill_train.model_config(config, vocab or 256).dtype
   out: dict[str, Any] = {"machine": report.machine_description()}
@@ -549,8 +557,11 @@ def benchmark(
           config, vocab, repeats, out["copy_bytes_per_s"]
       ),
       "attention": lambda: attention_cost(config, vocab=vocab or 256),
+      "prepare": lambda: bench_prepare.measure(
+          sizes_mb=(20, 200), workers=(1, 2)
+      ),
   }
-  for name in SECTIONS:
+  for name in SECTIONS + OPT_IN:
     if name in sections:
       out[name] = make[name]()
   return out

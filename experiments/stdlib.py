@@ -71,16 +71,24 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"  # stdlib | files | tfds
-  c.data.files_glob = ""  # source=files: e.g. "~/corpus/**/*.txt"
+  c.data.source = "stdlib"  # stdlib | files | jsonl | parquet | tfds
+  # source=files|jsonl|parquet: e.g. "~/corpus/**/*.txt", "~/c4/*.jsonl.gz"
+  c.data.files_glob = ""
   c.data.tfds_name = ""  # source=tfds: e.g. "lm1b"
-  c.data.text_key = "text"
+  c.data.text_key = "text"  # the text's field (tfds, jsonl, parquet)
   c.data.train_split = "train"
   c.data.validation_split = "validation"
   c.data.max_files = 0  # 0: every file of the corpus
   c.data.validation_permille = 50  # share of files held out, by path hash
   c.data.vocab_size = 8192  # 0: whatever an existing tokenizer has
-  c.data.tokenizer_max_bytes = 0  # 0: train the tokenizer on all of train
+  # The tokenizer trains on the train split's first this many bytes (0: all).
+  c.data.tokenizer_max_bytes = 16 << 20
+  # Worker processes tokenizing, per process (0: one per core).
+  c.data.prepare_workers = 0
+  # Train tokens to tokenize: -1 what the stages read x1.25, at least 2^27
+  # (data/prepare.py: token_budget); 0 all; N about N (whole shards).
+  c.data.max_tokens = -1
+  c.data.shard_tokens = 1 << 26  # a token shard is closed past this many
   c.data.seq_len = 128
   c.data.batch_size = 32
   c.data.worker_count = 0  # grain multiprocess prefetch workers

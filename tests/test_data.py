@@ -5,13 +5,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from data import corpus, pipeline, prepare
+from data import corpus, pipeline, prepare, shards
 from data import tokenizer as tok
 from distill.core import cli, layout
 from distill.core.errors import UserError
@@ -88,19 +87,21 @@ def test_tokenizer_round_trips_held_out_text_exactly(tmp_path):
   assert [tokenizer.token_to_id(s) for s in tok.SPECIALS] == [0, 1, 2]
 
 
-def _synthetic_stream(data_dir, split, docs):
-  """Writes a token stream with known documents, as tokenize_split would."""
+def _synthetic_stream(data_dir, split, docs, docs_per_shard=2):
+  """Writes a token stream with known documents as shards of
+  ``docs_per_shard`` documents each (rows then cross shard boundaries)."""
   out = pipeline.tokens_dir(data_dir, split)
-  os.makedirs(out)
-  stream = np.concatenate(docs).astype(np.uint16)
-  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(
-      np.int64
-  )
-  np.save(os.path.join(out, "tokens.npy"), stream)
-  np.save(os.path.join(out, "doc_offsets.npy"), offsets)
-  with open(os.path.join(out, pipeline.META), "w") as f:
-    json.dump({"num_tokens": int(stream.size), "tokenizer_hash": "x"}, f)
-  return stream
+  os.makedirs(os.path.join(out, shards.UNITS))
+  records = []
+  for unit, lo in enumerate(range(0, len(docs), docs_per_shard)):
+    writer = shards.ShardWriter(out, f"u{unit:06d}-000")
+    for doc in docs[lo : lo + docs_per_shard]:
+      writer.add(np.asarray(doc, dtype="<u2"))
+    record = {"start": lo, "stop": min(len(docs), lo + docs_per_shard)}
+    records.append(dict(record, bytes=0, tokens=writer.num_tokens))
+    records[-1]["shards"] = [writer.close()]
+  shards.finish(out, records, {"dtype": "uint16", "tokenizer_hash": "x"})
+  return np.concatenate(docs)
 
 
 def test_segment_ids_and_positions_at_document_boundaries(tmp_path):
@@ -123,33 +124,26 @@ def test_segment_ids_and_positions_at_document_boundaries(tmp_path):
   np.testing.assert_array_equal(mask, [[1, 1, 0, 1], [1, 1, 1, 0]])
 
 
-def test_rows_open_their_files_one_thread_at_a_time(tmp_path, monkeypatch):
-  # np.load parses .npy headers with ast.literal_eval, which CPython 3.11
-  # cannot run from two threads at once ("AST constructor recursion depth
-  # mismatch", seen in CI when grain's reader threads opened the same rows).
+def test_rows_map_each_shard_once_from_many_threads(tmp_path, monkeypatch):
+  # grain reads rows from several threads; each opens shards on first use.
   docs = [np.arange(n) + 100 for n in (30, 40, 50)]
-  _synthetic_stream(str(tmp_path), "train", docs)
+  _synthetic_stream(str(tmp_path), "train", docs, docs_per_shard=1)
   rows = pipeline.PackedRows(str(tmp_path), "train", seq_len=4)
-  real_load, inside, most = np.load, [0], [0]
-  guard = threading.Lock()
+  want = [rows[i]["tokens"] for i in range(len(rows))]
+  fresh = pipeline.PackedRows(str(tmp_path), "train", seq_len=4)
+  real_memmap, opened = np.memmap, []
 
-  def slow_load(*args, **kwargs):
-    with guard:
-      inside[0] += 1
-      most[0] = max(most[0], inside[0])
-    time.sleep(0.05)  # Wide window: unguarded threads would overlap here.
-    try:
-      return real_load(*args, **kwargs)
-    finally:
-      with guard:
-        inside[0] -= 1
+  def slow_memmap(path, *args, **kwargs):
+    opened.append(path)
+    time.sleep(0.02)  # Wide window: unguarded threads would overlap here.
+    return real_memmap(path, *args, **kwargs)
 
-  monkeypatch.setattr(pipeline.np, "load", slow_load)
+  monkeypatch.setattr(shards.np, "memmap", slow_memmap)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    got = list(pool.map(lambda i: rows[i % len(rows)]["tokens"], range(16)))
-  assert most[0] == 1
+    got = list(pool.map(lambda i: fresh[i % len(fresh)]["tokens"], range(48)))
+  assert sorted(opened) == sorted(set(opened)) and len(opened) == 6
   for i, tokens in enumerate(got):
-    np.testing.assert_array_equal(tokens, rows[i % len(rows)]["tokens"])
+    np.testing.assert_array_equal(tokens, want[i % len(want)])
 
 
 def test_packing_loses_and_duplicates_no_token_over_an_epoch(tmp_path):

@@ -7,6 +7,7 @@ collectives on the CPU). Names carry "distributed", "mesh" or "shard" for
 ``pytest -k "mesh or shard or distributed or elastic"``.
 """
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import pytest
 from conftest import copy_workdir
 
 import procs
-from data import cache
+from data import cache, pipeline, shards
 from distill.core import layout
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,48 @@ def test_mesh_teacher_train_binary_matches_one_device(tiny_prepared, tmp_path):
     )
     losses[devices] = _losses(layout.teacher_dir(workdir))
   _close(losses[8], losses[1], 1e-4)
+
+
+def test_distributed_two_processes_prepare_the_shards_of_one(tmp_path):
+  """data.prepare in two processes (each tokenizing every other unit of each
+  split) writes the same shards, byte for byte, as one process with two
+  workers."""
+  args = (TINY, "--config.data.shard_tokens=4096", "--verbosity=0")
+  two, one = tmp_path / "two", tmp_path / "one"
+  outs = _run_processes(
+      "data.prepare",
+      *args,
+      "--config.data.prepare_workers=1",
+      f"--workdir={two}",
+  )
+  for index, (_, err) in enumerate(outs):
+    assert re.search(
+        rf"train: process {index} of 2 tokenized 8 of the 16 units", err
+    ), err[-2000:]
+  _run(
+      "data.prepare",
+      *args,
+      "--config.data.prepare_workers=2",
+      f"--workdir={one}",
+      devices=1,
+  )
+  for split in ("train", "validation"):
+    a = pipeline.tokens_dir(layout.data_dir(str(two)), split)
+    b = pipeline.tokens_dir(layout.data_dir(str(one)), split)
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b)) and len(names) > 10
+    for name in names:
+      with (
+          open(os.path.join(a, name), "rb") as fa,
+          open(os.path.join(b, name), "rb") as fb,
+      ):
+        if name == shards.MANIFEST:
+          ma, mb = json.load(fa), json.load(fb)
+          for m in (ma, mb):
+            m.pop("seconds"), m.pop("tokenize_seconds")
+          assert ma == mb
+        else:
+          assert fa.read() == fb.read(), name
 
 
 def test_distributed_two_processes_train_and_cache_like_one(

@@ -89,7 +89,7 @@ def test_tiny_run_writes_every_stage(tiny_run):
   )
   for path in (
       "tokenizer.json",
-      "data/tokens/train/tokens.npy",
+      "data/tokens/train/manifest.json",
       "teacher/config.json",
       "teacher/summary.json",
       "logits/manifest.json",
