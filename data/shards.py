@@ -5,10 +5,10 @@ and followed by EOS, back to back. It is cut into **units**, contiguous ranges
 of documents, so that any process and any worker can tokenize any unit: the
 units depend only on the corpus, the tokenizer and ``shard_tokens``, never on
 how many processes or workers share the work, so the shards come out the same
-byte for byte whoever wrote them. A unit is about ``UNIT_TOKENS`` tokens, small enough
-for hundreds of workers to share a large split; it writes one or more
-**shards** (a new one starts after the document that fills ``shard_tokens``),
-each two raw little-endian files:
+byte for byte whoever wrote them. A unit is about ``UNIT_TOKENS`` tokens,
+small enough for hundreds of workers to share a large split; it writes one or
+more **shards** (a new one starts after the document that fills
+``shard_tokens``), each two raw little-endian files:
 
 - ``<name>.tokens``: the ids, in the manifest's dtype;
 - ``<name>.docs``: int64 [docs + 1], where each document starts in the shard
@@ -57,7 +57,8 @@ FORMAT = 1
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """Documents ``[start, stop)`` of the split, written as ``u<index>-<part>``."""
+  """Documents ``[start, stop)`` of the split; its shards are named
+  ``u<index>-<part>``."""
 
   index: int
   start: int
