@@ -7,6 +7,12 @@ Five sources share one code path (``config.data.source``):
   ``idlelib`` and ``site-packages`` are skipped.
 - ``files``: a glob of local text files (``config.data.files_glob``), one
   document each.
+
+  For these two, ``config.data.documents="package"`` makes a document of
+  each top-level folder instead (``email/``, ``asyncio/``, ``json/``, ...):
+  its files in path order, each after a ``# file: <path>`` line, so that what
+  one file defines is used thousands of tokens later; the validation split
+  is then chosen by package.
 - ``jsonl`` / ``parquet``: a glob of JSON-lines files (``.gz`` too) or Parquet
   files, one document per record, its text in the field
   ``config.data.text_key``; read as streams (a line, a record batch at a
@@ -99,15 +105,32 @@ def is_validation(relpath: str, validation_permille: int) -> bool:
 
 
 def split_files(
-    files: list[str], root: str, validation_permille: int
+    files: list[str], root: str, validation_permille: int, group=None
 ) -> dict[str, list[str]]:
+  """Train and validation files, by a hash of each file's path relative to
+  ``root`` (or of ``group(path)``: the files of a group stay together)."""
   splits: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
   for path in files:
     rel = os.path.relpath(path, root)
+    key = group(rel) if group else rel
     splits[
-        VALIDATION if is_validation(rel, validation_permille) else TRAIN
+        VALIDATION if is_validation(key, validation_permille) else TRAIN
     ].append(path)
   return splits
+
+
+def package_of(relpath: str) -> str:
+  """The top-level folder a file belongs to (``email`` for
+  ``email/mime/text.py``), or the file itself when it has none."""
+  parts = relpath.split(os.sep)
+  return parts[0] if len(parts) > 1 else relpath
+
+
+def package_document(parts: list[tuple[str, str]]) -> str:
+  """One document of a package's files, in the order given, each after a
+  header line with its path: names defined in one file are used thousands
+  of tokens later in another."""
+  return "\n".join(f"# file: {rel}\n{text}" for rel, text in parts)
 
 
 def read_text(path: str) -> tuple[str, int]:
@@ -132,6 +155,9 @@ class FilesCorpusConfig(tfds.core.BuilderConfig):
   max_files: int = 0  # 0: all files (after the split)
   validation_permille: int = 20
   kind: str = "text"  # text: a document per file | jsonl | parquet
+  # text: "file" (a document each) or "package" (a top-level folder's files
+  # joined into one document, ``package_document``)
+  documents: str = "file"
   text_key: str = "text"  # jsonl, parquet: the field with the text
 
 
@@ -194,7 +220,8 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     if cfg.kind in RECORD_KINDS:  # both read every file, records split by key
       kept = files[: cfg.max_files] if cfg.max_files else files
       return {TRAIN: kept, VALIDATION: kept}
-    splits = split_files(files, self._root(), cfg.validation_permille)
+    group = package_of if cfg.documents == "package" else None
+    splits = split_files(files, self._root(), cfg.validation_permille, group)
     if cfg.max_files:
       splits = {
           k: v[: max(1, cfg.max_files * len(v) // len(files))]
@@ -233,10 +260,29 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
           name: self._generate_records(files, root, name)
           for name, files in self.splits().items()
       }
+    generate = (
+        self._generate_packages
+        if self.builder_config.documents == "package"
+        else self._generate_examples
+    )
     return {
-        name: self._generate_examples(files, root)
-        for name, files in self.splits().items()
+        name: generate(files, root) for name, files in self.splits().items()
     }
+
+  def _generate_packages(self, files: list[str], root: str) -> Iterator[Any]:
+    """A document per package (``package_of``): its files in sorted path
+    order, joined by ``package_document``."""
+    by_package: dict[str, list[str]] = {}
+    for path in files:
+      by_package.setdefault(package_of(os.path.relpath(path, root)), []).append(
+          path
+      )
+    for package, paths in by_package.items():
+      parts = [
+          (os.path.relpath(p, root), text)
+          for p, (text, _) in ((p, read_text(p)) for p in sorted(paths))
+      ]
+      yield package, {"text": package_document(parts), "path": package}
 
   def _generate_records(
       self, files: list[str], root: str, split: str
@@ -434,6 +480,15 @@ def corpus_builder(
       digest = hashlib.sha1(key.encode()).hexdigest()[:10]
       prefix = "files" if source == "files" else source
       name = f"{prefix}-{digest}-n{data_config.max_files}-v{data_config.validation_permille}"
+    if data_config.documents not in ("file", "package") or (
+        data_config.documents == "package" and source in RECORD_KINDS
+    ):
+      raise CorpusError(
+          f"config.data.documents={data_config.documents!r}: use 'file', or"
+          " 'package' with source 'stdlib' or 'files'."
+      )
+    if data_config.documents == "package":
+      name += "-packages"
     config = FilesCorpusConfig(
         name=name,
         version=FilesCorpus.VERSION,
@@ -442,6 +497,7 @@ def corpus_builder(
         max_files=data_config.max_files,
         validation_permille=data_config.validation_permille,
         kind=source if source in RECORD_KINDS else "text",
+        documents=data_config.documents,
         text_key=data_config.text_key if source in RECORD_KINDS else "text",
     )
     with _quiet_custom_config():

@@ -76,6 +76,9 @@ def get_config(arg=None):
   c.data.files_glob = ""
   c.data.tfds_name = ""  # source=tfds: e.g. "lm1b"
   c.data.text_key = "text"  # the text's field (tfds, jsonl, parquet)
+  # stdlib, files: "file" (a document each) or "package" (each top-level
+  # folder's files joined into one long document, split by package).
+  c.data.documents = "file"
   c.data.train_split = "train"
   c.data.validation_split = "validation"
   c.data.max_files = 0  # 0: every file of the corpus

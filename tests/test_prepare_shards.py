@@ -325,3 +325,51 @@ def test_a_corpus_sorted_on_disk_keeps_the_order_sorted_in_memory(tmp_path):
     source = builder.as_data_source(split="train")
     orders.append([source[i]["path"] for i in range(len(source))])
   assert orders[0] == orders[1] and len(orders[0]) > 20
+
+
+def test_package_documents_join_a_folder_and_split_by_package(tmp_path):
+  root = tmp_path / "corpus"
+  files = {
+      "pkga/__init__.py": "from pkga.core import Engine\n",
+      "pkga/core.py": "class Engine:\n    pass\n",
+      "pkgb/util.py": "def helper():\n    return 1\n",
+      "top.py": "import pkga\n",
+  }
+  for i in range(30):  # more packages, so both splits get some
+    files[f"p{i:02d}/m.py"] = f"VALUE_{i} = {i}\n"
+  for rel, text in files.items():
+    os.makedirs((root / rel).parent, exist_ok=True)
+    (root / rel).write_text(text, encoding="utf-8")
+  config = _config(str(root / "**" / "*.py"), documents="package")
+  docs = {}
+  for run in ("a", "b"):
+    builder, key, splits = corpus.prepare_corpus(
+        config.data, str(tmp_path / run)
+    )
+    docs[run] = {
+        name: {
+            s[i]["path"].decode(): s[i][key].decode()
+            for s in [builder.as_data_source(split=split)]
+            for i in range(len(s))
+        }
+        for name, split in splits.items()
+    }
+  assert docs["a"] == docs["b"]
+  train, validation = docs["a"]["train"], docs["a"]["validation"]
+  assert train and validation and not set(train) & set(validation)
+  both = {**train, **validation}
+  assert sorted(both) == sorted({rel.split("/")[0] for rel in files})
+  assert both["pkga"] == (
+      "# file: pkga/__init__.py\nfrom pkga.core import Engine\n\n"
+      "# file: pkga/core.py\nclass Engine:\n    pass\n"
+  )
+  assert both["top.py"] == "# file: top.py\nimport pkga\n"
+  # The embedded corpus's document names keep the default's: another mode
+  # is another dataset on disk.
+  name = corpus.corpus_builder(config.data, str(tmp_path / "a"))[
+      0
+  ].info.full_name
+  assert "packages" in name
+  config.data.source = "jsonl"
+  with pytest.raises(corpus.CorpusError, match="documents='package'"):
+    corpus.corpus_builder(config.data, str(tmp_path / "c"))
