@@ -49,6 +49,7 @@ import json
 import logging as py_logging
 import glob as globlib
 import hashlib
+import itertools
 import os
 import struct
 import sys
@@ -272,17 +273,14 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
   def _generate_packages(self, files: list[str], root: str) -> Iterator[Any]:
     """A document per package (``package_of``): its files in sorted path
     order, joined by ``package_document``."""
-    by_package: dict[str, list[str]] = {}
-    for path in files:
-      by_package.setdefault(package_of(os.path.relpath(path, root)), []).append(
-          path
-      )
-    for package, paths in by_package.items():
-      parts = [
-          (os.path.relpath(p, root), text)
-          for p, (text, _) in ((p, read_text(p)) for p in sorted(paths))
-      ]
-      yield package, {"text": package_document(parts), "path": package}
+
+    def order(path: str) -> tuple[str, str]:
+      rel = os.path.relpath(path, root)
+      return package_of(rel), rel
+
+    texts = self._texts(sorted(files, key=order), root)
+    for package, parts in itertools.groupby(texts, lambda p: package_of(p[0])):
+      yield package, {"text": package_document(list(parts)), "path": package}
 
   def _generate_records(
       self, files: list[str], root: str, split: str
@@ -299,14 +297,19 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
           yield key, {"text": text, "path": key}
 
   def _generate_examples(self, files: list[str], root: str) -> Iterator[Any]:
+    for rel, text in self._texts(files, root):
+      yield rel, {"text": text, "path": rel}
+
+  def _texts(self, files: list[str], root: str) -> Iterator[tuple[str, str]]:
+    """(path relative to ``root``, text) of each file; undecodable bytes are
+    replaced, counted and, at the end, warned about once."""
     bad_files, bad_bytes, first_bad = 0, 0, None
     for path in files:
       text, replaced = read_text(path)
       if replaced:
         bad_files, bad_bytes = bad_files + 1, bad_bytes + replaced
         first_bad = first_bad or path
-      rel = os.path.relpath(path, root)
-      yield rel, {"text": text, "path": rel}
+      yield os.path.relpath(path, root), text
     if bad_files:
       logging.warning(
           "%d file(s) had undecodable UTF-8 (%d replacement(s), first: %s);"

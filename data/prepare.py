@@ -274,8 +274,9 @@ class _Tracker:
   def __init__(self, work: SplitWork, process_count: int, workers: int):
     self.work = work
     self.records = [None] * len(work.units)
-    self.rate_said = False
     self.tokenized = self.resumed = 0
+    # ``enough``: the finished leading units so far and their tokens.
+    self._prefix = self._prefix_tokens = 0
     self.parallel = process_count * workers
     self.bar = tqdm(
         total=work.expected_tokens // process_count,
@@ -286,14 +287,15 @@ class _Tracker:
     )
 
   def finished(self, unit, record) -> None:
+    """Counts a unit in; ``record`` has ``seconds`` when it was tokenized now
+    (not found finished), and the first such one gives the forecast."""
     self.records[unit.index] = record
     self.bar.update(record["tokens"])
-    if "seconds" in record:
-      self.tokenized += 1
-    else:
+    if "seconds" not in record:
       self.resumed += 1
-    if not self.rate_said and "seconds" in record:  # tokenized, not resumed
-      self.rate_said = True
+      return
+    self.tokenized += 1
+    if self.tokenized == 1:
       self._forecast(record["tokens"] / max(1e-6, record["seconds"]))
 
   def _forecast(self, rate: float) -> None:
@@ -312,15 +314,22 @@ class _Tracker:
 
   def enough(self) -> bool:
     """True once the units the manifest needs are finished (this process's
-    and, read from disk, the others')."""
+    and, read from disk, the others'): the finished leading units reach
+    ``max_tokens``, or are all of them. Each call reads on from where the
+    last one stopped."""
     if not self.work.max_tokens:
       return False
-    for i, unit in enumerate(self.work.units):
-      if self.records[i] is None:
-        self.records[i] = shards.read_marker(self.work.job, unit)
-        if self.records[i] is None:
-          break
-    return shards.needed_prefix(self.records, self.work.max_tokens) is not None
+    units, records = self.work.units, self.records
+    while self._prefix < len(units):
+      i = self._prefix
+      records[i] = records[i] or shards.read_marker(self.work.job, units[i])
+      if records[i] is None:
+        return False
+      self._prefix += 1
+      self._prefix_tokens += records[i]["tokens"]
+      if self._prefix_tokens >= self.work.max_tokens:
+        return True
+    return True
 
 
 def check_existing_tokenizer(data_config, path: str) -> None:
@@ -376,7 +385,10 @@ def prepare(config, workdir: str) -> dict[str, Any]:
     counts, works = _corpus_and_tokenizer(config, ddir, tpath)
   sharding.barrier("data.prepare: corpus and tokenizer")
   if not is_main:
-    works = _split_works(config, ddir, tpath)
+    builder, text_key, splits = corpus.corpus_builder(config.data, ddir)
+    works = _split_works(
+        config, ddir, tpath, text_key, _sources(builder, splits)
+    )
   for work in works.values():
     work.run(prepare_workers(config), jax.process_index(), jax.process_count())
   sharding.barrier("data.prepare: units")
@@ -430,10 +442,7 @@ def _corpus_and_tokenizer(config, ddir: str, tpath: str):
       builder.file_counts() if isinstance(builder, corpus.FilesCorpus) else None
   )
   corpus.build(builder)
-  sources = {
-      name: builder.as_data_source(split=tfds_split)
-      for name, tfds_split in splits.items()
-  }
+  sources = _sources(builder, splits)
   for name, source in sources.items():
     if len(source) == 0:
       raise corpus.CorpusError(
@@ -442,27 +451,26 @@ def _corpus_and_tokenizer(config, ddir: str, tpath: str):
   status = _adopt_or_train_tokenizer(
       config.data, tpath, sources["train"], text_key
   )
-  works = {
-      name: SplitWork(source, text_key, tpath, ddir, name, config)
-      for name, source in sources.items()
-  }
+  works = _split_works(config, ddir, tpath, text_key, sources)
   for work in works.values():
     work.clear_stale()
   return dict(counts or {}, tokenizer=status), works
 
 
-def _split_works(config, ddir: str, tpath: str) -> dict[str, SplitWork]:
-  builder, text_key, splits = corpus.corpus_builder(config.data, ddir)
+def _sources(builder, splits: dict[str, str]) -> dict[str, Any]:
+  """Each split's data source of the built corpus."""
   return {
-      name: SplitWork(
-          builder.as_data_source(split=tfds_split),
-          text_key,
-          tpath,
-          ddir,
-          name,
-          config,
-      )
+      name: builder.as_data_source(split=tfds_split)
       for name, tfds_split in splits.items()
+  }
+
+
+def _split_works(
+    config, ddir: str, tpath: str, text_key: str, sources: dict[str, Any]
+) -> dict[str, SplitWork]:
+  return {
+      name: SplitWork(source, text_key, tpath, ddir, name, config)
+      for name, source in sources.items()
   }
 
 

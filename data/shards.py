@@ -125,7 +125,8 @@ def estimate_tokens_per_doc(source, text_key: str, tokenizer) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """What a unit's worker needs besides the unit (pickled once per unit)."""
+  """What a unit's worker needs besides the unit (given to each worker once,
+  ``init_worker``)."""
 
   source: Any
   text_key: str
@@ -141,12 +142,16 @@ def unit_marker(out_dir: str, unit: Unit) -> str:
   return os.path.join(out_dir, UNITS, f"u{unit.index:06d}.json")
 
 
-def _replace(tmp: str, path: str) -> None:
-  os.replace(tmp, path)
-
-
 def _temp(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+  """Writes ``payload`` under a temporary name, then renames it into place."""
+  tmp = _temp(path)
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, path)
 
 
 def read_marker(job: Job, unit: Unit) -> dict[str, Any] | None:
@@ -235,7 +240,7 @@ class ShardWriter:
     starts = np.asarray(self._starts, dtype="<i8")
     starts.tofile(self._tmps[1])
     for tmp, path in zip(self._tmps, self._paths):
-      _replace(tmp, path)
+      os.replace(tmp, path)
     return {
         "name": self.name,
         "tokens": self.num_tokens,
@@ -268,11 +273,9 @@ def by_size(batches, max_chars: int = ENCODE_CHARS):
 
 
 def tokenize_unit(job: Job, unit: Unit) -> dict[str, Any]:
-  """Tokenizes one unit into its shards and writes its marker; a unit already
-  finished (``read_marker``) is returned as it is. Runs in a worker."""
-  record = read_marker(job, unit)
-  if record is not None:
-    return dict(record, resumed=True)
+  """Tokenizes one unit into its shards and writes its marker (callers skip
+  the units ``read_marker`` finds finished); the record it returns also has
+  the ``seconds`` it took. Runs in a worker or in the process itself."""
   started = time.perf_counter()
   tokenizer = _tokenizer(job)
   dtype = np.dtype(job.dtype).newbyteorder("<")
@@ -309,12 +312,8 @@ def tokenize_unit(job: Job, unit: Unit) -> dict[str, Any]:
       "tokens": sum(s["tokens"] for s in shards),
       "shards": shards,
   }
-  path = unit_marker(job.out_dir, unit)
-  tmp = _temp(path)
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
-  _replace(tmp, path)
-  return dict(record, resumed=False, seconds=time.perf_counter() - started)
+  _write_json(unit_marker(job.out_dir, unit), record)
+  return dict(record, seconds=time.perf_counter() - started)
 
 
 _WORKER_JOB: list[Job] = []
@@ -368,11 +367,7 @@ def finish(
   manifest["bytes_per_token"] = manifest["num_bytes"] / max(
       1, manifest["num_tokens"] - manifest["num_docs"]
   )
-  path = os.path.join(out_dir, MANIFEST)
-  tmp = _temp(path)
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2)
-  _replace(tmp, path)
+  _write_json(os.path.join(out_dir, MANIFEST), manifest)
   for name in os.listdir(out_dir):
     stem, _, suffix = name.partition(".")
     if (suffix in ("tokens", "docs") and stem not in keep) or ".tmp-" in name:

@@ -95,6 +95,20 @@ def copy_workdir(src: str, dst) -> str:
   return str(dst)
 
 
+def files_config(pattern: str, **data):
+  """The tiny config on the local files ``pattern`` (all of them, 30% held
+  out, a 300-entry tokenizer), with ``config.data`` fields overridden."""
+  config = stdlib.get_config("tiny")
+  config.data.source = "files"
+  config.data.files_glob = pattern
+  config.data.max_files = 0
+  config.data.validation_permille = 300
+  config.data.vocab_size = 300
+  for key, value in data.items():
+    setattr(config.data, key, value)
+  return config
+
+
 def write_random_teacher(workdir: str, final_norm_scale: float | None = None):
   """A random (untrained) tiny teacher in ``W/teacher``; returns the model.
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import files_config
 
 from data import corpus, pipeline, prepare, shards
 from data import tokenizer as tok
@@ -17,18 +18,6 @@ from distill.core.errors import UserError
 from experiments import stdlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _files_config(pattern, **overrides):
-  config = stdlib.get_config("tiny")
-  config.data.source = "files"
-  config.data.files_glob = pattern
-  config.data.max_files = 0
-  config.data.validation_permille = 300
-  config.data.vocab_size = 300
-  for key, value in overrides.items():
-    setattr(config.data, key, value)
-  return config
 
 
 def _write_corpus(root, n=12, extra=None):
@@ -63,7 +52,7 @@ def test_stdlib_split_is_deterministic_and_disjoint():
 
 def test_prepare_builds_the_same_split_twice(tmp_path):
   _write_corpus(tmp_path / "corpus")
-  config = _files_config(str(tmp_path / "corpus" / "*.txt"))
+  config = files_config(str(tmp_path / "corpus" / "*.txt"))
   paths = []
   for run in ("a", "b"):
     builder, _, _ = corpus.prepare_corpus(config.data, str(tmp_path / run))
@@ -179,7 +168,7 @@ def test_packing_loses_and_duplicates_no_token_over_an_epoch(tmp_path):
 def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("kd")
   _write_corpus(str(root / "corpus"), n=30)
-  config = _files_config(str(root / "corpus" / "*.txt"))
+  config = files_config(str(root / "corpus" / "*.txt"))
   summary = prepare.prepare(config, str(root / "w"))
   return config, str(root / "w"), summary
 
@@ -279,7 +268,7 @@ def test_imported_tokenizer_is_adopted_not_retrained(prepared, tmp_path):
 
 
 def test_glob_that_matches_nothing_is_a_clear_error(tmp_path):
-  config = _files_config(str(tmp_path / "nope" / "*.txt"))
+  config = files_config(str(tmp_path / "nope" / "*.txt"))
   os.makedirs(tmp_path / "w")
   with pytest.raises(corpus.CorpusError, match="matched nothing"):
     prepare.prepare(config, str(tmp_path / "w"))
@@ -292,7 +281,7 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
   (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 50)
   text, replaced = corpus.read_text(str(root / "latin1.txt"))
   assert replaced == 100 and "caf\ufffd" in text
-  config = _files_config(str(root / "*.txt"))
+  config = files_config(str(root / "*.txt"))
   summary = prepare.prepare(config, str(tmp_path / "w"))
   total_docs = sum(m["num_docs"] for m in summary["splits"].values())
   assert total_docs == 13
@@ -346,7 +335,7 @@ def test_prepare_binary_prints_one_line_errors(tmp_path):
 
 def test_preparing_local_files_announces_no_download(tmp_path, capsys):
   _write_corpus(str(tmp_path / "corpus"), n=6)
-  config = _files_config(str(tmp_path / "corpus" / "*.txt"))
+  config = files_config(str(tmp_path / "corpus" / "*.txt"))
   prepare.prepare(config, str(tmp_path / "w"))
   out = capsys.readouterr().out
   assert "prepare: train:" in out
@@ -360,7 +349,7 @@ def test_building_a_corpus_does_not_warn_about_its_configuration(
   noise on every run, so the corpus keeps it out of the log."""
   caplog.set_level("INFO")
   corpus.corpus_builder(
-      _files_config(str(tmp_path / "*.txt")).data, str(tmp_path / "d")
+      files_config(str(tmp_path / "*.txt")).data, str(tmp_path / "d")
   )
   corpus.corpus_builder(stdlib.get_config("tiny").data, str(tmp_path / "d"))
   assert not [

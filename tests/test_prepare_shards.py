@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import files_config
 
 from data import corpus, pipeline, prepare, shards
 from data import tokenizer as tok
@@ -16,16 +17,10 @@ from experiments import hf_moe, stdlib
 
 
 def _config(pattern, **data):
-  config = stdlib.get_config("tiny")
-  config.data.source = "files"
-  config.data.files_glob = pattern
-  config.data.max_files = 0
-  config.data.validation_permille = 200
-  config.data.vocab_size = 300
-  config.data.shard_tokens = 400  # several shards per unit, rows across them
-  for key, value in data.items():
-    setattr(config.data, key, value)
-  return config
+  # 400-token shards: several per unit, rows across them.
+  return files_config(
+      pattern, **{"validation_permille": 200, "shard_tokens": 400, **data}
+  )
 
 
 def _write_docs(root, n=40):
