@@ -3,9 +3,9 @@
 On the CPU the cuDNN kernel cannot run, so its call is checked by running the
 very same ``jax.nn.dot_product_attention`` call through jax's own XLA
 reference (``fused_attention(implementation="xla")``) against the project's
-``attend``, forward and backward, in float32 and bfloat16. The banded path of
-local layers is checked against ``attend`` the same way, and its cost (read
-from the compiled program) against the row length.
+``attend``, forward and backward, in float32 and bfloat16. The blockwise
+(flash-style) path of long rows is checked against ``attend`` the same way,
+and its cost (read from the compiled program) against the row length.
 """
 
 import jax
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from distill.core.errors import ConfigError
-from distill.nn import attention
+from distill import planning
+from distill.nn import attention, blockwise
 
 B, T, N, K, H = 2, 24, 4, 2, 16
 
@@ -132,20 +133,24 @@ def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
     )
 
 
-# The banded path: rows of 24 in blocks of 8 (and 16: a padded last block);
-# windows of one token, less than a block, a block, more than a block.
+# The blockwise path: rows of 24 in tiles of 8 (three tiles: the band
+# schedule, also for a global layer), 16 (a padded last tile), 4 (six tiles:
+# zigzag for a global layer) and 5 (five tiles, zigzag pads a sixth); windows
+# of one token, less than a tile, a tile, more than a tile, and none.
 @pytest.mark.parametrize(
-    "window,block", [(1, 8), (5, 8), (8, 8), (11, 8), (11, 16)]
+    "window,block",
+    [(1, 8), (5, 8), (8, 8), (11, 8), (11, 16), (20, 4)]
+    + [(None, 8), (None, 16), (None, 4), (None, 5)],
 )
 @pytest.mark.parametrize(
     "dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)]
 )
-def test_banded_attention_matches_attend_forward_and_backward(
+def test_flash_attention_matches_attend_forward_and_backward(
     window, block, dtype, tol
 ):
   q, k, v = _qkv(dtype, seed=1)
   scale = H**-0.5
-  banded = lambda q, k, v: attention.banded_attention(
+  flash = lambda q, k, v: blockwise.flash_attention(
       q, k, v, SEGMENTS, window=window, scale=scale, block=block
   )
   dense = lambda q, k, v: _reference(q, k, v, SEGMENTS, window, scale)
@@ -154,62 +159,108 @@ def test_banded_attention_matches_attend_forward_and_backward(
     loss = lambda *a: (jnp.sum(jnp.sin(fn(*a).astype(jnp.float32))), fn(*a))
     return jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
 
-  (g_band, out_band), (g_dense, out_dense) = with_grads(banded), with_grads(
+  (g_flash, out_flash), (g_dense, out_dense) = with_grads(flash), with_grads(
       dense
   )
   f32 = lambda x: np.asarray(x, np.float32)
-  np.testing.assert_allclose(f32(out_band), f32(out_dense), atol=tol, rtol=tol)
-  for a, b in zip(g_band, g_dense):
+  np.testing.assert_allclose(f32(out_flash), f32(out_dense), atol=tol, rtol=tol)
+  for a, b in zip(g_flash, g_dense):
     np.testing.assert_allclose(f32(a), f32(b), atol=tol * 4, rtol=tol)
 
 
-def test_self_attention_takes_the_band_where_it_pays():
-  """A local layer whose window is short against the row runs the banded
-  path (same outputs as the dense one); a global layer, or a window that
-  reaches across the row, the dense one exactly."""
-  assert attention.band_pays(4096, 512) and not attention.band_pays(4096, None)
-  assert not attention.band_pays(512, 128)  # one block holds the row
-  assert not attention.band_pays(1024, 1000)  # the band would be the row
-  t = 3 * attention.BAND_BLOCK
+def test_flash_schedules_visit_each_visible_pair_once():
+  """Band and zigzag: every (query tile, key tile) pair the mask can leave
+  visible is computed exactly once, no step writes a query tile twice, and a
+  global layer's zigzag does the causal triangle (plus one padding tile)."""
+  for count, window, block in [
+      (7, None, 4),
+      (6, None, 4),
+      (9, 9, 4),
+      (3, 1, 8),
+  ]:
+    q_tiles, k_tiles, tiles = blockwise.schedule(count, window, block)
+    reach = tiles if window is None else -(-(window - 1) // block) + 1
+    want = {
+        (i, j) for i in range(tiles) for j in range(tiles) if 0 <= i - j < reach
+    }
+    pairs = [
+        (i, j)
+        for qs, ks in zip(q_tiles, k_tiles)
+        for i, j in zip(qs, ks)
+        if j >= 0
+    ]
+    assert sorted(pairs) == sorted(want)
+    assert all(len(set(qs)) == len(qs) for qs in q_tiles)
+  q_tiles, _, tiles = blockwise.schedule(64, None, 512)
+  assert q_tiles.size == 64 * 65 // 2 and tiles == 64  # zigzag: the triangle
+  assert blockwise.schedule(64, 1024, 512)[0].shape == (3, 64)  # band
+
+
+def test_self_attention_takes_the_blockwise_path_beyond_one_tile():
+  """Rows longer than ``blockwise.BLOCK`` run the blockwise path (same
+  outputs as the dense one, windowed or not); shorter ones the dense path
+  exactly (``test_self_attention_on_cpu_is_the_xla_path_exactly``)."""
+  t = 2 * blockwise.BLOCK + 40
   q, k, v = (
       jax.random.normal(key, (1, t, heads, 8))
       for key, heads in zip(jax.random.split(jax.random.key(2), 3), (2, 1, 1))
   )
-  segments = jnp.ones((1, t), jnp.int32)
-  got = attention.self_attention(q, k, v, segments, window=16, scale=0.3)
-  want = _reference(q, k, v, segments, 16, 0.3)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+  segments = jnp.ones((1, t), jnp.int32).at[0, 700:].set(2)
+  for window in (16, None):
+    got = attention.self_attention(q, k, v, segments, window=window, scale=0.3)
+    want = _reference(q, k, v, segments, window, 0.3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
-def _compiled_cost(length, window):
-  """Temporary bytes and FLOPs per token of one local layer's forward and
-  backward through ``self_attention``, read from the compiled program."""
+def _cost(length, window, dense=False, compile_=True):
+  """Temporary bytes of one layer's forward and backward through
+  ``self_attention`` (or the dense path), read from the compiled program
+  (None without ``compile_``), and its matrix-product FLOPs per token (scan
+  steps counted as they run)."""
   shape = lambda heads: jax.ShapeDtypeStruct(
       (1, length, heads, 32), jnp.float32
   )
-  loss = lambda q, k, v, s: jnp.sum(
-      attention.self_attention(q, k, v, s, window=window, scale=0.2)
+
+  def loss(q, k, v, s):
+    if dense:
+      return jnp.sum(_reference(q, k, v, s, window, 0.2))
+    return jnp.sum(
+        attention.self_attention(q, k, v, s, window=window, scale=0.2)
+    )
+
+  grad = jax.grad(loss, (0, 1, 2))
+  args = (
+      shape(2),
+      shape(1),
+      shape(1),
+      jax.ShapeDtypeStruct((1, length), jnp.int32),
   )
-  compiled = (
-      jax.jit(jax.grad(loss, (0, 1, 2)))
-      .trace(
-          shape(2),
-          shape(1),
-          shape(1),
-          jax.ShapeDtypeStruct((1, length), jnp.int32),
-      )
-      .lower()
-      .compile()
-  )
-  flops = compiled.cost_analysis()["flops"]
-  return compiled.memory_analysis().temp_size_in_bytes, flops / length
+  flops = planning.matmul_flops(jax.make_jaxpr(grad)(*args)) / length
+  if not compile_:
+    return None, flops
+  compiled = jax.jit(grad).trace(*args).lower().compile()
+  return compiled.memory_analysis().temp_size_in_bytes, flops
 
 
 def test_local_layer_cost_is_linear_in_the_row():
   """4x the row: within 1.3x of 4x the temporaries and the same FLOPs per
   token, where the dense path grows as the square."""
-  short, long = _compiled_cost(2048, 128), _compiled_cost(8192, 128)
+  short, long = _cost(2048, 128), _cost(8192, 128)
   assert long[0] <= short[0] * 4 * 1.3
   assert long[1] == pytest.approx(short[1], rel=0.1)
-  dense = _compiled_cost(2048, 2048)[1]  # a window as long as the row
-  assert dense > 3 * short[1]
+  dense = _cost(2048, 128, dense=True)
+  assert dense[1] > 3 * short[1] and dense[0] > 3 * short[0]
+
+
+def test_global_layer_memory_is_linear_and_work_half_the_square():
+  """A global layer: temporaries linear in the row; its FLOPs grow as the
+  square but, skipping the tiles above the diagonal, stay under 0.7x the
+  dense path's at 16 tiles (which computes the whole square, forward and
+  backward; the blockwise backward recomputes the scores, 7 products
+  against 6, over 136 of 256 tile pairs)."""
+  short, long = _cost(2048, None), _cost(8192, None)
+  assert long[0] <= short[0] * 4 * 1.3
+  assert long[1] == pytest.approx(short[1] * 4, rel=0.15)
+  dense = _cost(8192, None, dense=True, compile_=False)[1]
+  assert long[1] == pytest.approx(dense * 7 / 6 * 136 / 256, rel=0.02)
+  assert long[1] < 0.7 * dense

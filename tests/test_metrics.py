@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distill import losses
-from distill.evals import metrics
+from distill.evals import metrics, validation
 
 
 def _ece(confidence, correct, bins=15):
@@ -104,3 +104,48 @@ def test_token_sums_equal_the_unchunked_metrics():
   agree = np.asarray(jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
   assert sums["top1_agreement"] == pytest.approx((agree * w).sum())
   assert sums["bins"]["count"].sum() == pytest.approx(w.sum())
+
+
+def test_loss_by_position_against_a_hand_computation():
+  """Positions (the tokens of its document before each token) fall in the
+  buckets [0, 512), [512, 2k), [2k, 8k), [8k, 32k), [32k, ...); the
+  per-bucket sums and ``summarize``'s losses are the hand-computed ones,
+  and empty buckets are left out of the report."""
+  rng = np.random.default_rng(3)
+  b, t, d, v = 2, 6, 5, 13
+  model = _Linear(
+      jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+      jnp.asarray(rng.normal(size=(d, v)), jnp.float32),
+  )
+  labels = jnp.asarray(rng.integers(0, v, size=(b, t)))
+  positions = jnp.asarray(
+      [[0, 511, 512, 2047, 2048, 40000], [8191, 8192, 1, 2, 3, 4]]
+  )
+  mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 1, 1]], jnp.float32)
+  inputs = dict(
+      inputs=labels, segment_ids=None, positions=positions, labels=labels,
+      mask=mask,
+  )  # fmt: skip
+  sums = jax.device_get(
+      metrics.token_sums(model, None, inputs, chunk_size=4, num_bins=5)
+  )
+  ce = np.asarray(
+      losses.cross_entropy_per_token(
+          model.logits_from_hidden(model._hidden), labels
+      )
+  )
+  bucket = np.asarray([[0, 0, 1, 1, 2, 4], [2, 3, 0, 0, 0, 0]])
+  w = np.asarray(mask)
+  for i in range(5):
+    want = (ce * w)[bucket == i].sum()
+    assert sums["by_position"]["ce"][i] == pytest.approx(want, rel=1e-5)
+    assert sums["by_position"]["count"][i] == w[bucket == i].sum()
+  out = validation.summarize(sums)
+  assert list(out["loss_by_position"]) == ["0-512", "512-2k", "2k-8k", "32k+"]
+  assert out["tokens_by_position"] == {
+      "0-512": 6.0, "512-2k": 2.0, "2k-8k": 2.0, "32k+": 1.0
+  }  # fmt: skip
+  assert out["loss_by_position"]["2k-8k"] == pytest.approx(
+      (ce[0, 4] + ce[1, 0]) / 2, rel=1e-5
+  )
+  assert metrics.position_labels((0, 100, 4096)) == ["0-100", "100-4k", "4k+"]

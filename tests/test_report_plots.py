@@ -182,3 +182,35 @@ def test_write_plots_writes_pngs(models, tmp_path):
   for name in written:
     with open(tmp_path / name, "rb") as f:
       assert f.read(8).startswith(b"\x89PNG")
+
+
+def test_loss_by_position_table_and_plot(models):
+  """Models scored on long rows: a table and a plot of their loss per
+  position bucket, the report's numbers drawn; short rows (one bucket)
+  give neither."""
+  long = {}
+  for i, name in enumerate(("teacher", "ce", "sampled", "sampled_qint8")):
+    by = {"0-512": 6.0 - 0.1 * i, "512-2k": 5.0 - 0.1 * i, "2k-8k": 4.5}
+    long[name] = {
+        **models[name],
+        "loss_by_position": by,
+        "tokens_by_position": {"0-512": 512.0, "512-2k": 1536.0, "2k-8k": 80.0},
+    }
+  fig = report.plot_figures(long)["loss_by_position.png"]
+  fig.canvas.draw()
+  (ax,) = fig.axes
+  drawn = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+  assert drawn == {
+      n: list(e["loss_by_position"].values()) for n, e in long.items()
+  }
+  assert [t.get_text() for t in ax.get_xticklabels()] == [
+      "0-512", "512-2k", "2k-8k"
+  ]  # fmt: skip
+  for (a, p, size), (b, q, _) in itertools.combinations(_centres(ax), 2):
+    assert np.abs(p - q).max() >= size - 1e-6, (a, b)  # 2k-8k: all 4.5
+  table = report._by_position(long)  # pylint: disable=protected-access
+  assert "| model | 0-512 | 512-2k | 2k-8k |" in table
+  assert "| ce | 5.900 | 4.900 | 4.500 |" in table
+  assert "| (tokens) | 512 | 1,536 | 80 |" in table
+  assert "loss_by_position.png" not in report.plot_figures(models)
+  assert report._by_position(models) == ""  # pylint: disable=protected-access

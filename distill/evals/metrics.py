@@ -7,7 +7,8 @@
   ``window`` positions).
 - ``token_sums``: one pass over the validation tokens in sequence chunks
   (never a whole [B, T, V] tensor) that returns the sums every metric here
-  needs: cross-entropy, KL to a teacher, top-1 agreement and calibration bins.
+  needs: cross-entropy, KL to a teacher, top-1 agreement and calibration bins,
+  and cross-entropy by position bucket (``POSITION_EDGES``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ import numpy as np
 from distill.losses import terms as losses
 
 DEFAULT_CONTEXTS = (1024, 8192, 32768, 131072)
+#: Left edges of the position buckets of ``token_sums``: [0, 512), [512,
+#: 2k), [2k, 8k), [8k, 32k), [32k, ...). A token's position is how many
+#: tokens of its own document precede it in the row: the context it is
+#: predicted from.
+POSITION_EDGES = (0, 512, 2048, 8192, 32768)
+
+
+def position_labels(edges=POSITION_EDGES) -> list[str]:
+  """``["0-512", "512-2k", ..., "32k+"]``: the buckets' names in reports."""
+  short = lambda n: f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+  ends = [short(e) for e in edges]
+  return [f"{a}-{b}" for a, b in zip(ends, ends[1:])] + [f"{ends[-1]}+"]
+
+
+def position_buckets(positions: jax.Array, edges=POSITION_EDGES) -> jax.Array:
+  """The bucket index of each position (int32, same shape)."""
+  index = jnp.searchsorted(jnp.asarray(edges), positions, side="right") - 1
+  return index.astype(jnp.int32)
 
 
 def calibration_bins(
@@ -122,7 +141,9 @@ def token_sums(
   """Sums over the valid tokens of one batch (see module doc).
 
   ``inputs`` is ``data.pipeline.model_inputs(batch)``. Returns ``count``,
-  ``ce``, ``bins`` (calibration) and, with a teacher, ``kl_to_teacher`` and
+  ``ce``, ``bins`` (calibration), ``by_position`` ({"ce", "count"}: sums
+  per ``POSITION_EDGES`` bucket of the inputs' positions; arange(T) when
+  they are None) and, with a teacher, ``kl_to_teacher`` and
   ``top1_agreement`` (sums, to be divided by the total count).
   ``teacher_hidden``: the teacher's ``hidden_of`` these inputs, when the
   caller already has it (one teacher pass shared by several models);
@@ -145,7 +166,15 @@ def token_sums(
     x = jnp.pad(x, widths) if pad else x
     return jnp.moveaxis(x.reshape(batch, num, size, *x.shape[2:]), 1, 0)
 
-  xs = {"h": split(hidden), "labels": split(inputs["labels"]), "w": split(mask)}
+  positions = inputs.get("positions")
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  xs = {
+      "h": split(hidden),
+      "labels": split(inputs["labels"]),
+      "w": split(mask),
+      "bucket": split(position_buckets(positions)),
+  }
   if t_hidden is not None:
     xs["t"] = split(t_hidden)
 
@@ -155,9 +184,15 @@ def token_sums(
     w = x["w"]
     ce = losses.cross_entropy_per_token(logits, x["labels"])
     prediction = jnp.argmax(logits, axis=-1)
+    per_bucket = lambda values: (
+        jnp.zeros(len(POSITION_EDGES), jnp.float32)
+        .at[x["bucket"].ravel()]
+        .add(values.ravel())
+    )
     out = {
         "ce": jnp.sum(ce * w),
         "count": jnp.sum(w),
+        "by_position": {"ce": per_bucket(ce * w), "count": per_bucket(w)},
         "bins": calibration_bins(
             jnp.exp(jnp.max(log_q, -1)), prediction == x["labels"], w, num_bins
         ),
@@ -175,6 +210,9 @@ def token_sums(
   zero = {
       "ce": 0.0,
       "count": 0.0,
+      "by_position": {
+          k: jnp.zeros(len(POSITION_EDGES)) for k in ("ce", "count")
+      },
       "bins": {
           k: jnp.zeros(num_bins) for k in ("count", "confidence", "correct")
       },

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from distill.evals import metrics
 from distill.training import loop as trainer
 
 
@@ -119,7 +120,41 @@ def plot_figures(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   per_byte = _gain_per_byte(models, styles)
   if per_byte is not None:
     out["quality_per_byte.png"] = per_byte
+  if len(position_buckets(models)) > 1:
+    out["loss_by_position.png"] = _loss_by_position(models, styles)
   return out
+
+
+def position_buckets(models: dict[str, dict[str, Any]]) -> list[str]:
+  """The position buckets (``metrics.position_labels``, in order) any model
+  has a validation loss for."""
+  seen = {b for e in models.values() for b in e.get("loss_by_position", {})}
+  return [b for b in metrics.position_labels() if b in seen]
+
+
+def _loss_by_position(models, styles):
+  """Each model's validation loss per position bucket: how its loss falls
+  as it has more of the document before a token."""
+  buckets = position_buckets(models)
+  fig = _figure(figsize=(7.5, 4.5))
+  ax = fig.add_subplot()
+  drawn = []
+  for name, style in styles.items():
+    by = models[name].get("loss_by_position", {})
+    xs = [i for i, b in enumerate(buckets) if b in by]
+    drawn += ax.plot(
+        xs, [by[buckets[i]] for i in xs], label=name, linewidth=1.2, **style
+    )
+  ax.set_xticks(range(len(buckets)), buckets)
+  ax.margins(x=0.1)
+  ax.set(
+      xlabel="tokens of the document before the token (bucket)",
+      ylabel=_LOSS_LABEL,
+      title="Validation loss by position in the document",
+  )
+  _finish(fig, ax)
+  _dodge(ax, drawn)
+  return fig
 
 
 def _figure(**kwargs):
@@ -585,6 +620,7 @@ def markdown(result: dict[str, Any]) -> str:
     )
     parts.append(_comparison(models, result.get("cache")))
   parts += [
+      _by_position(models),
       _kv_cache(models),
       _speed(models),
       _speculative(models),
@@ -616,6 +652,10 @@ _CAPTIONS = {
     ),
     "quality_vs_speed.png": "Val loss as in the tables." + _QUANTISED,
     "quality_vs_weight_bytes.png": "Val loss as in the tables." + _QUANTISED,
+    "loss_by_position.png": (
+        "Val loss per position bucket as in the loss-by-position table."
+        + _QUANTISED
+    ),
     "quality_per_byte.png": (
         "Gain over CE as in the distillation table: a line per cached"
         " target and loss (its runs after the colon), in its first run's"
@@ -658,6 +698,34 @@ def _quality(models: dict[str, dict[str, Any]]) -> str:
       "## Quality\n\n"
       "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
       " expected calibration error.\n\n" + _table(header, rows)
+  )
+
+
+def _by_position(models: dict[str, dict[str, Any]]) -> str:
+  """Validation loss per position bucket (rows long enough for two)."""
+  buckets = position_buckets(models)
+  if len(buckets) < 2:
+    return ""
+  rows = [
+      [n] + [e.get("loss_by_position", {}).get(b) for b in buckets]
+      for n, e in models.items()
+  ]
+  tokens = next(
+      (
+          e["tokens_by_position"]
+          for e in models.values()
+          if e.get("tokens_by_position")
+      ),
+      {},
+  )
+  rows.append(
+      ["(tokens)"] + [int(tokens[b]) if b in tokens else None for b in buckets]
+  )
+  return (
+      "\n## Loss by position\n\nValidation loss (nats/token) of the tokens"
+      " whose document has this many tokens before them in the row (the"
+      " context they are predicted from).\n\n"
+      + _table(["model"] + buckets, rows)
   )
 
 

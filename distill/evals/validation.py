@@ -1,7 +1,8 @@
 """One pass over the held-out split: the eval hook and the evaluate stage.
 
-For each model: cross-entropy (nats/token), perplexity and top-1 expected
-calibration error; with a teacher also KL(teacher || model) over the full
+For each model: cross-entropy (nats/token), perplexity, top-1 expected
+calibration error and cross-entropy by position in the document
+(``loss_by_position``, buckets of ``metrics.POSITION_EDGES``); with a teacher also KL(teacher || model) over the full
 vocabulary and top-1 agreement with the teacher. The sums come from
 ``metrics.token_sums`` (sequence chunks, never a whole [B, T, V] tensor) and
 are divided by the token count at the end, so batches weigh by their tokens.
@@ -35,6 +36,15 @@ def summarize(totals: dict) -> dict[str, float]:
       "ece": metrics.expected_calibration_error(totals["bins"]),
   }
   out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+  if "by_position" in totals:  # loss per position bucket that has tokens
+    ce, counts = (np.asarray(totals["by_position"][k]) for k in ("ce", "count"))
+    labels = metrics.position_labels()
+    out["loss_by_position"] = {
+        label: float(c / n) for label, c, n in zip(labels, ce, counts) if n
+    }
+    out["tokens_by_position"] = {
+        label: float(n) for label, n in zip(labels, counts) if n
+    }
   for key in ("kl_to_teacher", "top1_agreement"):
     if key in totals:
       out[key] = float(totals[key]) / count

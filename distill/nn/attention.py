@@ -9,9 +9,11 @@ Attention is split so that a KV-cache decode path can reuse it:
 A whole sequence (training, the cache pass, scoring) goes through
 ``self_attention``, the one entry point that picks a kernel
 (``ATTENTION_IMPLS``): ``xla`` is ``attention_mask`` + ``attend`` (scores
-materialised, any backend), except for a local layer whose window is short
-against the row: ``banded_attention`` computes only the key blocks each query
-block's window reaches, so its work and memory grow linearly in T.
+materialised, any backend) for rows of up to ``blockwise.BLOCK`` tokens and
+``blockwise.flash_attention`` beyond: tiles of queries visit only the key
+tiles the mask leaves visible, with an online softmax and recomputation in
+the backward pass, so memory grows linearly in T and a local layer's work
+too (a global layer's as T^2 / 2).
 ``cudnn`` is cuDNN's fused flash attention through
 ``jax.nn.dot_product_attention``: causal and the sliding window are native
 there, grouped-query heads are read without copies, and packed rows'
@@ -57,7 +59,7 @@ from flax import nnx
 
 from distill.core import sharding
 from distill.core.errors import ConfigError
-from distill.nn import layers
+from distill.nn import blockwise, layers
 
 
 class AttentionKind(enum.StrEnum):
@@ -206,86 +208,6 @@ def attend(
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
   return out.reshape(b, t, n, h)
-
-
-#: Query rows per block of ``banded_attention``: each block reads the
-#: ``ceil((window - 1) / BAND_BLOCK) + 1`` key blocks its window reaches, so a
-#: query reads at most ``window + BAND_BLOCK - 1`` keys besides padding.
-BAND_BLOCK = 256
-
-
-def band_pays(length: int, window: int | None, block: int = BAND_BLOCK) -> bool:
-  """Whether ``banded_attention`` reads fewer keys per query than the whole
-  row (a local layer whose window is short against the row)."""
-  if window is None or length <= block:
-    return False
-  span = -(-(window - 1) // block)
-  return (span + 1) * block < length
-
-
-def banded_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    segment_ids: jax.Array,
-    *,
-    window: int,
-    scale: float,
-    block: int = BAND_BLOCK,
-) -> jax.Array:
-  """Sliding-window attention of a whole sequence that computes only the
-  key blocks each query block's window reaches: work and memory O(T x
-  (window + block)), not O(T^2); the same mask as ``attention_mask``.
-
-  The row is cut into blocks of ``block`` queries; block i reads key blocks
-  i - span .. i (span = ceil((window - 1) / block)), gathered as one
-  [B, T / block, (span + 1) x block] band (keys before the row are padding
-  that the mask hides). Plain JAX, so it runs and differentiates on every
-  backend; the backward pass keeps the band's probabilities, linear in T.
-
-  q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H].
-  """
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  count = -(-t // block)
-  span = -(-(window - 1) // block)
-  tail = count * block - t  # the last block's padding (in the future)
-
-  def blocks(x, front):  # [B, T, ...] -> [B, front + count, block, ...]
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (front * block, tail)
-    x = jnp.pad(x, pad)
-    return x.reshape(b, front + count, block, *x.shape[2:])
-
-  def band(x):  # [B, span + count, block, ...] -> [B, count, S, ...]
-    shifted = jnp.stack([x[:, j : j + count] for j in range(span + 1)], 2)
-    return shifted.reshape(b, count, (span + 1) * block, *x.shape[3:])
-
-  # Token indices: query r of block i is i x block + r; key s of its band
-  # is (i - span) x block + s. Keys outside the row are never seen.
-  q_index = jnp.arange(count)[:, None] * block + jnp.arange(block)
-  kv_index = (jnp.arange(count)[:, None] - span) * block + jnp.arange(
-      (span + 1) * block
-  )
-  distance = q_index[:, :, None] - kv_index[:, None, :]  # [count, block, S]
-  visible = (distance >= 0) & (distance < window) & (kv_index[:, None] >= 0)
-  same = (
-      blocks(segment_ids, 0)[..., None]
-      == band(blocks(segment_ids, span))[:, :, None]
-  )
-  mask = visible & same  # [B, count, block, S]
-  qb = blocks(q, 0).reshape(b, count, block, kv_heads, n // kv_heads, h)
-  kb, vb = band(blocks(k, span)), band(blocks(v, span))
-  scores = (
-      jnp.einsum(
-          "BIQKGH,BISKH->BIKGQS", qb, kb, preferred_element_type=jnp.float32
-      )
-      * scale
-  )
-  scores = jnp.where(mask[:, :, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BIKGQS,BISKH->BIQKGH", probs, vb)
-  return out.reshape(b, count * block, n, h)[:, :t]
 
 
 @functools.cache
@@ -516,8 +438,10 @@ def self_attention(
       if impl == "cudnn":
         raise
       _warn_once(f"cuDNN attention cannot run here ({e}); using XLA's")
-  if band_pays(q.shape[1], window):
-    return banded_attention(q, k, v, segment_ids, window=window, scale=scale)
+  if q.shape[1] > blockwise.BLOCK:
+    return blockwise.flash_attention(
+        q, k, v, segment_ids, window=window, scale=scale
+    )
   index = default_positions(q)
   mask = attention_mask(segment_ids, segment_ids, index, index, window=window)
   return attend(q, k, v, mask, scale=scale)
