@@ -19,6 +19,14 @@ from    start from the finished run in this folder of ``W/student`` (e.g.
         ``config.distill.continue_train``
 feat    online: add feature distillation, ``cosine`` or ``mse``
         (``distill.features``)
+seq     the length of the rows this run trains on (default
+        ``config.data.seq_len``): e.g. short rows for a first run that a
+        long-row continuation (``from``) extends. A run that reads the cache
+        trains on the cache's rows, so its seq must be the cache's.
+rope    the linear RoPE scaling factor of the student's global layers
+        (``rope_global_scaling``) for this run: a long-row continuation
+        scales its parent's positions (e.g. rope=8 for 8x longer rows,
+        Gemma 3's recipe); local layers keep theirs
 ======  =====================================================================
 """
 
@@ -53,6 +61,8 @@ class RunKind:
   lam: float | None = None  # on_policy: share of on-policy steps
   init: str | None = None  # spec part "from": the run folder it starts from
   feat: str | None = None  # online: feature distillation's kind
+  seq: int | None = None  # the rows' length (default config.data.seq_len)
+  rope: float | None = None  # global layers' RoPE scaling factor
 
   def settings(self) -> dict[str, Any]:
     """The run's parts as its folder records them (unset optional parts
@@ -83,7 +93,7 @@ class RunKind:
 #: The size each offline target can be read at (``RunKind`` fields).
 SIZES = {"k": "topk", "n": "sample", "m": "topk_tail"}
 #: Parts a run spec may leave out (not recorded when unset).
-OPTIONAL = (*SIZES, "q", "lam", "init", "feat")
+OPTIONAL = (*SIZES, "q", "lam", "init", "feat", "seq", "rope")
 #: The KD losses each target (offline) or mode (online) can train with.
 LOSSES = {
     "topk": ("ghost_kl", "sparse_kl"),
@@ -104,7 +114,9 @@ RUN_KINDS = {
     "on_policy": RunKind("on_policy", "sample", "sampled_kl"),
 }
 
-_KEYS = ("mode", "target", "loss", "q", "lam", "from", "feat", *SIZES)
+_KEYS = (
+    "mode", "target", "loss", "q", "lam", "from", "feat", "seq", "rope", *SIZES
+)  # fmt: skip
 _FOLDER = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -184,6 +196,18 @@ def _part(run: str, key: str, value: str) -> Any:
     if not value.isdigit() or int(value) < 1:
       raise UserError(f"Run {run!r}: {key}={value!r} must be an integer >= 1")
     return int(value)
+  if key == "seq":
+    if not value.isdigit() or int(value) < 2:
+      raise UserError(f"Run {run!r}: seq={value!r} must be an integer >= 2")
+    return int(value)
+  if key == "rope":
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = 0.0
+    if not factor >= 1.0:
+      raise UserError(f"Run {run!r}: rope={value!r} must be a number >= 1")
+    return factor
   if key == "lam":
     try:
       lam = float(value)

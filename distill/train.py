@@ -197,7 +197,16 @@ def on_policy_config(config, kind: RunKind) -> on_policy.OnPolicyConfig:
   )
   if kind.lam is not None:
     cfg = dataclasses.replace(cfg, lam=kind.lam)
-  return cfg.check(config.data.seq_len)
+  return cfg.check(rows_of(config, kind)[0])
+
+
+def rows_of(config, kind: RunKind) -> tuple[int, int]:
+  """(row length, rows per step) a run trains on: ``config.data``'s, or
+  rows of the run's ``seq`` as many as keep the tokens per step."""
+  data = config.data
+  if kind.seq is None or kind.seq == data.seq_len:
+    return data.seq_len, data.batch_size
+  return kind.seq, max(1, data.batch_size * data.seq_len // kind.seq)
 
 
 def recorded_settings(
@@ -258,7 +267,14 @@ def _initial_student(
   if source is None:
     return model, None
   payload = ckpt.read_config(source, kind="student")
-  if ckpt.what_it_computes(payload["model"]) != ckpt.what_it_computes(cfg):
+  # A continuation may rescale its global layers' RoPE (rope=): the same
+  # parameters, read at other positions.
+  same = lambda c: {
+      k: v
+      for k, v in ckpt.what_it_computes(c).items()
+      if k != "rope_global_scaling"
+  }
+  if same(payload["model"]) != same(cfg):
     raise UserError(
         f"The run would start from {source}, a student of another"
         " architecture than config.student describes; start from a run of"
@@ -304,6 +320,9 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
     )
   vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
+  if kind.rope is not None:
+    cfg = dataclasses.replace(cfg, rope_global_scaling=kind.rope)
+  seq_len, rows = rows_of(config, kind)
   feature_cfg = configs.from_section(
       features.FeatureConfig, d.features, where="config.distill.features"
   )
@@ -347,8 +366,8 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
       frozen=(teacher,) if kind.needs_teacher else (),
       eval_fn=validation.make_validation_fn(
           layout.data_dir(workdir),
-          seq_len=config.data.seq_len,
-          batch_size=config.data.batch_size,
+          seq_len=seq_len,
+          batch_size=rows,
           max_batches=d.eval_batches,
           chunk_size=d.loss_chunk,
           teacher=teacher,
@@ -380,9 +399,18 @@ def _batches(
   the logit cache's records (a run that reads a target, after checking the
   cache holds what it needs), or of the packed training rows (only those a
   cache holds, ``config.cache.max_rows``, when
-  ``config.distill.same_rows_as_cache``).
+  ``config.distill.same_rows_as_cache``; rows of another ``seq``: as
+  many as hold the same tokens).
   """
   data, seed = config.data, config.seed
+  seq_len, rows = rows_of(config, kind)
+  if kind.reads_cache and seq_len != data.seq_len:
+    raise UserError(
+        f"Run {run!r} reads the logit cache, whose records are rows of"
+        f" config.data.seq_len={data.seq_len} tokens, so it cannot train on"
+        f" rows of seq={seq_len}: leave seq out of the run, or make the"
+        " cache at that config.data.seq_len."
+    )
   # The rows the cache holds (or will hold): the same whether or not it
   # exists yet, so the stages may run in any order.
   num_rows = None
@@ -392,13 +420,15 @@ def _batches(
     )
     num_rows = cache.planned_records(config.cache.max_rows, train_rows)
   if not kind.reads_cache:
+    if num_rows is not None:
+      num_rows = max(1, num_rows * data.seq_len // seq_len)
     return (
         lambda: iter(
             pipeline.make_dataset(
                 layout.data_dir(workdir),
                 "train",
-                seq_len=data.seq_len,
-                batch_size=data.batch_size,
+                seq_len=seq_len,
+                batch_size=rows,
                 seed=seed,
                 worker_count=data.worker_count,
                 num_rows=num_rows,

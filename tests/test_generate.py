@@ -174,6 +174,25 @@ def test_left_padded_prompts_match_unpadded_rows(name):
   assert max(map(max, batched)) < vocab
 
 
+def test_chunked_prefill_equals_one_call(model):
+  """A prompt longer than the prefill chunk is fed a chunk per decode call
+  (left-padded to whole chunks): the last logits and every cached position
+  as one call makes them, local rings wrapped included."""
+  tokens, positions = gen.left_pad([list(range(1, 30)), [7] * 13])
+  at = lambda chunk: nnx.jit(
+      lambda m: gen._prefill(m, tokens, positions, 40, 0, chunk)  # pylint: disable=protected-access
+  )(model)
+  (one, cache_one), (chunked, cache_chunked) = at(64), at(8)
+  np.testing.assert_allclose(chunked, one, atol=TOL)
+  for a, b in zip(cache_one, cache_chunked):
+    np.testing.assert_array_equal(a["pos"], b["pos"])
+    seen = np.asarray(a["pos"] >= 0)[..., None, None]
+    for key in ("k", "v"):
+      np.testing.assert_allclose(
+          np.where(seen, b[key], 0), np.where(seen, a[key], 0), atol=TOL
+      )
+
+
 # ----------------------------------------------------------------------------
 # Generation
 

@@ -350,3 +350,43 @@ def test_decoder_returns_the_blocks_it_is_asked_for():
   _, other_aux = other.hidden(rows["tokens"], features=(0, -1))
   np.testing.assert_allclose(other_aux["features"][0], first, atol=1e-5)
   assert first.shape == hidden.shape
+
+
+def test_short_rows_then_a_long_row_continuation_with_rope_scaling(trained):
+  """``seq``: a run on rows of half the length, as many as keep the tokens
+  per step; ``from`` + ``rope``: its continuation on the config's rows with
+  the global layers' RoPE scaled (the same parameters at a learning rate of
+  0, the factor in the model config and its HF export); a run that reads
+  the cache cannot change the rows."""
+  config = stdlib.get_config("tiny")
+  data = config.data
+  half = data.seq_len // 2
+  kind = distill_train.run_kind(f"ce@seq={half}")
+  assert distill_train.rows_of(config, kind) == (half, 2 * data.batch_size)
+  make_iterator, _ = distill_train._batches(  # pylint: disable=protected-access
+      config, trained, f"ce@seq={half}", kind, None, 512
+  )
+  assert next(make_iterator())["tokens"].shape == (
+      2 * data.batch_size,
+      half + 1,
+  )
+  config.distill.train.update(dict(steps=2, checkpoint_every=2, eval_every=2))
+  distill_train.train_run(config, trained, f"ce@seq={half}")
+  config.distill.continue_train.learning_rate = 0.0
+  run = f"ce@from=ce_seq{half},rope=2"
+  distill_train.train_run(config, trained, run)
+  folder = layout.student_dir(trained, f"ce_fromce_seq{half}_rope2")
+  assert load_student(folder).config.rope_global_scaling == 2.0
+  for a, b in zip(
+      _params(trained, f"ce_fromce_seq{half}_rope2"),
+      _params(trained, f"ce_seq{half}"),
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  from student import export  # pylint: disable=import-outside-toplevel
+
+  out = export.export(trained, f"ce_fromce_seq{half}_rope2", fmt="hf")
+  with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+    hf_config = json.load(f)
+  assert hf_config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+  with pytest.raises(UserError, match=f"cannot train on rows of seq={half}"):
+    distill_train.train_run(config, trained, f"sampled@seq={half}")

@@ -35,6 +35,9 @@ def test_presets_and_parts():
   )
   assert kind("mode=on_policy,lam=1").target is None
   assert kind("online@feat=mse").feat == "mse"
+  long = kind("ce@seq=1024,from=ce_seq128,rope=8")
+  assert (long.seq, long.init, long.rope) == (1024, "ce_seq128", 8.0)
+  assert distill_train.run_folder("online@seq=1024") == "online_seq1024"
   # Unset sizes stay out of a run's recorded settings (old folders match).
   assert distill_train.RUN_KINDS["sampled"].settings() == {
       "mode": "offline",
@@ -92,6 +95,10 @@ def test_leaving_out_a_part_keeps_the_rest_in_order():
         ("sampled@feat=cosine", "feat .* needs mode=online"),
         ("online@feat=l1", "feat='l1'; use cosine or mse"),
         ("sampled@from=../x", "must name a run folder under"),
+        ("ce@seq=1", "seq='1' must be an integer >= 2"),
+        ("ce@seq=x", "seq='x' must be an integer >= 2"),
+        ("ce@rope=0.5", "rope='0.5' must be a number >= 1"),
+        ("ce@rope=nan", "rope='nan' must be a number >= 1"),
         ("mode=on_policy,loss=sampled_kl", "without a cached target"),
     ],
 )

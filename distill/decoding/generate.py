@@ -140,11 +140,37 @@ def per_model(static_argnames=(), donate_argnames=()):
   return wrap
 
 
-def _prefill(model, tokens, positions, max_len: int, rollback: int):
-  """Traced body of ``prefill`` (``_start`` shares it)."""
-  cache = model.init_cache(tokens.shape[0], max_len, rollback=rollback)
-  logits, cache = model.decode(tokens, cache, positions)
-  return logits[:, -1], cache
+#: Prompts longer than this are prefilled this many tokens per decode call
+#: (a ``lax.scan``), so a long prompt's scores are [chunk, cache] per layer
+#: and its logits [chunk, V], not [P, P] and [P, V].
+PREFILL_CHUNK = 512
+
+
+def _prefill(
+    model, tokens, positions, max_len: int, rollback: int, chunk: int = 0
+):
+  """Traced body of ``prefill`` (``_start`` shares it): the prompt in one
+  decode call, or in ``chunk`` tokens per call (default ``PREFILL_CHUNK``)
+  when it is longer (left-padded to whole chunks; the same cache and
+  logits)."""
+  batch, length = tokens.shape
+  cache = model.init_cache(batch, max_len, rollback=rollback)
+  chunk = chunk or PREFILL_CHUNK
+  if length <= chunk:
+    logits, cache = model.decode(tokens, cache, positions)
+    return logits[:, -1], cache
+  count = -(-length // chunk)
+  pad = count * chunk - length
+  tokens = jnp.pad(tokens, ((0, 0), (pad, 0)))
+  positions = jnp.pad(positions, ((0, 0), (pad, 0)), constant_values=-1)
+  split = lambda x: jnp.moveaxis(x.reshape(batch, count, chunk), 1, 0)
+
+  def step(cache, xs):
+    logits, cache = model.decode(xs[0], cache, xs[1])
+    return cache, logits[:, -1]
+
+  cache, last = jax.lax.scan(step, cache, (split(tokens), split(positions)))
+  return last[-1], cache
 
 
 @per_model(static_argnames=("max_len", "rollback"))

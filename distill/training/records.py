@@ -31,10 +31,7 @@ class MetricsWriter:
   def write(
       self, step: int, metrics: dict[str, float], prefix: str = ""
   ) -> None:
-    record = {
-        "step": int(step),
-        **{prefix + k: float(v) for k, v in metrics.items()},
-    }
+    record = {"step": int(step), **_flat(metrics, prefix)}
     with open(self._path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
@@ -46,6 +43,17 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _flat(metrics: dict, prefix: str) -> dict[str, float]:
+  """Nested dicts of numbers as one level: {"a": {"b": 1}} -> {"a/b": 1.0}."""
+  out = {}
+  for key, value in metrics.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}/"))
+    else:
+      out[prefix + key] = float(value)
+  return out
 
 
 def read_metrics(out_dir: str) -> list[dict[str, float]]:
