@@ -27,11 +27,11 @@ machine they came from. Measured here:
   configured target) over the forward alone, same batch
   (``cache_over_forward``; the stage overlaps host encoding and writing with
   it).
-- ``attention``: one local layer's forward and backward at the student's
-  shapes (heads, window) for rows of 4k to 32k tokens, read from the
-  compiled program (XLA's memory and cost analysis, not timed): temporaries
-  and FLOPs per token of the path the layer runs (banded) against the dense
-  one, which grows as the square of the row.
+- ``attention``: one local and one global layer's forward and backward at
+  the student's shapes (heads, window) for rows of 4k to 32k tokens, read
+  from the compiled and traced program (not timed): temporaries and
+  matrix-product FLOPs per token of the path the layer runs (blockwise)
+  against the dense one, which grows as the square of the row.
 - ``prepare`` (only when named): the prepare stage on local-files corpora
   of 20 and 200 MiB with one and two workers: peak memory (the larger over
   the smaller) and tokens/s (two workers over one); see
@@ -484,48 +484,55 @@ def decode_ratio(
 def attention_cost(
     config, lengths=(4096, 8192, 32768), vocab: int = 256
 ) -> dict[str, Any]:
-  """One local layer of the config's student, forward and backward, for
-  rows of each length: temporary MiB and MFLOP per token of the compiled
-  program, on the path ``self_attention`` takes (banded) and on the dense
-  one (``attention_mask`` + ``attend``). Compiled, never run."""
+  """One local and one global layer of the config's student, forward and
+  backward, for rows of each length: temporary MiB of the compiled program
+  (XLA's memory analysis) and matrix-product MFLOP per token (counted on
+  the traced program with every scan step, ``planning.matmul_flops``: XLA's
+  cost analysis counts a loop body once), on the path ``self_attention``
+  takes (``path``: blockwise past one tile) and on the dense one
+  (``attention_mask`` + ``attend``). Compiled, never run."""
   model = distill_train.model_config(config, vocab)
 
   def cost(length, fn):
     shape = lambda heads: jax.ShapeDtypeStruct(
         (1, length, heads, model.head_dim), jnp.float32
     )
-    loss = lambda q, k, v, s: jnp.sum(fn(q, k, v, s))
-    compiled = (
-        jax.jit(jax.grad(loss, (0, 1, 2)))
-        .trace(
-            shape(model.num_heads),
-            shape(model.num_kv_heads),
-            shape(model.num_kv_heads),
-            jax.ShapeDtypeStruct((1, length), jnp.int32),
-        )
-        .lower()
-        .compile()
+    grad = jax.grad(lambda q, k, v, s: jnp.sum(fn(q, k, v, s)), (0, 1, 2))
+    args = (
+        shape(model.num_heads),
+        shape(model.num_kv_heads),
+        shape(model.num_kv_heads),
+        jax.ShapeDtypeStruct((1, length), jnp.int32),
     )
+    compiled = jax.jit(grad).trace(*args).lower().compile()
+    flops = planning.matmul_flops(jax.make_jaxpr(grad)(*args))
     return {
         "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
-        "mflop_per_token": compiled.cost_analysis()["flops"] / length / 1e6,
+        "mflop_per_token": flops / length / 1e6,
     }
 
-  def dense(q, k, v, s):
-    index = attention.default_positions(q)
-    mask = attention.attention_mask(s, s, index, index, window=model.window)
-    return attention.attend(q, k, v, mask, scale=model.query_scale)
+  def dense(window):
+    def fn(q, k, v, s):
+      index = attention.default_positions(q)
+      mask = attention.attention_mask(s, s, index, index, window=window)
+      return attention.attend(q, k, v, mask, scale=model.query_scale)
 
-  path = lambda q, k, v, s: attention.self_attention(
-      q, k, v, s, window=model.window, scale=model.query_scale, impl="xla"
+    return fn
+
+  path = lambda window: lambda q, k, v, s: attention.self_attention(
+      q, k, v, s, window=window, scale=model.query_scale, impl="xla"
   )
+  layers = {"local": model.window, "global": None}
   return {
       "heads": [model.num_heads, model.num_kv_heads, model.head_dim],
       "window": model.window,
       "by_length": {
           str(length): {
-              "banded": cost(length, path),
-              "dense": cost(length, dense),
+              kind: {
+                  "path": cost(length, path(window)),
+                  "dense": cost(length, dense(window)),
+              }
+              for kind, window in layers.items()
           }
           for length in lengths
       },

@@ -99,6 +99,29 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, student):
   assert diff < 1e-4, diff
 
 
+def test_long_rows_with_rope_scaling_round_trip_and_match_transformers(
+    tmp_path, student
+):
+  """Past one attention tile (our blockwise path, local and global) and
+  with the global layers' RoPE scaled x2: transformers' logits on the
+  export equal ours, and the folder loads back with the same scaling and
+  the same logits."""
+  length = 2 * 512 + 77
+  tokens = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (1, length))
+  folder = hf.save_hf(str(tmp_path / "hf"), student)
+  ours = np.asarray(_forward(student, jnp.asarray(tokens)))
+  model = transformers.Gemma3ForCausalLM.from_pretrained(
+      folder, attn_implementation="eager"
+  )
+  diff = _max_diff(ours, _hf_logits(model, tokens))
+  assert diff < 1e-4, diff
+  back = hf.load_hf(folder)
+  assert back.config.rope_global_scaling == 2.0
+  assert back.config.rope_local_base == CONFIG.rope_local_base
+  diff = _max_diff(_forward(back, jnp.asarray(tokens)), ours)
+  assert diff < 1e-5, diff
+
+
 def _random_hf_model(seed=0):
   config = transformers.Gemma3TextConfig(
       vocab_size=96,
