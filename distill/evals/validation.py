@@ -2,8 +2,9 @@
 
 For each model: cross-entropy (nats/token), perplexity, top-1 expected
 calibration error and cross-entropy by position in the document
-(``loss_by_position``, buckets of ``metrics.POSITION_EDGES``); with a teacher also KL(teacher || model) over the full
-vocabulary and top-1 agreement with the teacher. The sums come from
+(``loss_by_position``, buckets of ``metrics.POSITION_EDGES``); with a
+teacher also KL(teacher || model) over the full vocabulary and top-1
+agreement with the teacher. The sums come from
 ``metrics.token_sums`` (sequence chunks, never a whole [B, T, V] tensor) and
 are divided by the token count at the end, so batches weigh by their tokens.
 

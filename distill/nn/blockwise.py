@@ -17,11 +17,13 @@ step write the same query tile. Two schedules (``schedule``):
 
   band    lane i is query tile i, and step d pairs it with key tile i - d
           (d = 0 .. span, span = ceil((W - 1) / block)): C x (span + 1)
-          pairs for C tiles; the steps are few and unrolled.
+          pairs for C tiles (key tiles before the row are masked).
   zigzag  for a global layer: lane l owns query tiles l and C - 1 - l, whose
           l + 1 and C - l visible key tiles make C + 1 steps for every lane,
-          so C (C + 1) / 2 pairs, the causal triangle and nothing more; the
-          steps run in a ``lax.scan``.
+          so C (C + 1) / 2 pairs, the causal triangle and nothing more.
+
+Either way the steps run in a ``lax.scan``, so one step's temporaries
+([B, lanes, heads, block, block] scores) live at a time.
 
 Masks are the ones ``attention_mask`` describes: causal, the window
 ``q - k < W``, and equal segment ids (0 = padding, which sees padding); the
@@ -113,8 +115,8 @@ class _Tiles:
   """A row cut into tiles, and what a step reads and writes of them.
 
   Arrays are [B, C, block, ...] (C tiles). ``band`` steps read lane i's
-  own query tile and key tile i - d (a static shift); zigzag steps gather
-  both by index.
+  own query tile and key tile i - d (the row shifted by d tiles, d the
+  step); zigzag steps gather both by index.
   """
 
   def __init__(self, length: int, window: int | None, block: int):
