@@ -92,9 +92,14 @@ def table(rows: list[planning.Measure], memory: int) -> str:
 
 
 def verdict(
-    m: planning.Measure, program: planning.Program, memory: int, processes: int
+    m: planning.Measure,
+    program: planning.Program,
+    memory: int,
+    processes: int,
+    remat: str = "none",
 ) -> str:
-  """One line on a program that does not fit: what, needed, there, knobs."""
+  """One line on a program that does not fit: what, needed, there, knobs
+  (``remat``: the model's setting; full remat is not offered twice)."""
   knobs = []
   if program.stage == "cache":  # its knob counts one process's rows
     knobs.append(
@@ -105,7 +110,7 @@ def verdict(
     knobs.append(
         f"fewer rows (config.{program.rows_knob}={program.rows}; --find_batch)"
     )
-  if program.stage in ("teacher", "distill"):
+  if program.stage in ("teacher", "distill") and remat != "full":
     model = "teacher" if program.stage == "teacher" else "student"
     knobs.append(f"remat (--config.{model}.model.remat=full)")
   knobs.append("a mesh that splits the parameters more (config.mesh)")
@@ -209,7 +214,11 @@ def plan(config, topo: topology.Topology, *, stages=None, runs=None,
         f" compiled in {m.compile_s:.0f}s"
     )
     if m.peak > memory:
-      verdicts.append(verdict(m, program, memory, planning.processes(mesh)))
+      model = "teacher" if program.stage == "teacher" else "student"
+      remat = config[model].model.get("remat") or "none"
+      verdicts.append(
+          verdict(m, program, memory, planning.processes(mesh), remat)
+      )
     if find and program.rows_knob:
       rows, _ = find_batch(config, mesh, program, memory, log, known=m)
       batches[program.name] = {

@@ -179,6 +179,13 @@ def test_a_program_the_compiler_refuses_for_memory_gets_a_verdict(
   assert m.arguments > 0 and m.flops > 0
   line = plan_binary.verdict(m, program, 16 * 2**30, processes=1)
   assert line.startswith("decode b1 does not fit (the compiler refused it)")
+  program.stage = "distill"  # a training step: remat is a knob, until set
+  assert "--config.student.model.remat=full" in plan_binary.verdict(
+      m, program, 16 * 2**30, processes=1
+  )
+  assert "remat" not in plan_binary.verdict(
+      m, program, 16 * 2**30, processes=1, remat="full"
+  )
 
 
 def test_find_batch_finds_the_most_rows_that_fit():

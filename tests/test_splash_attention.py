@@ -38,10 +38,10 @@ def _xla(q, k, v, window, scale):
   return attention.attend(q, k, v, mask, scale=scale)
 
 
-def _splash(q, k, v, window, scale):
+def _splash(q, k, v, window, scale, fused=None):
   return attention.splash_attention(
       q, k, v, SEGMENTS, window=window, scale=scale, interpret=True,
-      block=BLOCK,
+      block=BLOCK, fused=fused,
   )  # fmt: skip
 
 
@@ -51,11 +51,20 @@ def _loss(fn, q, k, v):
   return jnp.sum(jnp.where(real, out.astype(jnp.float32), 0.0) ** 2), out
 
 
-@pytest.mark.parametrize("window", [None, 160])
 @pytest.mark.parametrize(
-    "dtype,tol", [(jnp.float32, 2e-4), (jnp.bfloat16, 5e-2)]
+    "window,dtype,tol,fused",
+    [
+        (None, jnp.float32, 2e-4, True),
+        (160, jnp.float32, 2e-4, True),
+        (None, jnp.bfloat16, 5e-2, True),
+        (160, jnp.bfloat16, 5e-2, True),
+        (None, jnp.float32, 2e-4, False),  # the two backward kernels
+        (160, jnp.bfloat16, 5e-2, False),
+    ],
 )
-def test_splash_matches_the_xla_path_forward_and_backward(window, dtype, tol):
+def test_splash_matches_the_xla_path_forward_and_backward(
+    window, dtype, tol, fused
+):
   q, k, v = _qkv(dtype)
   scale = H**-0.5
   grad = lambda fn: jax.jit(
@@ -63,7 +72,7 @@ def test_splash_matches_the_xla_path_forward_and_backward(window, dtype, tol):
   )
   fns = [
       lambda q, k, v: _xla(q, k, v, window, scale),
-      lambda q, k, v: _splash(q, k, v, window, scale),
+      lambda q, k, v: _splash(q, k, v, window, scale, fused),
   ]
   (g_xla, out_xla), (g_splash, out_splash) = (grad(f)(q, k, v) for f in fns)
   a = np.asarray(out_xla, np.float32)[REAL]
@@ -96,7 +105,8 @@ def test_splash_on_a_mesh_splits_rows_and_heads():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 
-def test_the_plan_counts_the_blocks_the_kernel_visits():
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_plan_counts_the_blocks_the_kernel_visits(fused):
   """Forward and backward FLOPs of splash read from its block mask: a
   window of one block visits two blocks per query block (one for the
   first), causal the lower triangle."""
@@ -109,17 +119,30 @@ def test_the_plan_counts_the_blocks_the_kernel_visits():
   ):
     step = jax.jit(
         jax.grad(
-            lambda q, k, v: _loss(lambda *a: _splash(*a, window, 0.1), q, k, v),
+            lambda q, k, v: _loss(
+                lambda *a: _splash(*a, window, 0.1, fused), q, k, v
+            ),
             (0, 1, 2),
             has_aux=True,
         )
     )
     jaxpr = step.trace(q, k, v).jaxpr
-    # Forward 2 matmuls, the fused backward 5 per visited block (and the
-    # backward's sum of dO x O outside the kernel, 0.05% more).
+    # Forward 2 matmuls; the fused backward 5 per visited block, the dq
+    # kernel 3 and the dk/dv kernel 4 (and the backward's sum of dO x O
+    # outside the kernel, 0.05% more).
+    backward = 5 if fused else 3 + 4
     assert planning.matmul_flops(jaxpr) == pytest.approx(
-        (2 + 5) * per_block * visited, rel=1e-3
+        (2 + backward) * per_block * visited, rel=1e-3
     )
+
+
+def test_long_rows_take_the_backward_whose_memory_is_linear():
+  """The fused backward's dq partials grow with the key blocks: rows of
+  more than 16 key blocks take the two kernels."""
+  assert attention.splash_fused_backward(2048, 512)
+  assert attention.splash_fused_backward(8192, 512)  # 16 key blocks
+  assert not attention.splash_fused_backward(8192, 128)
+  assert not attention.splash_fused_backward(131072, 512)
 
 
 def test_splash_blocks_follow_the_row_and_the_window():

@@ -268,6 +268,22 @@ SPLASH_LANES = 128
 SPLASH_BLOCKS = (512, 256, 128)
 
 
+#: The fused backward kernel writes one partial dq per key block ([key blocks,
+#: heads, T, head_dim], summed after it): memory quadratic in the row. Past
+#: this many key blocks in a row, two backward kernels run instead (dq's
+#: recomputes QK^T: two more matmuls per visited block) and memory stays
+#: linear (found planning gemma3_1b at 32k-128k tokens on v5p, where these
+#: partials were 2 x 16 GiB of a 32k-token row's 18 GiB of temporaries).
+SPLASH_FUSED_MAX_KEY_BLOCKS = 16
+
+
+def splash_fused_backward(length: int, block: int) -> bool:
+  """Whether splash's backward is the one fused kernel for rows of
+  ``length`` tokens in tiles of ``block``: up to
+  ``SPLASH_FUSED_MAX_KEY_BLOCKS`` key blocks."""
+  return length // block <= SPLASH_FUSED_MAX_KEY_BLOCKS
+
+
 def splash_block(length: int, window: int | None) -> int | None:
   """The query and key tile of a row: the largest of ``SPLASH_BLOCKS`` that
   divides it, and for a local layer at most a quarter of the window (a
@@ -289,6 +305,7 @@ def splash_attention(
     scale: float,
     interpret: bool = False,
     block: int | None = None,
+    fused: bool | None = None,
 ) -> jax.Array:
   """Causal (optionally windowed) GQA by jax's splash attention TPU kernel.
 
@@ -301,7 +318,9 @@ def splash_attention(
 
   q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H] in
   v's dtype. T must be a multiple of 128; ``block``: the query and key
-  tiles (default ``splash_block``).
+  tiles (default ``splash_block``); ``fused``: one backward kernel for dq,
+  dk and dv, or one for dq and one for dk and dv (default
+  ``splash_fused_backward``: fused on rows of few key blocks).
   """
   # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -316,6 +335,15 @@ def splash_attention(
     raise ValueError(
         f"splash attention takes rows a multiple of 128, not {length}"
     )
+  if fused is None:
+    fused = splash_fused_backward(length, block)
+  # Fused, QK^T and dO V^T are computed once in the backward pass (two
+  # kernels compute each twice), at the price of the dq partials.
+  backward = (
+      dict(use_fused_bwd_kernel=True)
+      if fused
+      else dict(block_q_dq=block, block_kv_dq=block)
+  )
 
   def local(q, k, v, segment_ids):  # one device's rows and heads
     heads = q.shape[2]
@@ -324,12 +352,10 @@ def splash_attention(
       mask = masks.CausalMask(shape)
     else:
       mask = masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-    # One backward kernel for dq, dk and dv: QK^T and dO V^T computed once
-    # (two kernels would compute each twice).
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        use_fused_bwd_kernel=True,
+        **backward,
     )  # fmt: skip
     kernel = splash.make_splash_mha(
         masks.MultiHeadMask([mask] * heads),
