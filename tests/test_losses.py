@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import losses
+from distill import losses, planning
 
 B, T, V = 2, 5, 11
 
@@ -268,6 +268,37 @@ def test_chunked_equals_unchunked(length, chunk):
   for a, b in zip(g1, g2):
     assert np.abs(np.asarray(b)).max() > 0
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_gradient_computes_each_chunks_logits_once():
+  """Differentiated, the loss does three products with the head per token
+  (the logits, the hidden states' gradient, the head's), none twice: the
+  forward pass makes the gradient, the backward pass only scales it. The
+  frozen teacher a loss closes over is not differentiated: its logits are
+  one product more, in the forward pass only."""
+  rng = np.random.default_rng(4)
+  w, head = _head(rng)
+  t_w = jnp.asarray(rng.normal(size=(8, V)).astype(np.float32))
+  hidden = jnp.asarray(rng.normal(size=(B, 10, 8)).astype(np.float32))
+  labels = rng.integers(0, V, size=(B, 10)).astype(np.int32)
+  mask = np.ones((B, 10), np.float32)
+
+  def per_token(lg, t):
+    t_logits = jnp.einsum("BCD,DV->BCV", t["teacher_hidden"], t_w)
+    return losses.dense_kd_per_token(lg, t_logits, 1.0, "forward", 0.5)
+
+  def loss(hidden, w):
+    targets = {"labels": labels, "teacher_hidden": hidden * 2.0}
+    targets = jax.lax.stop_gradient(targets)
+    return losses.chunked_loss(hidden, head(w), per_token, targets, mask, 4)
+
+  one = 2 * B * 12 * 8 * V  # a product with a head over the padded row
+  forward = planning.matmul_flops(jax.make_jaxpr(loss)(hidden, w))
+  both = planning.matmul_flops(
+      jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(hidden, w)
+  )
+  assert forward == 2 * one  # the student's logits and the teacher's
+  assert both == 4 * one  # ... and the two gradients, nothing recomputed
 
 
 def test_gradients_finite_under_extreme_inputs():
