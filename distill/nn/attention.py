@@ -272,8 +272,8 @@ SPLASH_BLOCKS = (512, 256, 128)
 #: heads, T, head_dim], summed after it): memory quadratic in the row. Past
 #: this many key blocks in a row, two backward kernels run instead (dq's
 #: recomputes QK^T: two more matmuls per visited block) and memory stays
-#: linear (found planning gemma3_1b at 32k-128k tokens on v5p, where these
-#: partials were 2 x 16 GiB of a 32k-token row's 18 GiB of temporaries).
+#: linear (found planning gemma3_1b on v5p: a 2-layer step on a 32k-token
+#: row per chip held 17.5 GiB of temporaries fused, 3.3 GiB with two kernels).
 SPLASH_FUSED_MAX_KEY_BLOCKS = 16
 
 
