@@ -45,6 +45,7 @@ from distill.core.errors import UserError
 from distill.decoding import generate as gen
 from distill.evals import generation, metrics, report, targets, validation
 from student import quantize
+from teacher.config import runtime_settings
 
 
 def model_folders(workdir: str) -> dict[str, str]:
@@ -324,7 +325,11 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       return previous
 
   with sharding.use(mesh):  # Each parameter read straight onto the mesh.
-    loaded = {name: registry.load_model(path) for name, path in folders.items()}
+    runtime = {"teacher": runtime_settings(config)}  # how the teacher runs
+    loaded = {
+        name: registry.load_model(path, **runtime.get(name, {}))
+        for name, path in folders.items()
+    }
   for name, model in loaded.items():  # No report of a diverged model.
     ckpt.check_finite(nnx.state(model, nnx.Param), f"{folders[name]}")
   teacher = loaded.get("teacher")

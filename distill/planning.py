@@ -392,7 +392,9 @@ def teacher_model_config(config, vocab: int | None = None):
   (the config has ``teacher.hf_dir``): the config.json in that folder when it
   is given, else the preset (the published shapes, no checkpoint needed),
   stored in the checkpoint's dtype (bfloat16 when no folder says) unless
-  ``teacher.param_dtype`` says otherwise, as the import stores it.
+  ``teacher.param_dtype`` says otherwise, as the import stores it, and run
+  as ``teacher.model`` says (``teacher.config.runtime_settings``), as the
+  stages load it.
   """
   t = config.teacher
   if "hf_dir" not in t:
@@ -409,7 +411,12 @@ def teacher_model_config(config, vocab: int | None = None):
   dtype = t.get("dtype") or (
       "float32" if param_dtype == "float32" else "bfloat16"
   )
-  return dataclasses.replace(base, param_dtype=param_dtype, dtype=dtype)
+  return dataclasses.replace(
+      base,
+      param_dtype=param_dtype,
+      dtype=dtype,
+      **teacher_config.runtime_settings(config),
+  )
 
 
 def vocab_size(config) -> int:

@@ -89,6 +89,7 @@ from distill.training import loop as trainer
 from student import config as student_config
 from student import quantize
 from student.model import Student
+from teacher import config as teacher_config
 from teacher import load_teacher
 
 _RUN = flags.DEFINE_string(
@@ -145,11 +146,11 @@ def student_vocab_size(workdir: str, teacher=None) -> int:
 run_folder = layout.run_folder  # a run spec's folder under W/student
 
 
-def _teacher_or_none(workdir: str):
+def _teacher_or_none(config, workdir: str):
   path = layout.teacher_dir(workdir)
   if ckpt.latest_step(path) is None:
     return None
-  return load_teacher(path)
+  return load_teacher(path, **teacher_config.runtime_settings(config))
 
 
 def cache_expectations(config, target: str, teacher=None) -> dict[str, Any]:
@@ -305,7 +306,7 @@ def train_run(
 def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
   kind = run_kind(run)
   d = config.distill
-  teacher = _teacher_or_none(workdir)
+  teacher = _teacher_or_none(config, workdir)
   if kind.needs_teacher and teacher is None:
     raise UserError(
         f"Run {run!r} needs the teacher in {workdir}/teacher; run"

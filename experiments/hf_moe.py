@@ -39,6 +39,7 @@ from distill.core import configs
 from distill.core.errors import ConfigError
 from experiments import stdlib
 from student.config import StudentConfig
+from teacher.config import TeacherConfig
 
 
 def get_config(arg=None):
@@ -54,6 +55,10 @@ def get_config(arg=None):
     c.teacher.hf_dir = ""  # required: the checkpoint folder
     c.teacher.param_dtype = ""  # "": the checkpoint's own dtype
     c.teacher.dtype = ""  # compute dtype; "": from the weights
+  # How the imported teacher runs (its shapes and dtypes come from the
+  # checkpoint): teacher.config.RUNTIME_FIELDS only, e.g.
+  # --config.teacher.model.scan_layers=True (one compiled layer for all).
+  c.teacher.model = configs.model_section(TeacherConfig)
   c.data.vocab_size = 0  # the teacher's tokenizer, whatever its size
   c.distill.runs = ("ce", "sampled", "topk_ghost")
 

@@ -50,6 +50,7 @@ from data import tokenizer as tok
 from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, sharding, stop
 from distill.training import loop as trainer
+from teacher.config import runtime_settings
 from teacher.model import load_teacher
 
 _VERIFY = flags.DEFINE_bool(
@@ -523,7 +524,7 @@ def _cache_logits(
     allow_partial_teacher = flags.FLAGS.is_parsed() and _ALLOW_PARTIAL.value
   if not allow_partial_teacher:
     check_teacher_finished(teacher_path)
-  teacher = load_teacher(teacher_path)
+  teacher = load_teacher(teacher_path, **runtime_settings(config))
   ckpt.check_finite(
       nnx.state(teacher, nnx.Param), f"the teacher in {teacher_path}"
   )

@@ -12,6 +12,7 @@ on the fields.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from distill.core import configs
 from distill.core.errors import ConfigError
@@ -19,6 +20,11 @@ from distill.nn import attention, stack
 
 QK_NORMS = ("none", "head", "full")
 MOE_IMPLS = ("auto", "ragged", "tokamax", "blocked")
+#: How a teacher runs, not what it computes. A stage that loads a teacher
+#: folder (the cache pass, online runs, evaluation, a plan) takes the ones
+#: ``config.teacher.model`` sets in place of the folder's, so an imported
+#: checkpoint can be scanned or rematerialised like a trained teacher.
+RUNTIME_FIELDS = ("attention_impl", "moe_impl", "scan_layers", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,3 +299,23 @@ PRESETS["qwen3_235b_a22b"] = dataclasses.replace(
 def get_preset(name: str, **overrides) -> TeacherConfig:
   """A named preset with fields overridden, e.g. get_preset("tiny", top_k=1)."""
   return configs.get_preset(PRESETS, name, what="teacher", **overrides)
+
+
+def runtime_settings(config) -> dict[str, Any]:
+  """The ``RUNTIME_FIELDS`` that ``config.teacher.model`` sets.
+
+  An imported teacher (the config has ``teacher.hf_dir``) takes its shapes
+  and dtypes from its checkpoint: any other field set there is a
+  ConfigError rather than a setting silently not used.
+  """
+  values = configs.overrides_of(config.teacher.get("model"))
+  if "hf_dir" in config.teacher:
+    other = sorted(set(values) - set(RUNTIME_FIELDS))
+    if other:
+      raise ConfigError(
+          f"config.teacher.model sets {', '.join(other)} of an imported"
+          " teacher, whose shapes come from its checkpoint; set only"
+          f" {', '.join(RUNTIME_FIELDS)} there (its dtypes:"
+          " config.teacher.dtype and config.teacher.param_dtype)"
+      )
+  return {k: v for k, v in values.items() if k in RUNTIME_FIELDS}

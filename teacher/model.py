@@ -191,9 +191,11 @@ def abstract_teacher(config: TeacherConfig) -> Teacher:
   return Teacher.abstract(config)
 
 
-def load_teacher(directory: str, step: int | None = None) -> Teacher:
+def load_teacher(directory: str, step: int | None = None, **runtime) -> Teacher:
   """The teacher saved in a model folder (``W/teacher``), latest step by default.
 
-  Raises checkpoint.ModelFolderError with what to do when it cannot.
+  ``runtime``: ``teacher.config.RUNTIME_FIELDS`` values in place of the
+  folder's (``runtime_settings(config)``). Raises
+  checkpoint.ModelFolderError with what to do when it cannot.
   """
-  return Teacher.load(directory, step)
+  return Teacher.load(directory, step, **runtime)

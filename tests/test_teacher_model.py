@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import forward
+from distill import planning
+from distill.core import checkpoint
+from distill.core.errors import ConfigError
+from experiments import hf_moe, stdlib
 from teacher import config as config_lib
 from teacher import hf
-from teacher.model import Teacher, abstract_teacher
+from teacher.model import Teacher, abstract_teacher, load_teacher
 
 # The published config.json of each real checkpoint (the fields that matter),
 # and the published parameter counts in billions (total, active).
@@ -220,3 +225,35 @@ def test_padding_is_left_out_of_router_statistics():
   np.testing.assert_allclose(h_pad[:, :7], h, atol=1e-5)
   for key in aux:
     np.testing.assert_allclose(aux_pad[key], aux[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_loaded_teacher_runs_as_the_config_says(tmp_path):
+  """The stages load a teacher folder with the runtime fields of
+  ``config.teacher.model`` in place of the folder's: the same parameters and
+  logits, scanned; an imported teacher's shapes cannot be set there."""
+  model = _tiny()
+  folder = str(tmp_path / "teacher")
+  checkpoint.write_config(folder, "teacher", model.config, source="test")
+  checkpoint.save_params(folder, model)
+  config = stdlib.get_config("tiny")
+  config.teacher.model.scan_layers = True
+  config.teacher.model.remat = "full"
+  runtime = config_lib.runtime_settings(config)
+  assert runtime == {"scan_layers": True, "remat": "full"}
+  plain, scanned = load_teacher(folder), load_teacher(folder, **runtime)
+  assert not plain.config.scan_layers and scanned.config.scan_layers
+  assert scanned.config.remat == "full"
+  tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 50
+  np.testing.assert_allclose(
+      np.asarray(forward(scanned, tokens)),
+      np.asarray(forward(plain, tokens)),
+      atol=1e-5,
+  )
+
+  imported = hf_moe.get_config("default")
+  imported.teacher.model.scan_layers = True
+  assert config_lib.runtime_settings(imported) == {"scan_layers": True}
+  assert planning.teacher_model_config(imported).scan_layers
+  imported.teacher.model.num_layers = 2
+  with pytest.raises(ConfigError, match="num_layers of an imported teacher"):
+    config_lib.runtime_settings(imported)

@@ -37,12 +37,13 @@ def folder_kind(directory: str) -> str:
   return kind
 
 
-def load_model(directory: str):
-  """The model in ``directory``, loaded by the loader of its kind."""
+def load_model(directory: str, **runtime):
+  """The model in ``directory``, loaded by the loader of its kind
+  (``runtime``: settings of how it runs, passed to that loader)."""
   kind = folder_kind(directory)
   if kind not in _LOADERS:
     raise checkpoint.ModelFolderError(
         f"{directory!r} holds a {kind!r} model, which no imported model package"
         f" reads (known: {sorted(_LOADERS)})."
     )
-  return _LOADERS[kind](directory)
+  return _LOADERS[kind](directory, **runtime)

@@ -19,6 +19,7 @@ statistics). The base class gives it the rest:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -192,14 +193,17 @@ class Decoder(nnx.Module):
     return nnx.eval_shape(lambda: cls(config, nnx.Rngs(0)))
 
   @classmethod
-  def load(cls, directory: str, step: int | None = None):
+  def load(cls, directory: str, step: int | None = None, **runtime):
     """The model saved in a model folder of this ``kind``, latest step by
     default.
 
     Reads ``config.json``, builds the model abstractly and restores only its
     parameters, so a training checkpoint and a params-only export load the
-    same way. Raises ``checkpoint.ModelFolderError`` with what to do.
+    same way. ``runtime``: config fields that say how the model runs, not
+    what it computes (``scan_layers``, ``remat``, kernels), in place of
+    the folder's. Raises ``checkpoint.ModelFolderError`` with what to do.
     """
     payload = checkpoint.read_config(directory, kind=cls.kind)
     config = checkpoint.config_from_dict(cls.config_class, payload["model"])
+    config = dataclasses.replace(config, **runtime)
     return checkpoint.restore_params(directory, cls.abstract(config), step)
