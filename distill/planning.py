@@ -771,9 +771,13 @@ class Measure:
     return {**dataclasses.asdict(self), "peak": self.peak}
 
 
-#: What the TPU compiler says when a program's buffers exceed the chip:
-#: "... required for HLO temporaries (16.49G) exceeds available HBM ...".
-_OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
+#: What the TPU compiler says when a program's buffers exceed the chip, in
+#: either of its two messages: "... required for HLO temporaries (16.49G)
+#: exceeds available HBM ..." or "CompileTimeHbmOom ... Program hbm
+#: requirement 14.78G: ..." (temporaries, scoped memory and overlays).
+_OUT_OF_MEMORY = re.compile(
+    r"(?:HLO temporaries \(|Program hbm requirement )([0-9.]+)([KMGT])"
+)
 
 
 def measure(program: Program, mesh) -> Measure:
