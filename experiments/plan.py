@@ -91,6 +91,13 @@ def table(rows: list[planning.Measure], memory: int) -> str:
   )
 
 
+def fits(m: planning.Measure, memory: int) -> bool:
+  """Whether the program fits: compiled (the TPU compiler refuses what
+  does not fit its own limit, a little below the chip's memory) and its
+  peak within ``memory``."""
+  return m.refused is None and m.peak <= memory
+
+
 def verdict(
     m: planning.Measure,
     program: planning.Program,
@@ -177,12 +184,12 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
   for units in (1, 2):
     if units not in peaks:
       measure(units)
-  if peaks[1].peak > memory:
+  if not fits(peaks[1], memory):
     return 0, None
   limit = (1 << 16) // step  # a bound on the search, not on the answer
   while True:
-    fitting = [u for u, m in peaks.items() if m.peak <= memory]
-    failing = [u for u, m in peaks.items() if m.peak > memory]
+    fitting = [u for u, m in peaks.items() if fits(m, memory)]
+    failing = [u for u, m in peaks.items() if not fits(m, memory)]
     low, high = max(fitting), min(failing, default=None)
     if (high is not None and high == low + 1) or low >= limit:
       return low * step, peaks[low]
@@ -213,7 +220,7 @@ def plan(config, topo: topology.Topology, *, stages=None, runs=None,
         f"plan: {program.name}: peak {_size(m.peak)} of {_size(memory)},"
         f" compiled in {m.compile_s:.0f}s"
     )
-    if m.peak > memory:
+    if not fits(m, memory):
       model = "teacher" if program.stage == "teacher" else "student"
       remat = config[model].model.get("remat") or "none"
       verdicts.append(

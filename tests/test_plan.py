@@ -191,6 +191,9 @@ def test_a_program_the_compiler_refuses_for_memory_gets_a_verdict(
   assert m.arguments > 0 and m.flops > 0
   line = plan_binary.verdict(m, program, 16 * 2**30, processes=1)
   assert line.startswith("decode b1 does not fit (the compiler refused it)")
+  # The compiler's limit is a little below the chip's memory: a refused
+  # program does not fit, whatever its peak.
+  assert not plan_binary.fits(m, 2 * m.peak)
   program.stage = "distill"  # a training step: remat is a knob, until set
   assert "--config.student.model.remat=full" in plan_binary.verdict(
       m, program, 16 * 2**30, processes=1
