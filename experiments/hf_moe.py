@@ -56,9 +56,13 @@ def get_config(arg=None):
     c.teacher.param_dtype = ""  # "": the checkpoint's own dtype
     c.teacher.dtype = ""  # compute dtype; "": from the weights
   # How the imported teacher runs (its shapes and dtypes come from the
-  # checkpoint): teacher.config.RUNTIME_FIELDS only, e.g.
-  # --config.teacher.model.scan_layers=True (one compiled layer for all).
-  c.teacher.model = configs.model_section(TeacherConfig)
+  # checkpoint): teacher.config.RUNTIME_FIELDS only. On accelerators its
+  # layers are scanned: one compiled loop body for all of them (it only
+  # runs forward, so nothing is saved per layer), and online KD with
+  # Qwen3-30B-A3B at 8,192 tokens per v5e chip fits only so (planned).
+  c.teacher.model = configs.model_section(
+      TeacherConfig, scan_layers=variant == "default"
+  )
   c.data.vocab_size = 0  # the teacher's tokenizer, whatever its size
   c.distill.runs = ("ce", "sampled", "topk_ghost")
 
