@@ -43,8 +43,10 @@ from distill.core.errors import UserError
 FORMAT_VERSION = 2
 #: Target methods a cache can hold: "topk" (the k most likely ids, their
 #: log-probs and the tail mass), "sample" (N draws as ids and counts),
-#: "topk_tail" (a top-k head and M draws from the teacher outside it).
-METHODS = ("sample", "topk", "topk_tail")
+#: "topk_tail" (a top-k head and M draws from the teacher outside it),
+#: "label" (the log-probability of each label token: what cross-tokenizer
+#: distillation matches).
+METHODS = ("label", "sample", "topk", "topk_tail")
 MANIFEST = "manifest.json"
 
 
@@ -196,7 +198,8 @@ class CacheSource:
   int32, ``log_probs`` [L, k] float32, ``tail`` [L] float32;
   ``target="sample"``: ``ids``, ``counts`` [L, N] int32;
   ``target="topk_tail"``: ``ids``, ``log_probs``, ``tail`` as for top-k (the
-  head) and ``tail_ids``, ``tail_counts`` [L, M] int32 (the tail's draws).
+  head) and ``tail_ids``, ``tail_counts`` [L, M] int32 (the tail's draws);
+  ``target="label"``: ``label_log_probs`` [L] float32.
   A ``view`` reads a smaller target than the stored one (``TargetView``).
   """
 
@@ -288,6 +291,8 @@ class CacheSource:
           tail_ids=record["tt_sample_ids"],
           tail_counts=record["tt_sample_counts"],
       )
+    elif self.target == "label":
+      out.update(label_log_probs=record["label_log_probs"])
     else:
       out.update(ids=record["sample_ids"], counts=record["sample_counts"])
     if self._view is not None:

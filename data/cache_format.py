@@ -7,15 +7,17 @@ predicting tokens[t+1]: a top-k target, a sampled target, both, or neither.
 The cache writer and reader call `encode_record` / `decode_record`; the teacher
 side makes the targets with the jittable functions of `data.sparse_targets`.
 
-Byte layout (version 2; every integer little-endian; version 1 is version 2
-without the top-k-with-tail section, and is still read). Header, 32 bytes:
+Byte layout (version 3; every integer little-endian; version 2 is version 3
+without the label section, version 1 version 2 without the top-k-with-tail
+section; both are still read). Header, 32 bytes:
 
     off size field
       0   4  magic b"KDLC"
-      4   1  version = 2
+      4   1  version = 3
       5   1  flags: bit 0 top-k present, bit 1 sample present,
                     bit 2 sample counts stored as bytes (else unary),
-                    bit 3 top-k with a sampled tail present
+                    bit 3 top-k with a sampled tail present,
+                    bit 4 label log-probs present
       6   1  id_bytes: 2 (vocab_size <= 65,536) or 4
       7   1  ef_low_bits: Elias-Fano low-bit width l of the sample keys
       8   4  vocab_size V
@@ -54,6 +56,9 @@ Body, in this order:
       (2 bytes of padding)
       head       the top-k block above with k = k_h
       tail       the sample block above with N = M, U = U_t, l = l_t
+    label log-probs, if flag bit 4 (method ``label``; what cross-tokenizer
+    distillation matches, ``distill.losses.alm``):
+      label      [L]      float32  log p(tokens[t+1]) at temperature 1, exact
 
 Sizes per position (k = 64, V <= 65,536): top-k 3k + 5 = 197 B, plus 2 B of
 token = 199 B. Sample with N = 64: about U/L * (l + 2) / 8 + 8 B (+2 B token);
@@ -78,11 +83,12 @@ import zlib
 import numpy as np
 
 MAGIC = b"KDLC"
-VERSION = 2
+VERSION = 3
 #: Record versions this reader decodes.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 HEADER = struct.Struct("<4sBBBBIIHHIII")
 FLAG_TOPK, FLAG_SAMPLE, FLAG_COUNT_BYTES, FLAG_TOPK_TAIL = 1, 2, 4, 8
+FLAG_LABEL = 16
 TAIL_HEADER = struct.Struct("<HHIBB2x")
 TOP_MIN = -32.0  # lp0 >= -log(V) > -21.5 for any V < 2^31
 TOP_STEP = -TOP_MIN / 65535
@@ -250,6 +256,7 @@ def encode_record(
     tt_tail=None,
     tt_sample_ids=None,
     tt_sample_counts=None,
+    label_log_probs=None,
 ) -> bytes:
   """Encodes one packed sequence and its targets.
 
@@ -260,8 +267,10 @@ def encode_record(
   position's counts summing to the same N). ``tt_*`` are the top-k with a
   sampled tail: a head ``tt_ids``/``tt_log_probs``/``tt_tail`` shaped as the
   top-k arrays, and ``tt_sample_ids``/``tt_sample_counts`` [L, W] as the
-  sample arrays (M draws outside the head). Pass all arrays of a method or
-  none. Raises CacheFormatError on invalid input.
+  sample arrays (M draws outside the head). ``label_log_probs`` [L] is the
+  teacher's log-probability of each label ``tokens[t + 1]`` at temperature
+  1, stored exactly (float32). Pass all arrays of a method or none. Raises
+  CacheFormatError on invalid input.
   """
   dt = id_dtype(vocab_size)
   tokens, seg = np.asarray(tokens), np.asarray(segment_ids)
@@ -318,6 +327,14 @@ def encode_record(
       )
     body.append(_encode_topk_tail(tt, length, vocab_size, dt))
     flags |= FLAG_TOPK_TAIL
+  if label_log_probs is not None:
+    label = np.asarray(label_log_probs, "<f4")
+    if label.shape != (length,):
+      raise CacheFormatError(
+          f"label_log_probs must be [L={length}], got {label.shape}"
+      )
+    body.append(label.tobytes())
+    flags |= FLAG_LABEL
   body = b"".join(body)
   header = HEADER.pack(
       MAGIC,
@@ -415,7 +432,8 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
   sample: `sample_ids`, `sample_counts` [L, N] int32, the unique ids of each
   position ascending, then padding (id 0, count 0); with a top-k and a
   sampled tail: `tt_ids`, `tt_log_probs`, `tt_tail` as the top-k ones and
-  `tt_sample_ids`, `tt_sample_counts` [L, M] as the sample. Raises CacheFormatError
+  `tt_sample_ids`, `tt_sample_counts` [L, M] as the sample; with labels:
+  `label_log_probs` [L] float32. Raises CacheFormatError
   for a foreign, newer, truncated or corrupted record or a vocab mismatch.
   """
   data = memoryview(data).cast("B")
@@ -435,6 +453,8 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
         length,
     )
     sizes += more
+  if flags & FLAG_LABEL:
+    sizes.append(("label", 4 * length))
   expected = HEADER.size + sum(size for _, size in sizes)
   if len(data) != expected:
     raise CacheFormatError(
@@ -473,6 +493,8 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
     out.update(sample_ids=ids, sample_counts=counts)
   if tail_fields is not None:
     out.update(_decode_tail(section, tail_fields, dt, vocab, length))
+  if flags & FLAG_LABEL:
+    out["label_log_probs"] = np.frombuffer(section["label"], "<f4").copy()
   return out
 
 
@@ -499,7 +521,7 @@ def _read_header(data: memoryview, vocab_size: int) -> tuple:
     raise CacheFormatError(
         f"record was written for vocab_size {vocab}, the reader expects {vocab_size}"
     )
-  known = 15 if version >= 2 else 7
+  known = {1: 7, 2: 15}.get(version, 31)
   if flags & ~known or id_bytes != id_dtype(vocab).itemsize:
     raise CacheFormatError(
         f"corrupt record header (flags {flags}, id_bytes {id_bytes})"

@@ -511,6 +511,7 @@ def teacher_programs(config, mesh, vocab: int, rows: int | None = None):
               jax.ShapeDtypeStruct(
                   (b,), jnp.int32, sharding=sharding.batch_sharding(mesh, (b,))
               ),
+              cut["tokens"],  # the labels: their shape is what counts
           ),
           kwargs={},
           rows=b,

@@ -415,7 +415,7 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
       lambda: forward(teacher, tokens, segments, positions), repeats
   )
   compile_s["cache_pass"], seconds["cache_pass"] = _timed(
-      lambda: targets(teacher, tokens, segments, positions, key, rows),
+      lambda: targets(teacher, tokens, segments, positions, key, rows, tokens),
       repeats,
   )
   return {

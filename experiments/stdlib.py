@@ -135,7 +135,9 @@ def get_config(arg=None):
   )
 
   c.cache = ml_collections.ConfigDict()
-  c.cache.methods = ("sample", "topk", "topk_tail")  # one teacher pass
+  # One teacher pass; "label" (4 bytes a position) serves students with
+  # another tokenizer (the alm run).
+  c.cache.methods = ("label", "sample", "topk", "topk_tail")
   c.cache.k = 64
   c.cache.num_samples = 64
   # topk_tail: the top tail_k ids exactly, plus tail_samples draws from the

@@ -10,7 +10,10 @@ for the record encoding). One teacher pass feeds every method in
 - ``topk``: the k most likely ids under log-softmax at temperature T, their
   log-probs and the tail mass 1 - sum p;
 - ``sample``: N draws with replacement (inverse-CDF sampling) stored as unique
-  ids and counts.
+  ids and counts;
+- ``topk_tail``: a top-k head and M draws from the teacher outside it;
+- ``label``: the log-probability of each label token at temperature 1 (what
+  a student with another tokenizer matches, ``distill.losses.alm``).
 
 Record ``i`` is train row ``i``. The sampling key of a row is derived from
 the seed and the row's index, so a record does not depend on the batch it
@@ -80,11 +83,16 @@ def _row_targets(
     logits, uniforms, *, methods, k, temperature, stratified, tail_k
 ):
   """The targets of one row's positions: logits [C, V] and their uniforms
-  ([1, C, n] per method) -> {name: [C, ...]}."""
+  ([1, C, n] per method; the labels [1, C, 1] as "label") -> {name: [C,
+  ...]}."""
   log_probs = jax.nn.log_softmax(
       logits[None].astype(jnp.float32) / temperature, axis=-1
   )
   out = {}
+  if "label" in methods:
+    natural = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    labels = uniforms["label"][0]  # [C, 1]
+    out["label_log_probs"] = jnp.take_along_axis(natural, labels, -1).T
   if "topk" in methods:
     out["topk_ids"], out["topk_log_probs"], out["topk_tail"] = (
         sparse_targets.topk_targets(log_probs, k)
@@ -112,8 +120,9 @@ def make_target_fn(
     tail_samples: int = 0,
     position_chunk: int = 0,
 ):
-  """Jitted ``(teacher, tokens, segment_ids, positions, base_key, row_ids)
-  -> targets``: the one teacher pass over a batch of rows [B, L].
+  """Jitted ``(teacher, tokens, segment_ids, positions, base_key, row_ids,
+  labels=None) -> targets``: the one teacher pass over a batch of rows [B,
+  L] (``labels`` [B, L], the next tokens, for the ``label`` method).
 
   Row ``r`` draws its sample with ``fold_in(base_key, row_ids[r])`` (its
   index among the train rows) and, for ``topk_tail`` (a top-``tail_k`` head
@@ -175,11 +184,15 @@ def make_target_fn(
 
   # Read-only: no copy of the teacher comes out (graph_updates=False).
   @functools.partial(nnx.jit, graph_updates=False)
-  def targets(teacher, tokens, segment_ids, positions, base_key, row_ids):
+  def targets(
+      teacher, tokens, segment_ids, positions, base_key, row_ids, labels=None
+  ):
     hidden, _ = teacher.hidden(tokens, segment_ids, positions)
     length = tokens.shape[1]
     keys = jax.vmap(lambda row: jax.random.fold_in(base_key, row))(row_ids)
     uniforms = jax.vmap(lambda key: draws(key, length))(keys)
+    if "label" in methods:  # split by position like the uniforms
+      uniforms["label"] = labels[:, None, :, None]
     chunk = min(position_chunk or length, length)
     if chunk == length:
       return chunk_targets(teacher, hidden, uniforms)
@@ -434,6 +447,7 @@ def _write_shards(
           key: np.stack([r[key] for r in padded])[:, :-1]
           for key in ("tokens", "segment_ids", "positions")
       }
+      batch["labels"] = np.stack([r["tokens"] for r in padded])[:, 1:]
       batch["row_ids"] = np.asarray(
           [start + min(j, len(rows) - 1) for j in range(local)], np.int32
       )
@@ -445,6 +459,7 @@ def _write_shards(
           batch["positions"],
           base_key,
           batch["row_ids"],
+          batch["labels"],
       )
       if s is None:  # padding of a process that has finished
         continue

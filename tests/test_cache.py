@@ -180,6 +180,14 @@ def test_records_match_the_teacher_recomputed(cached):
   log_probs = np.asarray(
       jax.nn.log_softmax(logits / c.temperature, axis=-1), np.float64
   )
+  # The label target: each label's log-prob at temperature 1, exactly.
+  natural = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+  labels_of = cache.CacheSource(directory, "label")
+  for b, i in enumerate(picks):
+    want = np.take_along_axis(natural[b], rows[i]["tokens"][1:, None], -1)[:, 0]
+    np.testing.assert_allclose(
+        labels_of[i]["label_log_probs"], want, rtol=1e-5, atol=1e-5
+    )
   top_vals, top_ids = (
       np.asarray(x)
       for x in jax.lax.top_k(jnp.asarray(log_probs, jnp.float32), c.k)

@@ -1,0 +1,213 @@
+"""Cross-tokenizer pieces: token bytes, byte alignment, label records, ALM."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+from data import align, cache_format, pipeline
+from data import token_bytes as tb
+from data import tokenizer as tok
+from distill import losses
+from distill.core import layout
+from distill.losses import alm
+
+TEXTS = [
+    "def f(x):\n    return x ** 2  # squares\n",
+    "héllo wörld, naïve café: 3 € and 日本語 text\n",
+    "    indented   spaces\tand\ttabs\n\n",
+] * 30
+SAMPLES = ["héllo € 日本 x\n\t  y", "def f(x):\n    return 1", "  a  b   "]
+
+
+@pytest.fixture(scope="module")
+def byte_level():
+  return tok.train_tokenizer(TEXTS, 300)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_like():
+  """A SentencePiece-style BPE: '▁' for spaces, byte fallback for the
+  characters outside its vocabulary."""
+  sp = Tokenizer(models.BPE())
+  sp.normalizer = normalizers.Replace(" ", "\u2581")
+  sp.decoder = decoders.Sequence(
+      [
+          decoders.Replace("\u2581", " "),
+          decoders.ByteFallback(),
+          decoders.Fuse(),
+      ]
+  )
+  trainer = trainers.BpeTrainer(
+      vocab_size=60,
+      special_tokens=["<pad>", "<eos>", "<bos>"],
+      show_progress=False,
+  )
+  sp.train_from_iterator(["hello world abc def return"] * 20, trainer=trainer)
+  spec = json.loads(sp.to_str())  # the 256 byte tokens join the vocabulary
+  vocab = spec["model"]["vocab"]
+  for b in range(256):
+    vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+  spec["model"]["byte_fallback"] = True
+  sp = Tokenizer.from_str(json.dumps(spec))
+  return sp
+
+
+@pytest.mark.parametrize("which", ["byte_level", "sentencepiece_like"])
+def test_token_bytes_rebuild_every_text(which, request):
+  tokenizer = request.getfixturevalue(which)
+  table = tb.token_bytes(tokenizer)
+  for text in SAMPLES:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert b"".join(table[i] for i in ids) == text.encode("utf-8"), text
+  if which == "sentencepiece_like":  # the text needed byte fallback
+    pieces = tokenizer.encode(SAMPLES[0], add_special_tokens=False).tokens
+    assert "<0xE2>" in pieces
+  # A multi-byte character split over byte-level tokens: each holds bytes.
+  assert tb.byte_lengths(tokenizer)[tokenizer.token_to_id("<eos>")] == 0
+
+
+def _ends(tokenizer, text):
+  table = tb.byte_lengths(tokenizer)
+  ids = tokenizer.encode(text, add_special_tokens=False).ids
+  return np.cumsum(table[ids]), ids
+
+
+def test_chunks_cover_every_byte_once(byte_level, sentencepiece_like):
+  """Two tokenizations of texts with multi-byte UTF-8, byte-fallback tokens
+  and merged whitespace: the valid chunks tile the bytes after the first
+  tokens, each chunk's tokens span exactly its bytes on both sides."""
+  for text in SAMPLES + [TEXTS[1]]:
+    t_ends, _ = _ends(byte_level, text)
+    s_ends, _ = _ends(sentencepiece_like, text)
+    t_valid = np.arange(len(t_ends)) > 0
+    s_valid = np.arange(len(s_ends)) > 0
+    t_chunk, s_chunk, valid = align.chunks(t_ends, t_valid, s_ends, s_valid)
+    bounds = np.intersect1d(t_ends, s_ends)
+    assert bounds[-1] == len(text.encode())
+    covered = np.zeros(len(text.encode()), int)
+    for c in np.flatnonzero(valid):
+      lo = bounds[c - 1] if c else 0
+      covered[lo : bounds[c]] += 1
+      for ends, chunk in ((t_ends, t_chunk), (s_ends, s_chunk)):
+        mine = ends[chunk == c]
+        starts = np.concatenate([[0], ends])[:-1][chunk == c]
+        assert starts.min() == lo and mine.max() == bounds[c]
+    first = max(t_ends[0], s_ends[0])
+    # Every byte once, past the first tokens (predicted by no one).
+    assert (covered[first:] <= 1).all() and (covered[:first] == 0).all()
+    assert covered[first:].sum() >= len(covered) - first - max(
+        np.diff(bounds, prepend=0)
+    )
+
+
+def test_a_document_boundary_and_unpredicted_tokens_split_chunks():
+  """Hand-made: teacher tokens end at 2, 5, 5 (a zero-byte <eos>), 9; the
+  student's at 1, 2, 5, 7, 9. The new document's first token (ending at
+  9) is not predicted on either side, so its chunk does not count; the
+  <eos> joins the chunk of the bytes before it."""
+  t_chunk, s_chunk, valid = align.chunks(
+      [2, 5, 5, 9],
+      [False, True, True, False],
+      [1, 2, 5, 7, 9],
+      [False, True, True, False, True],
+  )
+  np.testing.assert_array_equal(t_chunk, [0, 1, 1, 2])
+  np.testing.assert_array_equal(s_chunk, [0, 0, 1, 2, 2])
+  np.testing.assert_array_equal(valid, [False, True, False])
+  sums = align.chunk_sums(np.array([-1.0, -2.0, -0.5, -3.0]), t_chunk, 3)
+  np.testing.assert_allclose(sums, [-1.0, -2.5, -3.0])
+
+
+def test_label_records_round_trip_exactly():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 500, 17)
+  label = -rng.exponential(3.0, 16).astype(np.float32)
+  data = cache_format.encode_record(
+      tokens, np.ones(17, int), vocab_size=500, label_log_probs=label
+  )
+  out = cache_format.decode_record(data, 500)
+  np.testing.assert_array_equal(out["label_log_probs"], label)
+  with pytest.raises(cache_format.CacheFormatError, match="label_log_probs"):
+    cache_format.encode_record(
+        tokens, np.ones(17, int), vocab_size=500, label_log_probs=label[:3]
+    )
+
+
+def test_same_tokenizer_alignment_is_the_teacher_row(tiny_prepared):
+  """With one tokenizer on both sides, the student's row over a cached
+  row's bytes is that row, and every predicted token is its own chunk."""
+  data_dir = layout.data_dir(tiny_prepared)
+  tokenizer = tok.load_tokenizer(layout.tokenizer_path(tiny_prepared))
+  lengths = tb.byte_lengths(tokenizer)
+  directory = pipeline.tokens_dir(data_dir, "train")
+  rows = pipeline.PackedRows(data_dir, "train", 32)
+  cross = align.CrossTokenizerRows(
+      directory, directory, lengths, lengths, seq_len=32, student_len=32, pad=0
+  )
+  rng = np.random.default_rng(1)
+  for index in (0, 5, len(rows) - 1):
+    row = rows[index]
+    label = -rng.exponential(2.0, 32).astype(np.float32)
+    out = cross(dict(row, label_log_probs=label))
+    for key in ("tokens", "segment_ids", "positions"):
+      np.testing.assert_array_equal(out[key], row[key])
+    mask = pipeline.target_mask(row["segment_ids"][None])[0]
+    # Zero-byte tokens (<eos>) share their chunk with the token before.
+    text = lengths[row["tokens"][1:]] > 0
+    kept = mask & text & np.concatenate([[True], mask[:-1]])
+    assert (out["chunk_valid"][out["chunk"][kept]]).all()
+    singles = kept & (np.roll(lengths[row["tokens"][1:]], -1) > 0)
+    np.testing.assert_allclose(
+        out["chunk_log_probs"][out["chunk"][singles]], label[singles]
+    )
+
+
+def test_alm_with_one_tokenizer_is_the_per_token_binary_kl():
+  """ALM through the alignment (chunk = token) equals the per-token binary
+  divergence computed by the chunked per-token loss, values and gradients."""
+  rng = np.random.default_rng(2)
+  batch, length, dim, vocab = 2, 24, 8, 40
+  hidden = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=(dim, vocab)) * 0.5, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, vocab, (batch, length)))
+  mask = jnp.asarray(rng.random((batch, length)) > 0.2)
+  teacher = jnp.asarray(-rng.exponential(2.0, (batch, length)), jnp.float32)
+  tau = 1.5
+
+  def via_alignment(hidden, weight):
+    lp = alm.label_log_probs(hidden, lambda h: h @ weight, labels, 5)
+    chunk = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    return alm.alm_loss(lp, chunk, teacher, mask, tau)[0]
+
+  def per_token(hidden, weight):
+    fn = lambda logits, t: alm.binary_kl(
+        t["teacher"], -losses.cross_entropy_per_token(logits, t["labels"]), tau
+    )
+    return losses.chunked_loss(
+        hidden,
+        lambda h: h @ weight,
+        fn,
+        {"teacher": teacher, "labels": labels},
+        mask,
+        7,
+    )
+
+  got, grads = jax.value_and_grad(via_alignment, (0, 1))(hidden, weight)
+  want, want_grads = jax.value_and_grad(per_token, (0, 1))(hidden, weight)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  assert float(got) > 0
+
+
+def test_binary_kl_is_zero_at_equal_likelihoods_and_grows():
+  t = jnp.asarray([-0.1, -2.0, -30.0, 0.0])
+  np.testing.assert_allclose(alm.binary_kl(t, t), 0.0, atol=1e-6)
+  assert (alm.binary_kl(t, t - 1.0) > 0).all()
+  assert np.isfinite(
+      np.asarray(jax.grad(lambda s: alm.binary_kl(t, s).sum())(t))
+  ).all()
