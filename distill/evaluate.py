@@ -35,7 +35,7 @@ from tqdm import tqdm
 # Importing the model packages registers their kinds with the registry.
 import student as student_lib  # pylint: disable=unused-import
 import teacher as teacher_lib  # pylint: disable=unused-import
-from data import cache, cache_format, pipeline
+from data import cache, cache_format, pipeline, token_bytes
 from data import tokenizer as tok
 from distill import runs as run_specs
 from distill import speculative as spec
@@ -428,6 +428,9 @@ def _scorer(config, workdir: str, teacher):
       max_batches=e.batches,
       chunk_size=config.distill.loss_chunk,
       num_bins=e.ece_bins,
+      byte_lengths=token_bytes.byte_lengths(
+          tok.load_tokenizer(layout.tokenizer_path(workdir))
+      ),
   )
 
   def with_bar(models, progress: bool = False):

@@ -149,3 +149,51 @@ def test_loss_by_position_against_a_hand_computation():
       (ce[0, 4] + ce[1, 0]) / 2, rel=1e-5
   )
   assert metrics.position_labels((0, 100, 4096)) == ["0-100", "100-4k", "4k+"]
+
+
+def test_bits_per_byte_against_a_hand_computation():
+  """Two texts' tokens of a byte-level BPE: bits per byte is the summed
+  cross-entropy over the bytes of the predicted tokens' text, in bits; an
+  <eos> costs its loss and adds no byte."""
+  from data import token_bytes, tokenizer as tok  # pylint: disable=import-outside-toplevel
+
+  texts = ["x naïve café €5\n", "def f(x):\n    return x\n"]
+  tokenizer = tok.train_tokenizer(texts * 20, 280)
+  eos = tok.special_ids(tokenizer)["eos"]
+  ids = []
+  for text in texts:
+    ids += tokenizer.encode(text, add_special_tokens=False).ids + [eos]
+  ids = jnp.asarray([ids])
+  rng = np.random.default_rng(4)
+  t, d, v = ids.shape[1] - 1, 6, tokenizer.get_vocab_size()
+  model = _Linear(
+      jnp.asarray(rng.normal(size=(1, t, d)), jnp.float32),
+      jnp.asarray(rng.normal(size=(d, v)), jnp.float32),
+  )
+  labels = ids[:, 1:]
+  mask = jnp.ones((1, t), bool)
+  inputs = dict(
+      inputs=ids[:, :-1], segment_ids=None, positions=None, labels=labels,
+      mask=mask,
+  )  # fmt: skip
+  sums = jax.device_get(
+      metrics.token_sums(model, None, inputs, chunk_size=4, num_bins=5)
+  )
+  sums["bytes"] = metrics.label_bytes(
+      inputs, token_bytes.byte_lengths(tokenizer)
+  )
+  ce = np.asarray(
+      losses.cross_entropy_per_token(
+          model.logits_from_hidden(model._hidden), labels
+      )
+  )
+  assert tokenizer.encode(texts[0], add_special_tokens=False).tokens[0] == "x"
+  # The labels are every token but the first ("x"): 42 of the 43 bytes
+  # (ï, é: 2 bytes, €: 3).
+  by_hand = len("".join(texts).encode()) - 1
+  assert by_hand == 42
+  assert float(sums["bytes"]) == by_hand
+  out = validation.summarize(sums)
+  assert out["bits_per_byte"] == pytest.approx(
+      ce.sum() / np.log(2) / by_hand, rel=1e-5
+  )

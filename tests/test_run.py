@@ -30,6 +30,7 @@ MODEL_FIELDS = (
     "path",
     "step",
     "loss",
+    "bits_per_byte",
     "perplexity",
     "ece",
     "tokens",

@@ -129,6 +129,13 @@ def hidden_of(model, inputs: dict[str, jax.Array]) -> jax.Array:
   return hidden
 
 
+def label_bytes(inputs: dict[str, jax.Array], byte_lengths) -> jax.Array:
+  """How many bytes of text the predicted labels stand for (float32 sum;
+  ``byte_lengths`` [V], ``data.token_bytes.byte_lengths``)."""
+  size = jnp.take(jnp.asarray(byte_lengths), inputs["labels"], mode="clip")
+  return jnp.sum(jnp.where(inputs["mask"], size, 0).astype(jnp.float32))
+
+
 def token_sums(
     model,
     teacher,

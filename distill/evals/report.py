@@ -670,6 +670,7 @@ def _quality(models: dict[str, dict[str, Any]]) -> str:
       "kind",
       "step",
       "val loss",
+      "bits/byte",
       "perplexity",
       "KL to teacher",
       "top-1 agreement",
@@ -684,6 +685,7 @@ def _quality(models: dict[str, dict[str, Any]]) -> str:
           _kind(e),
           e["step"],
           e["loss"],
+          e.get("bits_per_byte"),
           e["perplexity"],
           e.get("kl_to_teacher"),
           e.get("top1_agreement"),
@@ -696,7 +698,10 @@ def _quality(models: dict[str, dict[str, Any]]) -> str:
   ]
   return (
       "## Quality\n\n"
-      "KL is KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
+      "Val loss is in nats per token of the model's own tokenizer; bits/byte"
+      " is the same loss over the UTF-8 bytes of the text it predicted, in"
+      " bits (models with different tokenizers compare on it). KL is"
+      " KL(teacher ‖ model) over the full vocabulary; ECE is the top-1"
       " expected calibration error.\n\n" + _table(header, rows)
   )
 

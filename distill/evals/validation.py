@@ -1,6 +1,8 @@
 """One pass over the held-out split: the eval hook and the evaluate stage.
 
-For each model: cross-entropy (nats/token), perplexity, top-1 expected
+For each model: cross-entropy (nats/token), bits per byte (the same loss
+over the UTF-8 bytes the predicted tokens stand for, in bits: models with
+different tokenizers compare on it), perplexity, top-1 expected
 calibration error and cross-entropy by position in the document
 (``loss_by_position``, buckets of ``metrics.POSITION_EDGES``); with a
 teacher also KL(teacher || model) over the full vocabulary and top-1
@@ -20,6 +22,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -37,6 +40,9 @@ def summarize(totals: dict) -> dict[str, float]:
       "ece": metrics.expected_calibration_error(totals["bins"]),
   }
   out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+  if float(totals.get("bytes", 0)) > 0:
+    out["bytes"] = float(totals["bytes"])
+    out["bits_per_byte"] = float(totals["ce"]) / (np.log(2) * out["bytes"])
   if "by_position" in totals:  # loss per position bucket that has tokens
     ce, counts = (np.asarray(totals["by_position"][k]) for k in ("ce", "count"))
     labels = metrics.position_labels()
@@ -56,18 +62,32 @@ def summarize(totals: dict) -> dict[str, float]:
     nnx.jit, static_argnames=("chunk_size", "num_bins"), graph_updates=False
 )
 def scores(
-    model, teacher, batch, t_hidden, hidden, *, chunk_size: int, num_bins: int
+    model,
+    teacher,
+    batch,
+    t_hidden,
+    hidden,
+    byte_lengths=None,
+    *,
+    chunk_size: int,
+    num_bins: int,
 ):
-  """token_sums of one batch; teacher None: the model alone."""
-  return metrics.token_sums(
+  """token_sums of one batch; teacher None: the model alone.
+  ``byte_lengths`` [V] (``data.token_bytes``): also the ``bytes`` the
+  predicted tokens stand for."""
+  inputs = pipeline.model_inputs(batch)
+  sums = metrics.token_sums(
       model,
       teacher,
-      pipeline.model_inputs(batch),
+      inputs,
       chunk_size,
       num_bins,
       teacher_hidden=t_hidden,
       hidden=hidden,
   )
+  if byte_lengths is not None:
+    sums["bytes"] = metrics.label_bytes(inputs, byte_lengths)
+  return sums
 
 
 @functools.partial(nnx.jit, graph_updates=False)
@@ -86,13 +106,16 @@ def validation_pass(
     chunk_size: int,
     num_bins: int = 15,
     progress: Callable | None = None,
+    byte_lengths: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
   """``{name: metrics}`` of every model over the first ``max_batches`` batches.
 
   A model that *is* ``teacher`` is scored alone (no KL to itself); the others
   against the teacher when there is one. Rows are shuffled with a fixed seed,
   so ``max_batches`` takes a sample of the whole split; 0: all of it.
-  ``progress(batch_index)`` is called after each batch. On the active mesh
+  ``progress(batch_index)`` is called after each batch. ``byte_lengths``
+  [V] (``data.token_bytes.byte_lengths`` of the tokenizer): bits per byte
+  too. On the active mesh
   (``distill.core.sharding.use``) each process reads its rows of every batch
   and the batch is split over the mesh like a training batch.
   """
@@ -111,6 +134,7 @@ def validation_pass(
       drop_remainder=True,
   )
   mesh = sharding.active()
+  table = None if byte_lengths is None else jnp.asarray(byte_lengths)
   totals: dict[str, dict] = {}
   for i, batch in enumerate(ds):
     if max_batches and i >= max_batches:
@@ -120,11 +144,11 @@ def validation_pass(
     t_hidden = None if teacher is None else _hidden(teacher, batch)
     for name, model in models.items():
       if teacher is None:
-        sums = scores(model, None, batch, None, None, **sizes)
+        sums = scores(model, None, batch, None, None, table, **sizes)
       elif model is teacher:  # scored alone, from the pass already made
-        sums = scores(model, None, batch, None, t_hidden, **sizes)
+        sums = scores(model, None, batch, None, t_hidden, table, **sizes)
       else:
-        sums = scores(model, teacher, batch, t_hidden, None, **sizes)
+        sums = scores(model, teacher, batch, t_hidden, None, table, **sizes)
       sums = jax.device_get(sums)
       totals[name] = (
           sums
