@@ -378,12 +378,17 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
+    map_fn=None,
 ) -> grain.IterDataset:
   """Batches of cached rows, in the same order as ``pipeline.make_dataset``
-  with the same seed and ``num_rows`` equal to the cache's record count."""
+  with the same seed and ``num_rows`` equal to the cache's record count.
+  ``map_fn(record) -> row``: a host transform of each record (in grain's
+  workers when there are some), e.g. ``data.align.CrossTokenizerRows``."""
   manifest = read_manifest(cache_dir)
   check_matches(manifest, expect, cache_dir)
   ds = grain.MapDataset.source(CacheSource(cache_dir, target, manifest, view))
+  if map_fn is not None:
+    ds = ds.map(map_fn)
   return pipeline.batched(
       ds,
       batch_size=batch_size,

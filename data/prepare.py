@@ -22,7 +22,11 @@ Tokenizing scales out (``data.shards`` has the format):
   that was;
 - a finished unit stays finished: a killed prepare redoes only the others;
 - a progress bar counts tokens, and after the first unit a line forecasts the
-  wall time of the whole split.
+  wall time of the whole split;
+- a student with its own tokenizer (``config.student.tokenizer``, see
+  ``data.student_vocab``) gets ``W/student_tokenizer.json`` (trained on the
+  same text, or adopted) and every split tokenized again with it, the same
+  documents in the same order, under ``W/data/student/``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from data import corpus, pipeline, shards
+from data import corpus, pipeline, shards, student_vocab
 from data import tokenizer as tok
 from distill.core import cli, files, layout, sharding, stop
 
@@ -112,12 +116,16 @@ class SplitWork:
   """One split's tokenizing: its units, shared by every process and worker
   (``data.shards``), the part this process does, and the manifest."""
 
-  def __init__(self, source, text_key, tpath, ddir, split, config):
+  def __init__(
+      self, source, text_key, tpath, ddir, split, config, max_tokens=None
+  ):
     self.split = split
     self.out_dir = pipeline.tokens_dir(ddir, split)
     tokenizer = tok.load_tokenizer(tpath)
     vocab_size = tokenizer.get_vocab_size()
-    self.max_tokens = token_budget(config) if split == corpus.TRAIN else 0
+    if max_tokens is None:
+      max_tokens = token_budget(config) if split == corpus.TRAIN else 0
+    self.max_tokens = max_tokens
     self.job = shards.Job(
         source=source,
         text_key=text_key,
@@ -379,7 +387,18 @@ def prepare(config, workdir: str) -> dict[str, Any]:
   is_main = sharding.is_main()
   done = _already_done(config, ddir, tpath) if is_main else None
   if sharding.main_says(done is not None):
-    return done or _read_summary(ddir)
+    summary = done or _read_summary(ddir)
+  else:
+    summary = _prepare_teacher_side(config, workdir, start)
+  if student_vocab.own(config):
+    summary["student"] = _prepare_student_side(config, workdir, summary)
+  return summary
+
+
+def _prepare_teacher_side(config, workdir: str, start: float) -> dict:
+  ddir = layout.data_dir(workdir)
+  tpath = layout.tokenizer_path(workdir)
+  is_main = sharding.is_main()
   counts, works = None, {}
   if is_main:
     counts, works = _corpus_and_tokenizer(config, ddir, tpath)
@@ -396,6 +415,108 @@ def prepare(config, workdir: str) -> dict[str, Any]:
     summary = _summarize(config, ddir, tpath, works, counts, start)
   sharding.barrier("data.prepare: manifests")
   return summary if is_main else _read_summary(ddir)
+
+
+def _student_tokenizer(config, path: str, train_source, text_key: str) -> str:
+  """Trains or adopts the student's own tokenizer (``data.student_vocab``)
+  into ``path``; one already there must be the configured one."""
+  size, source = student_vocab.trained_size(config), student_vocab.source_path(
+      config
+  )
+  if os.path.isfile(path):
+    existing = tok.load_tokenizer(path)
+    same = (
+        existing.get_vocab_size() == size
+        if size
+        else tok.tokenizer_hash(path) == tok.tokenizer_hash(source)
+    )
+    if not same:
+      raise tok.TokenizerError(
+          f"{path} is not the tokenizer config.student.tokenizer="
+          f"{student_vocab.setting(config)!r} asks for; move it away (and"
+          f" {layout.student_data_dir(os.path.dirname(path))}) to make it again."
+      )
+    return "adopted"
+  if size:
+    tokenizer = tok.train_tokenizer(
+        _training_texts(
+            train_source, text_key, config.data.tokenizer_max_bytes
+        ),
+        size,
+    )
+    tok.save_tokenizer(tokenizer, path)
+    return "trained"
+  tokenizer = tok.load_tokenizer(source)  # a one-line error if unreadable
+  tok.special_ids(tokenizer)
+  tok.save_tokenizer(tokenizer, path)
+  return "copied"
+
+
+def _student_budget(teacher_meta: dict, work: SplitWork, teacher_tpd: float):
+  """The student split's token bound: the whole split when the teacher's
+  kept every document, else the teacher's bound scaled by the student's
+  tokens per document, with a margin (the student's stream must cover the
+  teacher's rows' bytes)."""
+  if teacher_meta["num_docs"] >= teacher_meta["corpus_docs"]:
+    return 0
+  ratio = work.tokens_per_doc / max(teacher_tpd, 1e-9)
+  return int(teacher_meta["num_tokens"] * ratio * 1.1) + 1
+
+
+def _prepare_student_side(config, workdir: str, summary: dict) -> dict:
+  """Tokenizes every split again with the student's own tokenizer into
+  ``W/data/student/`` (same documents, same order, same units machinery);
+  returns its summary (also ``W/data/student/prepare.json``)."""
+  start = time.time()
+  ddir, sddir = layout.data_dir(workdir), layout.student_data_dir(workdir)
+  spath = layout.student_tokenizer_path(workdir)
+  builder, text_key, splits = corpus.corpus_builder(config.data, ddir)
+  sources = _sources(builder, splits)
+  status = None
+  if sharding.is_main():
+    status = _student_tokenizer(config, spath, sources["train"], text_key)
+  sharding.barrier("data.prepare: student tokenizer")
+  works = {}
+  for name, source in sources.items():
+    work = SplitWork(source, text_key, spath, sddir, name, config, 0)
+    if name == corpus.TRAIN:
+      teacher = SplitWork(
+          source, text_key, layout.tokenizer_path(workdir), ddir, name, config
+      )
+      work = SplitWork(
+          source, text_key, spath, sddir, name, config,
+          _student_budget(
+              summary["splits"][name], work, teacher.tokens_per_doc
+          ),
+      )  # fmt: skip
+    works[name] = work
+  if sharding.is_main():
+    for work in works.values():
+      work.clear_stale()
+  sharding.barrier("data.prepare: student manifests cleared")
+  for work in works.values():
+    work.run(prepare_workers(config), jax.process_index(), jax.process_count())
+  sharding.barrier("data.prepare: student units")
+  out = {
+      "tokenizer": status,
+      "tokenizer_hash": tok.tokenizer_hash(spath),
+      "vocab_size": tok.load_tokenizer(spath).get_vocab_size(),
+      "splits": {},
+  }
+  if sharding.is_main():
+    for name, work in works.items():
+      manifest = work.done() or work.finish(start)
+      meta = {k: v for k, v in manifest.items() if k != "shards"}
+      out["splits"][name] = meta
+      print(
+          f"prepare: student tokenizer ({out['vocab_size']:,} entries):"
+          f" {name}: {meta['num_docs']:,} docs, {meta['num_tokens']:,}"
+          f" tokens ({meta['bytes_per_token']:.2f} bytes/token)"
+      )
+    files.write_json(os.path.join(sddir, "prepare.json"), out)
+  sharding.barrier("data.prepare: student summary")
+  with open(os.path.join(sddir, "prepare.json"), encoding="utf-8") as f:
+    return json.load(f)
 
 
 def _read_summary(ddir: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 # Importing the model packages registers their kinds with the registry.
 import student as student_lib  # pylint: disable=unused-import
 import teacher as teacher_lib  # pylint: disable=unused-import
-from data import cache, cache_format, pipeline, token_bytes
+from data import cache, cache_format, pipeline, student_vocab, token_bytes
 from data import tokenizer as tok
 from distill import runs as run_specs
 from distill import speculative as spec
@@ -222,6 +222,8 @@ def cache_format_arrays(method: str, r: dict[str, Any]) -> dict[str, Any]:
         "tt_sample_ids": r["tail_ids"],
         "tt_sample_counts": r["tail_counts"],
     }
+  if method == "label":
+    return {"label_log_probs": r["label_log_probs"]}
   return {"sample_ids": r["ids"], "sample_counts": r["counts"]}
 
 
@@ -251,13 +253,15 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   the teacher's; ``decode_speedup_b1``: the best student's batch-1 decode
   tokens/s over the teacher's. Quantised students (PTQ variants, QAT runs)
   and continuations of another student (``from=``, more steps than the
-  baseline) are compared in their own rows, not here. Missing pieces give
-  None.
+  baseline) are compared in their own rows, not here; so are students
+  with their own tokenizer (``cross_tokenizer``, in bits per byte). Missing
+  pieces give None.
   """
   distilled = {
       n: e
       for n, e in models.items()
       if n != "teacher"
+      and e.get("tokenizer") != "own"
       and e.get("mode") not in (None, "ce")
       and not e.get("quantization")  # trained float students only
       # Continuations of another student train longer than the baseline;
@@ -286,6 +290,49 @@ def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
   )
   if best and teacher and decode(distilled[best]) and decode(teacher):
     out["decode_speedup_b1"] = decode(distilled[best]) / decode(teacher)
+  crossed = cross_tokenizer_headline(models, best)
+  if crossed:
+    out["cross_tokenizer"] = crossed
+  return out
+
+
+def cross_tokenizer_headline(
+    models: dict[str, dict[str, Any]], best_shared: str | None
+) -> dict[str, Any] | None:
+  """Students with their own tokenizer against their own CE baseline, in
+  bits per byte (the text is the same, the tokens are not), beside what the
+  best same-tokenizer student gains over its CE baseline: ``share`` is the
+  first gain over the second. None without such students."""
+  own = {
+      n: e
+      for n, e in models.items()
+      if e.get("tokenizer") == "own"
+      and not e.get("quantization")
+      and "init" not in (e.get("parts") or {})
+      and e.get("bits_per_byte") is not None
+  }
+  ce = next((e for e in own.values() if e.get("mode") == "ce"), None)
+  distilled = {n: e for n, e in own.items() if e.get("mode") != "ce"}
+  if not own:
+    return None
+  best = (
+      min(distilled, key=lambda n: distilled[n]["bits_per_byte"])
+      if distilled
+      else None
+  )
+  out: dict[str, Any] = {"best": best, "gain_bpb": None}
+  if best and ce:
+    out["gain_bpb"] = ce["bits_per_byte"] - distilled[best]["bits_per_byte"]
+  shared_ce = report.ce_baseline(models)
+  out["same_tokenizer_gain_bpb"] = None
+  if best_shared and shared_ce and shared_ce.get("bits_per_byte"):
+    out["same_tokenizer_gain_bpb"] = (
+        shared_ce["bits_per_byte"] - models[best_shared]["bits_per_byte"]
+    )
+  gains = (out["gain_bpb"], out["same_tokenizer_gain_bpb"])
+  out["share"] = (
+      gains[0] / gains[1] if None not in gains and gains[1] > 0 else None
+  )
   return out
 
 
@@ -341,13 +388,26 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       name: _entry(name, path, payloads[name], loaded[name])
       for name, path in folders.items()
   }
+  # Students that speak their own tokenizer are scored on its streams, in
+  # bits per byte beside the others; what needs the teacher's vocabulary
+  # (KL, speculative decoding, the teacher's judgement) leaves them out.
+  own = own_tokenizer_models(workdir, payloads)
+  for name in own:
+    models[name]["tokenizer"] = "own"
+  shared = {n: m for n, m in loaded.items() if n not in own}
   if figures_of_cache:
     _cache_bytes(models, figures_of_cache, workdir, config.seed)
   started = time.time()
   with sharding.use(mesh):
     score = _scorer(config, workdir, teacher)
-    for name, values in score(loaded, progress=True).items():
+    for name, values in score(shared, progress=True).items():
       models[name].update(values)
+    if own:
+      own_score = _scorer(config, workdir, None, own_tokenizer=True)
+      for name, values in own_score(
+          {n: loaded[n] for n in own}, progress=True
+      ).items():
+        models[name].update(values)
     logging.info("validation pass: %.1fs", time.time() - started)
     if figures_of_cache and teacher is not None and config.eval.target_batches:
       figures_of_cache["targets"] = targets.target_figures(
@@ -358,10 +418,18 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
           max_batches=config.eval.target_batches,
           seed=config.seed,
       )
-    loaded.update(_quantised_variants(config, models, loaded, payloads, score))
+    loaded.update(
+        _quantised_variants(
+            config,
+            models,
+            shared,
+            {n: p for n, p in payloads.items() if n not in own},
+            score,
+        )
+    )
   for name, model in loaded.items():
     models[name]["weight_bytes"] = quantize.weight_bytes(model)
-  _serving_figures(config, workdir, models, loaded)
+  _serving_figures(config, workdir, models, loaded, own)
   result = {
       "inputs": fingerprint,
       "models": models,
@@ -409,34 +477,55 @@ def _entry(name, path, payload, model):
     parts = {key: settings.get(key) for key in ("lam", "init", "feat")}
     entry["parts"] = {key: v for key, v in parts.items() if v is not None}
   entry["params"] = model.param_counts()
+  entry["vocab_size"] = model.config.vocab_size
   entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(model.config)
   entry["quantization"] = getattr(model, "quantization", None)
   return entry
 
 
-def _scorer(config, workdir: str, teacher):
+def own_tokenizer_models(workdir: str, payloads: dict[str, dict]) -> set[str]:
+  """The students whose folder records the student's own tokenizer
+  (``W/student_tokenizer.json``), not the teacher's."""
+  path = layout.student_tokenizer_path(workdir)
+  if not os.path.isfile(path):
+    return set()
+  own, shared = tok.tokenizer_hash(path), tok.tokenizer_hash(
+      layout.tokenizer_path(workdir)
+  )
+  return {
+      name
+      for name, payload in payloads.items()
+      if name != "teacher" and payload.get("tokenizer_hash") == own != shared
+  }
+
+
+def _scorer(config, workdir: str, teacher, own_tokenizer: bool = False):
   """``score(models, progress=False) -> {name: figures}``: the validation
-  pass of the config over a dict of models (``progress``: a bar)."""
+  pass of the config over a dict of models (``progress``: a bar); with
+  ``own_tokenizer``, on the student's own token streams."""
   data, e = config.data, config.eval
-  data_dir = layout.data_dir(workdir)
+  data_dir = student_vocab.data_dir(workdir, own_tokenizer)
+  seq_len = student_vocab.seq_len(config, workdir, own_tokenizer)
   score = functools.partial(
       validation.validation_pass,
       teacher=teacher,
       data_dir=data_dir,
-      seq_len=data.seq_len,
+      seq_len=seq_len,
       batch_size=data.batch_size,
       max_batches=e.batches,
       chunk_size=config.distill.loss_chunk,
       num_bins=e.ece_bins,
       byte_lengths=token_bytes.byte_lengths(
-          tok.load_tokenizer(layout.tokenizer_path(workdir))
+          tok.load_tokenizer(
+              student_vocab.tokenizer_path(workdir, own_tokenizer)
+          )
       ),
   )
 
   def with_bar(models, progress: bool = False):
     if not progress:
       return score(models)
-    rows = len(pipeline.PackedRows(data_dir, "validation", data.seq_len))
+    rows = len(pipeline.PackedRows(data_dir, "validation", seq_len))
     batches = rows // data.batch_size
     with tqdm(
         total=min(e.batches, batches) if e.batches else batches,
@@ -490,12 +579,13 @@ def _quantised_variants(config, models, loaded, payloads, score):
   return variants
 
 
-def _serving_figures(config, workdir, models, loaded) -> None:
+def _serving_figures(config, workdir, models, loaded, own=()) -> None:
   """Decode speed, speculative decoding with each student drafting, and the
   teacher's judgement of each model's own continuations, into ``models``.
 
   Decoding is timed as a model is served at batch 1 or 8: whole, on one
-  device (this process's first), not spread over the mesh.
+  device (this process's first), not spread over the mesh. Students of
+  ``own`` (their own tokenizer) are timed, not paired with the teacher.
   """
   e = config.eval
   device = jax.local_devices()[0]
@@ -505,7 +595,7 @@ def _serving_figures(config, workdir, models, loaded) -> None:
     _stop_here()
     models[name]["decode"] = speed(model, e.speed)
 
-  students = [n for n in loaded if n != "teacher"]
+  students = [n for n in loaded if n != "teacher" and n not in own]
   if teacher is not None and students and e.speculative.gammas:
     sp = e.speculative
     prompts = validation_prompts(workdir, sp.prompts, sp.prompt_len)
@@ -522,8 +612,9 @@ def _serving_figures(config, workdir, models, loaded) -> None:
   co = e.continuations
   if teacher is not None and co.prompts:
     prompts = validation_prompts(workdir, co.prompts, co.prompt_len)
+    judged = {n: m for n, m in loaded.items() if n not in own}
     for name, model in tqdm(
-        loaded.items(), desc="evaluate: continuations", unit="model"
+        judged.items(), desc="evaluate: continuations", unit="model"
     ):
       _stop_here()
       models[name]["continuations"] = generation.teacher_log_likelihood(

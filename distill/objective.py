@@ -10,6 +10,10 @@ the student's hidden states once, then the loss over sequence chunks
   the feature term (``distill.features``) when the run has one;
 - offline: the same mix against the batch's cached target, at the cache's
   temperature;
+- offline across tokenizers (target ``label``, loss ``alm``):
+  ``alpha * CE + (1 - alpha) * ALM`` on the student's own tokens, ALM
+  matching the teacher's likelihood of each aligned chunk of text
+  (``distill.losses.alm``; ``config.distill.alm`` has alpha and tau);
 - on_policy: an offline batch as above; a batch of the student's own
   continuations (``distill.on_policy``) trains on ``T^2`` times the
   divergence to the teacher at the generated positions only.
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from data import pipeline, sparse_targets
 from distill import features, losses, on_policy
+from distill.losses import alm
 from distill.runs import RunKind
 
 
@@ -70,6 +75,7 @@ def loss_fn_for(
     on_policy_cfg: on_policy.OnPolicyConfig | None = None,
     feature_pairs: tuple[tuple[int, int], ...] = (),
     feature_weight: float = 1.0,
+    alm_cfg: dict[str, float] | None = None,
 ):
   """``loss_fn(model, batch, step, *frozen, extras=None)`` for the trainer.
 
@@ -77,7 +83,8 @@ def loss_fn_for(
   ``on_policy_cfg`` how an on_policy run scores its on-policy batches (those
   with ``on_policy.MASK``); ``feature_pairs`` the (student, teacher) blocks
   of a run with feature distillation, whose projections are ``extras``, and
-  ``feature_weight`` its term's weight.
+  ``feature_weight`` its term's weight; ``alm_cfg`` ``{"alpha", "tau"}``
+  of a cross-tokenizer run.
   """
   alpha_at, temperature_at = _schedules(d)
   chunk = d.loss_chunk
@@ -89,6 +96,8 @@ def loss_fn_for(
     hidden, aux = model.hidden(
         x["inputs"], x["segment_ids"], x["positions"], features=student_blocks
     )
+    if kind.cross_tokenizer:
+      return _alm_loss(model, hidden, x, batch, alm_cfg or {}, chunk)
     alpha = alpha_at(step)
     generated = on_policy.MASK in batch  # the student's own continuations
     if kind.reads_cache and not generated:  # The cache fixed the temperature.
@@ -135,6 +144,26 @@ def loss_fn_for(
     return loss, metrics
 
   return loss_fn
+
+
+def _alm_loss(model, hidden, x, batch, cfg, chunk):
+  """A cross-tokenizer batch (``data.align.CrossTokenizerRows``): CE on the
+  student's own labels mixed with ALM on the aligned chunks; one pass over
+  the output layer gives both."""
+  log_p = alm.label_log_probs(
+      hidden, model.logits_from_hidden, x["labels"], chunk
+  )
+  alpha = jnp.float32(cfg.get("alpha", 0.5))
+  ce = -losses.masked_mean(log_p, x["mask"])
+  term, chunks = alm.alm_loss(
+      log_p,
+      batch["chunk"],
+      batch["chunk_log_probs"],
+      batch["chunk_valid"],
+      cfg.get("tau", 1.0),
+  )
+  loss = alpha * ce + (1.0 - alpha) * term
+  return loss, {"alpha": alpha, "ce": ce, "alm": term, "chunks": chunks}
 
 
 # Per-token losses: ``per_token(logits [B, c, V], targets of the chunk) ->

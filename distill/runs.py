@@ -7,7 +7,8 @@ part given (``mode=offline,target=topk,loss=ghost_kl,k=16``). Parts:
 ======  =====================================================================
 mode    ce | online | offline | on_policy
 target  offline and on_policy: the cached target read (topk, sample,
-        topk_tail); online: topk for the teacher's top-k computed on the fly
+        topk_tail; label for alm); online: topk for the teacher's top-k
+        computed on the fly
 loss    the KD loss of that target (``LOSSES``), or dense (online)
 k n m   how much of the cached target is read (``SIZES``)
 q       quantisation-aware training in this scheme (``student.quantize``)
@@ -27,6 +28,9 @@ rope    the linear RoPE scaling factor of the student's global layers
         (``rope_global_scaling``) for this run: a long-row continuation
         scales its parent's positions (e.g. rope=8 for 8x longer rows,
         Gemma 3's recipe); local layers keep theirs
+tok     the tokenizer the student speaks: ``own`` (the config's
+        ``student.tokenizer``) or ``teacher``; default: own when the config
+        gives the student one. Only ce and alm runs can speak their own.
 ======  =====================================================================
 """
 
@@ -63,6 +67,7 @@ class RunKind:
   feat: str | None = None  # online: feature distillation's kind
   seq: int | None = None  # the rows' length (default config.data.seq_len)
   rope: float | None = None  # global layers' RoPE scaling factor
+  tok: str | None = None  # own | teacher (default: the config's)
 
   def settings(self) -> dict[str, Any]:
     """The run's parts as its folder records them (unset optional parts
@@ -85,6 +90,18 @@ class RunKind:
     return self.mode in ("offline", "on_policy") and self.target is not None
 
   @property
+  def cross_tokenizer(self) -> bool:
+    """Whether it learns from the teacher through the text's bytes alone
+    (so it works whatever the student's tokenizer)."""
+    return self.target == "label"
+
+  @property
+  def any_tokenizer(self) -> bool:
+    """Whether a student with its own tokenizer can train it: the other
+    runs read the teacher's distribution over the teacher's vocabulary."""
+    return self.mode == "ce" or self.cross_tokenizer
+
+  @property
   def needs_teacher(self) -> bool:
     """Whether the teacher runs inside its training step."""
     return self.mode in ("online", "on_policy")
@@ -93,9 +110,10 @@ class RunKind:
 #: The size each offline target can be read at (``RunKind`` fields).
 SIZES = {"k": "topk", "n": "sample", "m": "topk_tail"}
 #: Parts a run spec may leave out (not recorded when unset).
-OPTIONAL = (*SIZES, "q", "lam", "init", "feat", "seq", "rope")
+OPTIONAL = (*SIZES, "q", "lam", "init", "feat", "seq", "rope", "tok")
 #: The KD losses each target (offline) or mode (online) can train with.
 LOSSES = {
+    "label": ("alm",),
     "topk": ("ghost_kl", "sparse_kl"),
     "sample": ("sampled_kl",),
     "topk_tail": ("topk_tail_kl",),
@@ -112,10 +130,14 @@ RUN_KINDS = {
     "topk_tail": RunKind("offline", "topk_tail", "topk_tail_kl"),
     # On its own samples, mixed by lam with the sampled offline target.
     "on_policy": RunKind("on_policy", "sample", "sampled_kl"),
+    # Across tokenizers: the student's likelihood of each chunk of text
+    # both tokenizations end at matches the teacher's (distill.losses.alm).
+    "alm": RunKind("offline", "label", "alm"),
 }
 
 _KEYS = (
-    "mode", "target", "loss", "q", "lam", "from", "feat", "seq", "rope", *SIZES
+    "mode", "target", "loss", "q", "lam", "from", "feat", "seq", "rope", "tok",
+    *SIZES,
 )  # fmt: skip
 _FOLDER = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -216,6 +238,8 @@ def _part(run: str, key: str, value: str) -> Any:
     if not 0.0 <= lam <= 1.0:
       raise UserError(f"Run {run!r}: lam={value!r} must be a number in [0, 1]")
     return lam
+  if key == "tok" and value not in ("own", "teacher"):
+    raise UserError(f"Run {run!r}: tok={value!r} must be own or teacher")
   if key == "from" and not _FOLDER.fullmatch(value):
     raise UserError(
         f"Run {run!r}: from={value!r} must name a run folder under"
@@ -251,6 +275,14 @@ def check_kind(run: str, kind: RunKind) -> None:
     if sizes:
       raise bad("an online run reads no cache; give no k, n or m")
     return
+  if kind.tok == "own" and not kind.any_tokenizer:
+    raise bad(
+        "tok=own: only ce and alm runs can speak the student's own"
+        " tokenizer; the others learn the teacher's distribution over its"
+        " vocabulary"
+    )
+  if kind.target == "label" and kind.mode != "offline":
+    raise bad("target=label (alm) reads the cache: it needs mode=offline")
   if kind.mode == "on_policy" and kind.target is None:
     if kind.loss or sizes:
       raise bad(

@@ -68,7 +68,7 @@ from typing import Any
 from absl import flags
 from flax import nnx
 
-from data import cache, pipeline
+from data import align, cache, pipeline, student_vocab, token_bytes
 from data import tokenizer as tok
 from distill import features, on_policy
 from distill.objective import loss_fn_for
@@ -166,7 +166,7 @@ def cache_expectations(config, target: str, teacher=None) -> dict[str, Any]:
     expect["k"] = c.k
   elif target == "topk_tail":
     expect.update(tail_k=c.tail_k, tail_samples=c.tail_samples)
-  else:
+  elif target == "sample":
     expect["num_samples"] = c.num_samples
   if teacher is not None:
     expect["teacher_fingerprint"] = ckpt.fingerprint(teacher)
@@ -201,13 +201,17 @@ def on_policy_config(config, kind: RunKind) -> on_policy.OnPolicyConfig:
   return cfg.check(rows_of(config, kind)[0])
 
 
-def rows_of(config, kind: RunKind) -> tuple[int, int]:
-  """(row length, rows per step) a run trains on: ``config.data``'s, or
-  rows of the run's ``seq`` as many as keep the tokens per step."""
+def rows_of(
+    config, kind: RunKind, length: int | None = None
+) -> tuple[int, int]:
+  """(row length, rows per step) a run trains on: ``config.data``'s (or
+  ``length``, a student with its own tokenizer's, ``student_vocab.seq_len``),
+  or rows of the run's ``seq`` as many as keep the tokens per step."""
   data = config.data
-  if kind.seq is None or kind.seq == data.seq_len:
-    return data.seq_len, data.batch_size
-  return kind.seq, max(1, data.batch_size * data.seq_len // kind.seq)
+  length = length or data.seq_len
+  if kind.seq is None or kind.seq == length:
+    return length, data.batch_size
+  return kind.seq, max(1, data.batch_size * length // kind.seq)
 
 
 def recorded_settings(
@@ -225,6 +229,8 @@ def recorded_settings(
     unused.add("on_policy")
   if kind.feat is None:
     unused.add("features")
+  if not kind.cross_tokenizer:
+    unused.add("alm")
   if init is None:
     unused.add("continue_train")
   settings = {
@@ -319,11 +325,30 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
         f" (lam={policy.lam}); give one (on_policy's preset reads the"
         " sampled target) or set lam=1."
     )
-  vocab_size = student_vocab_size(workdir, teacher)
+  own = student_vocab.own(config, kind.tok)
+  if own and not student_vocab.own(config):
+    raise UserError(
+        f"Run {run!r} speaks the student's own tokenizer (tok=own), but"
+        " config.student.tokenizer is 'teacher': give it one (e.g. 4096)."
+    )
+  if own:
+    if not kind.any_tokenizer:
+      raise UserError(
+          f"Run {run!r} learns the teacher's distribution over the teacher's"
+          " vocabulary, but this student has its own tokenizer"
+          f" (config.student.tokenizer={student_vocab.setting(config)!r}):"
+          " it can train ce and alm runs; add tok=teacher to train it on the"
+          " teacher's."
+      )
+    vocab_size = student_vocab.vocab_size(workdir, own)
+  else:
+    vocab_size = student_vocab_size(workdir, teacher)
   cfg = model_config(config, vocab_size)
   if kind.rope is not None:
     cfg = dataclasses.replace(cfg, rope_global_scaling=kind.rope)
-  seq_len, rows = rows_of(config, kind)
+  seq_len, rows = rows_of(
+      config, kind, student_vocab.seq_len(config, workdir, own)
+  )
   feature_cfg = configs.from_section(
       features.FeatureConfig, d.features, where="config.distill.features"
   )
@@ -337,11 +362,17 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
   if source is not None:  # a continuation: its own, shorter schedule
     loop_cfg = dataclasses.replace(loop_cfg, **dict(d.continue_train))
   make_iterator, cache_temperature = _batches(
-      config, workdir, run, kind, teacher, vocab_size
+      config, workdir, run, kind, teacher, vocab_size, own
   )
   model, init = _initial_student(cfg, config.seed, source)
   # Every input is checked: only now does the run get its folder.
-  out_dir = _run_dir(workdir, run, cfg, recorded_settings(run, kind, d, init))
+  out_dir = _run_dir(
+      workdir,
+      run,
+      cfg,
+      recorded_settings(run, kind, d, init),
+      student_vocab.tokenizer_path(workdir, own),
+  )
   if kind.q is not None:  # the same parameters, seen through fake quantisation
     model = quantize.quantize(model, kind.q, qat=True)
   extras = None
@@ -362,16 +393,21 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
           on_policy_cfg=policy,
           feature_pairs=pairs,
           feature_weight=feature_cfg.weight,
+          alm_cfg=dict(d.alm) if kind.cross_tokenizer else None,
       ),
       make_iterator=make_iterator,
       frozen=(teacher,) if kind.needs_teacher else (),
       eval_fn=validation.make_validation_fn(
-          layout.data_dir(workdir),
+          student_vocab.data_dir(workdir, own),
           seq_len=seq_len,
           batch_size=rows,
           max_batches=d.eval_batches,
           chunk_size=d.loss_chunk,
-          teacher=teacher,
+          # Another vocabulary: no KL to the teacher; bits per byte compare.
+          teacher=None if own else teacher,
+          byte_lengths=token_bytes.byte_lengths(
+              tok.load_tokenizer(student_vocab.tokenizer_path(workdir, own))
+          ),
       ),
       extras=extras,
       prepare=None
@@ -394,7 +430,7 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
 
 
 def _batches(
-    config, workdir: str, run: str, kind: RunKind, teacher, vocab_size
+    config, workdir: str, run: str, kind: RunKind, teacher, vocab_size, own
 ):
   """``(make_iterator, the cache's temperature or None)`` of a run: batches of
   the logit cache's records (a run that reads a target, after checking the
@@ -404,8 +440,15 @@ def _batches(
   many as hold the same tokens).
   """
   data, seed = config.data, config.seed
-  seq_len, rows = rows_of(config, kind)
-  if kind.reads_cache and seq_len != data.seq_len:
+  seq_len, rows = rows_of(
+      config, kind, student_vocab.seq_len(config, workdir, own)
+  )
+  if kind.cross_tokenizer and kind.seq is not None:
+    raise UserError(
+        f"Run {run!r} reads the logit cache's rows; its student rows hold"
+        " their bytes, so it takes no seq."
+    )
+  if kind.reads_cache and not kind.cross_tokenizer and seq_len != data.seq_len:
     raise UserError(
         f"Run {run!r} reads the logit cache, whose records are rows of"
         f" config.data.seq_len={data.seq_len} tokens, so it cannot train on"
@@ -421,12 +464,21 @@ def _batches(
     )
     num_rows = cache.planned_records(config.cache.max_rows, train_rows)
   if not kind.reads_cache:
-    if num_rows is not None:
+    if num_rows is not None and own:  # rows of the same bytes, not tokens
+      num_rows = min(
+          num_rows,
+          len(
+              pipeline.PackedRows(
+                  student_vocab.data_dir(workdir, own), "train", seq_len
+              )
+          ),
+      )
+    elif num_rows is not None:
       num_rows = max(1, num_rows * data.seq_len // seq_len)
     return (
         lambda: iter(
             pipeline.make_dataset(
-                layout.data_dir(workdir),
+                student_vocab.data_dir(workdir, own),
                 "train",
                 seq_len=seq_len,
                 batch_size=rows,
@@ -442,12 +494,18 @@ def _batches(
   expect = cache_expectations(config, kind.target, teacher)
   expect.update(
       tokenizer_hash=tok.tokenizer_hash(layout.tokenizer_path(workdir)),
-      vocab_size=vocab_size,
       seq_len=data.seq_len,
       num_records=num_rows,
   )
+  if not kind.cross_tokenizer:  # the student scores the teacher's ids
+    expect["vocab_size"] = vocab_size
   cache.check_matches(manifest, expect, cache_dir)
   _check_sizes(run, kind, manifest)
+  rows_fn = (
+      _student_rows(config, workdir, seq_len, own)
+      if kind.cross_tokenizer
+      else None
+  )
   return (
       lambda: iter(
           cache.make_dataset(
@@ -458,17 +516,35 @@ def _batches(
               batch_size=data.batch_size,
               seed=seed,
               worker_count=data.worker_count,
+              map_fn=rows_fn,
           )
       ),
       manifest["temperature"],
   )
 
 
-def _run_dir(workdir: str, run: str, cfg, settings: dict[str, Any]) -> str:
+def _student_rows(config, workdir: str, student_len: int, own: bool):
+  """Cached teacher row -> the student's row over its bytes, aligned
+  (``data.align``), for a cross-tokenizer run."""
+  teacher_tok = tok.load_tokenizer(layout.tokenizer_path(workdir))
+  student_tok = tok.load_tokenizer(student_vocab.tokenizer_path(workdir, own))
+  return align.CrossTokenizerRows(
+      pipeline.tokens_dir(layout.data_dir(workdir), "train"),
+      pipeline.tokens_dir(student_vocab.data_dir(workdir, own), "train"),
+      token_bytes.byte_lengths(teacher_tok),
+      token_bytes.byte_lengths(student_tok),
+      seq_len=config.data.seq_len,
+      student_len=student_len,
+      pad=tok.special_ids(student_tok)["pad"],
+  )
+
+
+def _run_dir(
+    workdir: str, run: str, cfg, settings: dict[str, Any], tokenizer_path: str
+) -> str:
   """The run's folder, made with its config.json, or found holding this very
   run (the same model and settings: it resumes); any other is refused."""
   out_dir = layout.student_dir(workdir, run_folder(run))
-  tokenizer_path = layout.tokenizer_path(workdir)
   if os.path.isfile(os.path.join(out_dir, ckpt.CONFIG_FILE)):
     existing = ckpt.read_config(out_dir, kind="student")
     if (

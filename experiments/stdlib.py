@@ -156,6 +156,10 @@ def get_config(arg=None):
 
   c.student = ml_collections.ConfigDict()
   c.student.preset = "demo"  # student/config.py presets
+  # "teacher": the teacher's tokenizer; "N": its own byte-level BPE of N
+  # entries trained on the corpus; or a tokenizer.json path to adopt
+  # (data/student_vocab.py). Its own: CE and alm runs only.
+  c.student.tokenizer = "teacher"
   c.student.model = configs.model_section(
       StudentConfig, window=64, dtype="float32", param_dtype="float32"
   )
@@ -184,6 +188,9 @@ def get_config(arg=None):
   c.distill.temperature = 1.0  # online runs; offline use the cache's
   c.distill.temperature_end = 1.0
   c.distill.temperature_schedule = "constant"
+  # Cross-tokenizer (alm) runs: alpha * CE on the student's own tokens +
+  # (1 - alpha) * ALM; tau divides the chunk log-likelihoods.
+  c.distill.alm = ml_collections.ConfigDict(dict(alpha=0.5, tau=1.0))
   c.distill.dense_kind = "forward"  # forward | reverse | jsd
   c.distill.jsd_beta = 0.5
   c.distill.loss_chunk = 128  # sequence chunk of the loss

@@ -1,6 +1,7 @@
 """Cross-tokenizer pieces: token bytes, byte alignment, label records, ALM."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,18 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
-from data import align, cache_format, pipeline
+from conftest import copy_workdir
+from data import align, cache_format, pipeline, prepare
 from data import token_bytes as tb
 from data import tokenizer as tok
 from distill import losses
-from distill.core import layout
+from distill import train as distill_train
+from distill.core import checkpoint, layout
+from distill.core.errors import UserError
 from distill.losses import alm
+from distill.training import loop as trainer
+from experiments import stdlib
+from student import export, load_student
 
 TEXTS = [
     "def f(x):\n    return x ** 2  # squares\n",
@@ -211,3 +218,84 @@ def test_binary_kl_is_zero_at_equal_likelihoods_and_grows():
   assert np.isfinite(
       np.asarray(jax.grad(lambda s: alm.binary_kl(t, s).sum())(t))
   ).all()
+
+
+@pytest.fixture(scope="module")
+def own_workdir(tiny_cached, tmp_path_factory):
+  """The tiny workdir (random teacher, its cache with the label target)
+  with a student tokenizer of its own (300 entries), and two ALM runs read
+  from the one cache: one in the student's tokenizer, one in the teacher's."""
+  workdir = copy_workdir(tiny_cached, tmp_path_factory.mktemp("own") / "w")
+  config = own_config()
+  summary = prepare.prepare(config, workdir)
+  assert summary["student"]["vocab_size"] == 300
+  for run in ("alm", "alm@tok=teacher"):
+    distill_train.train_run(config, workdir, run)
+  return workdir
+
+
+def own_config():
+  config = stdlib.get_config("tiny")
+  config.student.tokenizer = "300"
+  config.distill.train.update(steps=2, warmup_steps=1, eval_every=2)
+  config.distill.train.update(checkpoint_every=2, log_every=1)
+  return config
+
+
+def test_one_cache_serves_students_of_two_tokenizers(own_workdir):
+  """Both runs read the same cached rows; the one with its own tokenizer
+  trains on the student's tokens of those rows' bytes, with a 300-entry
+  vocabulary, and logs bits per byte."""
+  own = checkpoint.read_config(layout.student_dir(own_workdir, "alm"))
+  shared = checkpoint.read_config(
+      layout.student_dir(own_workdir, "alm_tokteacher")
+  )
+  assert own["model"]["vocab_size"] == 300
+  assert shared["model"]["vocab_size"] == 512
+  assert own["tokenizer_hash"] == tok.tokenizer_hash(
+      layout.student_tokenizer_path(own_workdir)
+  )
+  for run in ("alm", "alm_tokteacher"):
+    logged = trainer.read_metrics(layout.student_dir(own_workdir, run))
+    steps = [r for r in logged if "alm" in r]
+    assert steps and all(r["chunks"] > 0 and r["alm"] >= 0 for r in steps)
+    evals = [r for r in logged if "eval/bits_per_byte" in r]
+    assert evals and evals[-1]["eval/bits_per_byte"] > 0
+  with pytest.raises(UserError, match="own tokenizer"):
+    distill_train.train_run(own_config(), own_workdir, "sampled")
+
+
+def test_own_tokenizer_export_matches_transformers_greedy(own_workdir):
+  """The HF export of a student with its own tokenizer carries that
+  tokenizer; transformers loads both and continues a prompt exactly as
+  our decoding does."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from distill.decoding import generate as gen  # pylint: disable=import-outside-toplevel
+
+  folder = export.export(own_workdir, "alm", fmt="hf")
+  with (
+      open(os.path.join(folder, "tokenizer.json"), "rb") as a,
+      open(layout.student_tokenizer_path(own_workdir), "rb") as b,
+  ):
+    assert a.read() == b.read()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  assert len(tokenizer) == 300
+  model = transformers.Gemma3ForCausalLM.from_pretrained(folder).eval()
+  ids = [tokenizer.eos_token_id] + tokenizer(
+      "def add(a, b):", add_special_tokens=False
+  )["input_ids"]
+  ours_tok = tok.load_tokenizer(layout.student_tokenizer_path(own_workdir))
+  assert (
+      ids[1:] == ours_tok.encode("def add(a, b):", add_special_tokens=False).ids
+  )
+  with torch.no_grad():
+    theirs = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
+  (ours,) = gen.generate(load_student(folder), [ids], 6)
+  assert theirs == ours

@@ -2,7 +2,9 @@
 
     W/
       data/                  prepared corpus (TFDS data_dir, token streams)
+      data/student/          the student's token streams (its own tokenizer)
       tokenizer.json         the tokenizer every stage shares
+      student_tokenizer.json a student's own tokenizer, when it has one
       teacher/               the teacher's model folder
       logits/                the logit cache (manifest and shards)
       student/<run>/         one model folder per distillation run
@@ -26,6 +28,15 @@ def data_dir(workdir: str) -> str:
 
 def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer.json")
+
+
+def student_data_dir(workdir: str) -> str:
+  """Token streams in the student's own tokenizer (``config.student.tokenizer``)."""
+  return os.path.join(workdir, "data", "student")
+
+
+def student_tokenizer_path(workdir: str) -> str:
+  return os.path.join(workdir, "student_tokenizer.json")
 
 
 def teacher_dir(workdir: str) -> str:

@@ -73,9 +73,12 @@ _LOSS_LABEL = "validation loss (nats/token)"
 
 
 def write_plots(out_dir: str, models: dict[str, dict[str, Any]]) -> list[str]:
-  """Writes each plot of ``plot_figures`` into ``out_dir``; returns the names."""
+  """Writes each plot of ``plot_figures`` into ``out_dir``; returns the names.
+  Students with their own tokenizer are left out: the plots are in nats per
+  token of the teacher's (the Across tokenizers table has them)."""
   written = []
-  for filename, fig in plot_figures(models).items():
+  shared = {n: e for n, e in models.items() if e.get("tokenizer") != "own"}
+  for filename, fig in plot_figures(shared).items():
     path = os.path.join(out_dir, filename)
     fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
     written.append(filename)
@@ -444,6 +447,7 @@ def quality_per_byte(
   for name, e in models.items():
     if (
         e.get("mode") == "offline"
+        and e.get("tokenizer") != "own"
         and e.get("cache_bytes_per_token")
         and not e.get("quantization")  # those are about weight bytes
         and "init" not in (e.get("parts") or {})  # more steps than CE's
@@ -473,12 +477,90 @@ def _headline(result: dict[str, Any]) -> str:
         f"- `{h['best_distilled']}` decodes {h['decode_speedup_b1']:.1f}x"
         " as many tokens/s as the teacher (batch 1)."
     )
+  x = h.get("cross_tokenizer") or {}
+  if x.get("gain_bpb") is not None:
+    line = (
+        f"- Best student with its own tokenizer `{x['best']}`:"
+        f" {x['gain_bpb']:+.4f} bits/byte against its own CE baseline"
+    )
+    if x.get("share") is not None:
+      line += (
+          f", {x['share']:.0%} of the best same-tokenizer student's"
+          f" {x['same_tokenizer_gain_bpb']:+.4f}"
+      )
+    lines.append(line + ".")
   return "\n".join(lines) + "\n\n" if lines else ""
 
 
+def _across_tokenizers(models: dict[str, dict[str, Any]]) -> str:
+  """Every model in bits per byte, against the CE baseline of its own
+  tokenizer: the comparison across vocabularies."""
+  if not any(e.get("tokenizer") == "own" for e in models.values()):
+    return ""
+  baselines = {
+      side: next(
+          (
+              e
+              for e in models.values()
+              if e.get("mode") == "ce"
+              and (e.get("tokenizer") == "own") == (side == "own")
+          ),
+          None,
+      )
+      for side in ("own", "teacher")
+  }
+  rows = []
+  for name, e in models.items():
+    side = "own" if e.get("tokenizer") == "own" else "teacher"
+    ce = baselines[side]
+    bpb = e.get("bits_per_byte")
+    rows.append(
+        [
+            name,
+            _kind(e),
+            side,
+            e.get("vocab_size"),
+            e["loss"],
+            bpb,
+            None
+            if ce is None or bpb is None or name == "teacher"
+            else ce["bits_per_byte"] - bpb,
+        ]
+    )
+  return (
+      "\n## Across tokenizers\n\n"
+      + (
+          "Students that speak their own tokenizer beside those that speak the"
+          " teacher's, on the same validation text: nats/token differ in what a"
+          " token is, bits per byte do not. The gain is over the CE baseline of"
+          " the same tokenizer, in bits per byte.\n\n"
+      )
+      + _table(
+          [
+              "model",
+              "kind",
+              "tokenizer",
+              "vocab",
+              "val loss (nats/token)",
+              "bits/byte",
+              "gain over its CE (bits/byte)",
+          ],
+          rows,
+      )
+  )
+
+
 def ce_baseline(models: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-  """The report entry of the cross-entropy baseline run, if there is one."""
-  return next((e for e in models.values() if e.get("mode") == "ce"), None)
+  """The report entry of the cross-entropy baseline run (of the teacher's
+  tokenizer), if there is one."""
+  return next(
+      (
+          e
+          for e in models.values()
+          if e.get("mode") == "ce" and e.get("tokenizer") != "own"
+      ),
+      None,
+  )
 
 
 def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
@@ -498,7 +580,9 @@ def _comparison(models: dict[str, dict[str, Any]], cache: dict | None) -> str:
             name,
             _kind(e),
             e["loss"],
-            None if ce is None else ce["loss"] - e["loss"],
+            None
+            if ce is None or e.get("tokenizer") == "own"
+            else ce["loss"] - e["loss"],
             e.get("kl_to_teacher"),
             e["ece"],
             per_token,
@@ -619,6 +703,7 @@ def markdown(result: dict[str, Any]) -> str:
         " cache time is the one teacher pass that wrote every target.\n\n"
     )
     parts.append(_comparison(models, result.get("cache")))
+  parts.append(_across_tokenizers(models))
   parts += [
       _by_position(models),
       _kv_cache(models),

@@ -174,6 +174,7 @@ def make_validation_fn(
     chunk_size: int,
     teacher: nnx.Module | None = None,
     num_bins: int = 15,
+    byte_lengths: np.ndarray | None = None,
 ) -> Callable[[nnx.Module, int], dict[str, float]]:
   """``fn(model, step) -> metrics`` over the first ``max_batches`` batches.
 
@@ -191,6 +192,7 @@ def make_validation_fn(
         max_batches=max_batches,
         chunk_size=chunk_size,
         num_bins=num_bins,
+        byte_lengths=byte_lengths,
     )["model"]
 
   return fn
