@@ -273,15 +273,7 @@ def encode_record(
   CacheFormatError on invalid input.
   """
   dt = id_dtype(vocab_size)
-  tokens, seg = np.asarray(tokens), np.asarray(segment_ids)
-  if tokens.ndim != 1 or seg.shape != tokens.shape or len(tokens) < 1:
-    raise CacheFormatError(
-        f"tokens {tokens.shape} and segment_ids {seg.shape} must both be [L+1]"
-    )
-  if tokens.min() < 0 or tokens.max() >= vocab_size:
-    raise CacheFormatError(f"tokens outside [0, {vocab_size})")
-  if seg.min() < 0 or seg.max() >= 2**32:
-    raise CacheFormatError("segment_ids must be in [0, 2^32)")
+  tokens, seg = _checked_row(tokens, segment_ids, vocab_size)
   length = len(tokens) - 1
   starts = np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1])
   run_lengths = np.diff(np.append(starts, len(seg)))
@@ -328,12 +320,7 @@ def encode_record(
     body.append(_encode_topk_tail(tt, length, vocab_size, dt))
     flags |= FLAG_TOPK_TAIL
   if label_log_probs is not None:
-    label = np.asarray(label_log_probs, "<f4")
-    if label.shape != (length,):
-      raise CacheFormatError(
-          f"label_log_probs must be [L={length}], got {label.shape}"
-      )
-    body.append(label.tobytes())
+    body.append(_encode_label(label_log_probs, length))
     flags |= FLAG_LABEL
   body = b"".join(body)
   header = HEADER.pack(
@@ -351,6 +338,29 @@ def encode_record(
       zlib.crc32(body),
   )
   return header + body
+
+
+def _checked_row(tokens, segment_ids, vocab_size):
+  """tokens, segment_ids as arrays, after checking their shapes and ranges."""
+  tokens, seg = np.asarray(tokens), np.asarray(segment_ids)
+  if tokens.ndim != 1 or seg.shape != tokens.shape or len(tokens) < 1:
+    raise CacheFormatError(
+        f"tokens {tokens.shape} and segment_ids {seg.shape} must both be [L+1]"
+    )
+  if tokens.min() < 0 or tokens.max() >= vocab_size:
+    raise CacheFormatError(f"tokens outside [0, {vocab_size})")
+  if seg.min() < 0 or seg.max() >= 2**32:
+    raise CacheFormatError("segment_ids must be in [0, 2^32)")
+  return tokens, seg
+
+
+def _encode_label(label_log_probs, length) -> bytes:
+  label = np.asarray(label_log_probs, "<f4")
+  if label.shape != (length,):
+    raise CacheFormatError(
+        f"label_log_probs must be [L={length}], got {label.shape}"
+    )
+  return label.tobytes()
 
 
 def _encode_topk_tail(arrays, length, vocab_size, dt) -> bytes:

@@ -157,6 +157,7 @@ def make_dataset(
     drop_remainder: bool = True,
     num_rows: int | None = None,
     worker_count: int = 0,
+    map_fn=None,
 ) -> grain.IterDataset:
   """The batched, per-process pipeline over packed rows (see module doc).
 
@@ -164,6 +165,8 @@ def make_dataset(
   gets ``batch_size // process_count`` rows per batch from its own disjoint
   shard. ``num_epochs=None`` repeats forever. ``num_rows`` keeps only the
   first rows of the split (those a logit cache covers), before shuffling.
+  ``map_fn(row) -> row``: a host transform of each row before batching
+  (e.g. ``data.align.CrossTokenizerRows`` of an online run).
   """
   ds = grain.MapDataset.source(PackedRows(data_dir, split, seq_len))
   if num_rows is not None:
@@ -173,6 +176,8 @@ def make_dataset(
           f" under {data_dir}; the cache and the data do not belong together."
       )
     ds = ds[:num_rows]
+  if map_fn is not None:
+    ds = ds.map(map_fn)
   return batched(
       ds,
       batch_size=batch_size,

@@ -10,10 +10,13 @@ the student's hidden states once, then the loss over sequence chunks
   the feature term (``distill.features``) when the run has one;
 - offline: the same mix against the batch's cached target, at the cache's
   temperature;
-- offline across tokenizers (target ``label``, loss ``alm``):
-  ``alpha * CE + (1 - alpha) * ALM`` on the student's own tokens, ALM
+- offline across tokenizers, on the student's own tokens: loss ``alm``
+  (target ``label``), ``alm_alpha * CE + (1 - alm_alpha) * ALM``, ALM
   matching the teacher's likelihood of each aligned chunk of text
-  (``distill.losses.alm``; ``config.distill.alm`` has alpha and tau);
+  (``distill.losses.alm``); loss ``vocab_uld`` (target ``topk``), the
+  offline mix above with the KD term over the ids both vocabularies spell
+  alike plus ULD on the rest (``distill.losses.vocab``); the settings are
+  ``config.distill.cross_tokenizer``;
 - on_policy: an offline batch as above; a batch of the student's own
   continuations (``distill.on_policy``) trains on ``T^2`` times the
   divergence to the teacher at the generated positions only.
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 from data import pipeline, sparse_targets
 from distill import features, losses, on_policy
 from distill.losses import alm
+from distill.losses import vocab
 from distill.runs import RunKind
 
 
@@ -40,11 +44,27 @@ def _schedules(d):
   return alpha, temperature
 
 
-_CACHED_KEYS = ("ids", "log_probs", "tail", "counts", "tail_ids", "tail_counts")
+_CACHED_KEYS = (
+    "ids", "log_probs", "tail", "counts", "tail_ids", "tail_counts",
+    "unmapped_probs", "aligned",
+)  # fmt: skip
 
 
-def _cached_kd(kind: RunKind, logits, t, temperature):
-  """The KD term of an offline batch: its cached target's loss."""
+def _cached_kd(kind: RunKind, logits, t, temperature, cross=None):
+  """The KD term of an offline batch: its cached target's loss (``cross``:
+  ``(unmapped student ids, ULD weight)`` of a vocab_uld run)."""
+  if kind.loss == "vocab_uld":
+    unmapped_ids, weight = cross
+    return vocab.vocab_uld_per_token(
+        logits,
+        t["ids"],
+        t["log_probs"],
+        t["unmapped_probs"],
+        t["aligned"],
+        unmapped_ids,
+        temperature,
+        weight,
+    )
   if kind.loss == "sparse_kl":
     return losses.sparse_kl_per_token(
         logits, t["ids"], t["log_probs"], temperature
@@ -75,7 +95,9 @@ def loss_fn_for(
     on_policy_cfg: on_policy.OnPolicyConfig | None = None,
     feature_pairs: tuple[tuple[int, int], ...] = (),
     feature_weight: float = 1.0,
-    alm_cfg: dict[str, float] | None = None,
+    cross_cfg: dict[str, float] | None = None,
+    unmapped_ids=None,
+    id_map=None,
 ):
   """``loss_fn(model, batch, step, *frozen, extras=None)`` for the trainer.
 
@@ -83,8 +105,10 @@ def loss_fn_for(
   ``on_policy_cfg`` how an on_policy run scores its on-policy batches (those
   with ``on_policy.MASK``); ``feature_pairs`` the (student, teacher) blocks
   of a run with feature distillation, whose projections are ``extras``, and
-  ``feature_weight`` its term's weight; ``alm_cfg`` ``{"alpha", "tau"}``
-  of a cross-tokenizer run.
+  ``feature_weight`` its term's weight; ``cross_cfg``
+  (``config.distill.cross_tokenizer``) and ``unmapped_ids`` (bool [V]: the
+  student ids no teacher token maps to) those of a cross-tokenizer run, and
+  ``id_map`` (``data.align.vocab_map``) an online vocab_uld run's.
   """
   alpha_at, temperature_at = _schedules(d)
   chunk = d.loss_chunk
@@ -96,8 +120,9 @@ def loss_fn_for(
     hidden, aux = model.hidden(
         x["inputs"], x["segment_ids"], x["positions"], features=student_blocks
     )
-    if kind.cross_tokenizer:
-      return _alm_loss(model, hidden, x, batch, alm_cfg or {}, chunk)
+    if kind.loss == "alm":
+      teacher = frozen[0] if kind.mode == "online" else None
+      return _alm_loss(model, hidden, x, batch, cross_cfg or {}, chunk, teacher)
     alpha = alpha_at(step)
     generated = on_policy.MASK in batch  # the student's own continuations
     if kind.reads_cache and not generated:  # The cache fixed the temperature.
@@ -108,7 +133,13 @@ def loss_fn_for(
     mask = batch[on_policy.MASK] if generated else x["mask"]
     metrics = {"alpha": alpha, "temperature": temperature}
     t_aux: dict[str, Any] = {}
-    if kind.needs_teacher and (kind.mode == "online" or generated):
+    if kind.cross_tokenizer and kind.mode == "online":  # vocab_uld
+      (teacher,) = frozen
+      targets.update(
+          _teacher_at_student_labels(teacher, batch),
+          aligned=batch["aligned"],
+      )
+    elif kind.needs_teacher and (kind.mode == "online" or generated):
       (teacher,) = frozen
       t_hidden, t_aux = teacher.hidden(
           x["inputs"],
@@ -120,6 +151,11 @@ def loss_fn_for(
 
     if kind.mode == "ce":
       per_token = _ce_per_token
+    elif kind.cross_tokenizer and kind.mode == "online":
+      per_token = _online_vocab_per_token(
+          teacher, topk_k, (alpha, temperature), cross_cfg or {},
+          unmapped_ids, id_map,
+      )  # fmt: skip
     elif generated:  # No labels of the corpus: the divergence alone.
       per_token = _on_policy_per_token(teacher, on_policy_cfg, temperature)
     elif kind.mode == "online":
@@ -129,7 +165,8 @@ def loss_fn_for(
     else:
       # Cached targets are per position: [B, L, K] or [B, L], like the labels.
       targets.update({k: batch[k] for k in _CACHED_KEYS if k in batch})
-      per_token = _offline_per_token(kind, alpha, temperature)
+      cross = (unmapped_ids, (cross_cfg or {}).get("uld_weight", 1.0))
+      per_token = _offline_per_token(kind, alpha, temperature, cross)
     loss = losses.chunked_loss(
         hidden, model.logits_from_hidden, per_token, targets, mask, chunk
     )
@@ -146,21 +183,89 @@ def loss_fn_for(
   return loss_fn
 
 
-def _alm_loss(model, hidden, x, batch, cfg, chunk):
+def _teacher_inputs(batch):
+  """The teacher's own row of a cross-tokenizer online batch, as
+  ``pipeline.model_inputs`` gives it."""
+  return pipeline.model_inputs(
+      {
+          "tokens": batch["teacher_tokens"],
+          "segment_ids": batch["teacher_segment_ids"],
+          "positions": batch["teacher_positions"],
+      }
+  )
+
+
+def _teacher_at_student_labels(teacher, batch):
+  """The teacher's hidden states on its own row, taken at the position
+  aligned with each student label (``teacher_position``)."""
+  t = _teacher_inputs(batch)
+  hidden, _ = teacher.hidden(t["inputs"], t["segment_ids"], t["positions"])
+  picked = jnp.take_along_axis(
+      hidden, batch["teacher_position"][..., None], axis=1
+  )
+  return {"teacher_hidden": jax.lax.stop_gradient(picked)}
+
+
+def _online_vocab_per_token(teacher, k, mix, cfg, unmapped_ids, id_map):
+  """vocab_uld against the teacher's top-k computed in the step (as the
+  cache would store it), mixed with CE (``mix``: alpha, temperature)."""
+  alpha, temperature = mix
+  table = jnp.asarray(id_map)
+
+  def per_token(logits, t):
+    t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
+    log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+    ids, log_probs, _ = sparse_targets.topk_targets(log_p, k)
+    mapped = table[ids]
+    unmapped = jnp.where(mapped < 0, jnp.exp(log_probs), 0.0)
+    kd = vocab.vocab_uld_per_token(
+        logits,
+        jnp.maximum(mapped, 0),
+        jnp.where(mapped >= 0, log_probs, -jnp.inf),
+        -jnp.sort(-unmapped, axis=-1),
+        t["aligned"],
+        unmapped_ids,
+        temperature,
+        cfg.get("uld_weight", 1.0),
+    )
+    ce = losses.cross_entropy_per_token(logits, t["labels"])
+    return losses.mix_losses(ce, kd, alpha, temperature)
+
+  return per_token
+
+
+def _alm_loss(model, hidden, x, batch, cfg, chunk, teacher=None):
   """A cross-tokenizer batch (``data.align.CrossTokenizerRows``): CE on the
   student's own labels mixed with ALM on the aligned chunks; one pass over
-  the output layer gives both."""
+  the output layer gives both. ``teacher``: an online run's, whose label
+  log-probs on its own row are summed per chunk here."""
   log_p = alm.label_log_probs(
       hidden, model.logits_from_hidden, x["labels"], chunk
   )
-  alpha = jnp.float32(cfg.get("alpha", 0.5))
+  if teacher is None:
+    teacher_chunks = batch["chunk_log_probs"]
+  else:
+    t = _teacher_inputs(batch)
+    t_hidden, _ = teacher.hidden(t["inputs"], t["segment_ids"], t["positions"])
+    t_log_p = alm.label_log_probs(
+        jax.lax.stop_gradient(t_hidden),
+        teacher.logits_from_hidden,
+        t["labels"],
+        chunk,
+    )
+    teacher_chunks = jax.lax.stop_gradient(
+        alm.chunk_log_likelihoods(
+            t_log_p, batch["teacher_chunk"], batch["chunk_valid"].shape[1]
+        )
+    )
+  alpha = jnp.float32(cfg.get("alm_alpha", 0.5))
   ce = -losses.masked_mean(log_p, x["mask"])
   term, chunks = alm.alm_loss(
       log_p,
       batch["chunk"],
-      batch["chunk_log_probs"],
+      teacher_chunks,
       batch["chunk_valid"],
-      cfg.get("tau", 1.0),
+      cfg.get("alm_tau", 1.0),
   )
   loss = alpha * ce + (1.0 - alpha) * term
   return loss, {"alpha": alpha, "ce": ce, "alm": term, "chunks": chunks}
@@ -216,11 +321,11 @@ def _online_per_token(teacher, kind: RunKind, d, topk_k, alpha, temperature):
   return per_token
 
 
-def _offline_per_token(kind: RunKind, alpha, temperature):
+def _offline_per_token(kind: RunKind, alpha, temperature, cross=None):
   """KD to the cached target, mixed with CE."""
 
   def per_token(logits, t):
-    kd = _cached_kd(kind, logits, t, temperature)
+    kd = _cached_kd(kind, logits, t, temperature, cross)
     ce = losses.cross_entropy_per_token(logits, t["labels"])
     return losses.mix_losses(ce, kd, alpha, temperature)
 

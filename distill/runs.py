@@ -93,7 +93,7 @@ class RunKind:
   def cross_tokenizer(self) -> bool:
     """Whether it learns from the teacher through the text's bytes alone
     (so it works whatever the student's tokenizer)."""
-    return self.target == "label"
+    return self.loss in CROSS_TOKENIZER_LOSSES
 
   @property
   def any_tokenizer(self) -> bool:
@@ -114,7 +114,7 @@ OPTIONAL = (*SIZES, "q", "lam", "init", "feat", "seq", "rope", "tok")
 #: The KD losses each target (offline) or mode (online) can train with.
 LOSSES = {
     "label": ("alm",),
-    "topk": ("ghost_kl", "sparse_kl"),
+    "topk": ("ghost_kl", "sparse_kl", "vocab_uld"),
     "sample": ("sampled_kl",),
     "topk_tail": ("topk_tail_kl",),
 }
@@ -133,7 +133,25 @@ RUN_KINDS = {
     # Across tokenizers: the student's likelihood of each chunk of text
     # both tokenizations end at matches the teacher's (distill.losses.alm).
     "alm": RunKind("offline", "label", "alm"),
+    # Across tokenizers: the teacher's top-k over the tokens both
+    # vocabularies spell alike, ULD on the rest (distill.losses.vocab).
+    "vocab": RunKind("offline", "topk", "vocab_uld"),
+    # The same two with the teacher in the loop (no cache).
+    "online_alm": RunKind("online", loss="alm"),
+    "online_vocab": RunKind("online", "topk", "vocab_uld"),
 }
+
+#: The (target, loss) pairs an online run can take.
+ONLINE = (
+    (None, "dense"),
+    ("topk", "ghost_kl"),
+    (None, "alm"),
+    ("topk", "vocab_uld"),
+)
+
+#: The losses that learn from the teacher through the text's bytes, so that
+#: the student may speak another tokenizer.
+CROSS_TOKENIZER_LOSSES = ("alm", "vocab_uld")
 
 _KEYS = (
     "mode", "target", "loss", "q", "lam", "from", "feat", "seq", "rope", "tok",
@@ -270,8 +288,11 @@ def check_kind(run: str, kind: RunKind) -> None:
       )
     return
   if kind.mode == "online":
-    if (kind.target, kind.loss) not in ((None, "dense"), ("topk", "ghost_kl")):
-      raise bad("an online run uses loss=dense, or target=topk with ghost_kl")
+    if (kind.target, kind.loss) not in ONLINE:
+      raise bad(
+          "an online run uses loss=dense or alm, or target=topk with"
+          " ghost_kl or vocab_uld"
+      )
     if sizes:
       raise bad("an online run reads no cache; give no k, n or m")
     return
@@ -283,6 +304,8 @@ def check_kind(run: str, kind: RunKind) -> None:
     )
   if kind.target == "label" and kind.mode != "offline":
     raise bad("target=label (alm) reads the cache: it needs mode=offline")
+  if kind.loss == "vocab_uld" and kind.mode not in ("offline", "online"):
+    raise bad("loss=vocab_uld needs mode=offline (the cache) or online")
   if kind.mode == "on_policy" and kind.target is None:
     if kind.loss or sizes:
       raise bad(

@@ -71,6 +71,7 @@ from flax import nnx
 from data import align, cache, pipeline, student_vocab, token_bytes
 from data import tokenizer as tok
 from distill import features, on_policy
+from distill.losses import vocab
 from distill.objective import loss_fn_for
 from distill.core import checkpoint as ckpt
 from distill.core import cli, configs, layout, sharding
@@ -230,7 +231,7 @@ def recorded_settings(
   if kind.feat is None:
     unused.add("features")
   if not kind.cross_tokenizer:
-    unused.add("alm")
+    unused.add("cross_tokenizer")
   if init is None:
     unused.add("continue_train")
   settings = {
@@ -309,10 +310,9 @@ def train_run(
     return _train_run(config, workdir, run, init_from)
 
 
-def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
-  kind = run_kind(run)
-  d = config.distill
-  teacher = _teacher_or_none(config, workdir)
+def _checked_needs(config, workdir, run, kind, teacher):
+  """Refuses a run whose teacher or cached target is missing; returns its
+  on-policy settings (None for other runs)."""
   if kind.needs_teacher and teacher is None:
     raise UserError(
         f"Run {run!r} needs the teacher in {workdir}/teacher; run"
@@ -325,24 +325,48 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
         f" (lam={policy.lam}); give one (on_policy's preset reads the"
         " sampled target) or set lam=1."
     )
+  return policy
+
+
+def _vocabulary(config, workdir: str, run: str, kind: RunKind, teacher):
+  """(whether the run speaks the student's own tokenizer, the student's
+  vocabulary size); a run that cannot speak it is refused."""
   own = student_vocab.own(config, kind.tok)
   if own and not student_vocab.own(config):
     raise UserError(
         f"Run {run!r} speaks the student's own tokenizer (tok=own), but"
         " config.student.tokenizer is 'teacher': give it one (e.g. 4096)."
     )
-  if own:
-    if not kind.any_tokenizer:
-      raise UserError(
-          f"Run {run!r} learns the teacher's distribution over the teacher's"
-          " vocabulary, but this student has its own tokenizer"
-          f" (config.student.tokenizer={student_vocab.setting(config)!r}):"
-          " it can train ce and alm runs; add tok=teacher to train it on the"
-          " teacher's."
-      )
-    vocab_size = student_vocab.vocab_size(workdir, own)
-  else:
-    vocab_size = student_vocab_size(workdir, teacher)
+  if not own:
+    return own, student_vocab_size(workdir, teacher)
+  if not kind.any_tokenizer:
+    raise UserError(
+        f"Run {run!r} learns the teacher's distribution over the teacher's"
+        " vocabulary, but this student has its own tokenizer"
+        f" (config.student.tokenizer={student_vocab.setting(config)!r}):"
+        " it can train ce, alm and vocab runs; add tok=teacher to train it"
+        " on the teacher's."
+    )
+  return own, student_vocab.vocab_size(workdir, own)
+
+
+def _cross_tokenizer_settings(config, workdir, kind, own, vocab_size):
+  """``loss_fn_for``'s keywords of a cross-tokenizer run (none otherwise)."""
+  if not kind.cross_tokenizer:
+    return {}
+  out = {"cross_cfg": dict(config.distill.cross_tokenizer)}
+  if kind.loss == "vocab_uld":
+    out["id_map"] = _vocab_tables(workdir, own)[2]
+    out["unmapped_ids"] = vocab.student_unmapped(out["id_map"], vocab_size)
+  return out
+
+
+def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
+  kind = run_kind(run)
+  d = config.distill
+  teacher = _teacher_or_none(config, workdir)
+  policy = _checked_needs(config, workdir, run, kind, teacher)
+  own, vocab_size = _vocabulary(config, workdir, run, kind, teacher)
   cfg = model_config(config, vocab_size)
   if kind.rope is not None:
     cfg = dataclasses.replace(cfg, rope_global_scaling=kind.rope)
@@ -393,7 +417,7 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
           on_policy_cfg=policy,
           feature_pairs=pairs,
           feature_weight=feature_cfg.weight,
-          alm_cfg=dict(d.alm) if kind.cross_tokenizer else None,
+          **_cross_tokenizer_settings(config, workdir, kind, own, vocab_size),
       ),
       make_iterator=make_iterator,
       frozen=(teacher,) if kind.needs_teacher else (),
@@ -463,6 +487,9 @@ def _batches(
         pipeline.PackedRows(layout.data_dir(workdir), "train", data.seq_len)
     )
     num_rows = cache.planned_records(config.cache.max_rows, train_rows)
+  if kind.cross_tokenizer and not kind.reads_cache:  # online: teacher rows
+    rows_fn = _student_rows(config, workdir, seq_len, own, online=True)
+    return _packed(config, layout.data_dir(workdir), num_rows, rows_fn), None
   if not kind.reads_cache:
     if num_rows is not None and own:  # rows of the same bytes, not tokens
       num_rows = min(
@@ -476,16 +503,12 @@ def _batches(
     elif num_rows is not None:
       num_rows = max(1, num_rows * data.seq_len // seq_len)
     return (
-        lambda: iter(
-            pipeline.make_dataset(
-                student_vocab.data_dir(workdir, own),
-                "train",
-                seq_len=seq_len,
-                batch_size=rows,
-                seed=seed,
-                worker_count=data.worker_count,
-                num_rows=num_rows,
-            )
+        _packed(
+            config,
+            student_vocab.data_dir(workdir, own),
+            num_rows,
+            seq_len=seq_len,
+            rows=rows,
         ),
         None,
     )
@@ -523,11 +546,44 @@ def _batches(
   )
 
 
-def _student_rows(config, workdir: str, student_len: int, own: bool):
-  """Cached teacher row -> the student's row over its bytes, aligned
-  (``data.align``), for a cross-tokenizer run."""
+def _vocab_tables(workdir: str, own: bool):
+  """(teacher tokenizer, student tokenizer, ``align.vocab_map`` of the
+  two: teacher id -> student id of the same bytes, the specials by role)."""
   teacher_tok = tok.load_tokenizer(layout.tokenizer_path(workdir))
   student_tok = tok.load_tokenizer(student_vocab.tokenizer_path(workdir, own))
+  specials = tok.special_ids(teacher_tok), tok.special_ids(student_tok)
+  id_map = align.vocab_map(
+      token_bytes.token_bytes(teacher_tok),
+      token_bytes.token_bytes(student_tok),
+      {specials[0][role]: specials[1][role] for role in specials[0]},
+  )
+  return teacher_tok, student_tok, id_map
+
+
+def _packed(config, data_dir, num_rows, map_fn=None, seq_len=None, rows=None):
+  """``make_iterator`` of the packed train rows under ``data_dir`` (rows of
+  ``config.data``'s length and batch unless given)."""
+  data = config.data
+  return lambda: iter(
+      pipeline.make_dataset(
+          data_dir,
+          "train",
+          seq_len=seq_len or data.seq_len,
+          batch_size=rows or data.batch_size,
+          seed=config.seed,
+          worker_count=data.worker_count,
+          num_rows=num_rows,
+          map_fn=map_fn,
+      )
+  )
+
+
+def _student_rows(
+    config, workdir: str, student_len: int, own: bool, online: bool = False
+):
+  """Cached teacher row -> the student's row over its bytes, aligned
+  (``data.align``), for a cross-tokenizer run."""
+  teacher_tok, student_tok, id_map = _vocab_tables(workdir, own)
   return align.CrossTokenizerRows(
       pipeline.tokens_dir(layout.data_dir(workdir), "train"),
       pipeline.tokens_dir(student_vocab.data_dir(workdir, own), "train"),
@@ -536,6 +592,8 @@ def _student_rows(config, workdir: str, student_len: int, own: bool):
       seq_len=config.data.seq_len,
       student_len=student_len,
       pad=tok.special_ids(student_tok)["pad"],
+      id_map=id_map,
+      online=online,
   )
 
 

@@ -7,20 +7,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
 from conftest import copy_workdir
 from data import align, cache_format, pipeline, prepare
 from data import token_bytes as tb
 from data import tokenizer as tok
-from distill import losses
+from distill import losses, objective
 from distill import train as distill_train
 from distill.core import checkpoint, layout
 from distill.core.errors import UserError
-from distill.losses import alm
+from distill.losses import alm, vocab
 from distill.training import loop as trainer
 from experiments import stdlib
 from student import export, load_student
+from student.model import Student
+from teacher.model import load_teacher
 
 TEXTS = [
     "def f(x):\n    return x ** 2  # squares\n",
@@ -223,13 +226,14 @@ def test_binary_kl_is_zero_at_equal_likelihoods_and_grows():
 @pytest.fixture(scope="module")
 def own_workdir(tiny_cached, tmp_path_factory):
   """The tiny workdir (random teacher, its cache with the label target)
-  with a student tokenizer of its own (300 entries), and two ALM runs read
-  from the one cache: one in the student's tokenizer, one in the teacher's."""
+  with a student tokenizer of its own (300 entries), and three runs read
+  from the one cache: alm and vocab in the student's tokenizer, alm in the
+  teacher's."""
   workdir = copy_workdir(tiny_cached, tmp_path_factory.mktemp("own") / "w")
   config = own_config()
   summary = prepare.prepare(config, workdir)
   assert summary["student"]["vocab_size"] == 300
-  for run in ("alm", "alm@tok=teacher"):
+  for run in ("alm", "vocab", "alm@tok=teacher"):
     distill_train.train_run(config, workdir, run)
   return workdir
 
@@ -255,12 +259,20 @@ def test_one_cache_serves_students_of_two_tokenizers(own_workdir):
   assert own["tokenizer_hash"] == tok.tokenizer_hash(
       layout.student_tokenizer_path(own_workdir)
   )
-  for run in ("alm", "alm_tokteacher"):
+  for run in ("alm", "alm_tokteacher", "vocab"):
     logged = trainer.read_metrics(layout.student_dir(own_workdir, run))
-    steps = [r for r in logged if "alm" in r]
-    assert steps and all(r["chunks"] > 0 and r["alm"] >= 0 for r in steps)
+    steps = [r for r in logged if "loss" in r and "eval/loss" not in r]
+    assert steps and all(np.isfinite(r["loss"]) for r in steps)
+    if run.startswith("alm"):
+      assert all(r["chunks"] > 0 and r["alm"] >= 0 for r in steps)
     evals = [r for r in logged if "eval/bits_per_byte" in r]
     assert evals and evals[-1]["eval/bits_per_byte"] > 0
+  assert (
+      checkpoint.read_config(layout.student_dir(own_workdir, "vocab"))["model"][
+          "vocab_size"
+      ]
+      == 300
+  )
   with pytest.raises(UserError, match="own tokenizer"):
     distill_train.train_run(own_config(), own_workdir, "sampled")
 
@@ -299,3 +311,128 @@ def test_own_tokenizer_export_matches_transformers_greedy(own_workdir):
     )[0, len(ids) :].tolist()
   (ours,) = gen.generate(load_student(folder), [ids], 6)
   assert theirs == ours
+
+
+def test_vocab_map_on_two_small_tokenizers(byte_level):
+  """Two byte-level BPEs trained on the same text at 280 and 320 entries:
+  the smaller one's merges are a prefix of the larger one's, so every
+  token of the small one is spelled by the large one; tokens only the large
+  one has map to -1; specials map by role."""
+  small, large = tok.train_tokenizer(TEXTS, 280), tok.train_tokenizer(
+      TEXTS, 320
+  )
+  sb, lb = tb.token_bytes(small), tb.token_bytes(large)
+  eos = {tok.special_ids(large)["eos"]: tok.special_ids(small)["eos"]}
+  table = align.vocab_map(lb, sb, eos)
+  for teacher_id, student_id in enumerate(table):
+    if student_id >= 0 and lb[teacher_id]:
+      assert sb[student_id] == lb[teacher_id]
+  assert table[tok.special_ids(large)["eos"]] == tok.special_ids(small)["eos"]
+  assert table[tok.special_ids(large)["pad"]] == -1  # no role given
+  unmapped = [i for i, s in enumerate(table) if s < 0 and lb[i]]
+  assert len(unmapped) == 40 and all(len(lb[i]) > 1 for i in unmapped)
+  covered = vocab.student_unmapped(table, len(sb))
+  assert not covered[3:].any()  # every byte and merge of the small one
+
+
+def test_uld_against_a_hand_computation():
+  """Sorted probabilities: teacher's unmapped mass [0.3, 0.1] against the
+  student's two largest probabilities on its unmapped ids."""
+  logits = jnp.log(jnp.asarray([[[0.5, 0.2, 0.25, 0.05]]]))
+  unmapped_ids = np.asarray([False, True, True, True])
+  got = vocab.uld_per_token(logits, jnp.asarray([[[0.3, 0.1]]]), unmapped_ids)
+  np.testing.assert_allclose(
+      got, [[abs(0.3 - 0.25) + abs(0.1 - 0.2)]], rtol=1e-5
+  )
+
+
+def test_vocab_uld_with_one_tokenizer_is_topk_sparse(tiny_prepared):
+  """Through the alignment with the teacher's own tokenizer on both sides,
+  every label is aligned, every id maps to itself, ULD vanishes and the
+  vocab_uld loss equals topk_sparse's (values and gradients)."""
+  data_dir = layout.data_dir(tiny_prepared)
+  tokenizer = tok.load_tokenizer(layout.tokenizer_path(tiny_prepared))
+  table_bytes = tb.token_bytes(tokenizer)
+  ids_of = tok.special_ids(tokenizer)
+  id_map = align.vocab_map(
+      table_bytes, table_bytes, {i: i for i in ids_of.values()}
+  )
+  assert (id_map == np.arange(len(id_map))).all()
+  directory = pipeline.tokens_dir(data_dir, "train")
+  lengths = tb.byte_lengths(tokenizer)
+  cross = align.CrossTokenizerRows(
+      directory, directory, lengths, lengths, seq_len=32, student_len=32,
+      pad=0, id_map=id_map,
+  )  # fmt: skip
+  rows = pipeline.PackedRows(data_dir, "train", 32)
+  rng = np.random.default_rng(5)
+  vocab_size, k = len(id_map), 6
+  batch, records = [], []
+  for index in (2, 9):
+    ids = np.stack(
+        [rng.choice(vocab_size, k, replace=False) for _ in range(32)]
+    )
+    lp = np.sort(-rng.exponential(2.0, (32, k)), -1)[:, ::-1].astype(np.float32)
+    record = dict(rows[index], ids=ids, log_probs=lp)
+    records.append(record)
+    batch.append(cross(record))
+  stack = lambda key, xs: jnp.asarray(np.stack([x[key] for x in xs]))
+  mask = pipeline.target_mask(np.asarray(stack("segment_ids", records)))
+  np.testing.assert_array_equal(stack("aligned", batch), mask)
+  logits = jnp.asarray(rng.normal(size=(2, 32, vocab_size)), jnp.float32)
+  unmapped = vocab.student_unmapped(id_map, vocab_size)
+  assert not unmapped.any()
+
+  def crossed(logits):
+    per = vocab.vocab_uld_per_token(
+        logits, stack("ids", batch), stack("log_probs", batch),
+        stack("unmapped_probs", batch), stack("aligned", batch), unmapped, 2.0,
+    )  # fmt: skip
+    return losses.masked_mean(per, mask)
+
+  def same(logits):
+    per = losses.sparse_kl_per_token(
+        logits, stack("ids", records), stack("log_probs", records), 2.0
+    )
+    return losses.masked_mean(per, mask)
+
+  got, grad = jax.value_and_grad(crossed)(logits)
+  want, want_grad = jax.value_and_grad(same)(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("offline", ["alm", "vocab"])
+def test_online_losses_equal_the_cached_ones(own_workdir, offline):
+  """With the teacher in the loop on its own rows, the cross-tokenizer
+  losses equal those read from the cache on the same rows: exactly the
+  label log-probs (ALM), within the cache's top-k encoding error (vocab)."""
+  config = own_config()
+  teacher = load_teacher(layout.teacher_dir(own_workdir))
+  student = Student(distill_train.model_config(config, 300), rngs=nnx.Rngs(0))
+  _, _, id_map = distill_train._vocab_tables(own_workdir, True)  # pylint: disable=protected-access
+  losses_of = {}
+  for run in (offline, f"online_{offline}"):
+    kind = distill_train.run_kind(run)
+    make, temperature = distill_train._batches(  # pylint: disable=protected-access
+        config, own_workdir, run, kind, teacher, 300, True
+    )
+    batch = next(make())
+    loss_fn = objective.loss_fn_for(
+        kind, config.distill, temperature, topk_k=config.cache.k,
+        cross_cfg=dict(config.distill.cross_tokenizer),
+        unmapped_ids=vocab.student_unmapped(id_map, 300), id_map=id_map,
+    )  # fmt: skip
+    frozen = (teacher,) if kind.mode == "online" else ()
+    loss, metrics = jax.jit(lambda m, b, fn=loss_fn, f=frozen: fn(m, b, 0, *f))(
+        student, batch
+    )
+    # alm: its own term (the CE beside it is the same either way); vocab:
+    # the whole loss, KD alone (config.distill.alpha is 0).
+    losses_of[run] = (batch, metrics["alm"] if offline == "alm" else loss)
+  (cached_batch, cached), (live_batch, live) = losses_of.values()
+  np.testing.assert_array_equal(cached_batch["row"], live_batch["row"])
+  np.testing.assert_array_equal(cached_batch["tokens"], live_batch["tokens"])
+  assert float(cached) > (1e-4 if offline == "alm" else 0.1)
+  tolerance = 1e-5 if offline == "alm" else 1e-3
+  np.testing.assert_allclose(live, cached, rtol=tolerance)
