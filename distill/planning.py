@@ -43,6 +43,8 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jex_core
 
+from data import student_vocab
+from data import tokenizer as tok
 from distill import features, on_policy
 from distill import train as distill_train
 from distill.core import configs, sharding
@@ -269,6 +271,63 @@ def on_mesh(make: Callable[[], Any], mesh) -> Any:
   return nnx.merge(graphdef, sharding.abstract_state(state, mesh))
 
 
+def _cross_tokenizer_shapes(rows, seq_len, kind: RunKind, cache_cfg):
+  """What ``data.align.CrossTokenizerRows`` adds to a cross-tokenizer run's
+  batch (the student's rows taken as long as the teacher's)."""
+  length = (rows, seq_len)
+  out: dict[str, tuple[tuple[int, ...], Any]] = {}
+  if kind.mode == "online":
+    out.update(
+        {
+            f"teacher_{name}": ((rows, seq_len + 1), jnp.int32)
+            for name in ("tokens", "segment_ids", "positions")
+        }
+    )
+  if kind.loss == "alm":
+    out.update(chunk=(length, jnp.int32), chunk_valid=(length, jnp.bool_))
+    if kind.mode == "online":
+      out["teacher_chunk"] = (length, jnp.int32)
+    else:
+      out["chunk_log_probs"] = (length, jnp.float32)
+    return out
+  out["aligned"] = (length, jnp.bool_)
+  if kind.mode == "online":
+    out["teacher_position"] = (length, jnp.int32)
+    return out
+  k = kind.k or cache_cfg.k
+  out.update(
+      ids=(length + (k,), jnp.int32),
+      log_probs=(length + (k,), jnp.float32),
+      unmapped_probs=(length + (k,), jnp.float32),
+  )
+  return out
+
+
+def _cross_tokenizer_settings(config, kind: RunKind, t_vocab, s_vocab):
+  """``loss_fn_for``'s cross-tokenizer keywords for a plan: the shapes of
+  the real ones (which ids map is the data's: half the student's ids are
+  taken as unmapped, so the ULD term is in the program)."""
+  if not kind.cross_tokenizer:
+    return {}
+  out = {"cross_cfg": dict(config.distill.cross_tokenizer)}
+  if kind.loss == "vocab_uld":
+    out["id_map"] = (np.arange(t_vocab) % s_vocab).astype(np.int32)
+    out["unmapped_ids"] = np.arange(s_vocab) >= s_vocab // 2
+  return out
+
+
+def student_vocab_size(config, kind: RunKind, vocab: int) -> int:
+  """The vocabulary of a run's student: the plan's, or the size of the
+  student's own tokenizer (``config.student.tokenizer``: N, or a
+  tokenizer.json read for its size)."""
+  if not student_vocab.own(config, kind.tok):
+    return vocab
+  size = student_vocab.trained_size(config)
+  if size:
+    return size
+  return tok.load_tokenizer(student_vocab.source_path(config)).get_vocab_size()
+
+
 def batch_shapes(
     rows: int,
     seq_len: int,
@@ -286,7 +345,9 @@ def batch_shapes(
   length = (rows, seq_len)
   if target is not None:
     shapes["row"] = ((rows,), jnp.int32)
-  if target == "topk":
+  if kind is not None and kind.cross_tokenizer:
+    shapes.update(_cross_tokenizer_shapes(rows, seq_len, kind, cache_cfg))
+  elif target == "topk":
     k = kind.k or cache_cfg.k
     shapes.update(
         ids=(length + (k,), jnp.int32),
@@ -543,10 +604,15 @@ def student_programs(
   out = []
   for run in runs or d.runs:
     kind = run_kind(run)
+    s_vocab = student_vocab_size(config, kind, vocab)
     make_model = make_student
+    if s_vocab != vocab:  # a student with its own tokenizer
+      make_model = lambda v=s_vocab: Student(
+          distill_train.model_config(config, v), rngs=nnx.Rngs(0)
+      )
     if kind.q is not None:  # trained through fake quantisation
-      make_model = lambda q=kind.q: quantize.quantize(
-          make_student(), q, qat=True
+      make_model = lambda q=kind.q, make=make_model: quantize.quantize(
+          make(), q, qat=True
       )
     if kind.needs_teacher and teacher is None:
       teacher = on_mesh(lambda: Teacher(t_cfg, rngs=nnx.Rngs(0)), mesh)
@@ -572,6 +638,7 @@ def student_programs(
         on_policy_cfg=policy,
         feature_pairs=pairs,
         feature_weight=1.0,
+        **_cross_tokenizer_settings(config, kind, t_cfg.vocab_size, s_vocab),
     )
     frozen = (teacher,) if kind.needs_teacher else ()
 

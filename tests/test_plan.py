@@ -297,3 +297,28 @@ def test_the_tiny_config_planned_for_a_tpu_slice(tmp_path):
   for m in plan["programs"]:
     assert 0 < m["peak"] < 95 * topology.GIB
     assert np.isfinite(m["flops"]) and m["flops"] >= 0.95 * m["model_flops"]
+
+
+def test_cross_tokenizer_runs_compile_with_the_students_own_vocabulary():
+  """A student with its own 300-entry tokenizer: each cross-tokenizer run
+  (cached and online) compiles on cpu:8, holds less state than the same
+  run on the teacher's 512 tokens, and its measured FLOPs are at least the
+  model's."""
+  config = _tiny()
+  config.student.tokenizer = "300"
+  mesh = sharding.make_mesh(
+      config.get("mesh"), devices=topology.resolve("cpu:8").devices
+  )
+  runs = ["alm", "vocab", "online_alm", "online_vocab", "alm@tok=teacher"]
+  programs = planning.student_programs(config, mesh, 512, runs=runs)
+  assert [p.name for p in programs] == [f"student {r}" for r in runs] + [
+      "validation"
+  ]
+  by_name = {p.name: p for p in programs}
+  assert (
+      by_name["student alm"].state_bytes
+      < by_name["student alm@tok=teacher"].state_bytes
+  )
+  for program in programs[:-2]:
+    m = planning.measure(program, mesh)
+    assert m.peak > 0 and m.flops >= 0.95 * m.model_flops, program.name
