@@ -15,11 +15,18 @@ predicted (a row's first token, and a document's first, are not). A chunk
 counts only when every token in it, on both sides, is predicted; a
 zero-byte token (``<eos>``) joins the chunk of the bytes before it.
 
-Where both tokenizations *start* a token at the same byte, the teacher's
-and the student's next-token distributions are about the same text from the
-same prefix (``starts``): the vocabulary-mapping loss (``distill.losses.
-vocab``) compares them there, over the tokens both vocabularies spell with
-the same bytes (``vocab_map``).
+The teacher's next-token distribution becomes one over the student's
+vocabulary through the student's tokenization of each teacher token
+(``teacher_pieces``): at a student token that starts where a teacher token
+starts, the teacher's probability of a token goes to its first student
+piece; at the student token that follows m pieces of the same teacher
+token, the teacher's tokens whose first m pieces are those go to their
+next piece (``project_topk``). When the student's merges are a prefix of
+the teacher's (two byte-level BPEs trained on the same text) every student
+token lies inside one teacher token and this is the teacher's own
+next-token distribution in the student's vocabulary, exactly; otherwise an
+approximation. The vocabulary-mapping loss (``distill.losses.vocab``)
+trains on it.
 
 ``CrossTokenizerRows`` builds, for each cached teacher row, the student's
 row over the same bytes of the corpus and the alignment, in the grain
@@ -30,9 +37,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
-from data import pipeline, shards
+from data import pipeline, shards, token_bytes
 
 
 def chunks(
@@ -65,36 +73,153 @@ def chunks(
   return t_chunk.astype(np.int32), s_chunk.astype(np.int32), valid
 
 
-def starts(
-    teacher_starts: np.ndarray, student_starts: np.ndarray
-) -> np.ndarray:
-  """int [n_s]: for each student token, the teacher token that starts at
-  the same byte (the first such), or -1."""
-  teacher_starts = np.asarray(teacher_starts, np.int64)
-  student_starts = np.asarray(student_starts, np.int64)
-  at = np.searchsorted(teacher_starts, student_starts, side="left")
-  found = at < len(teacher_starts)
-  found[found] = teacher_starts[at[found]] == student_starts[found]
-  return np.where(found, at, -1)
-
-
-def vocab_map(
+def teacher_pieces(
     teacher_bytes: list[bytes],
-    student_bytes: list[bytes],
+    student,
     specials: dict[int, int] | None = None,
+    max_pieces: int = 8,
 ) -> np.ndarray:
-  """int32 [V_teacher]: the student id spelling each teacher token's bytes,
-  or -1 (no student token has them). Special tokens are no text: those of
-  ``specials`` ({teacher id: student id}, e.g. the two <eos>) map to each
-  other, the others to -1."""
-  index = {b: i for i, b in enumerate(student_bytes) if b}
-  out = np.asarray(
-      [index.get(b, -1) if b else -1 for b in teacher_bytes], np.int32
-  )
+  """int32 [V_teacher, max_pieces]: the student's tokenization of each
+  teacher token's bytes (-1 padded). ``student``: its ``tokenizers``
+  Tokenizer; a byte-level BPE tokenizes any bytes (partial characters
+  too), another the tokens that are whole UTF-8. Special tokens map by
+  ``specials`` ({teacher id: student id}); a row of -1 cannot be
+  projected (its mass goes to ULD)."""
+  out = np.full((len(teacher_bytes), max_pieces), -1, np.int32)
+  byte_level = token_bytes.is_byte_level(student)
+  for i, data in enumerate(teacher_bytes):
+    if not data:
+      continue
+    if byte_level:
+      ids = [
+          t.id
+          for t in student.model.tokenize(token_bytes.byte_level_string(data))
+      ]
+    else:
+      try:
+        text = data.decode("utf-8")
+      except UnicodeDecodeError:
+        continue
+      ids = student.encode(text, add_special_tokens=False).ids
+    if 0 < len(ids) <= max_pieces:
+      out[i, : len(ids)] = ids
   for teacher_id, student_id in (specials or {}).items():
     if teacher_id < len(out):
-      out[teacher_id] = student_id
+      out[teacher_id] = -1
+      out[teacher_id, 0] = student_id
   return out
+
+
+def merge_duplicates(ids, probs, xp=np):
+  """Per row of [..., k]: equal ids merged, their weights summed. Returns
+  (ids sorted, weights): each id's total at its last copy, 0 at the others.
+  ``xp``: numpy or jax.numpy."""
+  order = xp.argsort(ids, axis=-1)
+  ids = xp.take_along_axis(ids, order, axis=-1)
+  probs = xp.take_along_axis(probs, order, axis=-1)
+  last = xp.concatenate(
+      [ids[..., 1:] != ids[..., :-1], xp.ones_like(ids[..., :1], bool)], -1
+  )
+  total = xp.cumsum(probs, axis=-1)
+  before = xp.where(last, total, 0.0)
+  # The cumulative sum at the previous run's end: the running maximum of
+  # run-end totals (they only grow), shifted one place right.
+  ends = (
+      xp.maximum.accumulate(before, axis=-1)
+      if xp is np
+      else (jax_cummax(before))
+  )
+  previous = xp.concatenate([xp.zeros_like(ends[..., :1]), ends[..., :-1]], -1)
+  return ids, xp.where(last, xp.maximum(total - previous, 0.0), 0.0)
+
+
+def jax_cummax(x):
+  """Running maximum along the last axis (jax.numpy)."""
+  return jax.lax.cummax(x, axis=x.ndim - 1)
+
+
+def project_topk(ids, log_probs, pieces, prefix, depth, xp=np):
+  """The teacher's top-k at a teacher position, as a distribution over the
+  student's next token after ``depth`` [P] pieces ``prefix`` [P, M] of the
+  teacher token that starts there (see the module doc).
+
+  ids, log_probs [P, k] (teacher); pieces [V_teacher, M]. Returns student
+  ``ids`` [P, k], ``log_probs`` [P, k] (merged, -inf padding: the
+  teacher's probabilities of the consistent tokens, not renormalised) and
+  ``unmapped`` [P, k] (descending: the probabilities of teacher tokens with
+  no student pieces, at depth 0; zero elsewhere).
+  """
+  finite = xp.isfinite(log_probs)
+  probs = xp.where(finite, xp.exp(xp.where(finite, log_probs, 0.0)), 0.0)
+  out_ids, merged, unmapped = project(ids, probs, pieces, prefix, depth, xp)
+  safe = xp.where(merged > 0, merged, 1.0)
+  return out_ids, xp.where(merged > 0, xp.log(safe), -xp.inf), unmapped
+
+
+def project_sample(ids, counts, pieces, prefix, depth):
+  """``project_topk`` for a sampled target: draws [P, N] and their counts
+  -> student ids, counts (float: the draws consistent with the prefix, by
+  their next piece) and the unmapped draws' share of all, descending."""
+  out_ids, merged, unmapped = project(
+      ids, counts.astype(np.float32), pieces, prefix, depth
+  )
+  total = np.maximum(counts.sum(-1, keepdims=True), 1)
+  return out_ids, merged, (unmapped / total).astype(np.float32)
+
+
+def project(ids, weights, pieces, prefix, depth, xp=np):
+  """The projection of ``project_topk`` on any weights [P, k] of teacher
+  ids (probabilities, or a sample's counts): merged student ids and
+  weights, and the unprojectable weights (depth 0), descending."""
+  cand = pieces[ids]  # [P, k, M]
+  width = cand.shape[-1]
+  before = xp.arange(width)[None, None, :] < depth[:, None, None]
+  same = xp.all((cand == prefix[:, None, :]) | ~before, axis=-1)
+  at = xp.minimum(depth, width - 1)[:, None, None]
+  following = xp.take_along_axis(
+      cand, xp.broadcast_to(at, cand.shape[:2] + (1,)), -1
+  )[..., 0]
+  ok = same & (following >= 0) & (depth[:, None] < width)
+  kept = xp.where(ok, weights, 0.0)
+  merged_ids, merged = merge_duplicates(xp.where(ok, following, 0), kept, xp)
+  lost = (cand[..., 0] < 0) & (depth[:, None] == 0)
+  unmapped = -xp.sort(-xp.where(lost, weights, 0.0), axis=-1)
+  return (
+      merged_ids.astype(xp.int32),
+      merged.astype(xp.float32),
+      unmapped.astype(xp.float32),
+  )
+
+
+def pieces_at(t_starts, t_ends, s_starts, s_ends):
+  """For each student token: the teacher token it lies in and how many
+  student tokens of that teacher token come before it (its depth), or
+  (-1, -1) where it does not start inside one teacher token that a student
+  token starts with. A zero-byte token (<eos>) pairs with the zero-byte
+  teacher token at its byte, at depth 0."""
+  t_starts, t_ends = np.asarray(t_starts), np.asarray(t_ends)
+  s_starts, s_ends = np.asarray(s_starts), np.asarray(s_ends)
+  n = len(s_starts)
+  teacher = np.searchsorted(t_ends, s_starts, side="right")
+  teacher = np.minimum(teacher, len(t_ends) - 1)
+  empty = s_ends == s_starts
+  at = np.searchsorted(t_starts, s_starts, side="left")
+  at = np.minimum(at, len(t_starts) - 1)
+  teacher = np.where(empty, at, teacher)
+  # Runs of student tokens in the same teacher token; depth within the run.
+  index = np.arange(n)
+  new = np.ones(n, bool)
+  new[1:] = (teacher[1:] != teacher[:-1]) | empty[1:] | empty[:-1]
+  first = np.maximum.accumulate(np.where(new, index, 0))
+  depth = index - first
+  inside = (s_starts < t_ends[teacher]) | empty
+  starts_with = s_starts[first] == t_starts[teacher]
+  if n:
+    empty_ok = ~empty | ((t_ends[teacher] == t_starts[teacher]) & starts_with)
+  else:
+    empty_ok = empty
+  ok = inside & starts_with & empty_ok
+  return np.where(ok, teacher, -1), np.where(ok, depth, -1)
 
 
 def chunk_sums(values: np.ndarray, chunk: np.ndarray, count: int) -> np.ndarray:
@@ -131,13 +256,14 @@ class CrossTokenizerRows:
     in none), ``chunk_log_probs`` [S] float32 (the teacher's
     log-likelihood of each chunk, indexed like ``chunk``) and
     ``chunk_valid`` [S] bool;
-  - target ``topk`` (with ``id_map``, ``vocab_map``'s table): at each
-    label that starts where a teacher label starts, that teacher position's
-    top-k, its ids mapped into the student's vocabulary: ``ids`` [S, k]
-    int32 (0 where unmapped), ``log_probs`` [S, k] float32 (-inf where
-    unmapped or unaligned), ``unmapped_probs`` [S, k] float32 (the
-    probabilities of its unmapped ids, descending; 0 elsewhere) and
-    ``aligned`` [S] bool.
+  - target ``topk`` (with ``pieces``, ``teacher_pieces``' table): at each
+    label that lies in one teacher token, the top-k of the teacher position
+    that predicts that token, projected onto the student's next token
+    (``project_topk``): ``ids`` [S, k] int32, ``log_probs`` [S, k] float32
+    (-inf padding, and everywhere at labels without a target),
+    ``unmapped_probs`` [S, k] float32 (the probabilities of teacher tokens
+    the student cannot spell, descending) and ``aligned`` [S] bool (the
+    labels with a target).
 
   ``online``: the record is a packed teacher row (``pipeline.PackedRows``)
   and the teacher runs in the step: the output adds that row
@@ -145,8 +271,10 @@ class CrossTokenizerRows:
   [L + 1]), and in place of the teacher's figures says where they come
   from: ``teacher_chunk`` [L] (each teacher label's chunk, indexed like
   ``chunk``; S: none) beside ``chunk`` and ``chunk_valid``, and with
-  ``id_map`` ``teacher_position`` [S] (the teacher position aligned with
-  each student label) beside ``aligned``.
+  ``pieces`` ``teacher_position`` [S] (the teacher position whose top-k
+  each student label's target projects), ``piece_depth`` [S] and
+  ``piece_prefix`` [S, M] (the student tokens of that teacher token before
+  the label) beside ``aligned``.
   """
 
   def __init__(
@@ -159,14 +287,14 @@ class CrossTokenizerRows:
       seq_len: int,
       student_len: int,
       pad: int,
-      id_map: np.ndarray | None = None,
+      pieces: np.ndarray | None = None,
       online: bool = False,
   ):
     self.online = online
     self._row_len = seq_len + 1
     self._student_len = student_len
     self._pad = pad
-    self._id_map = id_map
+    self._pieces = pieces
     teacher = pipeline.load_stream(teacher_dir)
     self._student: shards.TokenShards = pipeline.load_stream(student_dir)
     student_tokens = self._student.tokens(0, self._student.num_tokens)
@@ -222,7 +350,7 @@ class CrossTokenizerRows:
       )
     if self.online or "label_log_probs" in record:
       out.update(self._chunks(record, t_ends, t_valid, s_ends, s_valid))
-    if self._id_map is not None and (self.online or "log_probs" in record):
+    if self._pieces is not None and (self.online or "ids" in record):
       out.update(
           self._distributions(
               record, t_ends, t_valid, s_ends, s_valid, first, start
@@ -233,38 +361,54 @@ class CrossTokenizerRows:
   def _distributions(
       self, record, t_ends, t_valid, s_ends, s_valid, first, start
   ):
-    """The teacher's top-k at the student's labels that start where a
-    teacher label starts, mapped into the student's vocabulary."""
+    """Where each student label sits in the teacher's tokens, and (cached
+    target) the teacher's top-k there projected onto the student's next
+    token (``project_topk``)."""
     t_starts = np.concatenate(
         [[self._teacher_ends[first - 1] if first else 0], t_ends[:-1]]
     )
     s_starts = self._student_starts[start : start + len(s_ends)]
-    match = starts(t_starts, s_starts)  # teacher token of each student one
-    lengths = self._student_len
-    aligned = np.zeros(lengths, bool)
+    teacher, depth = pieces_at(t_starts, t_ends, s_starts, s_ends)
+    lengths, width = self._student_len, self._pieces.shape[1]
     labels = np.arange(1, len(s_ends))  # student label tokens
-    teacher = match[labels]
-    ok = (teacher >= 1) & s_valid[labels]
+    teacher, depth = teacher[labels], depth[labels]
+    ok = (teacher >= 1) & (depth >= 0) & (depth < width) & s_valid[labels]
     ok[ok] = t_valid[teacher[ok]]
     rows, source = labels[ok] - 1, teacher[ok] - 1  # label -> position
+    aligned = np.zeros(lengths, bool)
     aligned[rows] = True
-    if self.online:  # the step takes the teacher's top-k there
-      position = np.zeros(lengths, np.int32)
-      position[rows] = source
-      return {"teacher_position": position, "aligned": aligned}
+    positions = np.zeros(lengths, np.int32)
+    positions[rows] = source
+    steps = np.zeros(lengths, np.int32)
+    steps[rows] = depth[ok]
+    prefix = np.full((lengths, width), -1, np.int32)
+    tokens = self._student.tokens(start, start + len(s_ends)).astype(np.int32)
+    for row, label, m in zip(rows, labels[ok], depth[ok]):
+      prefix[row, :m] = tokens[label - m : label]
+    if self.online:  # the step projects the teacher's top-k there
+      return {
+          "teacher_position": positions,
+          "piece_depth": steps,
+          "piece_prefix": prefix,
+          "aligned": aligned,
+      }
+    sampled = "counts" in record
     k = record["ids"].shape[-1]
     ids = np.zeros((lengths, k), np.int32)
-    log_probs = np.full((lengths, k), -np.inf, np.float32)
+    values = np.full((lengths, k), 0.0 if sampled else -np.inf, np.float32)
     unmapped = np.zeros((lengths, k), np.float32)
-    mapped = self._id_map[record["ids"][source]]  # [m, k]
-    lp = record["log_probs"][source]
-    ids[rows] = np.maximum(mapped, 0)
-    log_probs[rows] = np.where(mapped >= 0, lp, -np.inf)
-    probs = np.where((mapped < 0) & np.isfinite(lp), np.exp(lp), 0.0)
-    unmapped[rows] = -np.sort(-probs, axis=-1)
+    if len(rows):
+      project_fn = project_sample if sampled else project_topk
+      ids[rows], values[rows], unmapped[rows] = project_fn(
+          record["ids"][source],
+          record["counts" if sampled else "log_probs"][source],
+          self._pieces,
+          prefix[rows],
+          steps[rows],
+      )
     return {
         "ids": ids,
-        "log_probs": log_probs,
+        "counts" if sampled else "log_probs": values,
         "unmapped_probs": unmapped,
         "aligned": aligned,
     }

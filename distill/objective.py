@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from data import pipeline, sparse_targets
+from data import align, pipeline, sparse_targets
 from distill import features, losses, on_policy
 from distill.losses import alm
 from distill.losses import vocab
@@ -58,12 +58,13 @@ def _cached_kd(kind: RunKind, logits, t, temperature, cross=None):
     return vocab.vocab_uld_per_token(
         logits,
         t["ids"],
-        t["log_probs"],
+        t.get("log_probs"),
         t["unmapped_probs"],
         t["aligned"],
         unmapped_ids,
         temperature,
         weight,
+        counts=t.get("counts"),
     )
   if kind.loss == "sparse_kl":
     return losses.sparse_kl_per_token(
@@ -97,7 +98,7 @@ def loss_fn_for(
     feature_weight: float = 1.0,
     cross_cfg: dict[str, float] | None = None,
     unmapped_ids=None,
-    id_map=None,
+    pieces=None,
 ):
   """``loss_fn(model, batch, step, *frozen, extras=None)`` for the trainer.
 
@@ -108,7 +109,7 @@ def loss_fn_for(
   ``feature_weight`` its term's weight; ``cross_cfg``
   (``config.distill.cross_tokenizer``) and ``unmapped_ids`` (bool [V]: the
   student ids no teacher token maps to) those of a cross-tokenizer run, and
-  ``id_map`` (``data.align.vocab_map``) an online vocab_uld run's.
+  ``pieces`` (``data.align.teacher_pieces``) an online vocab_uld run's.
   """
   alpha_at, temperature_at = _schedules(d)
   chunk = d.loss_chunk
@@ -138,6 +139,8 @@ def loss_fn_for(
       targets.update(
           _teacher_at_student_labels(teacher, batch),
           aligned=batch["aligned"],
+          piece_depth=batch["piece_depth"],
+          piece_prefix=batch["piece_prefix"],
       )
     elif kind.needs_teacher and (kind.mode == "online" or generated):
       (teacher,) = frozen
@@ -154,7 +157,7 @@ def loss_fn_for(
     elif kind.cross_tokenizer and kind.mode == "online":
       per_token = _online_vocab_per_token(
           teacher, topk_k, (alpha, temperature), cross_cfg or {},
-          unmapped_ids, id_map,
+          unmapped_ids, pieces,
       )  # fmt: skip
     elif generated:  # No labels of the corpus: the divergence alone.
       per_token = _on_policy_per_token(teacher, on_policy_cfg, temperature)
@@ -206,23 +209,34 @@ def _teacher_at_student_labels(teacher, batch):
   return {"teacher_hidden": jax.lax.stop_gradient(picked)}
 
 
-def _online_vocab_per_token(teacher, k, mix, cfg, unmapped_ids, id_map):
+def _online_vocab_per_token(teacher, k, mix, cfg, unmapped_ids, pieces):
   """vocab_uld against the teacher's top-k computed in the step (as the
-  cache would store it), mixed with CE (``mix``: alpha, temperature)."""
+  cache would store it) and projected onto the student's next token as the
+  host projects a cached one, mixed with CE (``mix``: alpha,
+  temperature)."""
   alpha, temperature = mix
-  table = jnp.asarray(id_map)
+  table = jnp.asarray(pieces)
 
   def per_token(logits, t):
     t_logits = teacher.logits_from_hidden(t["teacher_hidden"])
     log_p = jax.nn.log_softmax(t_logits / temperature, axis=-1)
     ids, log_probs, _ = sparse_targets.topk_targets(log_p, k)
-    mapped = table[ids]
-    unmapped = jnp.where(mapped < 0, jnp.exp(log_probs), 0.0)
+    shape = ids.shape
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    projected = align.project_topk(
+        flat(ids),
+        flat(log_probs),
+        table,
+        flat(t["piece_prefix"]),
+        flat(t["piece_depth"]),
+        xp=jnp,
+    )
+    ids, log_probs, unmapped = (x.reshape(shape) for x in projected)
     kd = vocab.vocab_uld_per_token(
         logits,
-        jnp.maximum(mapped, 0),
-        jnp.where(mapped >= 0, log_probs, -jnp.inf),
-        -jnp.sort(-unmapped, axis=-1),
+        ids,
+        log_probs,
+        unmapped,
         t["aligned"],
         unmapped_ids,
         temperature,

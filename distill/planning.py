@@ -292,8 +292,20 @@ def _cross_tokenizer_shapes(rows, seq_len, kind: RunKind, cache_cfg):
     return out
   out["aligned"] = (length, jnp.bool_)
   if kind.mode == "online":
-    out["teacher_position"] = (length, jnp.int32)
+    out.update(
+        teacher_position=(length, jnp.int32),
+        piece_depth=(length, jnp.int32),
+        piece_prefix=(length + (8,), jnp.int32),
+    )
     return out
+  if kind.target == "sample":
+    n = kind.n or cache_cfg.num_samples
+    return dict(
+        out,
+        ids=(length + (n,), jnp.int32),
+        counts=(length + (n,), jnp.float32),
+        unmapped_probs=(length + (n,), jnp.float32),
+    )
   k = kind.k or cache_cfg.k
   out.update(
       ids=(length + (k,), jnp.int32),
@@ -311,7 +323,9 @@ def _cross_tokenizer_settings(config, kind: RunKind, t_vocab, s_vocab):
     return {}
   out = {"cross_cfg": dict(config.distill.cross_tokenizer)}
   if kind.loss == "vocab_uld":
-    out["id_map"] = (np.arange(t_vocab) % s_vocab).astype(np.int32)
+    pieces = np.full((t_vocab, 8), -1, np.int32)
+    pieces[:, 0] = np.arange(t_vocab) % s_vocab
+    out["pieces"] = pieces
     out["unmapped_ids"] = np.arange(s_vocab) >= s_vocab // 2
   return out
 

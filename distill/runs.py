@@ -115,7 +115,7 @@ OPTIONAL = (*SIZES, "q", "lam", "init", "feat", "seq", "rope", "tok")
 LOSSES = {
     "label": ("alm",),
     "topk": ("ghost_kl", "sparse_kl", "vocab_uld"),
-    "sample": ("sampled_kl",),
+    "sample": ("sampled_kl", "vocab_uld"),
     "topk_tail": ("topk_tail_kl",),
 }
 
@@ -133,9 +133,11 @@ RUN_KINDS = {
     # Across tokenizers: the student's likelihood of each chunk of text
     # both tokenizations end at matches the teacher's (distill.losses.alm).
     "alm": RunKind("offline", "label", "alm"),
-    # Across tokenizers: the teacher's top-k over the tokens both
-    # vocabularies spell alike, ULD on the rest (distill.losses.vocab).
-    "vocab": RunKind("offline", "topk", "vocab_uld"),
+    # Across tokenizers: the teacher's sample (or top-k) projected onto the
+    # student's tokens through the student's tokenization of each teacher
+    # token, ULD on what cannot be (distill.losses.vocab).
+    "vocab": RunKind("offline", "sample", "vocab_uld"),
+    "vocab_topk": RunKind("offline", "topk", "vocab_uld"),
     # The same two with the teacher in the loop (no cache).
     "online_alm": RunKind("online", loss="alm"),
     "online_vocab": RunKind("online", "topk", "vocab_uld"),

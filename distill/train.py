@@ -356,8 +356,10 @@ def _cross_tokenizer_settings(config, workdir, kind, own, vocab_size):
     return {}
   out = {"cross_cfg": dict(config.distill.cross_tokenizer)}
   if kind.loss == "vocab_uld":
-    out["id_map"] = _vocab_tables(workdir, own)[2]
-    out["unmapped_ids"] = vocab.student_unmapped(out["id_map"], vocab_size)
+    out["pieces"] = _vocab_tables(workdir, own)[2]
+    out["unmapped_ids"] = vocab.student_unmapped(
+        out["pieces"][:, 0], vocab_size
+    )
   return out
 
 
@@ -547,17 +549,17 @@ def _batches(
 
 
 def _vocab_tables(workdir: str, own: bool):
-  """(teacher tokenizer, student tokenizer, ``align.vocab_map`` of the
-  two: teacher id -> student id of the same bytes, the specials by role)."""
+  """(teacher tokenizer, student tokenizer, ``align.teacher_pieces`` of the
+  two: each teacher token in student tokens, the specials by role)."""
   teacher_tok = tok.load_tokenizer(layout.tokenizer_path(workdir))
   student_tok = tok.load_tokenizer(student_vocab.tokenizer_path(workdir, own))
   specials = tok.special_ids(teacher_tok), tok.special_ids(student_tok)
-  id_map = align.vocab_map(
+  pieces = align.teacher_pieces(
       token_bytes.token_bytes(teacher_tok),
-      token_bytes.token_bytes(student_tok),
+      student_tok,
       {specials[0][role]: specials[1][role] for role in specials[0]},
   )
-  return teacher_tok, student_tok, id_map
+  return teacher_tok, student_tok, pieces
 
 
 def _packed(config, data_dir, num_rows, map_fn=None, seq_len=None, rows=None):
@@ -583,7 +585,7 @@ def _student_rows(
 ):
   """Cached teacher row -> the student's row over its bytes, aligned
   (``data.align``), for a cross-tokenizer run."""
-  teacher_tok, student_tok, id_map = _vocab_tables(workdir, own)
+  teacher_tok, student_tok, pieces = _vocab_tables(workdir, own)
   return align.CrossTokenizerRows(
       pipeline.tokens_dir(layout.data_dir(workdir), "train"),
       pipeline.tokens_dir(student_vocab.data_dir(workdir, own), "train"),
@@ -592,7 +594,7 @@ def _student_rows(
       seq_len=config.data.seq_len,
       student_len=student_len,
       pad=tok.special_ids(student_tok)["pad"],
-      id_map=id_map,
+      pieces=pieces,
       online=online,
   )
 

@@ -313,26 +313,58 @@ def test_own_tokenizer_export_matches_transformers_greedy(own_workdir):
   assert theirs == ours
 
 
-def test_vocab_map_on_two_small_tokenizers(byte_level):
+def test_teacher_pieces_on_two_small_tokenizers():
   """Two byte-level BPEs trained on the same text at 280 and 320 entries:
-  the smaller one's merges are a prefix of the larger one's, so every
-  token of the small one is spelled by the large one; tokens only the large
-  one has map to -1; specials map by role."""
+  the smaller one's merges are a prefix of the larger one's, so each token
+  of the large one is one or more tokens of the small one spelling its
+  bytes; the 40 merges only the large one has take two or more; specials
+  map by role."""
   small, large = tok.train_tokenizer(TEXTS, 280), tok.train_tokenizer(
       TEXTS, 320
   )
   sb, lb = tb.token_bytes(small), tb.token_bytes(large)
   eos = {tok.special_ids(large)["eos"]: tok.special_ids(small)["eos"]}
-  table = align.vocab_map(lb, sb, eos)
-  for teacher_id, student_id in enumerate(table):
-    if student_id >= 0 and lb[teacher_id]:
-      assert sb[student_id] == lb[teacher_id]
-  assert table[tok.special_ids(large)["eos"]] == tok.special_ids(small)["eos"]
-  assert table[tok.special_ids(large)["pad"]] == -1  # no role given
-  unmapped = [i for i, s in enumerate(table) if s < 0 and lb[i]]
-  assert len(unmapped) == 40 and all(len(lb[i]) > 1 for i in unmapped)
-  covered = vocab.student_unmapped(table, len(sb))
-  assert not covered[3:].any()  # every byte and merge of the small one
+  pieces = align.teacher_pieces(lb, small, eos)
+  counts = (pieces >= 0).sum(-1)
+  for teacher_id, row in enumerate(pieces):
+    if lb[teacher_id]:
+      assert b"".join(sb[i] for i in row[row >= 0]) == lb[teacher_id]
+  assert (counts[3:] >= 1).all() and (counts[3:] > 1).sum() == 40
+  assert (
+      pieces[tok.special_ids(large)["eos"], 0] == tok.special_ids(small)["eos"]
+  )
+  assert counts[tok.special_ids(large)["pad"]] == 0  # no role given
+  assert not vocab.student_unmapped(pieces[:, 0], len(sb))[3:].any()
+
+
+def test_projection_against_a_hand_computation():
+  """Teacher tokens 0: " theory" = student [5, 6], 1: " the" = [5],
+  2: " then" = [5, 7], 3: "<x>" (no student pieces). Where a teacher token
+  starts, all three give their probability to 5; one piece in (prefix
+  [5]), " the" has ended and the others go to their second piece."""
+  pieces = np.asarray([[5, 6], [5, -1], [5, 7], [-1, -1]], np.int32)
+  ids = np.asarray([[0, 1, 2, 3]] * 2)
+  lp = np.log(np.asarray([[0.5, 0.2, 0.1, 0.05]] * 2, np.float32))
+  prefix = np.asarray([[-1, -1], [5, -1]], np.int32)
+  got_ids, got_lp, unmapped = align.project_topk(
+      ids, lp, pieces, prefix, np.asarray([0, 1])
+  )
+  probs = lambda row: {
+      int(i): float(np.exp(v))
+      for i, v in zip(got_ids[row], got_lp[row])
+      if np.isfinite(v)
+  }
+  assert probs(0) == pytest.approx({5: 0.8})
+  assert probs(1) == pytest.approx({6: 0.5, 7: 0.1})
+  np.testing.assert_allclose(unmapped[0], [0.05, 0, 0, 0], atol=1e-7)
+  np.testing.assert_allclose(unmapped[1], 0.0)
+  # The same on the device, as an online run projects.
+  dev = align.project_topk(
+      jnp.asarray(ids), jnp.asarray(lp), jnp.asarray(pieces),
+      jnp.asarray(prefix), jnp.asarray([0, 1]), xp=jnp,
+  )  # fmt: skip
+  for a, b in zip(dev, (got_ids, got_lp, unmapped)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6)
 
 
 def test_uld_against_a_hand_computation():
@@ -346,23 +378,28 @@ def test_uld_against_a_hand_computation():
   )
 
 
-def test_vocab_uld_with_one_tokenizer_is_topk_sparse(tiny_prepared):
+@pytest.mark.parametrize("target", ["topk", "sample"])
+def test_vocab_uld_with_one_tokenizer_is_the_same_tokenizer_loss(
+    tiny_prepared, target
+):
   """Through the alignment with the teacher's own tokenizer on both sides,
   every label is aligned, every id maps to itself, ULD vanishes and the
-  vocab_uld loss equals topk_sparse's (values and gradients)."""
+  vocab_uld loss equals topk_sparse's (top-k) or sampled's (sample), values
+  and gradients."""
   data_dir = layout.data_dir(tiny_prepared)
   tokenizer = tok.load_tokenizer(layout.tokenizer_path(tiny_prepared))
   table_bytes = tb.token_bytes(tokenizer)
   ids_of = tok.special_ids(tokenizer)
-  id_map = align.vocab_map(
-      table_bytes, table_bytes, {i: i for i in ids_of.values()}
+  pieces = align.teacher_pieces(
+      table_bytes, tokenizer, {i: i for i in ids_of.values()}
   )
-  assert (id_map == np.arange(len(id_map))).all()
+  id_map = pieces[:, 0]
+  assert (id_map == np.arange(len(id_map))).all() and (pieces[:, 1:] < 0).all()
   directory = pipeline.tokens_dir(data_dir, "train")
   lengths = tb.byte_lengths(tokenizer)
   cross = align.CrossTokenizerRows(
       directory, directory, lengths, lengths, seq_len=32, student_len=32,
-      pad=0, id_map=id_map,
+      pad=0, pieces=pieces,
   )  # fmt: skip
   rows = pipeline.PackedRows(data_dir, "train", 32)
   rng = np.random.default_rng(5)
@@ -373,7 +410,11 @@ def test_vocab_uld_with_one_tokenizer_is_topk_sparse(tiny_prepared):
         [rng.choice(vocab_size, k, replace=False) for _ in range(32)]
     )
     lp = np.sort(-rng.exponential(2.0, (32, k)), -1)[:, ::-1].astype(np.float32)
-    record = dict(rows[index], ids=ids, log_probs=lp)
+    if target == "topk":
+      record = dict(rows[index], ids=ids, log_probs=lp)
+    else:  # unique ids, counts summing to 16, zero-count padding
+      counts = rng.multinomial(16, np.full(k, 1 / k), size=32)
+      record = dict(rows[index], ids=ids, counts=counts.astype(np.int32))
     records.append(record)
     batch.append(cross(record))
   stack = lambda key, xs: jnp.asarray(np.stack([x[key] for x in xs]))
@@ -385,15 +426,22 @@ def test_vocab_uld_with_one_tokenizer_is_topk_sparse(tiny_prepared):
 
   def crossed(logits):
     per = vocab.vocab_uld_per_token(
-        logits, stack("ids", batch), stack("log_probs", batch),
+        logits, stack("ids", batch),
+        stack("log_probs", batch) if target == "topk" else None,
         stack("unmapped_probs", batch), stack("aligned", batch), unmapped, 2.0,
+        counts=stack("counts", batch) if target == "sample" else None,
     )  # fmt: skip
     return losses.masked_mean(per, mask)
 
   def same(logits):
-    per = losses.sparse_kl_per_token(
-        logits, stack("ids", records), stack("log_probs", records), 2.0
-    )
+    if target == "topk":
+      per = losses.sparse_kl_per_token(
+          logits, stack("ids", records), stack("log_probs", records), 2.0
+      )
+    else:
+      per = losses.sampled_kl_per_token(
+          logits, stack("ids", records), stack("counts", records), 2.0
+      )
     return losses.masked_mean(per, mask)
 
   got, grad = jax.value_and_grad(crossed)(logits)
@@ -402,7 +450,7 @@ def test_vocab_uld_with_one_tokenizer_is_topk_sparse(tiny_prepared):
   np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("offline", ["alm", "vocab"])
+@pytest.mark.parametrize("offline", ["alm", "vocab_topk"])
 def test_online_losses_equal_the_cached_ones(own_workdir, offline):
   """With the teacher in the loop on its own rows, the cross-tokenizer
   losses equal those read from the cache on the same rows: exactly the
@@ -410,9 +458,9 @@ def test_online_losses_equal_the_cached_ones(own_workdir, offline):
   config = own_config()
   teacher = load_teacher(layout.teacher_dir(own_workdir))
   student = Student(distill_train.model_config(config, 300), rngs=nnx.Rngs(0))
-  _, _, id_map = distill_train._vocab_tables(own_workdir, True)  # pylint: disable=protected-access
+  _, _, pieces = distill_train._vocab_tables(own_workdir, True)  # pylint: disable=protected-access
   losses_of = {}
-  for run in (offline, f"online_{offline}"):
+  for run in (offline, "online_" + offline.removesuffix("_topk")):
     kind = distill_train.run_kind(run)
     make, temperature = distill_train._batches(  # pylint: disable=protected-access
         config, own_workdir, run, kind, teacher, 300, True
@@ -421,7 +469,7 @@ def test_online_losses_equal_the_cached_ones(own_workdir, offline):
     loss_fn = objective.loss_fn_for(
         kind, config.distill, temperature, topk_k=config.cache.k,
         cross_cfg=dict(config.distill.cross_tokenizer),
-        unmapped_ids=vocab.student_unmapped(id_map, 300), id_map=id_map,
+        unmapped_ids=vocab.student_unmapped(pieces[:, 0], 300), pieces=pieces,
     )  # fmt: skip
     frozen = (teacher,) if kind.mode == "online" else ()
     loss, metrics = jax.jit(lambda m, b, fn=loss_fn, f=frozen: fn(m, b, 0, *f))(

@@ -1,20 +1,26 @@
 """Cross-tokenizer distillation: a vocabulary mapping plus ULD.
 
-Where the teacher's next token and the student's start at the same byte
-(``data.align.starts``), both predict the text that follows one prefix, each
-over its own vocabulary. Many tokens are spelled with the same bytes in both
-(``data.align.vocab_map``): over those the teacher's top-k distribution is a
-distribution over student ids, and the student learns it with the sparse KL
-of same-tokenizer distillation (``sparse_kl_per_token``) - the exact
-vocabulary mapping of TRL's GOLD trainer. The teacher's mass on tokens the
-student cannot spell in one token is compared without a mapping, by sorted
-probabilities: the L1 distance between the teacher's unmapped probabilities
-and the student's largest probabilities on its ids no teacher token maps to,
-each sorted (Universal Logit Distillation, Boizard et al. 2024; with one
-vocabulary it is zero).
+The teacher's top-k next-token distribution is carried into the student's
+vocabulary through the student's tokenization of each teacher token
+(``data.align.project_topk``): a teacher token the student spells as one
+token maps to it (the exact mapping of TRL's GOLD trainer); one it spells
+as several gives its probability to its first piece where it starts, and,
+conditioned on the pieces so far, to the next piece inside it (GOLD's
+merging of split tokens, here exact when the student's BPE merges are a
+prefix of the teacher's). The student learns the projected distribution
+with the loss of the same-tokenizer run on that target: the sparse KL of a
+top-k (``sparse_kl_per_token``) or the sampled KL of a sample (each draw
+goes to its piece; draws inconsistent with the pieces so far drop out, so
+the rest estimate the conditional distribution). Teacher mass on tokens the student cannot spell
+at all (specials without a counterpart; text a non-byte-level student
+cannot tokenize) is compared without a mapping, by sorted probabilities:
+the L1 distance between those probabilities and the student's largest ones
+on ids no teacher token maps to, each sorted (Universal Logit Distillation,
+Boizard et al. 2024; zero between byte-level BPEs).
 
-With one tokenizer every id maps to itself, every position is aligned and
-the loss is the ``topk_sparse`` run's, value for value.
+With one tokenizer every teacher token is one student token, every label
+has a target, and the loss is the ``topk_sparse`` run's (top-k) or the
+``sampled`` run's (sample), value for value.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from distill.losses import terms
 
 
 def student_unmapped(id_map: np.ndarray, student_vocab: int) -> np.ndarray:
-  """bool [V_student]: the student ids no teacher token maps to."""
+  """bool [V_student]: the student ids no teacher token maps to
+  (``id_map``: a student id per teacher id, e.g. each one's first piece)."""
   out = np.ones(student_vocab, bool)
   out[id_map[(id_map >= 0) & (id_map < student_vocab)]] = False
   return out
@@ -54,11 +61,16 @@ def vocab_uld_per_token(
     unmapped_ids: np.ndarray | None,
     temperature=1.0,
     uld_weight=1.0,
+    counts=None,
 ):
-  """KD at the aligned positions, 0 elsewhere: sparse KL over the mapped
-  top-k ids (``log_probs`` -inf where unmapped) plus ``uld_weight`` times
-  ULD on the rest. -> [B, T]."""
-  kd = terms.sparse_kl_per_token(logits, ids, log_probs, temperature)
+  """KD at the labels with a projected target, 0 elsewhere: the sparse KL
+  over the projected top-k (``log_probs``, -inf padding), or with
+  ``counts`` (a projected sample) the sampled KL, plus ``uld_weight`` times
+  ULD on the unprojectable rest. -> [B, T]."""
+  if counts is not None:
+    kd = terms.sampled_kl_per_token(logits, ids, counts, temperature)
+  else:
+    kd = terms.sparse_kl_per_token(logits, ids, log_probs, temperature)
   if unmapped_ids is not None and np.any(unmapped_ids):
     kd = kd + uld_weight * uld_per_token(
         logits, unmapped_probs, unmapped_ids, temperature
