@@ -65,6 +65,7 @@ def _cached_kd(kind: RunKind, logits, t, temperature, cross=None):
         temperature,
         weight,
         counts=t.get("counts"),
+        labels=t["labels"],
     )
   if kind.loss == "sparse_kl":
     return losses.sparse_kl_per_token(
@@ -241,6 +242,7 @@ def _online_vocab_per_token(teacher, k, mix, cfg, unmapped_ids, pieces):
         unmapped_ids,
         temperature,
         cfg.get("uld_weight", 1.0),
+        labels=t["labels"],
     )
     ce = losses.cross_entropy_per_token(logits, t["labels"])
     return losses.mix_losses(ce, kd, alpha, temperature)

@@ -484,3 +484,20 @@ def test_online_losses_equal_the_cached_ones(own_workdir, offline):
   assert float(cached) > (1e-4 if offline == "alm" else 0.1)
   tolerance = 1e-5 if offline == "alm" else 1e-3
   np.testing.assert_allclose(live, cached, rtol=tolerance)
+
+
+def test_vocab_uld_falls_back_to_the_text_where_no_draw_agrees():
+  """A position whose projected sample kept no draw trains on the text's
+  next piece (cross-entropy); the others on the sampled KL."""
+  rng = np.random.default_rng(6)
+  logits = jnp.asarray(rng.normal(size=(1, 2, 9)), jnp.float32)
+  ids = jnp.asarray([[[1, 2], [3, 4]]])
+  counts = jnp.asarray([[[3.0, 1.0], [0.0, 0.0]]])
+  labels = jnp.asarray([[5, 7]])
+  got = vocab.vocab_uld_per_token(
+      logits, ids, None, jnp.zeros((1, 2, 2)), jnp.asarray([[True, True]]),
+      None, counts=counts, labels=labels,
+  )  # fmt: skip
+  want_kd = losses.sampled_kl_per_token(logits, ids, counts)[0, 0]
+  want_ce = losses.cross_entropy_per_token(logits, labels)[0, 1]
+  np.testing.assert_allclose(got[0], [want_kd, want_ce], rtol=1e-6)

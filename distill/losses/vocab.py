@@ -62,15 +62,24 @@ def vocab_uld_per_token(
     temperature=1.0,
     uld_weight=1.0,
     counts=None,
+    labels=None,
 ):
   """KD at the labels with a projected target, 0 elsewhere: the sparse KL
   over the projected top-k (``log_probs``, -inf padding), or with
   ``counts`` (a projected sample) the sampled KL, plus ``uld_weight`` times
-  ULD on the unprojectable rest. -> [B, T]."""
+  ULD on the unprojectable rest. Where the projection kept nothing (no
+  draw, or no top-k id, agrees with the pieces so far: the teacher put the
+  text's token outside them), the target is the text's own next piece,
+  ``labels`` (cross-entropy), when given. -> [B, T]."""
   if counts is not None:
     kd = terms.sampled_kl_per_token(logits, ids, counts, temperature)
+    empty = jnp.sum(counts, axis=-1) == 0
   else:
     kd = terms.sparse_kl_per_token(logits, ids, log_probs, temperature)
+    empty = jnp.all(log_probs == -jnp.inf, axis=-1)
+  if labels is not None:
+    ce = terms.cross_entropy_per_token(logits, labels)
+    kd = jnp.where(empty, ce, kd)
   if unmapped_ids is not None and np.any(unmapped_ids):
     kd = kd + uld_weight * uld_per_token(
         logits, unmapped_probs, unmapped_ids, temperature
