@@ -70,16 +70,24 @@ def vocab_uld_per_token(
   ULD on the unprojectable rest. Where the projection kept nothing (no
   draw, or no top-k id, agrees with the pieces so far: the teacher put the
   text's token outside them), the target is the text's own next piece,
-  ``labels`` (cross-entropy), when given. -> [B, T]."""
+  ``labels`` (all of it, at the same temperature), when given. -> [B, T]."""
+  first = jnp.arange(ids.shape[-1]) == 0
   if counts is not None:
-    kd = terms.sampled_kl_per_token(logits, ids, counts, temperature)
     empty = jnp.sum(counts, axis=-1) == 0
   else:
-    kd = terms.sparse_kl_per_token(logits, ids, log_probs, temperature)
     empty = jnp.all(log_probs == -jnp.inf, axis=-1)
-  if labels is not None:
-    ce = terms.cross_entropy_per_token(logits, labels)
-    kd = jnp.where(empty, ce, kd)
+  if labels is not None:  # one draw (or all the mass) on the text's piece
+    fill = empty[..., None] & first
+    ids = jnp.where(fill, labels[..., None], ids)
+    if counts is not None:
+      counts = jnp.where(fill, 1.0, counts)
+    else:
+      log_probs = jnp.where(fill, 0.0, log_probs)
+  # One softmax of the student's logits serves both cases.
+  if counts is not None:
+    kd = terms.sampled_kl_per_token(logits, ids, counts, temperature)
+  else:
+    kd = terms.sparse_kl_per_token(logits, ids, log_probs, temperature)
   if unmapped_ids is not None and np.any(unmapped_ids):
     kd = kd + uld_weight * uld_per_token(
         logits, unmapped_probs, unmapped_ids, temperature
