@@ -456,7 +456,13 @@ def _train_run(config, workdir: str, run: str, init_from) -> dict[str, Any]:
 
 
 def _batches(
-    config, workdir: str, run: str, kind: RunKind, teacher, vocab_size, own
+    config,
+    workdir: str,
+    run: str,
+    kind: RunKind,
+    teacher,
+    vocab_size,
+    own: bool = False,
 ):
   """``(make_iterator, the cache's temperature or None)`` of a run: batches of
   the logit cache's records (a run that reads a target, after checking the

@@ -198,7 +198,9 @@ def test_damaged_or_partial_tail_sections_are_refused():
 
 
 def test_version_1_records_still_read():
-  """A version-1 record (no tail section) decodes as it always did."""
+  """A version-1 record (no tail section) and a version-2 record (no label
+  section) decode as they always did; the sections they lacked are refused
+  under their version."""
   rng = np.random.default_rng(1)
   lp = np.log(rng.dirichlet(np.ones(V), 6)).astype(np.float32)
   ids, vals, tail = sparse_targets.topk_from_log_probs(lp, K)
@@ -212,10 +214,22 @@ def test_version_1_records_still_read():
           topk_tail=tail,
       )
   )
-  assert record[4] == 2
-  record[4] = 1  # the layout of everything but the tail is unchanged
-  out = cf.decode_record(bytes(record), V)
-  np.testing.assert_array_equal(out["topk_ids"], ids)
+  assert record[4] == cf.VERSION == 3
+  for version in (1, 2):  # the layout of everything but the new sections
+    record[4] = version
+    out = cf.decode_record(bytes(record), V)
+    np.testing.assert_array_equal(out["topk_ids"], ids)
+  labelled = bytearray(
+      cf.encode_record(
+          rng.integers(0, V, 7),
+          np.ones(7, int),
+          vocab_size=V,
+          label_log_probs=np.zeros(6, np.float32),
+      )
+  )
+  labelled[4] = 2  # version 2 had no label section
+  with pytest.raises(cf.CacheFormatError, match="corrupt record header"):
+    cf.decode_record(bytes(labelled), V)
   tailed, _ = _record()
   tailed = bytearray(tailed)
   tailed[4] = 1  # version 1 had no tail section
