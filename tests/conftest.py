@@ -161,6 +161,7 @@ LONGEST_FIRST = (
     "test_distributed.py",  # slow
     "test_faults.py",  # slow
     "test_run.py",  # the whole tiny main job
+    "test_cross_tokenizer.py",  # three tiny students of two tokenizers
     "test_on_policy.py",
     "test_sharding.py",
     "test_speculative.py",
