@@ -110,32 +110,26 @@ def teacher_pieces(
   return out
 
 
-def merge_duplicates(ids, probs, xp=np):
+def merge_duplicates(ids, weights, xp=np):
   """Per row of [..., k]: equal ids merged, their weights summed. Returns
   (ids sorted, weights): each id's total at its last copy, 0 at the others.
   ``xp``: numpy or jax.numpy."""
   order = xp.argsort(ids, axis=-1)
   ids = xp.take_along_axis(ids, order, axis=-1)
-  probs = xp.take_along_axis(probs, order, axis=-1)
+  weights = xp.take_along_axis(weights, order, axis=-1)
   last = xp.concatenate(
       [ids[..., 1:] != ids[..., :-1], xp.ones_like(ids[..., :1], bool)], -1
   )
-  total = xp.cumsum(probs, axis=-1)
+  total = xp.cumsum(weights, axis=-1)
   before = xp.where(last, total, 0.0)
   # The cumulative sum at the previous run's end: the running maximum of
   # run-end totals (they only grow), shifted one place right.
-  ends = (
-      xp.maximum.accumulate(before, axis=-1)
-      if xp is np
-      else (jax_cummax(before))
-  )
+  if xp is np:
+    ends = np.maximum.accumulate(before, axis=-1)
+  else:
+    ends = jax.lax.cummax(before, axis=before.ndim - 1)
   previous = xp.concatenate([xp.zeros_like(ends[..., :1]), ends[..., :-1]], -1)
   return ids, xp.where(last, xp.maximum(total - previous, 0.0), 0.0)
-
-
-def jax_cummax(x):
-  """Running maximum along the last axis (jax.numpy)."""
-  return jax.lax.cummax(x, axis=x.ndim - 1)
 
 
 def project_topk(ids, log_probs, pieces, prefix, depth, xp=np):
