@@ -46,7 +46,7 @@ def test_benchmark_reports_every_ratio(tmp_path):
   assert ratios["on_policy"] > ratios["sampled"]
   assert 0 < bench["students"]["train_flops_over_matmul"]
   assert 0 < bench["cache"]["cache_over_forward"]
-  assert bench["cache"]["methods"] == ["sample", "topk", "topk_tail"]
+  assert bench["cache"]["methods"] == ["label", "sample", "topk", "topk_tail"]
   for b in (1, 8):
     assert bench["decode"][f"batch_{b}"]["decode_student_over_teacher"] > 0
     for model in ("student", "teacher"):
