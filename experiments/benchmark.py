@@ -15,7 +15,10 @@ machine they came from. Measured here:
 - ``students``: a training step of the config's student with each run's loss
   (``--runs``; offline runs get targets of the cache's shapes, online runs the
   teacher in the loop, an on_policy run generates every step: its time is
-  the student's generation of the rows plus the step on them), as
+  the student's generation of the rows plus the step on them; a
+  cross-tokenizer run gets an aligned batch of the same shapes, as if the
+  student spoke the teacher's tokenizer: the alignment itself is host work
+  in the input pipeline, not in the step), as
   ``step_time_over_ce``; the CE step's
   ``train_flops_over_matmul`` (model FLOPs utilisation: FLOPs per step over
   step time, over the matmul rate), ``compile_s`` per run, and the CE step
@@ -187,6 +190,46 @@ def _batch(
   return {"base": batch, "topk": topk, "sample": sample, "topk_tail": topk_tail}
 
 
+def _cross_tokenizer_batch(kind, batches, config, vocab: int):
+  """A cross-tokenizer run's batch and ``loss_fn_for`` keywords, as if the
+  student spoke the teacher's tokenizer (each token its own chunk, every
+  label aligned): the step's cost, not the data's meaning."""
+  base = batches["base"]
+  b, t = base["tokens"].shape[0], base["tokens"].shape[1] - 1
+  every = np.ones((b, t), bool)
+  spots = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+  batch: dict[str, np.ndarray] = {}
+  if kind.mode == "online":
+    batch.update({f"teacher_{k}": base[k] for k in base})
+  pieces = np.full((vocab, 8), -1, np.int32)
+  pieces[:, 0] = np.arange(vocab)
+  settings = {"cross_cfg": dict(config.distill.cross_tokenizer)}
+  if kind.loss == "alm":
+    batch.update(chunk=spots, chunk_valid=every)
+    if kind.mode == "online":
+      batch["teacher_chunk"] = spots
+    else:
+      batch["chunk_log_probs"] = np.full((b, t), -3.0, np.float32)
+    return batch, settings
+  settings.update(pieces=pieces, unmapped_ids=np.zeros(vocab, bool))
+  batch["aligned"] = every
+  if kind.mode == "online":
+    batch.update(
+        teacher_position=spots,
+        piece_depth=np.zeros((b, t), np.int32),
+        piece_prefix=np.full((b, t, 8), -1, np.int32),
+    )
+    return batch, settings
+  target = dict(batches[kind.target])
+  target.pop("tail", None)
+  if "counts" in target:
+    target["counts"] = target["counts"].astype(np.float32)
+  width = target["ids"].shape[-1]
+  target["unmapped_probs"] = np.zeros((b, t, width), np.float32)
+  batch.update(target)
+  return batch, settings
+
+
 def _step_timing(loss_fn, model, loop, batch, frozen, repeats, prepare=None):
   """(compile seconds, median seconds) of one training step of ``loss_fn``
   (after ``prepare(model, batch, step)``, the on-policy generation, if
@@ -242,16 +285,20 @@ def step_ratios(
           distill_train.on_policy_config(config, kind), lam=1.0
       )
       prepare = on_policy.prepare_fn(policy, config.seed)
+    batch, cross = dict(batches["base"]), {}
+    if kind.cross_tokenizer:
+      extra, cross = _cross_tokenizer_batch(kind, batches, config, vocab)
+      batch.update(extra)
+    elif kind.reads_cache:
+      batch.update(batches[kind.target])
     loss_fn = distill_train.loss_fn_for(
         kind,
         config.distill,
         cache_temperature=1.0,
         topk_k=config.cache.k,
         on_policy_cfg=policy,
+        **cross,
     )
-    batch = dict(batches["base"])
-    if kind.reads_cache:
-      batch.update(batches[kind.target])
     frozen = (teacher,) if kind.needs_teacher else ()
     compile_s[run], seconds[run] = _step_timing(
         loss_fn,

@@ -32,6 +32,11 @@ def test_benchmark_reports_every_ratio(tmp_path):
   bench = json.loads(out.read_text())
   ratios = bench["students"]["step_time_over_ce"]
   assert set(ratios) == {
+      "alm",
+      "vocab",
+      "vocab_topk",
+      "online_alm",
+      "online_vocab",
       "ce",
       "online",
       "online_topk",
