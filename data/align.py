@@ -299,7 +299,6 @@ class CrossTokenizerRows:
     self._student_starts = self._student_ends - student_lengths[
         student_tokens
     ].astype(np.int64)
-    self.num_rows = teacher.num_tokens // self._row_len
 
   def student_span(self, index: int) -> tuple[int, int]:
     """Stream token range [start, stop) of the student tokens inside
@@ -347,17 +346,17 @@ class CrossTokenizerRows:
     if self._pieces is not None and (self.online or "ids" in record):
       out.update(
           self._distributions(
-              record, t_ends, t_valid, s_ends, s_valid, first, start
+              record, t_ends, t_valid, s_ends, s_valid, first, start, tokens
           )
       )
     return out
 
   def _distributions(
-      self, record, t_ends, t_valid, s_ends, s_valid, first, start
+      self, record, t_ends, t_valid, s_ends, s_valid, first, start, tokens
   ):
     """Where each student label sits in the teacher's tokens, and (cached
     target) the teacher's top-k there projected onto the student's next
-    token (``project_topk``)."""
+    token (``project_topk``); ``tokens``: the student's row."""
     t_starts = np.concatenate(
         [[self._teacher_ends[first - 1] if first else 0], t_ends[:-1]]
     )
@@ -376,7 +375,6 @@ class CrossTokenizerRows:
     steps = np.zeros(lengths, np.int32)
     steps[rows] = depth[ok]
     prefix = np.full((lengths, width), -1, np.int32)
-    tokens = self._student.tokens(start, start + len(s_ends)).astype(np.int32)
     for row, label, m in zip(rows, labels[ok], depth[ok]):
       prefix[row, :m] = tokens[label - m : label]
     if self.online:  # the step projects the teacher's top-k there

@@ -63,24 +63,32 @@ def _kinds(spec: dict) -> set[str]:
   return kinds
 
 
-def is_byte_level(tokenizer: Tokenizer) -> bool:
-  """Whether the tokenizer is a byte-level BPE (its pieces spell bytes)."""
-  spec = json.loads(tokenizer.to_str())
+@functools.cache
+def _char_of_byte() -> dict[int, str]:
+  return {b: c for c, b in _byte_of_char().items()}
+
+
+def _spec_is_byte_level(spec: dict) -> bool:
   return "ByteLevel" in (
       _kinds(spec.get("decoder")) | _kinds(spec.get("pre_tokenizer"))
   )
 
 
+def is_byte_level(tokenizer: Tokenizer) -> bool:
+  """Whether the tokenizer is a byte-level BPE (its pieces spell bytes)."""
+  return _spec_is_byte_level(json.loads(tokenizer.to_str()))
+
+
 def byte_level_string(data: bytes) -> str:
   """``data`` in a byte-level BPE's alphabet (what its model merges)."""
-  chars = {b: c for c, b in _byte_of_char().items()}
+  chars = _char_of_byte()
   return "".join(chars[b] for b in data)
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
   """The bytes of every id of ``tokenizer`` (b"" for special tokens)."""
   spec = json.loads(tokenizer.to_str())
-  byte_level = is_byte_level(tokenizer)
+  byte_level = _spec_is_byte_level(spec)
   specials = {t["id"] for t in spec.get("added_tokens", []) if t["special"]}
   table = _byte_of_char()
   out = []

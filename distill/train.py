@@ -61,10 +61,12 @@ temperature, online runs may follow a temperature schedule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
 
+import numpy as np
 from absl import flags
 from flax import nnx
 
@@ -356,7 +358,7 @@ def _cross_tokenizer_settings(config, workdir, kind, own, vocab_size):
     return {}
   out = {"cross_cfg": dict(config.distill.cross_tokenizer)}
   if kind.loss == "vocab_uld":
-    out["pieces"] = _vocab_tables(workdir, own)[2]
+    out["pieces"] = teacher_pieces(workdir, own)
     out["unmapped_ids"] = vocab.student_unmapped(
         out["pieces"][:, 0], vocab_size
     )
@@ -496,7 +498,7 @@ def _batches(
     )
     num_rows = cache.planned_records(config.cache.max_rows, train_rows)
   if kind.cross_tokenizer and not kind.reads_cache:  # online: teacher rows
-    rows_fn = _student_rows(config, workdir, seq_len, own, online=True)
+    rows_fn = _student_rows(config, workdir, seq_len, own, kind)
     return _packed(config, layout.data_dir(workdir), num_rows, rows_fn), None
   if not kind.reads_cache:
     if num_rows is not None and own:  # rows of the same bytes, not tokens
@@ -533,7 +535,7 @@ def _batches(
   cache.check_matches(manifest, expect, cache_dir)
   _check_sizes(run, kind, manifest)
   rows_fn = (
-      _student_rows(config, workdir, seq_len, own)
+      _student_rows(config, workdir, seq_len, own, kind)
       if kind.cross_tokenizer
       else None
   )
@@ -554,18 +556,32 @@ def _batches(
   )
 
 
-def _vocab_tables(workdir: str, own: bool):
-  """(teacher tokenizer, student tokenizer, ``align.teacher_pieces`` of the
-  two: each teacher token in student tokens, the specials by role)."""
-  teacher_tok = tok.load_tokenizer(layout.tokenizer_path(workdir))
-  student_tok = tok.load_tokenizer(student_vocab.tokenizer_path(workdir, own))
+def teacher_pieces(workdir: str, own: bool) -> np.ndarray:
+  """``align.teacher_pieces`` of the workdir's two tokenizers: each teacher
+  token in student tokens, the specials by role. Made once per pair of
+  tokenizer files in a process (the loss and the input pipeline both need
+  it; tokenizing every teacher token takes a while at 150k entries)."""
+  teacher_path = layout.tokenizer_path(workdir)
+  student_path = student_vocab.tokenizer_path(workdir, own)
+  return _pieces_of(
+      teacher_path,
+      student_path,
+      tok.tokenizer_hash(teacher_path),
+      tok.tokenizer_hash(student_path),
+  )
+
+
+@functools.lru_cache(maxsize=4)
+def _pieces_of(teacher_path, student_path, teacher_hash, student_hash):
+  del teacher_hash, student_hash  # the key: the files' contents
+  teacher_tok = tok.load_tokenizer(teacher_path)
+  student_tok = tok.load_tokenizer(student_path)
   specials = tok.special_ids(teacher_tok), tok.special_ids(student_tok)
-  pieces = align.teacher_pieces(
+  return align.teacher_pieces(
       token_bytes.token_bytes(teacher_tok),
       student_tok,
       {specials[0][role]: specials[1][role] for role in specials[0]},
   )
-  return teacher_tok, student_tok, pieces
 
 
 def _packed(config, data_dir, num_rows, map_fn=None, seq_len=None, rows=None):
@@ -587,11 +603,16 @@ def _packed(config, data_dir, num_rows, map_fn=None, seq_len=None, rows=None):
 
 
 def _student_rows(
-    config, workdir: str, student_len: int, own: bool, online: bool = False
+    config, workdir: str, student_len: int, own: bool, kind: RunKind
 ):
-  """Cached teacher row -> the student's row over its bytes, aligned
-  (``data.align``), for a cross-tokenizer run."""
-  teacher_tok, student_tok, pieces = _vocab_tables(workdir, own)
+  """Cached (or, online, packed) teacher row -> the student's row over its
+  bytes, aligned (``data.align``), for a cross-tokenizer run; the teacher
+  tokens' pieces only for a vocab_uld run, which projects with them."""
+  teacher_tok = tok.load_tokenizer(layout.tokenizer_path(workdir))
+  student_tok = tok.load_tokenizer(student_vocab.tokenizer_path(workdir, own))
+  pieces = None
+  if kind.loss == "vocab_uld":
+    pieces = teacher_pieces(workdir, own)
   return align.CrossTokenizerRows(
       pipeline.tokens_dir(layout.data_dir(workdir), "train"),
       pipeline.tokens_dir(student_vocab.data_dir(workdir, own), "train"),
@@ -601,7 +622,7 @@ def _student_rows(
       student_len=student_len,
       pad=tok.special_ids(student_tok)["pad"],
       pieces=pieces,
-      online=online,
+      online=kind.mode == "online",
   )
 
 

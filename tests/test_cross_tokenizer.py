@@ -458,7 +458,7 @@ def test_online_losses_equal_the_cached_ones(own_workdir, offline):
   config = own_config()
   teacher = load_teacher(layout.teacher_dir(own_workdir))
   student = Student(distill_train.model_config(config, 300), rngs=nnx.Rngs(0))
-  _, _, pieces = distill_train._vocab_tables(own_workdir, True)  # pylint: disable=protected-access
+  pieces = distill_train.teacher_pieces(own_workdir, True)
   losses_of = {}
   for run in (offline, "online_" + offline.removesuffix("_topk")):
     kind = distill_train.run_kind(run)
