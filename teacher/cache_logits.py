@@ -89,8 +89,12 @@ def _row_targets(
       logits[None].astype(jnp.float32) / temperature, axis=-1
   )
   out = {}
-  if "label" in methods:
-    natural = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if "label" in methods:  # at temperature 1: the same softmax when T = 1
+    natural = (
+        log_probs[0]
+        if temperature == 1.0
+        else jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    )
     labels = uniforms["label"][0]  # [C, 1]
     out["label_log_probs"] = jnp.take_along_axis(natural, labels, -1).T
   if "topk" in methods:
@@ -443,11 +447,12 @@ def _write_shards(
       rows = [rows_source[j] for j in range(start, end)]
       # One compiled shape: the last rows repeat to fill the batch.
       padded = rows + [rows[-1]] * (local - len(rows))
-      batch = {
-          key: np.stack([r[key] for r in padded])[:, :-1]
+      stacked = {
+          key: np.stack([r[key] for r in padded])
           for key in ("tokens", "segment_ids", "positions")
       }
-      batch["labels"] = np.stack([r["tokens"] for r in padded])[:, 1:]
+      batch = {key: value[:, :-1] for key, value in stacked.items()}
+      batch["labels"] = stacked["tokens"][:, 1:]
       batch["row_ids"] = np.asarray(
           [start + min(j, len(rows) - 1) for j in range(local)], np.int32
       )
