@@ -116,16 +116,21 @@ class SplitWork:
   """One split's tokenizing: its units, shared by every process and worker
   (``data.shards``), the part this process does, and the manifest."""
 
-  def __init__(
-      self, source, text_key, tpath, ddir, split, config, max_tokens=None
-  ):
+  def __init__(self, source, text_key, tpath, ddir, split, config, budget=None):
+    """``budget(tokens per document) -> max_tokens``: the split's token
+    bound from this tokenizer's estimate (default: ``token_budget`` for the
+    train split, 0 for the others)."""
     self.split = split
     self.out_dir = pipeline.tokens_dir(ddir, split)
     tokenizer = tok.load_tokenizer(tpath)
     vocab_size = tokenizer.get_vocab_size()
-    if max_tokens is None:
-      max_tokens = token_budget(config) if split == corpus.TRAIN else 0
-    self.max_tokens = max_tokens
+    self.tokens_per_doc = shards.estimate_tokens_per_doc(
+        source, text_key, tokenizer
+    )
+    if budget is None:
+      self.max_tokens = token_budget(config) if split == corpus.TRAIN else 0
+    else:
+      self.max_tokens = budget(self.tokens_per_doc)
     self.job = shards.Job(
         source=source,
         text_key=text_key,
@@ -144,9 +149,6 @@ class SplitWork:
         "shard_tokens": self.job.shard_tokens,
         "max_tokens": self.max_tokens,
     }
-    self.tokens_per_doc = shards.estimate_tokens_per_doc(
-        source, text_key, tokenizer
-    )
     self.units = shards.plan_units(
         len(source),
         self.tokens_per_doc,
@@ -452,14 +454,15 @@ def _student_tokenizer(config, path: str, train_source, text_key: str) -> str:
   return "copied"
 
 
-def _student_budget(teacher_meta: dict, work: SplitWork, teacher_tpd: float):
+def _student_budget(teacher_meta: dict, student_tpd: float, teacher_tpd):
   """The student split's token bound: the whole split when the teacher's
   kept every document, else the teacher's bound scaled by the student's
   tokens per document, with a margin (the student's stream must cover the
-  teacher's rows' bytes)."""
+  teacher's rows' bytes). ``teacher_tpd()``: the teacher tokenizer's
+  estimate, made only when needed."""
   if teacher_meta["num_docs"] >= teacher_meta["corpus_docs"]:
     return 0
-  ratio = work.tokens_per_doc / max(teacher_tpd, 1e-9)
+  ratio = student_tpd / max(teacher_tpd(), 1e-9)
   return int(teacher_meta["num_tokens"] * ratio * 1.1) + 1
 
 
@@ -478,18 +481,17 @@ def _prepare_student_side(config, workdir: str, summary: dict) -> dict:
   sharding.barrier("data.prepare: student tokenizer")
   works = {}
   for name, source in sources.items():
-    work = SplitWork(source, text_key, spath, sddir, name, config, 0)
+    budget = lambda _: 0
     if name == corpus.TRAIN:
-      teacher = SplitWork(
-          source, text_key, layout.tokenizer_path(workdir), ddir, name, config
+      teacher_tpd = lambda source=source: shards.estimate_tokens_per_doc(
+          source, text_key, tok.load_tokenizer(layout.tokenizer_path(workdir))
       )
-      work = SplitWork(
-          source, text_key, spath, sddir, name, config,
-          _student_budget(
-              summary["splits"][name], work, teacher.tokens_per_doc
-          ),
-      )  # fmt: skip
-    works[name] = work
+      budget = lambda tpd, name=name, t=teacher_tpd: _student_budget(
+          summary["splits"][name], tpd, t
+      )
+    works[name] = SplitWork(
+        source, text_key, spath, sddir, name, config, budget
+    )
   if sharding.is_main():
     for work in works.values():
       work.clear_stale()
