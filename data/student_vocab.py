@@ -71,6 +71,21 @@ def data_dir(workdir: str, is_own: bool) -> str:
   return layout.data_dir(workdir)
 
 
+def speaks_own(workdir: str, payload: dict) -> bool:
+  """Whether the model folder whose ``config.json`` is ``payload`` speaks
+  the workdir's own student tokenizer (the hash it records is that file's,
+  and not the teacher's)."""
+  path = layout.student_tokenizer_path(workdir)
+  if not os.path.isfile(path):
+    return False
+  own = tok.tokenizer_hash(path)
+  return (
+      payload.get("tokenizer_hash")
+      == own
+      != tok.tokenizer_hash(layout.tokenizer_path(workdir))
+  )
+
+
 def vocab_size(workdir: str, is_own: bool) -> int:
   return tok.load_tokenizer(tokenizer_path(workdir, is_own)).get_vocab_size()
 

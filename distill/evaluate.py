@@ -311,10 +311,10 @@ def cross_tokenizer_headline(
       and "init" not in (e.get("parts") or {})
       and e.get("bits_per_byte") is not None
   }
-  ce = next((e for e in own.values() if e.get("mode") == "ce"), None)
-  distilled = {n: e for n, e in own.items() if e.get("mode") != "ce"}
   if not own:
     return None
+  ce = report.ce_baseline(own, own=True)
+  distilled = {n: e for n, e in own.items() if e.get("mode") != "ce"}
   best = (
       min(distilled, key=lambda n: distilled[n]["bits_per_byte"])
       if distilled
@@ -391,7 +391,11 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   # Students that speak their own tokenizer are scored on its streams, in
   # bits per byte beside the others; what needs the teacher's vocabulary
   # (KL, speculative decoding, the teacher's judgement) leaves them out.
-  own = own_tokenizer_models(workdir, payloads)
+  own = {
+      name
+      for name, payload in payloads.items()
+      if name != "teacher" and student_vocab.speaks_own(workdir, payload)
+  }
   for name in own:
     models[name]["tokenizer"] = "own"
   shared = {n: m for n, m in loaded.items() if n not in own}
@@ -481,22 +485,6 @@ def _entry(name, path, payload, model):
   entry["kv_cache_bytes_per_token"] = metrics.model_kv_bytes(model.config)
   entry["quantization"] = getattr(model, "quantization", None)
   return entry
-
-
-def own_tokenizer_models(workdir: str, payloads: dict[str, dict]) -> set[str]:
-  """The students whose folder records the student's own tokenizer
-  (``W/student_tokenizer.json``), not the teacher's."""
-  path = layout.student_tokenizer_path(workdir)
-  if not os.path.isfile(path):
-    return set()
-  own, shared = tok.tokenizer_hash(path), tok.tokenizer_hash(
-      layout.tokenizer_path(workdir)
-  )
-  return {
-      name
-      for name, payload in payloads.items()
-      if name != "teacher" and payload.get("tokenizer_hash") == own != shared
-  }
 
 
 def _scorer(config, workdir: str, teacher, own_tokenizer: bool = False):

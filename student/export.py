@@ -32,7 +32,7 @@ import jax
 from absl import flags, logging
 from flax import nnx
 
-from data import tokenizer
+from data import student_vocab
 from distill.core import checkpoint, cli, files, layout, stop
 from student import hf, load_student, quantize
 from student.model import abstract_student
@@ -44,17 +44,6 @@ EXPORT_INFO = "export.json"
 
 class ExportError(cli.UserError):
   """An export that cannot run as asked; the message says what to do."""
-
-
-def run_tokenizer(workdir: str, source: str) -> str:
-  """The tokenizer.json a run speaks: the student's own
-  (``W/student_tokenizer.json``) when the run's folder records its hash,
-  else the teacher's (``W/tokenizer.json``)."""
-  own = layout.student_tokenizer_path(workdir)
-  recorded = checkpoint.read_config(source).get("tokenizer_hash")
-  if os.path.isfile(own) and recorded == tokenizer.tokenizer_hash(own):
-    return own
-  return layout.tokenizer_path(workdir)
 
 
 def export(
@@ -96,7 +85,9 @@ def export(
         f"{source} has no complete checkpoint yet; let"
         " `python -m distill.train` save one, then export"
     )
-  tokenizer_json = run_tokenizer(workdir, source)
+  tokenizer_json = student_vocab.tokenizer_path(
+      workdir, student_vocab.speaks_own(workdir, checkpoint.read_config(source))
+  )
   if fmt == "hf" and not os.path.isfile(tokenizer_json):
     raise ExportError(
         f"{tokenizer_json} is missing; the Hugging Face export ships the"

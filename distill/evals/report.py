@@ -498,15 +498,7 @@ def _across_tokenizers(models: dict[str, dict[str, Any]]) -> str:
   if not any(e.get("tokenizer") == "own" for e in models.values()):
     return ""
   baselines = {
-      side: next(
-          (
-              e
-              for e in models.values()
-              if e.get("mode") == "ce"
-              and (e.get("tokenizer") == "own") == (side == "own")
-          ),
-          None,
-      )
+      side: ce_baseline(models, own=side == "own")
       for side in ("own", "teacher")
   }
   rows = []
@@ -550,14 +542,16 @@ def _across_tokenizers(models: dict[str, dict[str, Any]]) -> str:
   )
 
 
-def ce_baseline(models: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-  """The report entry of the cross-entropy baseline run (of the teacher's
-  tokenizer), if there is one."""
+def ce_baseline(
+    models: dict[str, dict[str, Any]], own: bool = False
+) -> dict[str, Any] | None:
+  """The report entry of the cross-entropy baseline run of the teacher's
+  tokenizer (``own``: of the student's own), if there is one."""
   return next(
       (
           e
           for e in models.values()
-          if e.get("mode") == "ce" and e.get("tokenizer") != "own"
+          if e.get("mode") == "ce" and (e.get("tokenizer") == "own") == own
       ),
       None,
   )
