@@ -128,6 +128,29 @@ def write_random_teacher(workdir: str, final_norm_scale: float | None = None):
   return model
 
 
+def transformers_greedy(folder: str, prompt: str, new_tokens: int):
+  """The README's transformers recipe on an exported folder: EOS, then the
+  prompt's tokens (as distill.generate encodes a prompt), continued
+  greedily. Returns (the prompt's ids, the new ids, the HF tokenizer)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  model = transformers.Gemma3ForCausalLM.from_pretrained(folder).eval()
+  ids = [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False)[
+      "input_ids"
+  ]
+  with torch.no_grad():
+    new = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
+  return ids, new, tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> str:
   """A workdir with the tiny config's prepared data (the stdlib corpus).

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
-from conftest import copy_workdir
+from conftest import copy_workdir, transformers_greedy
 from data import align, cache_format, pipeline, prepare
 from data import token_bytes as tb
 from data import tokenizer as tok
@@ -281,8 +281,7 @@ def test_own_tokenizer_export_matches_transformers_greedy(own_workdir):
   """The HF export of a student with its own tokenizer carries that
   tokenizer; transformers loads both and continues a prompt exactly as
   our decoding does."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   from distill.decoding import generate as gen  # pylint: disable=import-outside-toplevel
 
   folder = export.export(own_workdir, "alm", fmt="hf")
@@ -291,24 +290,12 @@ def test_own_tokenizer_export_matches_transformers_greedy(own_workdir):
       open(layout.student_tokenizer_path(own_workdir), "rb") as b,
   ):
     assert a.read() == b.read()
-  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  ids, theirs, tokenizer = transformers_greedy(folder, "def add(a, b):", 6)
   assert len(tokenizer) == 300
-  model = transformers.Gemma3ForCausalLM.from_pretrained(folder).eval()
-  ids = [tokenizer.eos_token_id] + tokenizer(
-      "def add(a, b):", add_special_tokens=False
-  )["input_ids"]
   ours_tok = tok.load_tokenizer(layout.student_tokenizer_path(own_workdir))
   assert (
       ids[1:] == ours_tok.encode("def add(a, b):", add_special_tokens=False).ids
   )
-  with torch.no_grad():
-    theirs = model.generate(
-        torch.tensor([ids]),
-        max_new_tokens=6,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0, len(ids) :].tolist()
   (ours,) = gen.generate(load_student(folder), [ids], 6)
   assert theirs == ours
 

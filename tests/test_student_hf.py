@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import transformers_greedy
 from distill.core import checkpoint
 from student import export, hf, load_student
 from student.config import PRESETS, StudentConfig
@@ -420,18 +421,6 @@ def test_transformers_greedy_matches_ours_with_the_readme_prompt(
       student,
       tokenizer_json=str(tmp_path / "tokenizer.json"),
   )
-  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-  model = transformers.Gemma3ForCausalLM.from_pretrained(folder).eval()
-  ids = [tokenizer.eos_token_id] + tokenizer(
-      "def add(a, b):", add_special_tokens=False
-  )["input_ids"]
-  with torch.no_grad():
-    theirs = model.generate(
-        torch.tensor([ids]),
-        max_new_tokens=6,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0, len(ids) :].tolist()
+  ids, theirs, _ = transformers_greedy(folder, "def add(a, b):", 6)
   (ours,) = gen.generate(student, [ids], 6)
   assert theirs == ours
