@@ -11,8 +11,8 @@
 A student with its own tokenizer has ``W/student_tokenizer.json`` and its
 own token streams of the same documents under ``W/data/student/``: its CE
 baseline trains on them, its validation scores on them (in bits per byte,
-beside the teacher's), and its cross-tokenizer runs (``alm``) align them
-with the teacher's cached rows byte by byte (``data.align``).
+beside the teacher's), and its cross-tokenizer runs (``alm``, ``vocab``)
+align them with the teacher's cached rows byte by byte (``data.align``).
 
 Every run of such a config speaks the student's tokenizer unless its spec
 says ``tok=teacher`` (``distill.runs``): the same-tokenizer baselines of a

@@ -13,9 +13,10 @@ the student's hidden states once, then the loss over sequence chunks
 - offline across tokenizers, on the student's own tokens: loss ``alm``
   (target ``label``), ``alm_alpha * CE + (1 - alm_alpha) * ALM``, ALM
   matching the teacher's likelihood of each aligned chunk of text
-  (``distill.losses.alm``); loss ``vocab_uld`` (target ``topk``), the
-  offline mix above with the KD term over the ids both vocabularies spell
-  alike plus ULD on the rest (``distill.losses.vocab``); the settings are
+  (``distill.losses.alm``); loss ``vocab_uld`` (target ``sample`` or
+  ``topk``), the offline mix above with the teacher's target projected
+  onto the student's tokens plus ULD on what cannot be
+  (``distill.losses.vocab``); the settings are
   ``config.distill.cross_tokenizer``;
 - on_policy: an offline batch as above; a batch of the student's own
   continuations (``distill.on_policy``) trains on ``T^2`` times the

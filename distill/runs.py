@@ -30,7 +30,8 @@ rope    the linear RoPE scaling factor of the student's global layers
         Gemma 3's recipe); local layers keep theirs
 tok     the tokenizer the student speaks: ``own`` (the config's
         ``student.tokenizer``) or ``teacher``; default: own when the config
-        gives the student one. Only ce and alm runs can speak their own.
+        gives the student one. Only ce and the cross-tokenizer runs (alm,
+        vocab, and their online and top-k forms) can speak their own.
 ======  =====================================================================
 """
 

@@ -11,9 +11,10 @@ prefix of the teacher's). The student learns the projected distribution
 with the loss of the same-tokenizer run on that target: the sparse KL of a
 top-k (``sparse_kl_per_token``) or the sampled KL of a sample (each draw
 goes to its piece; draws inconsistent with the pieces so far drop out, so
-the rest estimate the conditional distribution). Teacher mass on tokens the student cannot spell
-at all (specials without a counterpart; text a non-byte-level student
-cannot tokenize) is compared without a mapping, by sorted probabilities:
+the rest estimate the conditional distribution). Teacher mass on tokens the
+student cannot spell at all (specials without a counterpart; text a
+non-byte-level student cannot tokenize) is compared without a mapping, by
+sorted probabilities:
 the L1 distance between those probabilities and the student's largest ones
 on ids no teacher token maps to, each sorted (Universal Logit Distillation,
 Boizard et al. 2024; zero between byte-level BPEs).
