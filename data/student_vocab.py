@@ -78,10 +78,10 @@ def speaks_own(workdir: str, payload: dict) -> bool:
   path = layout.student_tokenizer_path(workdir)
   if not os.path.isfile(path):
     return False
-  own = tok.tokenizer_hash(path)
+  own_hash = tok.tokenizer_hash(path)
   return (
       payload.get("tokenizer_hash")
-      == own
+      == own_hash
       != tok.tokenizer_hash(layout.tokenizer_path(workdir))
   )
 
