@@ -264,7 +264,9 @@ class CacheSource:
     try:
       # ArrayRecord checksums its (compressed) chunks and raises RuntimeError
       # for damaged bytes before the record's own crc sees them.
-      record = cache_format.decode_record(source[index], self._vocab)
+      record = cache_format.decode_record(
+          source[index], self._vocab, self.target
+      )
     except (cache_format.CacheFormatError, RuntimeError) as e:
       name, offset = self.locate(index)
       raise CacheError(
@@ -379,6 +381,7 @@ def make_dataset(
     process_count: int | None = None,
     worker_count: int = 0,
     map_fn=None,
+    read_ahead: int = pipeline.READ_AHEAD,
 ) -> grain.IterDataset:
   """Batches of cached rows, in the same order as ``pipeline.make_dataset``
   with the same seed and ``num_rows`` equal to the cache's record count.
@@ -399,6 +402,7 @@ def make_dataset(
       process_count=process_count,
       drop_remainder=True,
       worker_count=worker_count,
+      read_ahead=read_ahead,
   )
 
 

@@ -434,7 +434,9 @@ def _tail_sizes(data, offset, id_bytes, vocab, length):
   return (k, draws, num, low_bits, as_bytes), sizes
 
 
-def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
+def decode_record(
+    data: bytes, vocab_size: int, target: str | None = None
+) -> dict[str, np.ndarray]:
   """Decodes `encode_record` output for a reader whose vocabulary has `vocab_size`.
 
   Returns int32 `tokens`, `segment_ids` [L+1]; with top-k: `topk_ids` [L, k]
@@ -443,7 +445,9 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
   position ascending, then padding (id 0, count 0); with a top-k and a
   sampled tail: `tt_ids`, `tt_log_probs`, `tt_tail` as the top-k ones and
   `tt_sample_ids`, `tt_sample_counts` [L, M] as the sample; with labels:
-  `label_log_probs` [L] float32. Raises CacheFormatError
+  `label_log_probs` [L] float32. ``target`` ("topk", "sample",
+  "topk_tail" or "label"): decode that target's section alone (the record
+  is checked whole all the same). Raises CacheFormatError
   for a foreign, newer, truncated or corrupted record or a vocab mismatch.
   """
   data = memoryview(data).cast("B")
@@ -487,9 +491,9 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
         "corrupt record: segment runs do not cover the sequence"
     )
   out["segment_ids"] = np.repeat(run_values, run_lengths).astype(np.int32)
-  if flags & FLAG_TOPK:
+  if flags & FLAG_TOPK and target in (None, "topk"):
     out.update(_decode_topk(section["topk"], dt, length, k))
-  if flags & FLAG_SAMPLE:
+  if flags & FLAG_SAMPLE and target in (None, "sample"):
     ids, counts = _decode_sample(
         section,
         "",
@@ -501,9 +505,9 @@ def decode_record(data: bytes, vocab_size: int) -> dict[str, np.ndarray]:
         num_unique,
     )
     out.update(sample_ids=ids, sample_counts=counts)
-  if tail_fields is not None:
+  if tail_fields is not None and target in (None, "topk_tail"):
     out.update(_decode_tail(section, tail_fields, dt, vocab, length))
-  if flags & FLAG_LABEL:
+  if flags & FLAG_LABEL and target in (None, "label"):
     out["label_log_probs"] = np.frombuffer(section["label"], "<f4").copy()
   return out
 

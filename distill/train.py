@@ -549,6 +549,7 @@ def _batches(
               batch_size=data.batch_size,
               seed=seed,
               worker_count=data.worker_count,
+              read_ahead=data.read_ahead,
               map_fn=rows_fn,
           )
       ),
@@ -596,6 +597,7 @@ def _packed(config, data_dir, num_rows, map_fn=None, seq_len=None, rows=None):
           batch_size=rows or data.batch_size,
           seed=config.seed,
           worker_count=data.worker_count,
+          read_ahead=data.read_ahead,
           num_rows=num_rows,
           map_fn=map_fn,
       )

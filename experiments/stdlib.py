@@ -115,6 +115,9 @@ def get_config(arg=None):
   c.data.seq_len = 128
   c.data.batch_size = 32
   c.data.worker_count = 0  # grain multiprocess prefetch workers
+  # Batches made ahead of the step, in as many threads: enough to hide the
+  # reading; more only takes cores from the step.
+  c.data.read_ahead = 4
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "demo"  # teacher/config.py presets

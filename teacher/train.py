@@ -178,6 +178,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
               batch_size=data.batch_size,
               seed=config.seed,
               worker_count=data.worker_count,
+              read_ahead=data.read_ahead,
           )
       ),
       eval_fn=validation.make_validation_fn(

@@ -174,9 +174,11 @@ def prepared(tmp_path_factory):
 
 
 def test_iterator_state_restores_the_exact_batches(prepared):
+  """Whatever the batches made ahead of the consumer, a saved state
+  restores exactly the batches that followed it."""
   config, workdir, _ = prepared
 
-  def make():
+  def make(read_ahead=pipeline.READ_AHEAD):
     return pipeline.make_dataset(
         layout.data_dir(workdir),
         "train",
@@ -185,6 +187,7 @@ def test_iterator_state_restores_the_exact_batches(prepared):
         seed=7,
         process_index=0,
         process_count=1,
+        read_ahead=read_ahead,
     )
 
   it = iter(make())
@@ -192,13 +195,16 @@ def test_iterator_state_restores_the_exact_batches(prepared):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(8)]  # Crosses an epoch boundary.
-  restored = iter(make())
-  restored.set_state(json.loads(json.dumps(state)))
-  for want, got in zip(expected, (next(restored) for _ in range(8))):
-    for key in ("tokens", "segment_ids", "positions"):
-      np.testing.assert_array_equal(want[key], got[key])
+  for read_ahead in (pipeline.READ_AHEAD, 1, 16):
+    restored = iter(make(read_ahead))
+    restored.set_state(json.loads(json.dumps(state)))
+    for want, got in zip(expected, (next(restored) for _ in range(8))):
+      for key in ("tokens", "segment_ids", "positions"):
+        np.testing.assert_array_equal(want[key], got[key])
   fresh = next(iter(make()))["tokens"]
   assert not np.array_equal(fresh, expected[0]["tokens"])
+  with pytest.raises(pipeline.DataError, match="read_ahead=0"):
+    make(read_ahead=0)
 
 
 def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):

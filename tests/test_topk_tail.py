@@ -235,3 +235,49 @@ def test_version_1_records_still_read():
   tailed[4] = 1  # version 1 had no tail section
   with pytest.raises(cf.CacheFormatError, match="corrupt record header"):
     cf.decode_record(bytes(tailed), V)
+
+
+def test_a_reader_decodes_only_its_target_and_checks_the_whole_record():
+  """``decode_record(..., target)`` gives that target's arrays exactly as a
+  whole decode does, none of the others' sections, and still refuses a
+  record damaged in a section it does not decode."""
+  rng = np.random.default_rng(2)
+  lp = np.log(rng.dirichlet(np.ones(V), 6)).astype(np.float32)
+  ids, vals, tail = sparse_targets.topk_from_log_probs(lp, K)
+  s_ids, s_counts = (
+      np.asarray(x[0])
+      for x in sparse_targets.sample_targets(
+          jax.random.key(3), jnp.asarray(lp)[None], 8
+      )
+  )
+  record, _ = _record(
+      topk_ids=ids,
+      topk_log_probs=vals,
+      topk_tail=tail,
+      sample_ids=s_ids,
+      sample_counts=s_counts,
+      label_log_probs=lp[np.arange(6), rng.integers(0, V, 6)],
+  )
+  whole = cf.decode_record(record, V)
+  sections = {
+      "topk": ("topk_ids", "topk_log_probs", "topk_tail"),
+      "sample": ("sample_ids", "sample_counts"),
+      "topk_tail": (
+          "tt_ids",
+          "tt_log_probs",
+          "tt_tail",
+          "tt_sample_ids",
+          "tt_sample_counts",
+      ),
+      "label": ("label_log_probs",),
+  }
+  assert set(whole) == {"tokens", "segment_ids"}.union(*sections.values())
+  for target, keys in sections.items():
+    out = cf.decode_record(record, V, target)
+    assert set(out) == {"tokens", "segment_ids", *keys}, target
+    for key in out:
+      np.testing.assert_array_equal(out[key], whole[key])
+  damaged = bytearray(record)
+  damaged[-1] ^= 1  # inside the label section, the last one
+  with pytest.raises(cf.CacheFormatError, match="checksum"):
+    cf.decode_record(bytes(damaged), V, "topk")
