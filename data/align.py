@@ -177,7 +177,10 @@ def project(ids, weights, pieces, prefix, depth, xp=np):
   kept = xp.where(ok, weights, 0.0)
   merged_ids, merged = merge_duplicates(xp.where(ok, following, 0), kept, xp)
   lost = (cand[..., 0] < 0) & (depth[:, None] == 0)
-  unmapped = -xp.sort(-xp.where(lost, weights, 0.0), axis=-1)
+  if xp is np and not lost.any():  # e.g. between byte-level BPEs
+    unmapped = np.zeros(weights.shape, np.float32)
+  else:
+    unmapped = -xp.sort(-xp.where(lost, weights, 0.0), axis=-1)
   return (
       merged_ids.astype(xp.int32),
       merged.astype(xp.float32),
@@ -374,9 +377,14 @@ class CrossTokenizerRows:
     positions[rows] = source
     steps = np.zeros(lengths, np.int32)
     steps[rows] = depth[ok]
+    # prefix[row, j] = tokens[label - m + j] for j < m (m = the depth).
     prefix = np.full((lengths, width), -1, np.int32)
-    for row, label, m in zip(rows, labels[ok], depth[ok]):
-      prefix[row, :m] = tokens[label - m : label]
+    j = np.arange(width)
+    m = depth[ok][:, None]
+    before = j < m
+    prefix[rows] = np.where(
+        before, tokens[np.where(before, labels[ok][:, None] - m + j, 0)], -1
+    )
     if self.online:  # the step projects the teacher's top-k there
       return {
           "teacher_position": positions,
