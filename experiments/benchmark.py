@@ -395,6 +395,8 @@ def moe_impls(config, vocab: int, repeats: int) -> dict[str, Any]:
   impls = ["ragged", "blocked"]
   if importlib.util.find_spec("tokamax") is not None:
     impls.insert(1, "tokamax")
+  if jax.default_backend() == "tpu":  # elsewhere the Pallas interpreter
+    impls.insert(1, "megablox")
 
   @nnx.jit
   def fwd_bwd(layer, x):

@@ -19,7 +19,7 @@ from distill.core.errors import ConfigError
 from distill.nn import attention, stack
 
 QK_NORMS = ("none", "head", "full")
-MOE_IMPLS = ("auto", "ragged", "tokamax", "blocked")
+MOE_IMPLS = ("auto", "ragged", "tokamax", "megablox", "blocked")
 #: How a teacher runs, not what it computes. A stage that loads a teacher
 #: folder (the cache pass, online runs, evaluation, a plan) takes the ones
 #: ``config.teacher.model`` sets in place of the folder's, so an imported
@@ -55,10 +55,14 @@ class TeacherConfig:
     router_z_loss_coef: weight of the router z-loss in training.
     moe_impl: grouped matmul of the dropless path: "ragged" (lax.ragged_dot),
       "tokamax" (tokamax.ragged_dot: its GPU kernels, an optional
-      dependency), "blocked" (groups padded to row blocks, batched matmul),
+      dependency), "megablox" (jax's Pallas TPU grouped-matmul kernel;
+      interpreted, slowly, off TPUs), "blocked" (groups padded to row
+      blocks, batched matmul),
       "auto" (blocked on CPUs, where XLA lowers ragged_dot to a dense masked
       matmul that costs E times the work, and on GPUs, where it measured
-      3.4x faster than ragged_dot on an H100; ragged on TPUs).
+      3.4x faster than ragged_dot on an H100; megablox on TPUs, whose
+      compiled program needs half ragged_dot's temporaries and the grouped
+      FLOPs, not every expert's).
     qkv_bias: biases on the q, k and v projections (Qwen2-MoE).
     qk_norm: "none"; "head" (RMSNorm over each head, Qwen3); "full" (RMSNorm
       over the whole projected q and k, OLMoE).

@@ -52,7 +52,7 @@ def _dense_reference(layer, x, keep=None):
   return y.reshape(x.shape), experts
 
 
-@pytest.mark.parametrize("impl", ["ragged", "tokamax", "blocked"])
+@pytest.mark.parametrize("impl", ["ragged", "tokamax", "megablox", "blocked"])
 @pytest.mark.parametrize("norm", [True, False])
 def test_dropless_matches_dense_loop(impl, norm):
   layer = _layer(impl=impl, norm_topk_prob=norm)
@@ -69,6 +69,60 @@ def test_blocked_with_many_blocks_matches_ragged():
   y_ragged, _ = _apply(_layer(impl="ragged"), x)
   y_blocked, _ = _apply(_layer(impl="blocked"), x)
   np.testing.assert_allclose(y_blocked, y_ragged, atol=1e-5, rtol=1e-5)
+
+
+def test_megablox_kernel_gradients_equal_ragged_dot():
+  """megablox's Pallas kernel (interpreted on the CPU) against
+  lax.ragged_dot: the grouped matmul with an empty group and rows past the
+  groups (another shard's experts), then the layer's gradients of every
+  weight and of the tokens, with padding tokens; and bf16 compute."""
+  rng = np.random.default_rng(0)
+  lhs = jnp.asarray(rng.normal(size=(44, D)), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(4, D, F)), jnp.float32)
+  sizes = jnp.asarray([10, 0, 17, 9], jnp.int32)  # 36 of the 44 rows
+  inside = (jnp.arange(44) < 36)[:, None]
+
+  def dot_loss(dot):
+    def loss(lhs, rhs):
+      return jnp.sum(jnp.sin(jnp.where(inside, dot(lhs, rhs, sizes), 0.0)))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(lhs, rhs)
+
+  (value, (g_lhs, g_rhs)), (want, (w_lhs, w_rhs)) = (
+      dot_loss(moe_lib.megablox_dot),
+      dot_loss(jax.lax.ragged_dot),
+  )
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  np.testing.assert_allclose(g_lhs, w_lhs, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(g_rhs, w_rhs, atol=1e-5, rtol=1e-5)
+  assert not np.asarray(g_lhs[36:]).any() and not np.asarray(g_rhs[1]).any()
+
+  x = _tokens(b=2, t=11, seed=4)
+  mask = jnp.arange(11)[None, :] < jnp.array([[11], [6]])
+
+  def grads(impl, dtype=jnp.float32):
+    layer = _layer(impl=impl, dtype=dtype)
+
+    def loss_fn(layer, x):
+      y, aux = layer(x, mask)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))) + aux["z_loss"]
+
+    return nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1)))(layer, x)
+
+  (value, (g_layer, g_x)), (want, (w_layer, w_x)) = (
+      grads("megablox"),
+      grads("ragged"),
+  )
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  np.testing.assert_allclose(g_x, w_x, atol=1e-5, rtol=1e-5)
+  for (name, g), (_, w) in zip(
+      nnx.to_flat_state(g_layer), nnx.to_flat_state(w_layer)
+  ):
+    np.testing.assert_allclose(
+        g[...], w[...], atol=1e-5, rtol=1e-5, err_msg=name
+    )
+  low, _ = grads("megablox", jnp.bfloat16)
+  np.testing.assert_allclose(low, want, rtol=0.02)
 
 
 def test_large_capacity_drops_nothing_and_equals_dropless():

@@ -262,7 +262,7 @@ def test_a_tpu_mesh_chooses_the_tpu_implementations_on_a_cpu_host():
   assert layer.resolved_impl() == "blocked"  # this host's choice
   with sharding.use(mesh):
     assert sharding.platform() == "tpu"
-    assert layer.resolved_impl() == "ragged"  # the TPU's
+    assert layer.resolved_impl() == "megablox"  # the TPU's
     seen = []
 
     @jax.jit
