@@ -52,8 +52,8 @@ class DataError(UserError):
 # Batches made ahead of the step, in as many threads (``batched``). grain's
 # own default, 500 batches in 16 threads, keeps every core busy decoding
 # far ahead of the step and slows it: on 2 cores a student trained at
-# about 2,000 tokens/s with it and 3,300 with 4 (the README's "Input
-# pipeline" has the runs).
+# about 2,100 tokens/s with it and 2,900-3,000 with 4 (the README's
+# "Input pipeline" has the runs).
 READ_AHEAD = 4
 
 
