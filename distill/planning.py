@@ -16,7 +16,9 @@ custom call (a Pallas kernel) not at all. ``flops`` is this module's count
 of the matrix products in the traced program: a ``scan`` counts its body
 ``length`` times, a ``shard_map`` body once per device, and the total is
 divided over the mesh; a splash attention kernel (a Pallas call) counts
-the blocks its block mask visits. Elementwise work is left out of
+the blocks its block mask visits, another Pallas kernel the FLOPs its cost
+estimate declares (megablox's grouped matmuls: 2 x rows x K x N, as
+``ragged_dot`` here), or none. Elementwise work is left out of
 ``flops``: next to the matmuls of a Transformer it is small.
 
 Model FLOPs, what the step must compute at the least: ``6 x N x tokens``
@@ -197,7 +199,8 @@ def matmul_flops(jaxpr, while_trips: int = 1) -> float:
   a ``scan`` counted as many times as it runs and a ``while`` loop (whose
   trip count is a runtime value) ``while_trips`` times; a splash attention
   kernel by its block mask, a constant of the program followed into and
-  out of the calls that pass it on."""
+  out of the calls that pass it on; another Pallas kernel by its declared
+  cost estimate."""
   return _count(jaxpr, while_trips, ())[0]
 
 
@@ -252,7 +255,10 @@ def _count(jaxpr, while_trips: int, values) -> tuple[float, list]:
       total += max(count(b, ins[1:]) for b in eqn.params["branches"])
     elif name == "pallas_call":
       splash = _splash_flops(eqn, ins)
-      total += splash if splash is not None else 0.0
+      if splash is None:  # what the kernel declares (megablox's gmm, tgmm)
+        estimate = eqn.params.get("cost_estimate")
+        splash = float(getattr(estimate, "flops", 0) or 0)
+      total += splash
     else:
       total += sum(count(j) for j in _sub_jaxprs(eqn.params))
   return total, [known(v) for v in jaxpr.outvars]

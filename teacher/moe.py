@@ -151,8 +151,15 @@ def _tokamax_ragged_dot():
 
 def _tile(size: int) -> int:
   """A megablox tile of a dimension: 128 (a TPU lane's width) where it
-  divides the dimension, else the whole dimension in one tile."""
+  divides the dimension, else the whole dimension in one tile (what a TPU's
+  block shapes allow)."""
   return 128 if size % 128 == 0 else size
+
+
+def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+  """The tiles of each of megablox's calls, by its own (m, k, n): the
+  backward's calls contract other dimensions than the forward's."""
+  return _tile(m), _tile(k), _tile(n)
 
 
 def megablox_dot(lhs, rhs, group_sizes):
@@ -162,21 +169,19 @@ def megablox_dot(lhs, rhs, group_sizes):
   TPUs. Rows past the groups are not defined (``dispatch`` zeroes them);
   their gradients are 0 (the kernel's backward leaves them unwritten: the
   select before it drops them)."""
-  m, k = lhs.shape
-  # Row tiles of 128, or one tile of the rows rounded up to 8 (a TPU
-  # sublane); the rows are padded to whole tiles (past the groups).
-  tm = 128 if m >= 128 else -(-m // 8) * 8
-  rows = -(-m // tm) * tm
+  m = lhs.shape[0]
+  # The rows padded (past the groups) to whole row tiles: a multiple of 128,
+  # or under 128 rows a multiple of 8 (a TPU sublane) in one tile.
+  rows = -(-m // 128) * 128 if m >= 128 else -(-m // 8) * 8
   in_groups = jnp.arange(rows) < jnp.sum(group_sizes)
   lhs = jnp.pad(lhs, ((0, rows - m), (0, 0)))
   lhs = jnp.where(in_groups[:, None], lhs, jnp.zeros((), lhs.dtype))
-  tiling = (tm, _tile(k), _tile(rhs.shape[-1]))
   out = megablox_ops.gmm(
       lhs,
       rhs,
       group_sizes,
       jnp.result_type(lhs, rhs),
-      tiling,
+      _megablox_tiling,
       None,
       None,
       False,

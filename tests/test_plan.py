@@ -125,6 +125,22 @@ def test_flops_count_scanned_layers_once_per_layer():
   assert counted[True] == pytest.approx(counted[False], rel=1e-6)
 
 
+def test_a_megablox_kernel_counts_the_grouped_flops_it_declares():
+  """megablox's Pallas calls count as ragged_dot does, forward and
+  backward: 2 x rows x K x N a grouped matmul (rows padded to 8 here)."""
+  lhs = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  rhs = jax.ShapeDtypeStruct((4, 32, 48), jnp.float32)
+  sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+  one = 2.0 * 64 * 32 * 48
+  for dot in (moe_lib.megablox_dot, jax.lax.ragged_dot):
+    forward = jax.make_jaxpr(dot)(lhs, rhs, sizes)
+    assert planning.matmul_flops(forward) == one, dot
+    both = jax.make_jaxpr(
+        jax.grad(lambda a, b, dot=dot: jnp.sum(dot(a, b, sizes)), (0, 1))
+    )(lhs, rhs)
+    assert planning.matmul_flops(both) == 3 * one, dot
+
+
 def test_a_config_that_cannot_fit_says_so_in_one_line_and_exits_1():
   result = procs.binary(
       "experiments.plan",
