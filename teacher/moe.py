@@ -12,8 +12,9 @@ per weight over the sorted rows, and the rows are unsorted and combined with
 their router weights. The grouped matmul (``IMPLS``) is `jax.lax.ragged_dot`
 ("ragged"), `tokamax.ragged_dot` ("tokamax": its GPU kernels, an optional
 dependency), megablox's ``gmm`` ("megablox": jax's Pallas TPU kernel, run
-by the Pallas interpreter off TPUs, for its numerics), or the "blocked" form, which pads every group to a multiple of a
-row block and runs a batched matmul against each block's expert weights (on
+by the Pallas interpreter off TPUs, for its numerics), or the "blocked"
+form, which pads every group to a multiple of a row block and runs a
+batched matmul against each block's expert weights (on
 the CPU, XLA lowers ragged_dot to a dense matmul over a [E, M, D] masked copy
 of the rows, E times the work; on an H100 blocked measured 3.4x faster than
 ragged_dot). All compute the same function; "auto" picks per backend. On a
