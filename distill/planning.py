@@ -254,11 +254,11 @@ def _count(jaxpr, while_trips: int, values) -> tuple[float, list]:
     elif name == "cond":
       total += max(count(b, ins[1:]) for b in eqn.params["branches"])
     elif name == "pallas_call":
-      splash = _splash_flops(eqn, ins)
-      if splash is None:  # what the kernel declares (megablox's gmm, tgmm)
+      kernel = _splash_flops(eqn, ins)
+      if kernel is None:  # what the kernel declares (megablox's gmm, tgmm)
         estimate = eqn.params.get("cost_estimate")
-        splash = float(getattr(estimate, "flops", 0) or 0)
-      total += splash
+        kernel = float(getattr(estimate, "flops", 0) or 0)
+      total += kernel
     else:
       total += sum(count(j) for j in _sub_jaxprs(eqn.params))
   return total, [known(v) for v in jaxpr.outvars]

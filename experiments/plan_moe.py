@@ -4,8 +4,9 @@ one chip of a TPU slice, per grouped-matmul implementation: what
 
     python -m experiments.plan_moe --topology=v5p-8 --tokens=8192
 
-Prints, per implementation, the compiled program's temporaries and FLOPs
-(a Pallas kernel counts the FLOPs it declares) and the compile seconds.
+Prints, per implementation, the compiled program's temporaries, XLA's FLOPs
+(a Pallas kernel counts the FLOPs it declares), the plan's own count over
+the model's FLOPs (``distill.planning``), and the compile seconds.
 Shapes default to Qwen3-30B-A3B's (D=2,048, F=768, 128 experts, top 8),
 bf16 compute over float32 weights. Needs libtpu (the ``tpu`` extra).
 """
@@ -13,9 +14,8 @@ bf16 compute over float32 weights. Needs libtpu (the ``tpu`` extra).
 from __future__ import annotations
 
 import os
-import time
 
-from absl import app, flags
+from absl import flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distill.core import sharding, topology
+from distill import planning
+from distill.core import cli, sharding, topology
 from teacher import moe
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "A Cloud TPU slice.")
@@ -36,11 +37,11 @@ _SHAPE = flags.DEFINE_list(
 _IMPLS = flags.DEFINE_list("impls", ["ragged", "megablox"], "moe_impl values.")
 
 
-def compile_layer(impl: str, device, tokens: int, shape) -> dict[str, float]:
-  """Temporaries (GiB), FLOPs (T) and compile seconds of the layer's
-  forward and backward on ``device`` alone."""
+def layer_program(impl: str, mesh, tokens: int, shape) -> planning.Program:
+  """The layer's forward and backward (the gradients of its weights and of
+  its input) on ``mesh``'s one device, with abstract arguments."""
   d, f, e, k = shape
-  abstract = nnx.eval_shape(
+  layer = planning.on_mesh(
       lambda: moe.MoE(
           d,
           f,
@@ -50,46 +51,48 @@ def compile_layer(impl: str, device, tokens: int, shape) -> dict[str, float]:
           impl=impl,
           dtype=jnp.bfloat16,
           param_dtype=jnp.float32,
-      )
+      ),
+      mesh,
   )
-  graphdef, state = nnx.split(abstract)
 
-  def loss(state, x):
-    y, aux = nnx.merge(graphdef, state)(x)
+  def loss(layer, x):
+    y, aux = layer(x)
     return jnp.sum(jnp.square(y.astype(jnp.float32))) + aux["z_loss"]
 
-  where = jax.sharding.SingleDeviceSharding(device)
-  state = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), state
+  x = jax.ShapeDtypeStruct(
+      (1, tokens, d),
+      jnp.bfloat16,
+      sharding=jax.sharding.SingleDeviceSharding(mesh.devices.flat[0]),
   )
-  x = jax.ShapeDtypeStruct((1, tokens, d), jnp.bfloat16, sharding=where)
-  started = time.time()
-  with sharding.use(sharding.make_mesh(devices=[device])):
-    compiled = (
-        jax.jit(jax.grad(loss, argnums=(0, 1)))
-        .trace(state, x)
-        .lower()
-        .compile()
-    )
-  memory = compiled.memory_analysis()
-  return {
-      "temp_gib": memory.temp_size_in_bytes / 2**30,
-      "tflops": compiled.cost_analysis().get("flops", 0.0) / 1e12,
-      "compile_s": time.time() - started,
-  }
+  return planning.Program(
+      name=impl,
+      stage="teacher",
+      fn=nnx.jit(nnx.grad(loss, argnums=(0, 1))),
+      args=(layer, x),
+      kwargs={},
+      rows=1,
+      tokens=tokens,
+      # Each token's k experts: three [D, F] matmuls each, x6 fwd+bwd.
+      model_flops=6.0 * tokens * k * 3 * d * f,
+      state_bytes=planning.array_bytes(layer),
+      rows_knob="--tokens",
+  )
 
 
 def main(argv):
   del argv
   device = topology.resolve(_TOPOLOGY.value).devices[0]
+  mesh = sharding.make_mesh(devices=[device])
   shape = [int(v) for v in _SHAPE.value]
   for impl in _IMPLS.value:
-    r = compile_layer(impl, device, _TOKENS.value, shape)
+    m = planning.measure(layer_program(impl, mesh, _TOKENS.value, shape), mesh)
     print(
-        f"{impl}: {_TOKENS.value} tokens, temporaries {r['temp_gib']:.2f} GiB,"
-        f" {r['tflops']:.2f} TFLOPs, compiled in {r['compile_s']:.0f} s"
+        f"{impl}: {_TOKENS.value} tokens, temporaries"
+        f" {m.temporaries / 2**30:.2f} GiB, {m.xla_flops / 1e12:.2f} TFLOPs"
+        f" by XLA, {m.flops / m.model_flops:.2f}x model FLOPs by the plan's"
+        f" count, compiled in {m.compile_s:.0f} s"
     )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

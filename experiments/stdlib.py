@@ -63,6 +63,7 @@ nats/token; the README has the full tables.
 
 import ml_collections
 
+from data import pipeline
 from distill.core import configs
 from distill.core.errors import ConfigError
 from student.config import StudentConfig
@@ -117,7 +118,7 @@ def get_config(arg=None):
   c.data.worker_count = 0  # grain multiprocess prefetch workers
   # Batches made ahead of the step, in as many threads: enough to hide the
   # reading; more only takes cores from the step.
-  c.data.read_ahead = 4
+  c.data.read_ahead = pipeline.READ_AHEAD
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "demo"  # teacher/config.py presets

@@ -61,8 +61,8 @@ class TeacherConfig:
       "auto" (blocked on CPUs, where XLA lowers ragged_dot to a dense masked
       matmul that costs E times the work, and on GPUs, where it measured
       3.4x faster than ragged_dot on an H100; megablox on TPUs, whose
-      compiled program needs half ragged_dot's temporaries and the grouped
-      FLOPs, not every expert's).
+      compiled program needs about a quarter of ragged_dot's temporaries
+      and the grouped FLOPs, not every expert's).
     qkv_bias: biases on the q, k and v projections (Qwen2-MoE).
     qk_norm: "none"; "head" (RMSNorm over each head, Qwen3); "full" (RMSNorm
       over the whole projected q and k, OLMoE).

@@ -493,8 +493,9 @@ class MoE(nnx.Module):
     # CPU, XLA lowers ragged_dot to a dense masked matmul (E times the
     # work). On TPUs, by the compiled program (not timed: no TPU here): a
     # Qwen3-30B-A3B layer's fwd+bwd of 8,192 tokens on one v5p chip needs
-    # 1.37 GiB of temporaries and 1.87 TFLOPs with megablox, 3.03 GiB and
-    # 80.5 TFLOPs (every expert's) with ragged_dot.
+    # 0.36 GiB of temporaries and 1.87 TFLOPs by XLA's count with megablox,
+    # 1.31 GiB and 80.5 TFLOPs (every expert's) with ragged_dot
+    # (experiments/plan_moe.py).
     return "megablox" if sharding.platform() == "tpu" else "blocked"
 
   def __call__(
