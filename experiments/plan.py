@@ -138,18 +138,47 @@ def _with_rows(config, program: planning.Program, rows: int, processes: int):
   return config
 
 
+def next_units(peaks: dict[int, planning.Measure], memory: int,
+               limit: int) -> int | None:  # fmt: skip
+  """The next batch size (in units of the batch's step) for ``find_batch``
+  to compile, or None when the most that fits is known: the largest
+  fitting size of ``peaks`` is one below the smallest failing one (or at
+  ``limit``). ``peaks`` holds at least two sizes, the smallest fitting.
+
+  Until a size fails, the next is where the line through the smallest and
+  the largest fitting sizes' peaks meets ``memory`` (a step's peak grows
+  about linearly in its rows), but at least a quarter more than the
+  largest: near the chip's memory the TPU compiler rematerialises to fit,
+  the peaks flatten, and the line would creep a size at a time. Between a
+  fitting and a failing size, bisection: a refused program's figure is the
+  compiler's, not a point on the line.
+  """
+  fitting = sorted(u for u, m in peaks.items() if fits(m, memory))
+  low = fitting[-1]
+  failing = sorted(
+      u for u, m in peaks.items() if u > low and not fits(m, memory)
+  )
+  if failing:
+    high = failing[0]
+    return None if high == low + 1 else (low + high) // 2
+  if low >= limit:
+    return None
+  u0 = fitting[0]
+  slope = (peaks[low].peak - peaks[u0].peak) / (low - u0)
+  guess = low + (memory - peaks[low].peak) / slope if slope > 0 else limit
+  return min(max(int(guess), low + -(-low // 4)), limit)
+
+
 def find_batch(config, mesh, program: planning.Program, memory: int, log,
                known: planning.Measure | None = None):  # fmt: skip
   """The most rows ``program`` takes within ``memory``, a multiple of the
   devices a batch splits over (and of the processes). Returns (rows, its
   Measure), or (0, None) when even the fewest do not fit.
 
-  A step's peak grows about linearly in its rows, so each next compile is
-  the rows where the line through the peaks measured so far meets
-  ``memory``, kept strictly between the most rows known to fit and the
-  fewest known not to (bisection's bracket), until they are one apart:
-  usually four or five compiles where bisection takes ten. ``known``: the
-  program's own measure, a first point for free.
+  Compiles one and two steps' worth, then where ``next_units`` says: four
+  or five compiles where the peaks are linear, bisection's count where the
+  compiler flattens them. ``known``: the program's own
+  measure, a first point for free.
   """
   ways = sharding.batch_ways(mesh)
   processes = planning.processes(mesh)
@@ -158,7 +187,7 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
   if known is not None and known.rows % step == 0:
     peaks[known.rows // step] = known
 
-  def measure(units: int) -> planning.Measure:
+  def measure(units: int) -> None:
     rows = units * step
     rebuilt = planning.programs(
         _with_rows(config, program, rows, processes),
@@ -168,18 +197,11 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
         names=[program.name],
     )[0]
     peaks[units] = m = planning.measure(rebuilt, mesh)
-    log(f"plan: {program.name} with {rows} rows: peak {_size(m.peak)}")
-    return m
-
-  def guess(low: int) -> int:
-    points = sorted(peaks.items())
-    if len(points) < 2:
-      return low * 2
-    (u0, m0), (u1, m1) = points[0], points[-1]
-    slope = (m1.peak - m0.peak) / (u1 - u0)
-    if slope <= 0:
-      return low * 2
-    return int(u0 + (memory - m0.peak) / slope)
+    refused = " (refused)" if m.refused else ""
+    log(
+        f"plan: {program.name} with {rows} rows: peak {_size(m.peak)}"
+        f"{refused}, compiled in {m.compile_s:.0f}s"
+    )
 
   for units in (1, 2):
     if units not in peaks:
@@ -187,14 +209,10 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
   if not fits(peaks[1], memory):
     return 0, None
   limit = (1 << 16) // step  # a bound on the search, not on the answer
-  while True:
-    fitting = [u for u, m in peaks.items() if fits(m, memory)]
-    failing = [u for u, m in peaks.items() if not fits(m, memory)]
-    low, high = max(fitting), min(failing, default=None)
-    if (high is not None and high == low + 1) or low >= limit:
-      return low * step, peaks[low]
-    top = high - 1 if high is not None else limit
-    measure(min(max(guess(low), low + 1), top))
+  while (units := next_units(peaks, memory, limit)) is not None:
+    measure(units)
+  low = max(u for u, m in peaks.items() if fits(m, memory))
+  return low * step, peaks[low]
 
 
 def _runs_of(program: planning.Program):

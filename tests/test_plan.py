@@ -242,6 +242,62 @@ def test_find_batch_finds_the_most_rows_that_fit():
   assert len(log) <= 5  # guided by the line through the peaks, not bisection
 
 
+def _search(peak_of, memory=95.0, limit=2048):
+  """``find_batch``'s search on made-up peaks (GiB by units; None: the
+  compiler refuses, reporting the line's figure): (the answer, the sizes
+  compiled in order)."""
+  gib = 2**30
+
+  def measure(units):
+    peak = peak_of(units)
+    return planning.Measure(
+        name="x", arguments=0, outputs=0, aliased=0, code=0,
+        temporaries=int((peak or 6 + 3.2 * (units - 1)) * gib),
+        flops=0.0, xla_flops=0.0, model_flops=0.0, estimated_s=None,
+        compile_s=0.0, rows=units, tokens=units,
+        refused=None if peak is not None else "RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+
+  peaks = {u: measure(u) for u in (1, 2)}
+  order = []
+  while (
+      u := plan_binary.next_units(peaks, int(memory * gib), limit)
+  ) is not None:
+    assert u not in peaks  # never compiles a size twice
+    peaks[u] = measure(u)
+    order.append(u)
+  best = max(
+      u for u, m in peaks.items() if plan_binary.fits(m, int(memory * gib))
+  )
+  return best, order
+
+
+def test_the_search_for_rows_is_short_when_peaks_are_linear():
+  """Peaks on a line (6 GiB + 3.2 a size) up to the compiler's limit: the
+  answer, in a few compiles."""
+  best, order = _search(lambda u: 6 + 3.2 * (u - 1) if u <= 28 else None)
+  assert best == 28 and len(order) <= 4, order
+
+
+def test_the_search_for_rows_ends_when_the_compiler_flattens_the_peaks():
+  """The TPU compiler rematerialises under memory pressure: past 26 sizes
+  the peak creeps up by 0.1 GiB a size until it refuses past 40. The search
+  must not walk there one size at a time (it did: 28, 29, 30, ...)."""
+
+  def peak(u):
+    if u > 40:
+      return None
+    return 6 + 3.2 * (u - 1) if u <= 26 else 86 + 0.1 * (u - 26)
+
+  best, order = _search(peak)
+  assert best == 40 and len(order) <= 6, order
+
+
+def test_the_search_for_rows_stops_at_its_limit():
+  best, order = _search(lambda u: 1.0 + 1e-6 * u, limit=64)
+  assert best == 64 and len(order) <= 8, order
+
+
 @pytest.mark.parametrize(
     "chips,dims,shape",
     [(4, 3, (2, 2, 1)), (8, 3, (2, 2, 2)), (32, 3, (2, 4, 4)),
