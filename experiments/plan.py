@@ -17,7 +17,7 @@ with libtpu (``pip install -e '.[tpu]'``) and no TPU; ``cpu:N`` and
 Per program, per device: arguments (parameters, optimizer state, the batch),
 temporaries and outputs, their peak against the device's memory, the
 FLOPs of the program (matmuls, loops counted as often as they run) over the
-model FLOPs it must do at the least (``distill/planning.py``), XLA's own
+model FLOPs it must do at the least (``distill/planning/flops.py``), XLA's own
 estimate of its seconds where its cost model gives one, and the compile
 time. A program that does not fit is one line saying what it needs, what
 there is, and what to change; the command then exits with status 1.
