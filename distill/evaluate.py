@@ -43,7 +43,8 @@ from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, registry, sharding, stop
 from distill.core.errors import UserError
 from distill.decoding import generate as gen
-from distill.evals import generation, metrics, report, targets, validation
+from distill.evals import generation, metrics, plots, report, targets
+from distill.evals import validation
 from student import quantize
 from teacher.config import runtime_settings
 
@@ -618,7 +619,7 @@ def _serving_figures(config, workdir, models, loaded, own=()) -> None:
 def _write_report(out_dir: str, result: dict[str, Any]) -> None:
   """``report.json``, ``report.md`` and the plots, in ``out_dir``."""
   os.makedirs(out_dir, exist_ok=True)
-  result["plots"] = report.write_plots(out_dir, result["models"])
+  result["plots"] = plots.write_plots(out_dir, result["models"])
   json_path = files.write_json(os.path.join(out_dir, "report.json"), result)
   md_path = files.write_text(
       os.path.join(out_dir, "report.md"), report.markdown(result)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from distill.evals import report
+from distill.evals import plots, report
 
 
 def _student(path, loss, mode="offline", target="sample", kl="sampled_kl"):
@@ -75,7 +75,7 @@ def _models(tmp_path_factory):
 
 @pytest.fixture(name="figs", scope="module")
 def _figs(models):
-  figs = report.plot_figures(models)
+  figs = plots.plot_figures(models)
   for fig in figs.values():
     fig.canvas.draw()
   return figs
@@ -177,7 +177,7 @@ def test_validation_loss_draws_the_report_numbers(figs, models):
 
 
 def test_write_plots_writes_pngs(models, tmp_path):
-  written = report.write_plots(str(tmp_path), models)
+  written = plots.write_plots(str(tmp_path), models)
   assert len(written) == 4
   for name in written:
     with open(tmp_path / name, "rb") as f:
@@ -196,7 +196,7 @@ def test_loss_by_position_table_and_plot(models):
         "loss_by_position": by,
         "tokens_by_position": {"0-512": 512.0, "512-2k": 1536.0, "2k-8k": 80.0},
     }
-  fig = report.plot_figures(long)["loss_by_position.png"]
+  fig = plots.plot_figures(long)["loss_by_position.png"]
   fig.canvas.draw()
   (ax,) = fig.axes
   drawn = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
@@ -212,5 +212,5 @@ def test_loss_by_position_table_and_plot(models):
   assert "| model | 0-512 | 512-2k | 2k-8k |" in table
   assert "| ce | 5.900 | 4.900 | 4.500 |" in table
   assert "| (tokens) | 512 | 1,536 | 80 |" in table
-  assert "loss_by_position.png" not in report.plot_figures(models)
+  assert "loss_by_position.png" not in plots.plot_figures(models)
   assert report._by_position(models) == ""  # pylint: disable=protected-access
