@@ -11,7 +11,7 @@ import dataclasses
 
 from distill.core import configs
 from distill.core.errors import ConfigError
-from distill.nn import attention, stack
+from distill.nn import attention, kernels, stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,7 @@ class StudentConfig:
   accelerators; norms, softmaxes and losses stay float32); ``param_dtype``:
   parameter dtype (float32 for training: the master weights; a bfloat16
   export says so here). ``attention_impl``: whole-sequence attention kernel
-  (``distill.nn.attention.ATTENTION_IMPLS``). ``scan_layers``: run the
+  (``distill.nn.kernels.ATTENTION_IMPLS``). ``scan_layers``: run the
   blocks under one ``jax.lax.scan`` per repeating period; ``remat``:
   "none" | "full" | "dots", what the backward pass recomputes
   (``distill.nn.stack``).
@@ -64,7 +64,7 @@ class StudentConfig:
             f"StudentConfig.layer_pattern={self.layer_pattern}: {e}"
         ) from None
     try:
-      attention.check_impl(self.attention_impl)
+      kernels.check_impl(self.attention_impl)
       stack.check_remat(self.remat)
     except ConfigError as e:
       raise ConfigError(f"StudentConfig: {e}") from None

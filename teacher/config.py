@@ -16,7 +16,7 @@ from typing import Any
 
 from distill.core import configs
 from distill.core.errors import ConfigError
-from distill.nn import attention, stack
+from distill.nn import kernels, stack
 
 QK_NORMS = ("none", "head", "full")
 MOE_IMPLS = ("auto", "ragged", "tokamax", "megablox", "blocked")
@@ -77,7 +77,7 @@ class TeacherConfig:
     param_dtype: storage dtype of parameters (float32 to train: the master
       weights and AdamW's moments).
     attention_impl: whole-sequence attention kernel, "auto" | "xla" |
-      "cudnn" (distill.nn.attention.self_attention).
+      "cudnn" | "splash" (distill.nn.attention.self_attention).
     scan_layers: run the blocks under one jax.lax.scan per repeating
       period (compile time flat in depth; distill.nn.stack).
     remat: "none" | "full" | "dots": what the backward pass recomputes.
@@ -144,7 +144,7 @@ class TeacherConfig:
     if self.moe_impl not in MOE_IMPLS:
       bad(f"moe_impl={self.moe_impl!r}; expected one of {MOE_IMPLS}")
     try:
-      attention.check_impl(self.attention_impl)
+      kernels.check_impl(self.attention_impl)
       stack.check_remat(self.remat)
     except ConfigError as e:
       bad(str(e))

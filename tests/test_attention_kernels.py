@@ -15,7 +15,7 @@ import pytest
 
 from distill.core.errors import ConfigError
 from distill import planning
-from distill.nn import attention, blockwise
+from distill.nn import attention, blockwise, kernels
 
 B, T, N, K, H = 2, 24, 4, 2, 16
 
@@ -55,7 +55,7 @@ def test_fused_call_matches_attend_forward_and_backward(window, dtype, tol):
     return jnp.sum(jnp.where(real, out.astype(jnp.float32), 0.0) ** 2), out
 
   ours = lambda q, k, v: _reference(q, k, v, SEGMENTS, window, scale)
-  fused = lambda q, k, v: attention.fused_attention(
+  fused = lambda q, k, v: kernels.fused_attention(
       q, k, v, SEGMENTS, window=window, scale=scale, implementation="xla"
   )
   grad = lambda fn: jax.grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True)
@@ -76,7 +76,7 @@ def test_fused_call_matches_attend_forward_and_backward(window, dtype, tol):
 def test_fused_call_keeps_documents_apart():
   """Changing document 1's keys moves nothing in document 2 (packed rows)."""
   q, k, v = _qkv(jnp.float32)
-  run = lambda k: attention.fused_attention(
+  run = lambda k: kernels.fused_attention(
       q, k, v, SEGMENTS, window=None, scale=0.25, implementation="xla"
   )
   noise = jax.random.normal(jax.random.key(9), (9, K, H))
@@ -97,19 +97,19 @@ def test_self_attention_on_cpu_is_the_xla_path_exactly():
 
 
 def test_resolve_impl_per_backend_dtype_and_shape(monkeypatch):
-  assert attention.resolve_impl("auto", jnp.bfloat16, 64) == "xla"  # CPU
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 64) == "xla"  # CPU
   with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-    attention.resolve_impl("cudnn", jnp.bfloat16, 64)
+    kernels.resolve_impl("cudnn", jnp.bfloat16, 64)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert attention.resolve_impl("auto", jnp.bfloat16, 64) == "cudnn"
-  assert attention.resolve_impl("auto", jnp.float16, 128) == "cudnn"
-  assert attention.resolve_impl("auto", jnp.float32, 64) == "xla"
-  assert attention.resolve_impl("auto", jnp.bfloat16, 12) == "xla"
-  assert attention.resolve_impl("xla", jnp.bfloat16, 64) == "xla"
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 64) == "cudnn"
+  assert kernels.resolve_impl("auto", jnp.float16, 128) == "cudnn"
+  assert kernels.resolve_impl("auto", jnp.float32, 64) == "xla"
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 12) == "xla"
+  assert kernels.resolve_impl("xla", jnp.bfloat16, 64) == "xla"
   with pytest.raises(ConfigError, match="float32"):
-    attention.resolve_impl("cudnn", jnp.float32, 64)
+    kernels.resolve_impl("cudnn", jnp.float32, 64)
   with pytest.raises(ConfigError, match="unknown attention_impl"):
-    attention.resolve_impl("flash", jnp.bfloat16, 64)
+    kernels.resolve_impl("flash", jnp.bfloat16, 64)
 
 
 def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
@@ -120,7 +120,7 @@ def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
   def refuse(*args, **kwargs):
     raise NotImplementedError("cuDNN 8.9 is too old for this")
 
-  monkeypatch.setattr(attention, "fused_attention", refuse)
+  monkeypatch.setattr(kernels, "fused_attention", refuse)
   q, k, v = _qkv(jnp.bfloat16)
   got = attention.self_attention(
       q, k, v, SEGMENTS, window=5, scale=0.25, impl="auto"

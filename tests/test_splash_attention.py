@@ -11,7 +11,7 @@ import pytest
 from distill import planning
 from distill.core import sharding
 from distill.core.errors import ConfigError
-from distill.nn import attention
+from distill.nn import attention, kernels
 
 B, T, N, K, H = 2, 384, 4, 2, 128
 BLOCK = 128  # three query blocks: the masks skip some of them
@@ -39,7 +39,7 @@ def _xla(q, k, v, window, scale):
 
 
 def _splash(q, k, v, window, scale, fused=None):
-  return attention.splash_attention(
+  return kernels.splash_attention(
       q, k, v, SEGMENTS, window=window, scale=scale, interpret=True,
       block=BLOCK, fused=fused,
   )  # fmt: skip
@@ -139,28 +139,28 @@ def test_the_plan_counts_the_blocks_the_kernel_visits(fused):
 def test_long_rows_take_the_backward_whose_memory_is_linear():
   """The fused backward's dq partials grow with the key blocks: rows of
   more than 16 key blocks take the two kernels."""
-  assert attention.splash_fused_backward(2048, 512)
-  assert attention.splash_fused_backward(8192, 512)  # 16 key blocks
-  assert not attention.splash_fused_backward(8192, 128)
-  assert not attention.splash_fused_backward(131072, 512)
+  assert kernels.splash_fused_backward(2048, 512)
+  assert kernels.splash_fused_backward(8192, 512)  # 16 key blocks
+  assert not kernels.splash_fused_backward(8192, 128)
+  assert not kernels.splash_fused_backward(131072, 512)
 
 
 def test_splash_blocks_follow_the_row_and_the_window():
-  assert attention.splash_block(8192, None) == 512
-  assert attention.splash_block(8192, 512) == 128  # a quarter of the window
-  assert attention.splash_block(8192, 4096) == 512
-  assert attention.splash_block(384, None) == 128
-  assert attention.splash_block(500, None) is None
+  assert kernels.splash_block(8192, None) == 512
+  assert kernels.splash_block(8192, 512) == 128  # a quarter of the window
+  assert kernels.splash_block(8192, 4096) == 512
+  assert kernels.splash_block(384, None) == 128
+  assert kernels.splash_block(500, None) is None
 
 
 def test_auto_picks_splash_only_on_a_tpu(monkeypatch):
-  assert attention.resolve_impl("auto", jnp.bfloat16, 128, 512) == "xla"
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 128, 512) == "xla"
   with pytest.raises(ConfigError, match="needs a TPU"):
-    attention.resolve_impl("splash", jnp.bfloat16, 128, 512)
+    kernels.resolve_impl("splash", jnp.bfloat16, 128, 512)
   monkeypatch.setattr(sharding, "platform", lambda: "tpu")
-  assert attention.resolve_impl("auto", jnp.bfloat16, 128, 512) == "splash"
-  assert attention.resolve_impl("auto", jnp.float32, 256, 2048) == "splash"
-  assert attention.resolve_impl("auto", jnp.bfloat16, 64, 512) == "xla"
-  assert attention.resolve_impl("auto", jnp.bfloat16, 128, 500) == "xla"
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 128, 512) == "splash"
+  assert kernels.resolve_impl("auto", jnp.float32, 256, 2048) == "splash"
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 64, 512) == "xla"
+  assert kernels.resolve_impl("auto", jnp.bfloat16, 128, 500) == "xla"
   with pytest.raises(ConfigError, match="multiple of 128 tokens"):
-    attention.resolve_impl("splash", jnp.bfloat16, 128, 500)
+    kernels.resolve_impl("splash", jnp.bfloat16, 128, 500)
