@@ -29,11 +29,9 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -47,64 +45,27 @@ from distill.training.records import (  # pylint: disable=unused-import
     read_metrics,
     truncate_metrics,
 )
+from distill.training.optimizer import (  # pylint: disable=unused-import
+    LoopConfig,
+    learning_rate_schedule,
+    make_optimizer,
+)
 from distill.training.replay import (  # pylint: disable=unused-import
     SilentCorruptionError,
     replayed_step,
 )
+from distill.training.state import (  # pylint: disable=unused-import
+    DATA_STATE,
+    EXTRAS,
+    METER,
+    State,
+    TrainStep,
+    WithExtras,
+    restore,
+    train_step_fn,
+)
 
 SUMMARY_FILE = "summary.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-  """Optimisation and bookkeeping settings of one training run."""
-
-  steps: int
-  learning_rate: float = 1e-3
-  warmup_steps: int = 100
-  end_learning_rate_fraction: float = 0.1
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.95
-  grad_clip: float = 1.0
-  log_every: int = 20
-  eval_every: int = 200
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 3
-  max_bad_steps: int = 3
-  # Every this many steps, the step is computed twice from the same state
-  # and batch and the results compared bit for bit (0: never).
-  replay_check_every: int = 0
-
-
-def learning_rate_schedule(cfg: LoopConfig) -> optax.Schedule:
-  """Linear warmup to the peak, then cosine down to a fraction of it."""
-  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=cfg.learning_rate,
-      warmup_steps=warmup,
-      decay_steps=max(cfg.steps, warmup + 1),
-      end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
-  )
-
-
-def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
-  """AdamW on the schedule, after global-norm gradient clipping.
-
-  Weight decay skips vectors (norm scales, biases), as is usual.
-  """
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(
-          learning_rate_schedule(cfg),
-          b1=cfg.b1,
-          b2=cfg.b2,
-          weight_decay=cfg.weight_decay,
-          mask=decay_mask,
-      ),
-  )
 
 
 BEST_DIR = "best"
@@ -138,47 +99,6 @@ def _save_best(
   if sharding.is_main():
     files.write_json(record_path, {"step": step, key: metrics[key]})
   return True
-
-
-# The checkpoint item holding the data iterator's state, as JSON: with
-# data.worker_count=0 the index of the next global batch, the same in every
-# process and for any process count (an elastic restart on fewer hosts goes
-# on with the same batch); with prefetch workers grain's per-worker state.
-DATA_STATE = "data_state"
-# The item holding the parameters of ``extras`` (trained, not the model's).
-EXTRAS = "extras"
-# Before: grain's own per-process item (``process_<i>-of-<n>.json`` files).
-_GRAIN_DATA = "data"
-
-
-# The metrics of the steps since the last log line, kept with a checkpoint
-# so that a run resumed between two log lines logs what it would have.
-METER = "meter"
-
-
-def _meter_restore_args(out_dir: str, step: int) -> dict[str, Any]:
-  """The restore argument of a checkpoint's meter item (older ones have
-  none)."""
-  step_dir = os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
-  if os.path.isdir(os.path.join(step_dir, METER)):
-    return {METER: ocp.args.JsonRestore()}
-  return {}
-
-
-def _data_restore_args(out_dir: str, step: int, iterator) -> dict[str, Any]:
-  """The restore argument of a checkpoint's data item, whichever it has."""
-  step_dir = os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
-  if os.path.isdir(os.path.join(step_dir, _GRAIN_DATA)):
-    return {_GRAIN_DATA: grain.checkpoint.CheckpointRestore(iterator)}
-  return {DATA_STATE: ocp.args.JsonRestore()}
-
-
-class WithExtras(nnx.Module):
-  """The model and its ``extras``: what the optimizer trains together."""
-
-  def __init__(self, model: nnx.Module, extras: nnx.Module):
-    self.model = model
-    self.extras = extras
 
 
 @dataclasses.dataclass
@@ -311,9 +231,9 @@ def train(
   writer = None
   try:
     with sharding.use(mesh):  # activations and the eval hook on it too
-      state = _State.place(model, extras, frozen, cfg, mesh)
+      state = State.place(model, extras, frozen, cfg, mesh)
       iterator = make_iterator()
-      window = _restore(mngr, out_dir, step, state, iterator) if step else []
+      window = restore(mngr, out_dir, step, state, iterator) if step else []
       # Records past the checkpoint (all of them, without one) are of steps
       # the resumed run will take again.
       if sharding.is_main():
@@ -342,158 +262,6 @@ def train(
     mngr.close()
     if writer is not None:
       writer.close()
-
-
-# ----------------------------------------------------------------------------
-# What one run trains, restores and saves
-
-
-@dataclasses.dataclass
-class _State:
-  """The model (and its ``extras``), their optimizer, and where they live.
-
-  ``trainable`` is what the step differentiates: the model, or the model
-  and its extras together; ``placement``: the shardings of its parameters
-  and of the optimizer state, which every step keeps.
-  """
-
-  model: nnx.Module
-  extras: nnx.Module | None
-  trainable: nnx.Module
-  optimizer: nnx.Optimizer
-  placement: tuple[Any, Any]
-
-  @classmethod
-  def place(cls, model, extras, frozen, cfg: LoopConfig, mesh) -> "_State":
-    """Parameters, optimizer state and frozen modules on the mesh, by the
-    rules; the compiled step keeps them there."""
-    trainable = model if extras is None else WithExtras(model, extras)
-    sharding.place(trainable, mesh)
-    for module in frozen:
-      sharding.place(module, mesh)
-    optimizer = sharding.place(
-        nnx.Optimizer(trainable, make_optimizer(cfg), wrt=nnx.Param), mesh
-    )
-    placement = (
-        sharding.state_shardings(nnx.state(trainable, nnx.Param), mesh),
-        sharding.state_shardings(nnx.state(optimizer), mesh),
-    )
-    return cls(model, extras, trainable, optimizer, placement)
-
-  def items(self, make) -> dict[str, Any]:
-    """The checkpoint items of the arrays, each wrapped by ``make``
-    (``ocp.args.StandardSave`` or ``StandardRestore``)."""
-    items = {
-        "params": make(nnx.state(self.model, nnx.Param)),
-        "opt_state": make(nnx.state(self.optimizer)),
-    }
-    if self.extras is not None:
-      items[EXTRAS] = make(nnx.state(self.extras, nnx.Param))
-    return items
-
-
-def _restore(
-    mngr, out_dir: str, step: int, state: _State, iterator
-) -> list[dict[str, float]]:
-  """Loads checkpoint ``step`` into ``state`` and the data iterator;
-  returns the metrics of its steps since the last log line.
-
-  The targets are the arrays already on this mesh: orbax reads each
-  device's part, whatever mesh or device count saved them.
-  """
-  try:
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            **state.items(ocp.args.StandardRestore),
-            **_data_restore_args(out_dir, step, iterator),
-            **_meter_restore_args(out_dir, step),
-        ),
-    )
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    raise ckpt.damaged(out_dir, step, e, mngr.all_steps()) from e
-  nnx.update(state.model, restored["params"])
-  nnx.update(state.optimizer, restored["opt_state"])
-  if state.extras is not None:
-    nnx.update(state.extras, restored[EXTRAS])
-  if DATA_STATE in restored:
-    iterator.set_state(restored[DATA_STATE])
-  logging.info("Resumed %s from step %d", out_dir, step)
-  return list(restored[METER]["window"]) if METER in restored else []
-
-
-class TrainStep:
-  """The compiled step: ``(trainable, optimizer, batch, step, frozen) ->
-  (metrics, finite)``, updating both in place.
-
-  A step whose loss, gradients or updated parameters are not finite changes
-  nothing: the update is computed, then the old parameters and optimizer
-  state (its step count included) are kept.
-
-  The step is a ``jax.jit`` of the modules' states (``nnx.split``): the
-  parameters and optimizer state are donated, so the updated ones take
-  their buffers rather than living beside them, and the frozen modules
-  (a teacher) are inputs only, never copied out (an ``nnx.jit`` would
-  return every module it is given). ``trace`` traces it for the same
-  arguments, as ``jax.jit``'s does.
-  """
-
-  def __init__(self, loss_fn: Callable, with_extras: bool, placement):
-    def pure(graph, state, batch, step, frozen_graph, frozen_state):
-      trainable, optimizer = nnx.merge(graph, state)
-      frozen = nnx.merge(frozen_graph, frozen_state)
-
-      def objective(trainable):
-        if not with_extras:
-          return loss_fn(trainable, batch, step, *frozen)
-        return loss_fn(
-            trainable.model, batch, step, *frozen, extras=trainable.extras
-        )
-
-      (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(
-          trainable
-      )
-      grad_norm = optax.global_norm(grads)
-      before = jax.tree.map(
-          jnp.asarray,
-          (nnx.state(trainable, nnx.Param), nnx.state(optimizer)),
-      )
-      optimizer.update(trainable, grads)
-      after = (nnx.state(trainable, nnx.Param), nnx.state(optimizer))
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      for p in jax.tree.leaves(after[0]):
-        finite &= jnp.all(jnp.isfinite(p))
-      kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), after, before)
-      kept = jax.lax.with_sharding_constraint(kept, placement)
-      nnx.update(trainable, kept[0])
-      nnx.update(optimizer, kept[1])
-      metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
-      return metrics, finite, nnx.state((trainable, optimizer))
-
-    self._jitted = jax.jit(pure, donate_argnums=(1,))
-
-  @staticmethod
-  def _split(trainable, optimizer, batch, step, frozen):
-    graph, state = nnx.split((trainable, optimizer))
-    frozen_graph, frozen_state = nnx.split(tuple(frozen))
-    return graph, state, batch, step, frozen_graph, frozen_state
-
-  def __call__(self, trainable, optimizer, batch, step, frozen):
-    metrics, finite, state = self._jitted(
-        *self._split(trainable, optimizer, batch, step, frozen)
-    )
-    nnx.update((trainable, optimizer), state)
-    return metrics, finite
-
-  def trace(self, trainable, optimizer, batch, step, frozen):
-    return self._jitted.trace(
-        *self._split(trainable, optimizer, batch, step, frozen)
-    )
-
-
-def train_step_fn(loss_fn: Callable, with_extras: bool, placement) -> TrainStep:
-  """The compiled training step (``TrainStep``)."""
-  return TrainStep(loss_fn, with_extras, placement)
 
 
 # ----------------------------------------------------------------------------
@@ -563,7 +331,7 @@ class _Run:
   desc: str
   mesh: jax.sharding.Mesh
   mngr: Any
-  state: _State
+  state: State
   iterator: Any
   train_step: Callable
   frozen: tuple[nnx.Module, ...]
