@@ -79,7 +79,7 @@ from distill.nn import attention
 from distill.training import loop as trainer
 from experiments import bench_prepare
 from student.model import Student
-from teacher import cache_logits
+from teacher import targets as teacher_targets
 from teacher import moe as moe_lib
 from teacher import train as teacher_train
 from teacher.model import Teacher
@@ -447,7 +447,7 @@ def cache_ratio(config, vocab: int, repeats: int) -> dict[str, Any]:
   segments = jnp.ones((b, t), jnp.int32)
   positions = jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1))
   forward = nnx.jit(lambda m, x, s, p: m(x, s, p))
-  targets = cache_logits.make_target_fn(
+  targets = teacher_targets.make_target_fn(
       tuple(c.methods),
       c.k,
       c.num_samples,

@@ -29,6 +29,7 @@ from distill.core import checkpoint as ckpt
 from distill.core import files, layout
 from experiments import stdlib
 from teacher import cache_logits as cl
+from teacher import targets as teacher_targets
 from teacher import load_teacher
 
 import procs
@@ -119,7 +120,7 @@ def assert_same_records(dir_a, dir_b):
 def compile_once():
   """One jitted target function per setting for the whole module: each
   ``cache_logits`` call builds a new one, and compiling takes seconds."""
-  made, make = {}, cl.make_target_fn
+  made, make = {}, teacher_targets.make_target_fn
 
   def make_target_fn(methods, *args):
     key = (tuple(methods), *args)
@@ -128,7 +129,7 @@ def compile_once():
     return made[key]
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(cl, "make_target_fn", make_target_fn)
+    patch.setattr(teacher_targets, "make_target_fn", make_target_fn)
     yield
 
 
@@ -623,7 +624,7 @@ def test_records_do_not_depend_on_the_position_chunk(cached, base, tmp_path):
   ]
   made = {}
   for chunk in (0, 5):
-    target_fn = cl.make_target_fn(
+    target_fn = teacher_targets.make_target_fn(
         ("sample", "topk", "topk_tail"), 8, 16, 2.0, False, 4, 16, chunk
     )
     made[chunk] = target_fn(

@@ -13,7 +13,7 @@ from conftest import copy_workdir
 from distill.core import checkpoint as ckpt
 from distill.core import cli, layout
 from experiments import stdlib
-from teacher import cache_logits, hf, load_teacher
+from teacher import cache_logits, cache_shards, hf, load_teacher
 
 BAD_FLAGS = [  # (argv, what the one line says)
     (
@@ -128,7 +128,7 @@ def test_a_full_disk_while_caching_leaves_no_temporary(
   w = copy_workdir(tiny_cached, tmp_path / "w")
   directory = layout.cache_dir(w)
   os.remove(os.path.join(directory, "shard-00001-of-00003.done.json"))
-  monkeypatch.setattr(cache_logits, "_encode_batch", _disk_full)
+  monkeypatch.setattr(cache_shards, "encode_batch", _disk_full)
   with pytest.raises(OSError):
     cache_logits.cache_logits(stdlib.get_config("tiny"), w)
   assert not glob.glob(os.path.join(directory, "*.tmp-*"))

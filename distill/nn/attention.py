@@ -57,7 +57,6 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
-from distill.core import sharding
 from distill.core.errors import ConfigError
 from distill.nn import blockwise, kernels, layers
 

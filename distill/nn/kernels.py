@@ -9,7 +9,6 @@ and ``splash_attention`` jax's splash attention Pallas kernel for TPUs.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,7 @@
 
 ``programs(config, mesh)`` returns, without allocating a parameter, the jitted
 functions the stages run (the same objects: ``loop.train_step_fn``,
-``cache_logits.make_target_fn``, ``validation.scores``,
+``targets.make_target_fn``, ``validation.scores``,
 ``generate.decode``) with abstract arguments placed on ``mesh`` by the
 sharding rules; ``measure`` compiles one and reads XLA's memory and cost
 analyses. The mesh may be made of devices this host does not have (a TPU

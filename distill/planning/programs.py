@@ -1,7 +1,7 @@
 """The stages' programs, built abstractly from a config on a mesh.
 
 Each ``Program`` is a jitted function a stage runs (the same object:
-``loop.train_step_fn``, ``cache_logits.make_target_fn``,
+``loop.train_step_fn``, ``targets.make_target_fn``,
 ``validation.scores``, ``generate.decode``) with its abstract arguments,
 the rows it takes and the model FLOPs it must do at the least.
 """
@@ -37,7 +37,7 @@ from distill.runs import RunKind, run_kind
 from distill.training import loop as trainer
 from student import quantize
 from student.model import Student
-from teacher import cache_logits
+from teacher import targets as teacher_targets
 from teacher import config as teacher_config
 from teacher import hf_config
 from teacher import train as teacher_train
@@ -186,7 +186,7 @@ def teacher_programs(config, mesh, vocab: int, rows: int | None = None):
     )
   c = config.cache
   teacher = on_mesh(make_teacher, mesh)
-  target_fn = cache_logits.make_target_fn(
+  target_fn = teacher_targets.make_target_fn(
       tuple(c.methods), c.k, c.num_samples, c.temperature, c.stratified,
       c.tail_k, c.tail_samples, c.get("position_chunk", 0),
   )  # fmt: skip
