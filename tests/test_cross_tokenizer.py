@@ -14,7 +14,7 @@ from conftest import copy_workdir, transformers_greedy
 from data import align, cache_format, pipeline, prepare
 from data import token_bytes as tb
 from data import tokenizer as tok
-from distill import losses, objective
+from distill import losses, objective, run_data
 from distill import train as distill_train
 from distill.core import checkpoint, layout
 from distill.core.errors import UserError
@@ -445,11 +445,11 @@ def test_online_losses_equal_the_cached_ones(own_workdir, offline):
   config = own_config()
   teacher = load_teacher(layout.teacher_dir(own_workdir))
   student = Student(distill_train.model_config(config, 300), rngs=nnx.Rngs(0))
-  pieces = distill_train.teacher_pieces(own_workdir, True)
+  pieces = run_data.teacher_pieces(own_workdir, True)
   losses_of = {}
   for run in (offline, "online_" + offline.removesuffix("_topk")):
     kind = distill_train.run_kind(run)
-    make, temperature = distill_train._batches(  # pylint: disable=protected-access
+    make, temperature = run_data.batches(
         config, own_workdir, run, kind, teacher, 300, True
     )
     batch = next(make())

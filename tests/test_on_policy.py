@@ -15,7 +15,7 @@ from flax import nnx
 
 import teacher as teacher_lib
 from conftest import copy_workdir
-from distill import losses, on_policy
+from distill import losses, on_policy, run_data
 from distill import train as distill_train
 from distill.core import checkpoint as ckpt
 from distill.core import layout
@@ -362,8 +362,8 @@ def test_short_rows_then_a_long_row_continuation_with_rope_scaling(trained):
   data = config.data
   half = data.seq_len // 2
   kind = distill_train.run_kind(f"ce@seq={half}")
-  assert distill_train.rows_of(config, kind) == (half, 2 * data.batch_size)
-  make_iterator, _ = distill_train._batches(  # pylint: disable=protected-access
+  assert run_data.rows_of(config, kind) == (half, 2 * data.batch_size)
+  make_iterator, _ = run_data.batches(
       config, trained, f"ce@seq={half}", kind, None, 512
   )
   assert next(make_iterator())["tokens"].shape == (
