@@ -42,7 +42,7 @@ from distill import speculative as spec
 from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, registry, sharding, stop
 from distill.core.errors import UserError
-from distill.decoding import generate as gen
+from distill.decoding import speed as decode_speed
 from distill.evals import generation, metrics, plots, report, targets
 from distill.evals import validation
 from student import quantize
@@ -94,7 +94,7 @@ def validation_prompts(
 def speed(model, e) -> dict[str, dict[str, float]]:
   """Prefill and decode tokens/s at each of ``e.batch_sizes`` (``config.eval.speed``)."""
   return {
-      f"batch_{b}": gen.measure_speed(
+      f"batch_{b}": decode_speed.measure_speed(
           model, e.prompt_len, e.new_tokens, b, repeats=e.repeats
       )
       for b in e.batch_sizes

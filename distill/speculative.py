@@ -51,6 +51,8 @@ import numpy as np
 from flax import nnx
 
 from distill.decoding import generate as gen
+from distill.decoding import sampling
+from distill.decoding import speed as decode_speed
 
 
 @dataclasses.dataclass
@@ -121,10 +123,10 @@ def _draft(
 
   def choose(logits, k):  # logits [1, V]
     if greedy:
-      return gen.pick(
+      return sampling.pick(
           logits, k, temperature, top_p, greedy=True, nucleus=False
       ), jnp.zeros_like(logits)
-    q = gen.sampling_probs(logits, temperature, top_p, nucleus=nucleus)
+    q = sampling.sampling_probs(logits, temperature, top_p, nucleus=nucleus)
     return jax.random.categorical(k, jnp.log(q), axis=-1).astype(jnp.int32), q
 
   logits, cache = model.decode(tokens, cache, positions)
@@ -177,7 +179,7 @@ def _verify(
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
     token = choice[accepted]
   else:
-    p = gen.sampling_probs(logits, temperature, top_p, nucleus=nucleus)
+    p = sampling.sampling_probs(logits, temperature, top_p, nucleus=nucleus)
     accepted, token = accept_reject(key, p, q, drafts)
   i = jnp.arange(gamma + 1)
   committed = jnp.where(
@@ -377,7 +379,7 @@ def speculative_generate(
       np.float32(top_p),
       gamma=gamma,
       greedy=greedy,
-      nucleus=gen.nucleus_for(top_p),
+      nucleus=sampling.nucleus_for(top_p),
   )
   out = np.asarray(seq)[len(prompt) : int(n)][:max_new_tokens].tolist()
   if eos_id in out:
@@ -406,7 +408,7 @@ def teacher_baseline(
   One warm-up run (compilation), then the median wall time of ``repeats``
   runs. ``compare`` takes it as ``baseline`` so several drafters share it.
   """
-  seconds, tokens = gen.median_time(
+  seconds, tokens = decode_speed.median_time(
       lambda: gen.generate(
           teacher, [list(prompt_tokens)], max_new_tokens, eos_id=eos_id
       )[0],
@@ -440,7 +442,7 @@ def compare(
         teacher, prompt_tokens, max_new_tokens, eos_id=eos_id, repeats=repeats
     )
 
-  spec_s, result = gen.median_time(
+  spec_s, result = decode_speed.median_time(
       lambda: speculative_generate(
           teacher,
           student,

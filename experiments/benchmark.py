@@ -73,7 +73,7 @@ from distill import on_policy, planning
 from distill import train as distill_train
 from distill.core import cli
 from distill.core.errors import ConfigError
-from distill.decoding import generate as gen
+from distill.decoding import speed as decode_speed
 from distill.evals import report
 from distill.nn import attention
 from distill.training import loop as trainer
@@ -111,7 +111,7 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
   start = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - start
-  seconds, _ = gen.median_time(fn, repeats)
+  seconds, _ = decode_speed.median_time(fn, repeats)
   return max(first - seconds, 0.0), seconds
 
 
@@ -123,7 +123,7 @@ def matmul_flops(dtype="float32", size: int | None = None, repeats=5) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   a = a.astype(dtype)
   f = jax.jit(lambda x: x @ x)
-  return 2 * size**3 / gen.median_time(lambda: f(a), repeats)[0]
+  return 2 * size**3 / decode_speed.median_time(lambda: f(a), repeats)[0]
 
 
 def copy_bandwidth(num_bytes: int | None = None, repeats=5) -> float:
@@ -133,7 +133,7 @@ def copy_bandwidth(num_bytes: int | None = None, repeats=5) -> float:
     num_bytes = 2**28 if jax.default_backend() == "cpu" else 2**31
   x = jnp.ones((num_bytes // 4,), jnp.float32)
   f = jax.jit(lambda x: x * 2.0)
-  return 2 * num_bytes / gen.median_time(lambda: f(x), repeats)[0]
+  return 2 * num_bytes / decode_speed.median_time(lambda: f(x), repeats)[0]
 
 
 def attention_train_flops(
@@ -515,7 +515,7 @@ def decode_ratio(
   for b in e.batch_sizes:
     row: dict[str, Any] = {}
     for name, model in models.items():
-      speed = gen.measure_speed(
+      speed = decode_speed.measure_speed(
           model, e.prompt_len, e.new_tokens, b, repeats=repeats
       )
       context = e.prompt_len + e.new_tokens // 2  # the mean over the steps

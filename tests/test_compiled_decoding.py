@@ -16,6 +16,8 @@ from flax import nnx
 import teacher as teacher_lib
 from distill import speculative as spec
 from distill.decoding import generate as gen
+from distill.decoding import sampling as sampler
+from distill.decoding import speed as decode_speed
 from student import Student, get_preset
 
 V = 16
@@ -64,7 +66,10 @@ def _reference_step(graphdef, mode):
     logits, cache = nnx.merge(graphdef, state).decode(
         tokens[:, None], cache, positions[:, None]
     )
-    return gen.pick(logits[:, 0], key, temperature, top_p, **dict(mode)), cache
+    return (
+        sampler.pick(logits[:, 0], key, temperature, top_p, **dict(mode)),
+        cache,
+    )
 
   return jax.jit(step)
 
@@ -74,7 +79,7 @@ def _reference_stream(
 ):
   """Per step: [B] tokens (-1 once a row is done), one dispatch per token."""
   key = jax.random.key(3)
-  mode = (("greedy", temperature <= 0), ("nucleus", gen.nucleus_for(top_p)))
+  mode = (("greedy", temperature <= 0), ("nucleus", sampler.nucleus_for(top_p)))
   temperature, top_p = np.float32(max(temperature, 1e-6)), np.float32(top_p)
   graphdef, state = nnx.split(model)
   tokens, positions = gen.left_pad(rows, gen.PROMPT_BUCKET)
@@ -82,7 +87,7 @@ def _reference_stream(
   logits, cache = gen.prefill(graphdef)(
       state, tokens, positions, max_len=max_len
   )
-  token = gen.pick(
+  token = sampler.pick(
       logits, jax.random.fold_in(key, 0), temperature, top_p, **dict(mode)
   )
   done = np.zeros(len(rows), bool)
@@ -161,10 +166,10 @@ def test_the_loop_exits_once_every_row_is_done(student):
   graphdef, state = nnx.split(student)
   tokens, positions = gen.left_pad(prompts, gen.PROMPT_BUCKET)
   args = (jax.random.key(0), np.float32(1e-6), np.float32(1.0), eos)
-  cache, cursor = gen._start(graphdef)(
+  cache, cursor = gen.start(graphdef)(
       state, tokens, positions, *args, max_len=64, greedy=True, nucleus=False
   )
-  _, cursor, out, count = gen._decode_loop(graphdef)(
+  _, cursor, out, count = gen.decode_loop(graphdef)(
       state, cache, cursor, 12, *args, steps=16, greedy=True, nucleus=False
   )
   assert int(count) == int(cursor.step) == stop
@@ -175,7 +180,7 @@ def test_the_loop_exits_once_every_row_is_done(student):
 
 def test_one_loop_compilation_per_bucket_and_mode():
   model = _student(vocab=20)  # a structure no other test compiles
-  loop = gen._decode_loop(nnx.split(model)[0])
+  loop = gen.decode_loop(nnx.split(model)[0])
   before = loop._cache_size()
   gen.generate(model, [[1, 2, 3]], 10)
   gen.generate(model, [[4, 5]], 30, eos_id=3)  # the same step bucket
@@ -191,7 +196,9 @@ def test_one_loop_compilation_per_bucket_and_mode():
   # measure_speed times the loop generate compiled for that shape
   gen.generate(model, [list(range(16))], 9)
   compiled = loop._cache_size()
-  speed = gen.measure_speed(model, prompt_len=16, new_tokens=8, repeats=1)
+  speed = decode_speed.measure_speed(
+      model, prompt_len=16, new_tokens=8, repeats=1
+  )
   assert loop._cache_size() == compiled and speed["decode_tokens_per_s"] > 0
 
 
@@ -244,7 +251,7 @@ def _reference_speculative(
   temperature = sampling.get("temperature", 0.0)
   eos_id = sampling.get("eos_id")
   temp = np.float32(max(temperature, 1e-6))
-  nucleus = gen.nucleus_for(sampling.get("top_p", 1.0))
+  nucleus = sampler.nucleus_for(sampling.get("top_p", 1.0))
   top_p = np.float32(sampling.get("top_p", 1.0))
   max_len = gen.round_up(len(prompt) + max_new_tokens + gamma + 1, 64)
   t_graph, t_state, t_cache = spec._fill(teacher, prompt[:-1], max_len, gamma)

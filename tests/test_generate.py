@@ -15,6 +15,8 @@ import teacher as teacher_lib
 from data import tokenizer as tok
 from distill.core import checkpoint
 from distill.decoding import generate as gen
+from distill.decoding import sampling as sampler
+from distill.decoding import speed as decode_speed
 from student import Student, get_preset
 from distill import generate as text_generate
 
@@ -228,7 +230,7 @@ def test_eos_stops_each_row_on_its_own():
 
 def test_decode_step_compiles_once_per_shape():
   model = _student(vocab=48)
-  step = gen._decode_loop(nnx.split(model)[0])
+  step = gen.decode_loop(nnx.split(model)[0])
   before = step._cache_size()
   gen.generate(model, [[1, 2, 3]], 16)
   after_one = step._cache_size()
@@ -240,21 +242,25 @@ def test_decode_step_compiles_once_per_shape():
 def test_sampling_probs_temperature_and_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
   np.testing.assert_allclose(
-      gen.sampling_probs(logits, 1.0, 1.0), [[0.5, 0.05, 0.3, 0.15]], atol=1e-6
+      sampler.sampling_probs(logits, 1.0, 1.0),
+      [[0.5, 0.05, 0.3, 0.15]],
+      atol=1e-6,
   )
   # top_p 0.8: 0.5 (before 0) and 0.3 (before 0.5) stay; 0.15 (before 0.8) goes.
   np.testing.assert_allclose(
-      gen.sampling_probs(logits, 1.0, 0.8), [[0.625, 0, 0.375, 0]], atol=1e-6
+      sampler.sampling_probs(logits, 1.0, 0.8),
+      [[0.625, 0, 0.375, 0]],
+      atol=1e-6,
   )
   np.testing.assert_allclose(
-      gen.sampling_probs(logits, 1.0, 0.81),
+      sampler.sampling_probs(logits, 1.0, 0.81),
       [[0.5 / 0.95, 0, 0.3 / 0.95, 0.15 / 0.95]],
       atol=1e-6,
   )
   np.testing.assert_allclose(
-      gen.sampling_probs(logits, 1.0, 0.1), [[1, 0, 0, 0]], atol=1e-6
+      sampler.sampling_probs(logits, 1.0, 0.1), [[1, 0, 0, 0]], atol=1e-6
   )
-  hot = gen.sampling_probs(logits, 0.5, 1.0)
+  hot = sampler.sampling_probs(logits, 0.5, 1.0)
   want = np.array([0.5, 0.05, 0.3, 0.15]) ** 2
   np.testing.assert_allclose(hot[0], want / want.sum(), atol=1e-6)
 
@@ -274,7 +280,7 @@ def test_sampled_first_tokens_follow_the_model(model):
   )
   counts = np.bincount([r[0] for r in rows], minlength=model.config.vocab_size)
   probs = np.asarray(
-      gen.sampling_probs(
+      sampler.sampling_probs(
           _last_logits(_forward(model), prompt), temperature, top_p
       ),
       np.float64,
@@ -290,7 +296,7 @@ def test_sampled_first_tokens_follow_the_model(model):
 def test_measure_speed_reports_positive_throughput():
   model = _student()
   for batch in (1, 8):
-    speed = gen.measure_speed(
+    speed = decode_speed.measure_speed(
         model, prompt_len=8, new_tokens=4, batch=batch, repeats=2
     )
     assert (

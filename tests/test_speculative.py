@@ -9,6 +9,7 @@ from scipy import stats
 
 import teacher as teacher_lib
 from distill.decoding import generate as gen
+from distill.decoding import sampling as sampler
 from distill import speculative as spec
 from student import Student, get_preset
 
@@ -199,8 +200,8 @@ def _joint(model, temperature, top_p):
   forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
   seqs = np.array([PROMPT + [x] for x in range(V)], np.int32)
   logits = forward(state, seqs)
-  p1 = gen.sampling_probs(logits[0, len(PROMPT) - 1], temperature, top_p)
-  p2 = gen.sampling_probs(logits[:, len(PROMPT)], temperature, top_p)
+  p1 = sampler.sampling_probs(logits[0, len(PROMPT) - 1], temperature, top_p)
+  p2 = sampler.sampling_probs(logits[:, len(PROMPT)], temperature, top_p)
   return np.asarray(p1)[:, None] * np.asarray(p2)
 
 

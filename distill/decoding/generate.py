@@ -10,7 +10,7 @@ Both the student and the teacher expose::
 (the cache layout is in ``distill.nn.attention``). This module runs them on
 the device, a chunk of tokens per call: one jitted call prefills the
 (left-padded) prompts and picks the first new token, then each call of one
-jitted ``jax.lax.while_loop`` (``_decode_loop``) feeds the last token, picks
+jitted ``jax.lax.while_loop`` (``decode_loop``) feeds the last token, picks
 the next, up to a static number of ``steps`` per call, and exits early once
 every row has produced ``eos_id``. ``generate`` makes one such call for the
 whole length (its step count rounded up to LENGTH_BUCKET); ``stream`` makes
@@ -26,90 +26,22 @@ decoding (``distill.speculative``) shares the prefill and the sampling.
     rows = generate(model, [[5, 6, 7]], 20, temperature=0.8, top_p=0.95,
                     eos_id=1, key=jax.random.key(0))     # [[new tokens...]]
     for tokens in stream(model, prompts, 20): ...        # [B] per step
-    measure_speed(model, prompt_len=128, new_tokens=64, batch=8)
+    speed.measure_speed(model, prompt_len=128, new_tokens=64, batch=8)
 
-Sampling: ``temperature == 0`` is greedy (argmax); otherwise softmax of
-``logits / temperature`` cut to the nucleus ``top_p`` (the smallest set of
-most likely tokens whose mass reaches top_p) and renormalised; with
-``top_p >= 1`` a token is drawn straight from ``logits / temperature``. Both
-choices are static flags of the compiled functions (``greedy``,
-``nucleus``), made once from the caller's numbers. New token i
-(0 = the one after the prompt) is drawn with ``jax.random.fold_in(key, i)``,
-so a row's tokens do not depend on how the steps are split into calls.
+Sampling (temperature, nucleus) is ``sampling``'s; timing is ``speed``'s.
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
-import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# ----------------------------------------------------------------------------
-# Sampling
-
-
-def nucleus_for(top_p: float) -> bool:
-  """Whether sampling at ``top_p`` cuts the distribution to a nucleus.
-
-  Decided once, from the caller's number, and passed down as a static flag:
-  without a nucleus a token is drawn straight from the logits, and the two
-  vocabulary sorts the nucleus needs (most of a sampled decoding step on a
-  CPU) are never compiled.
-  """
-  return float(top_p) < 1.0
-
-
-def sampling_probs(
-    logits: jax.Array, temperature, top_p, *, nucleus: bool = True
-) -> jax.Array:
-  """The distribution a token is drawn from: [..., V] -> probs [..., V] f32.
-
-  softmax(logits / temperature), keeping only the nucleus: tokens sorted by
-  probability are kept while the mass before them is < top_p (the most
-  likely token always stays); top_p >= 1 keeps every token. ``nucleus=False``
-  is the plain softmax (``top_p`` unused). Needs temperature > 0 (greedy
-  decoding does not call this).
-  """
-  probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  if not nucleus:
-    return probs
-  order = jnp.argsort(-probs, axis=-1)
-  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-  before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep_sorted = (before < top_p) | (jnp.asarray(top_p) >= 1.0)
-  keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-  probs = jnp.where(keep, probs, 0.0)
-  return probs / jnp.sum(probs, axis=-1, keepdims=True)
-
-
-def pick(
-    logits: jax.Array,
-    key: jax.Array,
-    temperature,
-    top_p,
-    *,
-    greedy: bool,
-    nucleus: bool,
-) -> jax.Array:
-  """Next tokens from logits [..., V] -> [...] int32.
-
-  Greedy: the argmax. Else a draw from ``logits / temperature``, cut to the
-  ``top_p`` nucleus when ``nucleus`` (static; see ``nucleus_for``).
-  """
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  if not nucleus:
-    z = logits.astype(jnp.float32) / temperature
-    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
-  probs = sampling_probs(logits, temperature, top_p)
-  return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
-
+from distill.decoding import sampling
 
 # ----------------------------------------------------------------------------
 # Jitted pieces (compiled once per model structure and shape)
@@ -149,7 +81,7 @@ PREFILL_CHUNK = 512
 def _prefill(
     model, tokens, positions, max_len: int, rollback: int, chunk: int = 0
 ):
-  """Traced body of ``prefill`` (``_start`` shares it): the prompt in one
+  """Traced body of ``prefill`` (``start`` shares it): the prompt in one
   decode call, or in ``chunk`` tokens per call (default ``PREFILL_CHUNK``)
   when it is longer (left-padded to whole chunks; the same cache and
   logits)."""
@@ -226,7 +158,7 @@ def _first(
   ``fold_in(key, 0)``; eos_id: -1 for none -> (cache, Cursor at step 0).
   """
   logits, cache = _prefill(model, tokens, positions, max_len, 0)
-  token = pick(
+  token = sampling.pick(
       logits,
       jax.random.fold_in(key, 0),
       temperature,
@@ -272,7 +204,7 @@ def _loop(
         cursor.token[:, None], cache, cursor.position[:, None]
     )
     step = cursor.step + 1
-    token = pick(
+    token = sampling.pick(
         logits[:, 0],
         jax.random.fold_in(key, step),
         temperature,
@@ -296,11 +228,11 @@ def _loop(
 # The two halves every generation is made of, each compiled once per model
 # structure (``per_model``), bucketed shape and sampling mode: ``stream``
 # and ``generate`` call them in turn, ``continuations`` runs both in one
-# call, and ``measure_speed`` times them.
+# call, and ``speed.measure_speed`` times them.
 
 
 @per_model(static_argnames=("max_len", "greedy", "nucleus"))
-def _start(graphdef, state, *args, max_len: int, greedy: bool, nucleus: bool):
+def start(graphdef, state, *args, max_len: int, greedy: bool, nucleus: bool):
   """``_first`` under jit: (state, tokens, positions, key, temperature,
   top_p, eos_id) -> (cache, Cursor)."""
   return _first(
@@ -315,7 +247,7 @@ def _start(graphdef, state, *args, max_len: int, greedy: bool, nucleus: bool):
 @per_model(
     static_argnames=("steps", "greedy", "nucleus"), donate_argnames=("cache",)
 )
-def _decode_loop(
+def decode_loop(
     graphdef,
     state,
     cache,
@@ -386,7 +318,7 @@ def _as_rows(prompt_tokens) -> list[list[int]]:
   return [[int(t) for t in np.asarray(r).reshape(-1)] for r in rows]
 
 
-def _cache_len(prompt_len: int, max_new_tokens: int) -> int:
+def cache_len(prompt_len: int, max_new_tokens: int) -> int:
   """Cache length for ``max_new_tokens`` after a prompt (bucketed)."""
   return round_up(prompt_len + max_new_tokens, LENGTH_BUCKET)
 
@@ -417,13 +349,13 @@ def stream(
   if max_new_tokens <= 0:
     return
   tokens, positions = left_pad(rows, PROMPT_BUCKET)
-  mode = dict(greedy=temperature <= 0, nucleus=nucleus_for(top_p))
+  mode = dict(greedy=temperature <= 0, nucleus=sampling.nucleus_for(top_p))
   key = jax.random.key(0) if key is None else key
   temperature = np.float32(max(temperature, 1e-6))
   top_p = np.float32(top_p)
   eos_id = -1 if eos_id is None else eos_id
   graphdef, state = nnx.split(model)
-  cache, cursor = _start(graphdef)(
+  cache, cursor = start(graphdef)(
       state,
       tokens,
       positions,
@@ -431,10 +363,10 @@ def stream(
       temperature,
       top_p,
       eos_id,
-      max_len=_cache_len(max(map(len, rows)), max_new_tokens),
+      max_len=cache_len(max(map(len, rows)), max_new_tokens),
       **mode,
   )
-  loop = _decode_loop(graphdef)
+  loop = decode_loop(graphdef)
   # (tokens [B, n] on the device, how many of the n are real, how many
   # were asked for): fewer than asked means every row is done.
   pending = [(cursor.token[:, None], 1, 1)]
@@ -520,7 +452,7 @@ def continue_fn(
       temperature,
       top_p,
       no_eos,
-      max_len=_cache_len(prompts.shape[1], new_tokens),
+      max_len=cache_len(prompts.shape[1], new_tokens),
       **mode,
   )
   steps = new_tokens - 1
@@ -567,102 +499,3 @@ def continuations(
       new_tokens=new_tokens,
       greedy=temperature <= 0,
   )
-
-
-# ----------------------------------------------------------------------------
-# Speed
-
-
-def median_time(fn, repeats: int, setup=None) -> tuple[float, Any]:
-  """Times ``fn()``: one warm-up call (compilation), then ``repeats`` timed
-  calls, each waited for (``block_until_ready``) -> (median seconds, the
-  warm-up call's result). With ``setup``, each call is ``fn(setup())`` and
-  setup's time (waited for too) is not counted."""
-  arg = lambda: () if setup is None else (jax.block_until_ready(setup()),)
-  result = jax.block_until_ready(fn(*arg()))
-  times = []
-  for _ in range(repeats):
-    args = arg()
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), result
-
-
-def measure_speed(
-    model: nnx.Module,
-    prompt_len: int,
-    new_tokens: int,
-    batch: int = 1,
-    *,
-    repeats: int = 3,
-    seed: int = 0,
-) -> dict[str, Any]:
-  """Prefill and decode throughput of ``model`` on random tokens.
-
-  Timed exactly as ``generate`` runs ``new_tokens + 1`` greedy tokens of
-  [batch, prompt_len] prompts without an eos_id: prefill is its first call
-  (the prompts into a fresh cache, and the first token); decode its second,
-  ``new_tokens`` steps in the compiled while loop. Each is warmed up first
-  (compilation excluded) and timed ``repeats`` times with
-  block_until_ready; the median is reported (decode starts from a fresh
-  prefill every time, made outside the timing). Returns
-  {"prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s",
-  "batch", "prompt_len", "new_tokens"}; tokens/s count every row (batch *
-  tokens / seconds).
-  """
-  if prompt_len < 1 or new_tokens < 1 or batch < 1:
-    raise ValueError("prompt_len, new_tokens and batch must be >= 1")
-  vocab = model.config.vocab_size
-  tokens = jax.random.randint(
-      jax.random.key(seed), (batch, prompt_len), 0, vocab, jnp.int32
-  )
-  positions = jnp.broadcast_to(
-      jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len)
-  )
-  graphdef, state = nnx.split(model)
-  key, temperature, top_p, no_eos = (
-      jax.random.key(0),
-      np.float32(1e-6),
-      np.float32(1.0),
-      -1,
-  )
-  run_prefill = lambda: _start(graphdef)(
-      state,
-      tokens,
-      positions,
-      key,
-      temperature,
-      top_p,
-      no_eos,
-      max_len=_cache_len(prompt_len, new_tokens + 1),
-      greedy=True,
-      nucleus=False,
-  )
-  prefill_s, _ = median_time(run_prefill, repeats)
-  loop = _decode_loop(graphdef)
-  decode_s, _ = median_time(
-      lambda started: loop(
-          state,
-          *started,
-          new_tokens,
-          key,
-          temperature,
-          top_p,
-          no_eos,
-          steps=round_up(new_tokens, LENGTH_BUCKET),
-          greedy=True,
-          nucleus=False,
-      ),
-      repeats,
-      setup=run_prefill,
-  )
-  return {
-      "prefill_tokens_per_s": batch * prompt_len / prefill_s,
-      "decode_tokens_per_s": batch * new_tokens / decode_s,
-      "prefill_s": prefill_s,
-      "decode_s": decode_s,
-      "batch": batch,
-      "prompt_len": prompt_len,
-      "new_tokens": new_tokens,
-  }
