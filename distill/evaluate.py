@@ -27,7 +27,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
 from tqdm import tqdm
@@ -35,7 +34,7 @@ from tqdm import tqdm
 # Importing the model packages registers their kinds with the registry.
 import student as student_lib  # pylint: disable=unused-import
 import teacher as teacher_lib  # pylint: disable=unused-import
-from data import cache, cache_format, pipeline, student_vocab, token_bytes
+from data import cache, pipeline, student_vocab, token_bytes
 from data import tokenizer as tok
 from distill import runs as run_specs
 from distill import speculative as spec
@@ -43,7 +42,8 @@ from distill.core import checkpoint as ckpt
 from distill.core import cli, files, layout, registry, sharding, stop
 from distill.core.errors import UserError
 from distill.decoding import speed as decode_speed
-from distill.evals import generation, metrics, plots, report, targets
+from distill.evals import cache_size, generation, headline, metrics, plots
+from distill.evals import report, targets
 from distill.evals import validation
 from student import quantize
 from teacher.config import runtime_settings
@@ -145,89 +145,6 @@ def speculative_figures(teacher, student, prompts, baselines, e) -> list[dict]:
   return out
 
 
-def cache_figures(
-    workdir: str, teacher=None, sample_records: int = 64
-) -> dict[str, Any] | None:
-  """Bytes per cached token of each method, and the cache's writing time.
-
-  A record may hold both targets; each method's size is measured by
-  re-encoding a sample of records with that target alone. None without a
-  cache; a damaged cache, or one that another teacher than ``teacher``
-  wrote, is refused.
-  """
-  directory = layout.cache_dir(workdir)
-  if not os.path.isfile(os.path.join(directory, cache.MANIFEST)):
-    return None
-  manifest = cache.read_manifest(directory)
-  if teacher is not None:
-    cache.check_matches(
-        manifest,
-        {"teacher_fingerprint": ckpt.fingerprint(teacher)},
-        directory,
-    )
-  out: dict[str, Any] = {
-      "records": manifest["num_records"],
-      "seq_len": manifest["seq_len"],
-      "methods": manifest["methods"],
-      "k": manifest["k"],
-      "num_samples": manifest["num_samples"],
-      "tail_k": manifest.get("tail_k", 0),
-      "tail_samples": manifest.get("tail_samples", 0),
-      "seconds": sum(s.get("seconds", 0.0) for s in manifest["shards"]),
-      "file_bytes_per_token": sum(s["bytes"] for s in manifest["shards"])
-      / (manifest["num_records"] * manifest["seq_len"]),
-  }
-  for method in manifest["methods"]:
-    out[f"{method}_bytes_per_token"] = target_bytes_per_token(
-        directory, manifest, method, None, sample_records
-    )
-  return out
-
-
-def target_bytes_per_token(
-    directory: str,
-    manifest: dict[str, Any],
-    target: str,
-    view: cache.TargetView | None,
-    sample_records: int = 64,
-) -> float:
-  """Bytes per token a cache of just this target (read through ``view``)
-  would take: the first ``sample_records`` records re-encoded with it alone."""
-  src = cache.CacheSource(directory, target, manifest, view)
-  sizes = []
-  for i in range(min(sample_records, manifest["num_records"])):
-    r = src[i]
-    record = cache_format.encode_record(
-        r["tokens"],
-        r["segment_ids"],
-        vocab_size=manifest["vocab_size"],
-        **cache_format_arrays(target, r),
-    )
-    sizes.append(len(record))
-  return float(np.mean(sizes)) / manifest["seq_len"]
-
-
-def cache_format_arrays(method: str, r: dict[str, Any]) -> dict[str, Any]:
-  """A ``CacheSource`` item's target as ``encode_record`` keywords."""
-  if method == "topk":
-    return {
-        "topk_ids": r["ids"],
-        "topk_log_probs": r["log_probs"],
-        "topk_tail": r["tail"],
-    }
-  if method == "topk_tail":
-    return {
-        "tt_ids": r["ids"],
-        "tt_log_probs": r["log_probs"],
-        "tt_tail": r["tail"],
-        "tt_sample_ids": r["tail_ids"],
-        "tt_sample_counts": r["tail_counts"],
-    }
-  if method == "label":
-    return {"label_log_probs": r["label_log_probs"]}
-  return {"sample_ids": r["ids"], "sample_counts": r["counts"]}
-
-
 def float_twin(payload: dict[str, Any]) -> str | None:
   """For a run trained quantisation-aware (``q=...`` in its spec), the
   folder of the same run without it ("sampled@q=int4" -> "sampled"), so that
@@ -244,97 +161,6 @@ def _fingerprint(folders: dict[str, str], config) -> dict[str, Any]:
       "steps": {n: ckpt.latest_step(p) for n, p in folders.items()},
       "eval": config.eval.to_dict(),
   }
-
-
-def headline(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-  """The comparison the pipeline exists for, from the per-model entries.
-
-  ``distill_gain``: CE-baseline loss minus the best distilled student's loss
-  (positive: distillation helped); ``teacher_gain``: CE-baseline loss minus
-  the teacher's; ``decode_speedup_b1``: the best student's batch-1 decode
-  tokens/s over the teacher's. Quantised students (PTQ variants, QAT runs)
-  and continuations of another student (``from=``, more steps than the
-  baseline) are compared in their own rows, not here; so are students
-  with their own tokenizer (``cross_tokenizer``, in bits per byte). Missing
-  pieces give None.
-  """
-  distilled = {
-      n: e
-      for n, e in models.items()
-      if n != "teacher"
-      and e.get("tokenizer") != "own"
-      and e.get("mode") not in (None, "ce")
-      and not e.get("quantization")  # trained float students only
-      # Continuations of another student train longer than the baseline;
-      # they are compared with their own control.
-      and "init" not in (e.get("parts") or {})
-  }
-  ce = report.ce_baseline(models)
-  teacher = models.get("teacher")
-  best = (
-      min(distilled, key=lambda n: distilled[n]["loss"]) if distilled else None
-  )
-  out: dict[str, Any] = {
-      "best_distilled": best,
-      "distill_gain": None,
-      "teacher_gain": None,
-      "decode_speedup_b1": None,
-  }
-  if best and ce:
-    out["distill_gain"] = ce["loss"] - distilled[best]["loss"]
-  if teacher and ce:
-    out["teacher_gain"] = ce["loss"] - teacher["loss"]
-  decode = (
-      lambda e: e.get("decode", {})
-      .get("batch_1", {})
-      .get("decode_tokens_per_s")
-  )
-  if best and teacher and decode(distilled[best]) and decode(teacher):
-    out["decode_speedup_b1"] = decode(distilled[best]) / decode(teacher)
-  crossed = cross_tokenizer_headline(models, best)
-  if crossed:
-    out["cross_tokenizer"] = crossed
-  return out
-
-
-def cross_tokenizer_headline(
-    models: dict[str, dict[str, Any]], best_shared: str | None
-) -> dict[str, Any] | None:
-  """Students with their own tokenizer against their own CE baseline, in
-  bits per byte (the text is the same, the tokens are not), beside what the
-  best same-tokenizer student gains over its CE baseline: ``share`` is the
-  first gain over the second. None without such students."""
-  own = {
-      n: e
-      for n, e in models.items()
-      if e.get("tokenizer") == "own"
-      and not e.get("quantization")
-      and "init" not in (e.get("parts") or {})
-      and e.get("bits_per_byte") is not None
-  }
-  if not own:
-    return None
-  ce = report.ce_baseline(own, own=True)
-  distilled = {n: e for n, e in own.items() if e.get("mode") != "ce"}
-  best = (
-      min(distilled, key=lambda n: distilled[n]["bits_per_byte"])
-      if distilled
-      else None
-  )
-  out: dict[str, Any] = {"best": best, "gain_bpb": None}
-  if best and ce:
-    out["gain_bpb"] = ce["bits_per_byte"] - distilled[best]["bits_per_byte"]
-  shared_ce = report.ce_baseline(models)
-  out["same_tokenizer_gain_bpb"] = None
-  if best_shared and shared_ce and shared_ce.get("bits_per_byte"):
-    out["same_tokenizer_gain_bpb"] = (
-        shared_ce["bits_per_byte"] - models[best_shared]["bits_per_byte"]
-    )
-  gains = (out["gain_bpb"], out["same_tokenizer_gain_bpb"])
-  out["share"] = (
-      gains[0] / gains[1] if None not in gains and gains[1] > 0 else None
-  )
-  return out
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -383,7 +209,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   teacher = loaded.get("teacher")
   # Inputs are checked before the long work: a damaged or stale cache fails
   # here, not after the speed measurements.
-  figures_of_cache = cache_figures(workdir, teacher)
+  figures_of_cache = cache_size.cache_figures(workdir, teacher)
   payloads = {name: ckpt.read_config(path) for name, path in folders.items()}
   models = {
       name: _entry(name, path, payloads[name], loaded[name])
@@ -438,7 +264,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   result = {
       "inputs": fingerprint,
       "models": models,
-      "summary": headline(models),
+      "summary": headline.headline(models),
       "cache": figures_of_cache,
       "machine": report.machine_description(),
       "seconds": round(time.time() - started, 1),
@@ -455,7 +281,7 @@ def _cache_bytes(models, figures_of_cache, workdir: str, seed: int) -> None:
     if entry.get("mode") != "offline":
       continue
     entry["cache_bytes_per_token"] = (
-        target_bytes_per_token(
+        cache_size.target_bytes_per_token(
             directory,
             cache.read_manifest(directory),
             entry["target"],
@@ -539,7 +365,7 @@ def _quantised_variants(config, models, loaded, payloads, score):
   ``config.eval.ptq``, and of each QAT run's float twin, quantised exactly
   as that run is (the same scheme, the embedding left float): like with
   like. Adds their entries to ``models``; returns {name: model}."""
-  best = headline(models).get("best_distilled")
+  best = headline.headline(models).get("best_distilled")
   wanted = [(best, scheme) for scheme in config.eval.ptq] if best else []
   for name, payload in payloads.items():
     twin = float_twin(payload)
