@@ -110,7 +110,7 @@ def get_config(arg=None):
   # Worker processes tokenizing, per process (0: one per core).
   c.data.prepare_workers = 0
   # Train tokens to tokenize: -1 what the stages read x1.25, at least 2^27
-  # (data/prepare.py: token_budget); 0 all; N about N (whole shards).
+  # (data/tokenize_split.py: token_budget); 0 all; N about N (whole shards).
   c.data.max_tokens = -1
   c.data.shard_tokens = 1 << 26  # a token shard is closed past this many
   c.data.seq_len = 128

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import files_config
 
-from data import corpus, pipeline, prepare, shards
+from data import corpus, pipeline, prepare, shards, tokenize_split
 from data import tokenizer as tok
 from distill.core import layout
 from experiments import hf_moe, stdlib
@@ -44,7 +44,7 @@ def _work(config, workdir, out_dir):
   builder, text_key, _ = corpus.corpus_builder(
       config.data, layout.data_dir(workdir)
   )
-  work = prepare.SplitWork(
+  work = tokenize_split.SplitWork(
       builder.as_data_source(split="train"),
       text_key,
       layout.tokenizer_path(workdir),
@@ -83,7 +83,7 @@ def test_shards_are_the_same_for_any_workers_and_processes(
       ("two_processes", 1, 2),
   ):
     monkeypatch.setattr(
-        prepare, "POOL_MIN_TOKENS", 0 if name == "pool" else 1 << 40
+        tokenize_split, "POOL_MIN_TOKENS", 0 if name == "pool" else 1 << 40
     )
     work = _work(config, workdir, tmp_path / name)
     # Four units of about 650 tokens: each rolls over to new shards of 400.
@@ -159,7 +159,7 @@ def test_a_killed_prepare_redoes_only_its_unfinished_units(
     files_prepared, tmp_path, monkeypatch
 ):
   config, workdir = files_prepared
-  monkeypatch.setattr(prepare, "POOL_MIN_TOKENS", 1 << 40)
+  monkeypatch.setattr(tokenize_split, "POOL_MIN_TOKENS", 1 << 40)
   whole = _work(config, workdir, tmp_path / "whole")
   whole.run(1, 0, 1)
   whole.finish(0.0)
@@ -226,15 +226,19 @@ def test_token_budget_reads_the_stages_and_keeps_small_corpora_whole():
   assert config.data.max_tokens == -1
   # 110 teacher steps of 32 rows of 129 tokens: far below the floor, so the
   # embedded default (~2.8M tokens) is tokenized whole, as before.
-  assert prepare.token_budget(config) == prepare.AUTO_MIN_TOKENS
+  assert tokenize_split.token_budget(config) == tokenize_split.AUTO_MIN_TOKENS
   moe = hf_moe.get_config()
   steps = max(moe.teacher.train.steps, moe.distill.train.steps)
   want = steps * moe.data.batch_size * (moe.data.seq_len + 1) * 1.25
-  assert prepare.token_budget(moe) == int(want) > prepare.AUTO_MIN_TOKENS
+  assert (
+      tokenize_split.token_budget(moe)
+      == int(want)
+      > tokenize_split.AUTO_MIN_TOKENS
+  )
   config.data.max_tokens = 0
-  assert prepare.token_budget(config) == 0
+  assert tokenize_split.token_budget(config) == 0
   config.data.max_tokens = 12345
-  assert prepare.token_budget(config) == 12345
+  assert tokenize_split.token_budget(config) == 12345
 
 
 def test_units_follow_the_estimate_and_cover_the_split_in_order():
