@@ -162,6 +162,19 @@ class FilesCorpusConfig(tfds.core.BuilderConfig):
   text_key: str = "text"  # jsonl, parquet: the field with the text
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """A local corpus's ``DatasetInfo``: nothing of it is in TFDS's bucket.
+
+  A builder whose data is not built yet asks the bucket for its info, and
+  TFDS makes a temporary folder for the answer before it looks; with the
+  bucket off (as here) it returns at once and leaves the empty folder in
+  the system's temporary directory, one per builder.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class FilesCorpus(tfds.core.GeneratorBasedBuilder):
   """Local text files (the stdlib default or a glob), one example per file."""
 
@@ -178,7 +191,7 @@ class FilesCorpus(tfds.core.GeneratorBasedBuilder):
     pass
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalInfo(
         builder=self,
         description="Local text files, one example per file.",
         features=tfds.features.FeaturesDict(

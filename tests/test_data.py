@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -361,3 +362,19 @@ def test_building_a_corpus_does_not_warn_about_its_configuration(
   assert not [
       r for r in caplog.records if "custom data configuration" in r.getMessage()
   ]
+
+
+def test_a_corpus_builder_leaves_nothing_in_the_temporary_directory(
+    tmp_path, monkeypatch
+):
+  """TFDS makes an empty folder in the system's temporary directory for
+  each builder of an unbuilt corpus (its bucket lookup) and never removes
+  it: one more per prepare, test and run."""
+  temporary = tmp_path / "tmp"
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+  corpus.corpus_builder(
+      files_config(str(tmp_path / "*.txt")).data, str(tmp_path / "d")
+  )
+  corpus.corpus_builder(stdlib.get_config("tiny").data, str(tmp_path / "d"))
+  assert not os.listdir(temporary)
