@@ -148,8 +148,9 @@ def next_units(peaks: dict[int, planning.Measure], memory: int,
   Until a size fails, the next is where the line through the smallest and
   the largest fitting sizes' peaks meets ``memory`` (a step's peak grows
   about linearly in its rows), but at least a quarter more than the
-  largest: near the chip's memory the TPU compiler rematerialises to fit,
-  the peaks flatten, and the line would creep a size at a time. Between a
+  largest: near the chip's memory the peaks flatten (the TPU compiler
+  trades recomputation for memory), and the line would creep a size at a
+  time (v5p-64's sampled step: 90.3, 90.6, 90.6 GiB at 28, 29, 30). Between a
   fitting and a failing size, bisection: a refused program's figure is the
   compiler's, not a point on the line.
   """

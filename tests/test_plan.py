@@ -280,9 +280,10 @@ def test_the_search_for_rows_is_short_when_peaks_are_linear():
 
 
 def test_the_search_for_rows_ends_when_the_compiler_flattens_the_peaks():
-  """The TPU compiler rematerialises under memory pressure: past 26 sizes
-  the peak creeps up by 0.1 GiB a size until it refuses past 40. The search
-  must not walk there one size at a time (it did: 28, 29, 30, ...)."""
+  """Near the chip's memory the peaks flatten (the TPU compiler trades
+  recomputation for memory): past 26 sizes the peak creeps up by 0.1 GiB
+  a size until the compiler refuses past 40. The search must not walk
+  there one size at a time (it did: 28, 29, 30, ...)."""
 
   def peak(u):
     if u > 40:
