@@ -150,7 +150,8 @@ def next_units(peaks: dict[int, planning.Measure], memory: int,
   about linearly in its rows), but at least a quarter more than the
   largest: near the chip's memory the peaks flatten (the TPU compiler
   trades recomputation for memory), and the line would creep a size at a
-  time (v5p-64's sampled step: 90.3, 90.6, 90.6 GiB at 28, 29, 30). Between a
+  time (v5p-64's sampled step: 90.3, 90.6, 90.6 GiB at 28, 29 and 30 rows
+  per chip). Between a
   fitting and a failing size, bisection: a refused program's figure is the
   compiler's, not a point on the line.
   """
@@ -177,9 +178,9 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
   Measure), or (0, None) when even the fewest do not fit.
 
   Compiles one and two steps' worth, then where ``next_units`` says: four
-  or five compiles where the peaks are linear, bisection's count where the
-  compiler flattens them. ``known``: the program's own
-  measure, a first point for free.
+  compiles more where the peaks are linear, bisection's count where they
+  are not (the hf_moe default on v5p-64: 5 to 8 more). ``known``: the
+  program's own measure, a first point for free.
   """
   ways = sharding.batch_ways(mesh)
   processes = planning.processes(mesh)
