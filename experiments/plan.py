@@ -151,9 +151,8 @@ def next_units(peaks: dict[int, planning.Measure], memory: int,
   largest: near the chip's memory the peaks flatten (the TPU compiler
   trades recomputation for memory), and the line would creep a size at a
   time (v5p-64's sampled step: 90.3, 90.6, 90.6 GiB at 28, 29 and 30 rows
-  per chip). Between a
-  fitting and a failing size, bisection: a refused program's figure is the
-  compiler's, not a point on the line.
+  per chip). Between a fitting and a failing size, bisection: a refused
+  program's figure is the compiler's, not a point on the line.
   """
   fitting = sorted(u for u, m in peaks.items() if fits(m, memory))
   low = fitting[-1]
@@ -179,7 +178,7 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
 
   Compiles one and two steps' worth, then where ``next_units`` says: four
   compiles more where the peaks are linear, bisection's count where they
-  are not (the hf_moe default on v5p-64: 5 to 8 more). ``known``: the
+  are not (the hf_moe default on v5p-64: 5 to 7 more). ``known``: the
   program's own measure, a first point for free.
   """
   ways = sharding.batch_ways(mesh)
