@@ -4,8 +4,9 @@
 batch: the teacher's forward pass, then per position the targets of every
 method of ``config.cache.methods`` (top-k log-probs and tail mass, sampled
 ids and counts, a top-k head with draws outside it, the labels'
-log-probs), over chunks of positions so that no [rows, T, V] array is whole.
-A row's draws come from a key of the seed and the row's index alone.
+log-probs), over ``config.cache.position_chunk`` positions at a time so
+that no [rows, T, V] array of logits need be whole. A row's draws come from
+a key of the seed and the row's index alone.
 """
 
 from __future__ import annotations
