@@ -1,9 +1,9 @@
 """Writing the logit cache's shards: which rows each holds, and the writer.
 
 A shard is an ArrayRecord file of ``rows_per_shard`` records
-(``data.cache_format``) written beside its state file, so a run that stops
-resumes at the first shard not complete; the manifest says what the cache
-holds (``data.cache``).
+(``data.cache_format``), written under a temporary name, then renamed and
+marked done by a file beside it, so a run that stops redoes only the shards
+not done; the manifest says what the cache holds (``data.cache``).
 """
 
 from __future__ import annotations
