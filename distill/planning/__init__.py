@@ -16,26 +16,12 @@ a mesh), ``programs`` (the stages' programs built from a config), ``flops``
 (compiling one, reading what it needs).
 """
 
-from distill.planning.arguments import (
-    array_bytes,
-    batch_shapes,
-    on_mesh,
-    processes,
-)
-from distill.planning.flops import (
-    attention_flops,
-    decode_flops,
-    forward_flops,
-    matmul_flops,
-)
+from distill.planning.arguments import array_bytes, on_mesh, processes
+from distill.planning.flops import attention_flops, matmul_flops
 from distill.planning.measure import Measure, measure
 from distill.planning.programs import (
     Program,
-    decode_programs,
     programs,
     student_programs,
-    student_vocab_size,
     teacher_model_config,
-    teacher_programs,
-    vocab_size,
 )

@@ -59,7 +59,6 @@ from distill.training.state import (  # pylint: disable=unused-import
     EXTRAS,
     METER,
     State,
-    TrainStep,
     WithExtras,
     restore,
     train_step_fn,
