@@ -211,11 +211,12 @@ def _count(jaxpr, while_trips: int, values) -> tuple[float, list]:
       total += copies * flops
       env.update((v, x) for v, x in zip(eqn.outvars, outs) if x is not None)
     elif name == "scan":
-      consts = ins[: eqn.params["num_consts"]]
+      # jax 0.11's scan names no consts (its body closes over them).
+      consts = ins[: eqn.params.get("num_consts", 0)]
       total += eqn.params["length"] * count(eqn.params["jaxpr"], consts)
     elif name == "while":
-      skip = eqn.params["cond_nconsts"]
-      consts = ins[skip : skip + eqn.params["body_nconsts"]]
+      skip = eqn.params.get("cond_nconsts", 0)
+      consts = ins[skip : skip + eqn.params.get("body_nconsts", 0)]
       total += while_trips * count(eqn.params["body_jaxpr"], consts)
     elif name == "cond":
       total += max(count(b, ins[1:]) for b in eqn.params["branches"])
