@@ -38,7 +38,9 @@ def _replace_with(path: str, write: Callable[[str], Any]) -> str:
 
 
 def write_text(path: str, text: str) -> str:
-  """Writes ``text`` to ``path`` atomically; returns ``path``."""
+  """Writes ``text`` to ``path`` atomically, making its folder if need be;
+  returns ``path``."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
