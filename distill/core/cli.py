@@ -36,7 +36,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from distill.core import sharding, stop
+from distill.core import files, sharding, stop, topology
 from distill.core.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -235,6 +235,35 @@ _COMPILE_CACHE = flags.DEFINE_string(
 )
 
 
+_MEMORY_OUT = flags.DEFINE_string(
+    "memory_out",
+    None,
+    "When the binary ends, write the devices' peak memory (bytes, as their"
+    " allocators count it; GPUs and TPUs report it, CPUs do not) as JSON to"
+    " this file. experiments/plan_check.py compares it with the plan.",
+)
+
+
+def _report_memory(line: bool) -> None:
+  """The devices' peak memory: one line on stdout where they count it (with
+  ``line``), and ``--memory_out``'s file."""
+  if not line and not _MEMORY_OUT.value:
+    return  # not asked for: a failed start need not start JAX for it
+  memory = topology.device_memory()
+  if memory is not None and line:
+    print(
+        f"device memory: peak {memory['peak'] / topology.GIB:.2f} GiB of"
+        f" {memory['limit'] / topology.GIB:.1f} GiB"
+        f" ({jax.local_devices()[0].device_kind})",
+        flush=True,
+    )
+  if _MEMORY_OUT.value and jax.process_index() == 0:
+    files.write_json(
+        _MEMORY_OUT.value,
+        {"device": jax.local_devices()[0].device_kind, "memory": memory},
+    )
+
+
 def use_compile_cache(folder: str | None) -> str | None:
   """Turns on JAX's persistent compilation cache in ``folder`` (None: the
   default above; "none": off); returns the folder used."""
@@ -286,5 +315,7 @@ def run(main: Callable):
           f"the disk is full ({where}); free some space and rerun the same"
           " command: the stage resumes where it stopped"
       )
+    finally:  # a failed run's peak too, where --memory_out asks for it
+      _report_memory(line=sys.exc_info()[0] is None)
 
   app.run(guarded, flags_parser=_parse_flags)

@@ -124,6 +124,25 @@ def _tpu(name: str, generation: str, shape: tuple[int, ...], slices: int):
   )
 
 
+def device_memory() -> dict[str, int] | None:
+  """This process's devices' memory as their allocators count it, in bytes:
+  ``peak`` (the most in use at once since the process started, on the
+  device where it was highest), ``in_use`` and ``limit`` of that device;
+  None where the devices keep no such count (CPUs)."""
+  best = None
+  for device in jax.local_devices():
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+      continue
+    if best is None or stats["peak_bytes_in_use"] > best["peak"]:
+      best = {
+          "peak": int(stats["peak_bytes_in_use"]),
+          "in_use": int(stats.get("bytes_in_use", 0)),
+          "limit": int(stats.get("bytes_limit", 0)),
+      }
+  return best
+
+
 def _host_memory() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
