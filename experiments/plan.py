@@ -15,7 +15,9 @@ with libtpu (``pip install -e '.[tpu]'``) and no TPU; ``cpu:N`` and
 ``local`` need nothing more (``distill/core/topology.py`` lists the names).
 
 Per program, per device: arguments (parameters, optimizer state, the batch),
-temporaries and outputs, their peak against the device's memory, the
+temporaries and outputs, what the stage keeps on the device beside them
+(``beside``: the teacher an offline run loads for its validation), their
+peak against the device's memory, the
 FLOPs of the program (matmuls, loops counted as often as they run) over the
 model FLOPs it must do at the least (``distill/planning/flops.py``), XLA's own
 estimate of its seconds where its cost model gives one, and the compile
@@ -37,7 +39,7 @@ from absl import flags
 
 from distill import planning
 
-from distill.core import cli, files, sharding, topology
+from distill.core import cli, files, sharding, stop, topology
 from distill.core.errors import UserError
 
 GIB = topology.GIB
@@ -70,14 +72,16 @@ def _ratio(a, b) -> str:
 def table(rows: list[planning.Measure], memory: int) -> str:
   """The plan as a text table, one line per program."""
   head = (
-      "program", "rows", "arguments", "temporaries", "outputs", "peak",
+      "program", "rows", "arguments", "temporaries", "outputs", "beside",
+      "peak",
       "free", "FLOP/device", "/model", "XLA est s", "compile s",
   )  # fmt: skip
   lines = [head]
   for m in rows:
     lines.append((
         m.name, str(m.rows), _size(m.arguments), _size(m.temporaries),
-        _size(m.outputs), _size(m.peak), f"{1 - m.peak / memory:.0%}",
+        _size(m.outputs), _size(m.resident), _size(m.peak),
+        f"{1 - m.peak / memory:.0%}",
         _flops(m.flops), _ratio(m.flops, m.model_flops),
         f"{m.estimated_s:.3g}" if m.estimated_s else "-", f"{m.compile_s:.0f}",
     ))  # fmt: skip
@@ -171,7 +175,8 @@ def next_units(peaks: dict[int, planning.Measure], memory: int,
 
 
 def find_batch(config, mesh, program: planning.Program, memory: int, log,
-               known: planning.Measure | None = None):  # fmt: skip
+               known: planning.Measure | None = None,
+               runs=None):  # fmt: skip
   """The most rows ``program`` takes within ``memory``, a multiple of the
   devices a batch splits over (and of the processes). Returns (rows, its
   Measure), or (0, None) when even the fewest do not fit.
@@ -179,7 +184,8 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
   Compiles one and two steps' worth, then where ``next_units`` says: four
   compiles more where the peaks are linear, bisection's count where they
   are not (the hf_moe default on v5p-64: 5 to 7 more). ``known``: the
-  program's own measure, a first point for free.
+  program's own measure, a first point for free. ``runs``: the runs the
+  plan has (the validation pass runs beside the largest of their states).
   """
   ways = sharding.batch_ways(mesh)
   processes = planning.processes(mesh)
@@ -190,11 +196,12 @@ def find_batch(config, mesh, program: planning.Program, memory: int, log,
 
   def measure(units: int) -> None:
     rows = units * step
+    stop.check("plan", f"nothing is written; the search was at {rows} rows")
     rebuilt = planning.programs(
         _with_rows(config, program, rows, processes),
         mesh,
         stages=[program.stage],
-        runs=_runs_of(program),
+        runs=_runs_of(program) or runs,
         names=[program.name],
     )[0]
     peaks[units] = m = planning.measure(rebuilt, mesh)
@@ -224,14 +231,25 @@ def _runs_of(program: planning.Program):
 
 
 def plan(config, topo: topology.Topology, *, stages=None, runs=None,
-         find=False, memory=None, log=print) -> dict[str, Any]:  # fmt: skip
+         names=None, find=False, memory=None,
+         log=print) -> dict[str, Any]:  # fmt: skip
   """Compiles every program; returns the plan (as ``--out`` writes it)."""
   memory = memory or topo.memory_per_device
   mesh = sharding.make_mesh(config.get("mesh"), devices=topo.devices)
   log(f"plan: {topo.description}; mesh {sharding.describe(mesh)}")
   programs = planning.programs(config, mesh, stages=stages, runs=runs)
+  if names:
+    have = [p.name for p in programs]
+    missing = sorted(set(names) - set(have))
+    if missing:
+      raise UserError(
+          f"--programs: none named {missing} in these stages and runs; they"
+          f" have {have}"
+      )
+    programs = [p for p in programs if p.name in names]
   measures, verdicts, batches = [], [], {}
   for i, program in enumerate(programs):
+    stop.check("plan", f"nothing is written; {i} programs were compiled")
     log(f"plan: compiling {program.name} ({i + 1}/{len(programs)}) ...")
     m = planning.measure(program, mesh)
     measures.append(m)
@@ -246,7 +264,9 @@ def plan(config, topo: topology.Topology, *, stages=None, runs=None,
           verdict(m, program, memory, planning.processes(mesh), remat)
       )
     if find and program.rows_knob:
-      rows, _ = find_batch(config, mesh, program, memory, log, known=m)
+      rows, _ = find_batch(
+          config, mesh, program, memory, log, known=m, runs=runs
+      )
       batches[program.name] = {
           "rows": rows,
           "rows_per_device": rows / sharding.batch_ways(mesh),
@@ -283,6 +303,12 @@ def _define_flags():
   flags.DEFINE_list(
       "runs", None, "Only these runs of config.distill.runs (default: all)."
   )
+  flags.DEFINE_list(
+      "programs",
+      None,
+      "Only the programs of these names (as the table names them, e.g."
+      " 'student ce,validation').",
+  )
   flags.DEFINE_bool(
       "find_batch",
       False,
@@ -312,7 +338,7 @@ def main(argv):
   memory = int(f.memory_gib * GIB) if f.memory_gib else None
   start = time.time()
   result = plan(
-      config, topo, stages=f.stages, runs=f.runs,
+      config, topo, stages=f.stages, runs=f.runs, names=f.programs,
       find=f.find_batch, memory=memory,
   )  # fmt: skip
   result["seconds"] = time.time() - start

@@ -13,7 +13,7 @@ import procs
 from distill import planning
 
 from distill.core import sharding, topology
-from distill.core.errors import ConfigError
+from distill.core.errors import ConfigError, UserError
 from experiments import plan as plan_binary
 from experiments import stdlib
 from teacher import moe as moe_lib
@@ -108,6 +108,39 @@ def test_arguments_are_the_parameters_and_optimizer_split_over_devices(
   assert mesh.shape["fsdp"] == 8
 
 
+def test_programs_by_name_and_a_name_that_is_not_there():
+  config = _tiny()
+  topo = topology.resolve("cpu:8")
+  result = plan_binary.plan(
+      config, topo, stages=["export"], names=["decode b8"], log=lambda _: None
+  )
+  assert [m["name"] for m in result["programs"]] == ["decode b8"]
+  with pytest.raises(UserError, match=r"none named \['decode b3'\]"):
+    plan_binary.plan(config, topo, stages=["export"], names=["decode b3"])
+
+
+def test_an_offline_step_counts_the_teacher_the_stage_keeps_beside_it(
+    tiny_plan,
+):
+  """Every distill run loads the teacher (its validation scores against
+  it): an offline step runs beside it, an online step has it among its
+  arguments. On an H200 the gpu variant's offline step peaked at the
+  plan's step plus the teacher's bytes (experiments/plan_check.py)."""
+  _, _, programs, result = tiny_plan
+  measured = {m["name"]: m for m in result["programs"]}
+  online = next(p for p in programs if p.name == "student online")
+  teacher = planning.array_bytes(online.args[4], per_device=True)
+  assert teacher > 0
+  offline = measured["student sampled"]
+  assert teacher <= offline["resident"] < teacher + 64  # + unread scalars
+  assert measured["student online"]["resident"] < teacher // 10
+  parts = ("arguments", "outputs", "temporaries", "code", "resident")
+  assert offline["peak"] == sum(offline[k] for k in parts) - offline["aliased"]
+  # Validation runs inside a run's loop, beside its optimizer state.
+  assert measured["validation"]["resident"] > 0
+  assert "beside" in result["table"]
+
+
 def test_flops_count_scanned_layers_once_per_layer():
   """XLA counts a scanned layer stack's body once; the plan's own count
   does not: scanned and unrolled students count the same matmul FLOPs."""
@@ -141,13 +174,17 @@ def test_a_megablox_kernel_counts_the_grouped_flops_it_declares():
     assert planning.matmul_flops(both) == 3 * one, dot
 
 
-def test_a_config_that_cannot_fit_says_so_in_one_line_and_exits_1():
+def test_a_config_that_cannot_fit_says_so_in_one_line_and_exits_1(
+    tmp_path,
+):
+  memory_out = tmp_path / "memory.json"
   result = procs.binary(
       "experiments.plan",
       "--config=experiments/stdlib.py:tiny",
       "--topology=cpu:8",
       "--stages=export",
       "--memory_gib=0.000001",
+      f"--memory_out={memory_out}",
       env=procs.device_env(8),
   )
   assert result.returncode == 1, result.stderr[-2000:]
@@ -158,6 +195,9 @@ def test_a_config_that_cannot_fit_says_so_in_one_line_and_exits_1():
   assert verdicts[0].startswith("decode b1 does not fit: it needs")
   assert "GiB per device" in verdicts[0] and "config.mesh" in verdicts[0]
   assert "decode b8" in result.stdout  # the table is printed all the same
+  # --memory_out, asked of any binary, is written however it ends; CPUs
+  # keep no count of their memory (GPUs and TPUs do).
+  assert json.loads(memory_out.read_text()) == {"device": "cpu", "memory": None}
 
 
 # The TPU compiler's two messages (the second found planning online KD with
@@ -236,7 +276,12 @@ def test_find_batch_finds_the_most_rows_that_fit():
   config.data.batch_size = 8
   log = []
   rows, m = plan_binary.find_batch(
-      config, mesh, program, (peaks[16] + peaks[24]) // 2, log.append
+      config,
+      mesh,
+      program,
+      (peaks[16] + peaks[24]) // 2,
+      log.append,
+      runs=["ce"],
   )
   assert rows == 16 and m.peak == peaks[16]
   assert len(log) <= 5  # guided by the line through the peaks, not bisection

@@ -32,6 +32,11 @@ class Measure:
   compile_s: float
   rows: int
   tokens: int
+  #: Bytes the stage keeps on the device beside the program while it runs:
+  #: what it holds and does not pass (``Program.held`` less the arguments),
+  #: and what it passes but the compiled program does not read (XLA drops
+  #: unread arguments: a validation pass reads the teacher's head alone).
+  resident: int = 0
   #: Why the compiler refused the program (it checks the device's memory
   #: itself on TPUs), if it did; the bytes are then its own figure for the
   #: temporaries and the arguments' shares.
@@ -46,6 +51,7 @@ class Measure:
         - self.aliased
         + self.temporaries
         + self.code
+        + self.resident
     )
 
   def as_dict(self) -> dict[str, Any]:
@@ -59,6 +65,15 @@ class Measure:
 _OUT_OF_MEMORY = re.compile(
     r"(?:HLO temporaries \(|Program hbm requirement )([0-9.]+)([KMGT])"
 )
+
+
+def _resident(program: Program, arguments: int) -> int:
+  """``Measure.resident`` of ``program`` whose compiled arguments take
+  ``arguments`` bytes (padded to the device's tiles on a TPU)."""
+  if not program.held:
+    return 0
+  given = array_bytes(program.args, per_device=True)
+  return max(0, program.held - given) + max(0, given - arguments)
 
 
 def measure(program: Program, mesh) -> Measure:
@@ -93,8 +108,10 @@ def measure(program: Program, mesh) -> Measure:
   )
   if compiled is None:
     scale = 1024 ** ("KMGT".index(found.group(2)) + 1)
+    arguments = array_bytes(program.args, per_device=True)
     return Measure(
-        arguments=array_bytes(program.args, per_device=True),
+        arguments=arguments,
+        resident=_resident(program, arguments),
         outputs=0,
         temporaries=int(float(found.group(1)) * scale),
         aliased=0,
@@ -109,8 +126,10 @@ def measure(program: Program, mesh) -> Measure:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   estimated = cost.get("optimal_seconds")
+  arguments = int(memory.argument_size_in_bytes)
   return Measure(
-      arguments=int(memory.argument_size_in_bytes),
+      arguments=arguments,
+      resident=_resident(program, arguments),
       outputs=int(memory.output_size_in_bytes),
       temporaries=int(memory.temp_size_in_bytes),
       aliased=int(memory.alias_size_in_bytes),

@@ -51,7 +51,10 @@ class Program:
   ``fn.trace(*args, **kwargs)`` traces it; ``model_flops`` is the work the
   program must do at the least (``planning.flops``), over the whole mesh;
   ``state_bytes`` the parameters and optimizer state it holds between calls,
-  over the whole mesh.
+  over the whole mesh; ``held`` the bytes per device the stage keeps on the
+  devices while the program runs (its own arguments and whatever else the
+  stage has loaded, such as a teacher an offline run validates against),
+  0 where that is the program's arguments alone.
   """
 
   name: str
@@ -65,6 +68,7 @@ class Program:
   state_bytes: int
   rows_knob: str  # the config key that sets ``rows``
   while_trips: int = 1  # how often its while loop runs (a decode loop)
+  held: int = 0
 
   def trace(self):
     return self.fn.trace(*self.args, **self.kwargs)
@@ -231,8 +235,11 @@ def student_programs(
   d, seq = config.distill, config.data.seq_len
   b = rows or config.data.batch_size
   make_student = lambda: Student(s_cfg, rngs=nnx.Rngs(0))
-  teacher = None
-  out = []
+  # Every run loads the teacher (its validation scores the student against
+  # it) and keeps it on the devices: an offline run's step runs beside it.
+  teacher = on_mesh(lambda: Teacher(t_cfg, rngs=nnx.Rngs(0)), mesh)
+  beside = array_bytes(teacher, per_device=True)
+  out, held = [], 0
   for run in runs or d.runs:
     kind = run_kind(run)
     s_vocab = student_vocab_size(config, kind, vocab)
@@ -245,8 +252,6 @@ def student_programs(
       make_model = lambda q=kind.q, make=make_model: quantize.quantize(
           make(), q, qat=True
       )
-    if kind.needs_teacher and teacher is None:
-      teacher = on_mesh(lambda: Teacher(t_cfg, rngs=nnx.Rngs(0)), mesh)
     policy = None
     if kind.mode == "on_policy":
       policy = distill_train.on_policy_config(config, kind)
@@ -297,15 +302,19 @@ def student_programs(
         rows_knob="data.batch_size",
     )
     program.state_bytes += sum(array_bytes(f) for f in frozen)
+    program.held = array_bytes(program.args, per_device=True) + (
+        0 if frozen else beside
+    )
+    held = max(held, program.held)
     out.append(program)
     if policy is not None and policy.lam > 0:
       out.append(
           _generation_program(program.args[0], policy, b, seq, mesh, run)
       )
+      out[-1].held = program.held
   student = on_mesh(make_student, mesh)
-  if teacher is None:
-    teacher = on_mesh(lambda: Teacher(t_cfg, rngs=nnx.Rngs(0)), mesh)
   out.append(_validation_program(config, student, teacher, b, mesh))
+  out[-1].held = held  # it runs inside a run's loop, beside its state
   return out
 
 
