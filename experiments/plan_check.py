@@ -36,13 +36,17 @@ from distill.core.errors import UserError
 #: The stages a plan covers, in pipeline order, and the folder each writes.
 STAGES = {"teacher": "teacher", "cache": "logits", "distill": "student"}
 
-_STAGES = flags.DEFINE_list(
-    "stages", list(STAGES), f"Which of {list(STAGES)} to check."
-)
-_TOLERANCE = flags.DEFINE_float(
-    "tolerance", 0.10, "How far (a fraction of the run's peak) a plan may be."
-)
-_OUT = flags.DEFINE_string("out", None, "Write the comparison as JSON here.")
+
+def _define_flags():
+  # Defined only when run as a binary: importing adds no flags (experiments.run
+  # defines its own --stages).
+  flags.DEFINE_list(
+      "stages", list(STAGES), f"Which of {list(STAGES)} to check."
+  )
+  flags.DEFINE_float(
+      "tolerance", 0.10, "How far (a fraction of the run's peak) a plan may be."
+  )
+  flags.DEFINE_string("out", None, "Write the comparison as JSON here.")
 
 
 _RUNS = "--config.distill.runs="
@@ -169,10 +173,11 @@ def check(argv, workdir: str, stages: list[str], runs, tolerance: float):
 
 
 def main(argv):
+  f = flags.FLAGS
   config = cli.setup_config(argv)
-  workdir = cli.check_workdir(flags.FLAGS.workdir)
-  stages = [s for s in STAGES if s in _STAGES.value]
-  unknown = sorted(set(_STAGES.value) - set(STAGES))
+  workdir = cli.check_workdir(f.workdir)
+  stages = [s for s in STAGES if s in f.stages]
+  unknown = sorted(set(f.stages) - set(STAGES))
   if unknown:
     raise UserError(f"--stages: unknown {unknown}; use some of {list(STAGES)}")
   if not _counts_memory():
@@ -187,14 +192,14 @@ def main(argv):
           f"{done} exists: a stage that has run is skipped, not measured;"
           " give plan_check a workdir without it (data/ may stay)"
       )
-  rows = check(sys.argv, workdir, stages, config.distill.runs, _TOLERANCE.value)
+  rows = check(sys.argv, workdir, stages, config.distill.runs, f.tolerance)
   print(table(rows))
-  if _OUT.value:
-    files.write_json(_OUT.value, {"tolerance": _TOLERANCE.value, **rows})
+  if f.out:
+    files.write_json(f.out, {"tolerance": f.tolerance, **rows})
   off = [s for s, r in rows.items() if not r["within"]]
   if off:
     print(
-        f"plan_check: the plan is off by more than {_TOLERANCE.value:.0%}"
+        f"plan_check: the plan is off by more than {f.tolerance:.0%}"
         f" for {off}",
         file=sys.stderr,
     )
@@ -202,4 +207,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)
