@@ -244,11 +244,21 @@ _MEMORY_OUT = flags.DEFINE_string(
 )
 
 
+def _jax_started() -> bool:
+  """Whether this process has started JAX's devices (no public API says)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return started() if started is not None else True
+
+
 def _report_memory(line: bool) -> None:
   """The devices' peak memory: one line on stdout where they count it (with
   ``line``), and ``--memory_out``'s file."""
-  if not line and not _MEMORY_OUT.value:
-    return  # not asked for: a failed start need not start JAX for it
+  if not _MEMORY_OUT.value and not (line and _jax_started()):
+    # Not asked for, and nothing to say: a binary that never used JAX (or
+    # failed) is not made to start it, and a TPU library's noise with it.
+    return
   memory = topology.device_memory()
   if memory is not None and line:
     print(
