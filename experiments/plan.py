@@ -17,14 +17,15 @@ with libtpu (``pip install -e '.[tpu]'``) and no TPU; ``cpu:N`` and
 Per program, per device: arguments (parameters, optimizer state, the batch),
 temporaries and outputs, what the stage keeps on the device beside them
 (``beside``: the teacher an offline run loads for its validation), their
-peak against the device's memory, the
-FLOPs of the program (matmuls, loops counted as often as they run) over the
-model FLOPs it must do at the least (``distill/planning/flops.py``), XLA's own
-estimate of its seconds where its cost model gives one, and the compile
-time. A program that does not fit is one line saying what it needs, what
-there is, and what to change; the command then exits with status 1.
-``--find_batch`` finds, by bisection on compiles, the most rows a step can
-take on this topology (a multiple of the devices the batch splits over).
+peak against the device's memory, the FLOPs of the program (matmuls, loops
+counted as often as they run) over the model FLOPs it must do at the least
+(``distill/planning/flops.py``), XLA's own estimate of its seconds where its
+cost model gives one, and the compile time. A program that does not fit is
+one line saying what it needs, what there is, and what to change; the
+command then exits with status 1.
+``--find_batch`` finds, by compiles, the rows a step can take on this
+topology (a multiple of the devices the batch splits over) with the next
+multiple not fitting: the most, where the peaks grow with the rows.
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ def table(rows: list[planning.Measure], memory: int) -> str:
   """The plan as a text table, one line per program."""
   head = (
       "program", "rows", "arguments", "temporaries", "outputs", "beside",
-      "peak",
-      "free", "FLOP/device", "/model", "XLA est s", "compile s",
+      "peak", "free", "FLOP/device", "/model", "XLA est s", "compile s",
   )  # fmt: skip
   lines = [head]
   for m in rows:
