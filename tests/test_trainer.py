@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -338,6 +339,36 @@ def test_no_writer_saves_non_finite_parameters(tmp_path):
   with pytest.raises(ckpt.NonFiniteError, match="head.*nothing was written"):
     ckpt.save_params(str(tmp_path / "m"), model)
   assert not os.path.exists(tmp_path / "m" / ckpt.CHECKPOINT_DIR)
+
+
+def test_a_run_killed_between_saving_its_best_and_recording_it_resumes(
+    tmp_path, data_dir
+):
+  out = str(tmp_path / "run")
+  _run(out, data_dir, steps=8)
+  best = os.path.join(out, trainer.BEST_DIR)
+  assert ckpt.latest_step(best) == 8
+  want = ckpt.restore_params(best, Bigram(512, 16, nnx.Rngs(5)))
+  # The kill: best/ holds step 8 but its record is gone, and the main
+  # checkpoint is still at step 4.
+  os.remove(os.path.join(best, "best.json"))
+  shutil.rmtree(os.path.join(out, ckpt.CHECKPOINT_DIR, "8"))
+  result, evals = _run(out, data_dir, steps=8)
+  assert result.status == "finished" and evals == [8]
+  assert ckpt.latest_step(best) == 8
+  assert json.load(open(os.path.join(best, "best.json")))["step"] == 8
+  got = ckpt.restore_params(best, Bigram(512, 16, nnx.Rngs(5)))
+  np.testing.assert_array_equal(got.head.kernel[...], want.head.kernel[...])
+
+
+def test_save_params_replaces_the_steps_a_killed_run_left_ahead(tmp_path):
+  folder = str(tmp_path / "m")
+  for step, seed in ((3, 0), (7, 1), (5, 2)):
+    ckpt.save_params(folder, Bigram(512, 16, nnx.Rngs(seed)), step)
+  assert ckpt.latest_step(folder) == 5
+  got = ckpt.restore_params(folder, Bigram(512, 16, nnx.Rngs(9)))
+  want = Bigram(512, 16, nnx.Rngs(2))
+  np.testing.assert_array_equal(got.head.kernel[...], want.head.kernel[...])
 
 
 def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(

@@ -217,10 +217,16 @@ def save_params(
   """Writes a params-only checkpoint of ``model`` at ``step`` (keeping the
   latest ``max_to_keep`` steps of the folder; None: all).
 
+  Checkpoints at or after ``step`` go first: they were left by a run killed
+  ahead of this one (between saving its best model and recording it, say),
+  which the resumed run writes again.
   Refuses (``NonFiniteError``) parameters that are not finite.
   """
   check_finite(nnx.state(model, nnx.Param), f"the model for {directory}")
   with checkpoint_manager(directory, max_to_keep=max_to_keep) as mngr:
+    for stale in mngr.all_steps():
+      if stale >= step:
+        mngr.delete(stale)
     mngr.save(
         step,
         args=ocp.args.Composite(
