@@ -50,11 +50,15 @@ import pytest
 from flax import nnx
 
 from data import pipeline, prepare
-from distill.core import checkpoint, layout
+from distill.core import checkpoint, cli, layout
 from experiments import stdlib
 from teacher import cache_logits
 from teacher import train as teacher_train
 from teacher.model import Teacher
+
+# Tracing makes and drops many small objects: collect garbage as the
+# binaries do (cli.quiet_garbage_collector).
+cli.quiet_garbage_collector()
 
 # XLA's CPU backend maps each executable's code into memory; one process
 # running the whole suite would keep thousands of them alive and run into the
