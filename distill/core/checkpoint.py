@@ -224,9 +224,11 @@ def save_params(
   """
   check_finite(nnx.state(model, nnx.Param), f"the model for {directory}")
   with checkpoint_manager(directory, max_to_keep=max_to_keep) as mngr:
-    for stale in mngr.all_steps():
-      if stale >= step:
-        mngr.delete(stale)
+    # Every process deletes the same steps (a delete is collective): the
+    # ones the main process saw before any went.
+    stale = [s for s in mngr.all_steps() if s >= step]
+    for s in sharding.main_ints(stale):
+      mngr.delete(s)
     mngr.save(
         step,
         args=ocp.args.Composite(

@@ -386,6 +386,17 @@ def main_says(value: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.bool_(value)))
 
 
+def main_ints(values: Sequence[int]) -> list[int]:
+  """The main process's ``values`` (integers), in every process."""
+  if jax.process_count() == 1:
+    return [int(v) for v in values]
+  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
+  mine = np.zeros(count, np.int64)
+  if is_main():
+    mine[:] = values
+  return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
+
+
 def is_main() -> bool:
   """True in the process that writes metrics, reports and manifests."""
   return jax.process_index() == 0
