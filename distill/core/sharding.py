@@ -390,8 +390,10 @@ def main_ints(values: Sequence[int]) -> list[int]:
   """The main process's ``values`` (integers), in every process."""
   if jax.process_count() == 1:
     return [int(v) for v in values]
-  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
-  mine = np.zeros(count, np.int64)
+  count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+  if not count:
+    return []
+  mine = np.zeros(count, np.int32)
   if is_main():
     mine[:] = values
   return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
