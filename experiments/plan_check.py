@@ -30,11 +30,15 @@ from typing import Any
 
 from absl import flags
 
-from distill.core import cli, files, topology
+from distill.core import cli, files, layout, topology
 from distill.core.errors import UserError
 
 #: The stages a plan covers, in pipeline order, and the folder each writes.
-STAGES = {"teacher": "teacher", "cache": "logits", "distill": "student"}
+STAGES = {
+    "teacher": layout.teacher_dir,
+    "cache": layout.cache_dir,
+    "distill": layout.students_dir,
+}
 
 
 def _define_flags():
@@ -145,7 +149,7 @@ def check(argv, workdir: str, stages: list[str], runs, tolerance: float):
   returns the rows."""
   workdir_flag = f"--workdir={workdir}"
   folder = os.path.join(workdir, "plan_check")
-  if not os.path.isdir(os.path.join(workdir, "data")):
+  if not os.path.isdir(layout.data_dir(workdir)):
     _call(
         ["experiments.run", "--stages=prepare", *config_flags(argv),
          workdir_flag],
@@ -186,7 +190,7 @@ def main(argv):
         " the check on GPUs or TPUs"
     )
   for stage in stages:
-    done = os.path.join(workdir, STAGES[stage])
+    done = STAGES[stage](workdir)
     if os.path.exists(done):
       raise UserError(
           f"{done} exists: a stage that has run is skipped, not measured;"

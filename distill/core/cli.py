@@ -268,7 +268,7 @@ def _report_memory(line: bool) -> None:
         f" ({jax.local_devices()[0].device_kind})",
         flush=True,
     )
-  if _MEMORY_OUT.value and jax.process_index() == 0:
+  if _MEMORY_OUT.value and sharding.is_main():
     files.write_json(
         _MEMORY_OUT.value,
         {"device": jax.local_devices()[0].device_kind, "memory": memory},
