@@ -22,7 +22,8 @@ Two steps:
 Because the rows are addressed by index, the iterator state is just a
 position: ``iterator.get_state()`` / ``set_state()`` (and orbax, through
 ``grain.checkpoint``) restore exactly the batches the original would have
-produced.
+produced. ``Phases`` chains such iterators (short rows for the first
+steps, then long ones) and keeps which one is current in its state.
 
 A batch is a dict of int32 arrays ``tokens``, ``segment_ids``, ``positions``,
 each [B, L + 1]; inputs are ``tokens[:, :-1]``, labels ``tokens[:, 1:]`` and
@@ -32,7 +33,7 @@ the loss mask is ``target_mask(segment_ids)``.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -252,6 +253,63 @@ def batched(
         grain.MultiprocessingOptions(num_workers=worker_count)
     )
   return it_ds
+
+
+class Phases:
+  """Batches from a sequence of iterators: ``phases`` is ``[(count,
+  make_iterator), ...]``, each phase's iterator made when it starts and read
+  for ``count`` batches (the last phase's count is ignored: it runs on).
+
+  Its state is ``{"phase", "taken", "state"}`` (the current phase, the
+  batches it gave, its iterator's state), so a resumed run takes the same
+  batches. A state without ``"phase"`` (a checkpoint of one plain iterator)
+  is the last phase's.
+  """
+
+  def __init__(self, phases: Sequence[tuple[int, Callable[[], Iterator]]]):
+    if not phases:
+      raise ValueError("Phases needs at least one phase.")
+    self._phases = list(phases)
+    self._start(0, 0)
+
+  def _start(self, phase: int, taken: int) -> None:
+    self._phase, self._taken = phase, taken
+    self._iterator = self._phases[phase][1]()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while (
+        self._phase < len(self._phases) - 1
+        and self._taken >= self._phases[self._phase][0]
+    ):
+      self._start(self._phase + 1, 0)
+    batch = next(self._iterator)
+    self._taken += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+        "phase": self._phase,
+        "taken": self._taken,
+        "state": self._iterator.get_state(),
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if "phase" not in state:
+      state = {"phase": len(self._phases) - 1, "taken": 0, "state": state}
+    phase = int(state["phase"])
+    if not 0 <= phase < len(self._phases):
+      raise DataError(
+          f"The checkpoint's data position is in phase {phase} of a run"
+          f" that now has {len(self._phases)}; the training schedule changed"
+          " under a run in progress: train it in a new folder."
+      )
+    if phase != self._phase:
+      self._start(phase, 0)
+    self._taken = int(state["taken"])
+    self._iterator.set_state(state["state"])
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

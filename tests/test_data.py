@@ -208,6 +208,51 @@ def test_iterator_state_restores_the_exact_batches(prepared):
     make(read_ahead=0)
 
 
+def test_phases_switch_rows_and_resume_in_either_phase(prepared):
+  """Short rows for three batches, then long ones; a state saved in either
+  phase (or at the switch) restores the batches that followed it."""
+  _, workdir, _ = prepared
+
+  def make(seq_len, batch_size):
+    return lambda: iter(
+        pipeline.make_dataset(
+            layout.data_dir(workdir),
+            "train",
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=3,
+            process_index=0,
+            process_count=1,
+        )
+    )
+
+  def phases():
+    return pipeline.Phases([(3, make(8, 4)), (1, make(16, 2))])
+
+  it = phases()
+  states, batches = [], []
+  for _ in range(6):
+    states.append(json.loads(json.dumps(it.get_state())))
+    batches.append(next(it))
+  shapes = [b["tokens"].shape for b in batches]
+  assert shapes == [(4, 9)] * 3 + [(2, 17)] * 3  # the last phase runs on
+  plain = make(16, 2)()
+  np.testing.assert_array_equal(next(plain)["tokens"], batches[3]["tokens"])
+  for start in (1, 3, 4):
+    resumed = phases()
+    resumed.set_state(states[start])
+    for want in batches[start:]:
+      np.testing.assert_array_equal(next(resumed)["tokens"], want["tokens"])
+  # A plain iterator's state (a checkpoint from before phases) is the last
+  # phase's; a phase the schedule no longer has is refused.
+  next(plain)
+  resumed = phases()
+  resumed.set_state(json.loads(json.dumps(plain.get_state())))
+  np.testing.assert_array_equal(next(resumed)["tokens"], batches[5]["tokens"])
+  with pytest.raises(pipeline.DataError, match="phase 2 of a run"):
+    phases().set_state({"phase": 2, "taken": 0, "state": states[0]})
+
+
 def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
   # Unique token values, so a row is identified by its first token.
   rng = np.random.default_rng(1)

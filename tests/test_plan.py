@@ -66,6 +66,19 @@ def test_every_stage_of_the_tiny_config_compiles(tiny_plan):
   assert "teacher step" in result["table"] and "/model" in result["table"]
 
 
+def test_a_teacher_on_short_rows_first_plans_both_steps():
+  config = _tiny()
+  config.teacher.train.update(dict(short_steps=2, short_seq_len=8))
+  mesh = sharding.make_mesh(None, devices=topology.resolve("cpu:8").devices)
+  programs = planning.programs(config, mesh, stages=["teacher"])
+  shapes = {p.name: p.args[2]["tokens"].shape for p in programs}
+  # The short phase: as many tokens a step as the long rows' batch.
+  assert shapes == {
+      "teacher step": (8, 33),
+      "teacher step, short rows": (32, 9),
+  }
+
+
 def test_arguments_are_the_parameters_and_optimizer_split_over_devices(
     tiny_plan,
 ):

@@ -98,6 +98,41 @@ def test_other_config_is_refused_and_imported_teacher_is_kept(
   assert teacher_train.train(other, workdir)["imported"]
 
 
+def test_short_rows_first_then_the_long_ones(prepared, tmp_path):
+  config = stdlib.get_config("tiny")
+  assert teacher_train.row_phases(config) == [(8, 32, 4)]  # off: one phase
+  config.teacher.train.update(dict(steps=3, short_steps=2, short_seq_len=8))
+  # As many tokens a step as a batch of config.data unless told.
+  assert teacher_train.row_phases(config) == [(2, 8, 16), (3, 32, 4)]
+  config.teacher.train.short_batch_size = 8
+  assert teacher_train.row_phases(config) == [(2, 8, 8), (3, 32, 4)]
+  # The long variant: 150 steps of 4 rows of 1,024 tokens, 30 of 8,192.
+  long = stdlib.get_config("long")
+  assert teacher_train.row_phases(long) == [(150, 1024, 4), (180, 8192, 1)]
+  for variant in stdlib.VARIANTS:  # every variant's schedule is valid
+    teacher_train.row_phases(stdlib.get_config(variant))
+  workdir = _copy(prepared, tmp_path / "w")
+  summary = teacher_train.train(config, workdir)
+  assert np.isfinite(summary["eval/loss"])
+  saved = os.path.join(
+      workdir, "teacher", "checkpoints", "3", "data_state", "metadata"
+  )
+  state = json.load(open(saved))
+  assert (state["phase"], state["taken"]) == (1, 1)
+  for bad, match in (
+      (dict(short_seq_len=32), "short_seq_len=32 must be in"),
+      (dict(short_seq_len=0), "short_seq_len=0 must be in"),
+      (dict(short_steps=3), "short_steps=3 must be in"),
+  ):
+    wrong = stdlib.get_config("tiny")
+    wrong.teacher.train.update(
+        {**dict(steps=3, short_steps=2, short_seq_len=8), **bad}
+    )
+    with pytest.raises(UserError, match=match):
+      teacher_train.train(wrong, str(tmp_path / "never"))
+    assert not os.path.exists(tmp_path / "never" / "teacher")
+
+
 def test_training_without_prepared_data_says_what_to_run(tmp_path):
   with pytest.raises(UserError, match="data.prepare"):
     teacher_train.train(stdlib.get_config("tiny"), str(tmp_path))

@@ -174,20 +174,25 @@ def teacher_programs(config, mesh, vocab: int, rows: int | None = None):
   out = []
   if "hf_dir" not in config.teacher:  # an imported teacher is not trained
     loss = teacher_train.loss_fn_for(cfg, config.teacher.train.loss_chunk)
-    b = rows or config.data.batch_size
-    out.append(
-        _train_program(
-            "teacher step",
-            "teacher",
-            make_teacher,
-            loss,
-            teacher_train.loop_config(config),
-            batch_shapes(b, seq, None, None, mesh),
-            mesh,
-            model_flops_of=lambda m, b, t: 3 * forward_flops(m, b, t),
-            rows_knob="data.batch_size",
-        )
-    )
+    phases = teacher_train.row_phases(config)
+    if rows:  # a search over the long rows' batch
+      phases = [(0, seq, rows)]
+    for i, (_, length, b) in enumerate(reversed(phases)):
+      out.append(
+          _train_program(
+              "teacher step" + (", short rows" if i else ""),
+              "teacher",
+              make_teacher,
+              loss,
+              teacher_train.loop_config(config),
+              batch_shapes(b, length, None, None, mesh),
+              mesh,
+              model_flops_of=lambda m, b, t: 3 * forward_flops(m, b, t),
+              rows_knob=(
+                  "teacher.train.short_batch_size" if i else "data.batch_size"
+              ),
+          )
+      )
   c = config.cache
   teacher = on_mesh(make_teacher, mesh)
   target_fn = teacher_targets.make_target_fn(
