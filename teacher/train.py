@@ -221,9 +221,13 @@ def row_phases(config) -> list[tuple[int, int, int]]:
         f"{where}.short_steps={steps} must be in [0, steps={section.steps}):"
         " the run ends on the long rows."
     )
-  batch = section.get("short_batch_size", 0) or max(
-      1, data.batch_size * data.seq_len // seq_len
-  )
+  batch = section.get("short_batch_size", 0)
+  if batch < 0:
+    raise UserError(
+        f"{where}.short_batch_size={batch} must be at least 0 (0: as many"
+        " tokens a step as a batch of config.data)."
+    )
+  batch = batch or max(1, data.batch_size * data.seq_len // seq_len)
   return [(steps, seq_len, batch), long]
 
 

@@ -123,6 +123,7 @@ def test_short_rows_first_then_the_long_ones(prepared, tmp_path):
       (dict(short_seq_len=32), "short_seq_len=32 must be in"),
       (dict(short_seq_len=0), "short_seq_len=0 must be in"),
       (dict(short_steps=3), "short_steps=3 must be in"),
+      (dict(short_batch_size=-1), "short_batch_size=-1 must be at least 0"),
   ):
     wrong = stdlib.get_config("tiny")
     wrong.teacher.train.update(
