@@ -3,7 +3,7 @@
     python -m teacher.cache_logits --config=experiments/stdlib.py --workdir=W [--verify]
 
 Reads ``W/teacher/`` and the packed train rows of ``W/data/``; writes
-``W/logits/`` (see ``data/cache.py`` for the layout and ``data/cache_format.py``
+``W/logits/`` (see ``data/cache.py`` for the layout and ``data/cache_format/``
 for the record encoding). One teacher pass feeds every method in
 ``config.cache.methods``:
 
@@ -108,7 +108,7 @@ def _settings(
       "encoding": {
           "ids": cache_format.id_dtype(vocab).name,
           "error_bounds": cache_format.ERROR_BOUNDS,
-          "description": "data/cache_format.py (record version"
+          "description": "data/cache_format (record version"
           f" {cache_format.VERSION})",
       },
       "source": {

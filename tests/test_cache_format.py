@@ -1,4 +1,4 @@
-"""Tests for data/cache_format.py: round trips, error bounds, sizes, target makers."""
+"""Tests for data/cache_format/: round trips, error bounds, sizes, target makers."""
 
 import jax
 import jax.numpy as jnp
