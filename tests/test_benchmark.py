@@ -10,7 +10,7 @@ from flax import nnx
 import procs
 from distill.core.errors import ConfigError
 from distill.nn import blockwise
-from experiments import benchmark, stdlib
+from experiments import bench_steps, benchmark, stdlib
 from student.config import PRESETS
 from student.model import Student
 from teacher import config as teacher_config
@@ -80,7 +80,7 @@ def test_attention_flops_count_every_visible_key():
       )
       for kind in ("local", "global")
   }
-  got = benchmark.attention_train_flops(
+  got = bench_steps.attention_train_flops(
       ["local", "global", "local"], window, batch=3, seq=seq, heads=2,
       head_dim=8,
   )  # fmt: skip
@@ -110,7 +110,7 @@ def test_decode_bytes_counts_params_experts_and_kv_cache():
 
 def test_unknown_run_kind_is_refused_before_any_work():
   with pytest.raises(ConfigError, match="unknown run kind.*'bogus'"):
-    benchmark.step_ratios(stdlib.get_config("tiny"), 512, 1, 1.0, ["bogus"])
+    bench_steps.step_ratios(stdlib.get_config("tiny"), 512, 1, 1.0, ["bogus"])
 
 
 def test_attention_cost_is_linear_in_the_row_but_a_global_layers_work():
