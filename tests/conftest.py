@@ -184,24 +184,54 @@ def tiny_cached(tiny_prepared, tmp_path_factory) -> str:
 # ----------------------------------------------------------------------------
 # Parallel workers (pytest-xdist; pyproject's addopts ask for them)
 
-# Modules in the order they are handed to the workers: the longest first
-# (measured: seconds on the 2-core development machine, one process), so
-# that the workers finish together; the rest follow in their usual order.
+# Modules in the order they are handed to the workers: the longest first, so
+# that the workers finish together (xdist gives a worker the next module as it
+# runs out of tests: with every module ranked by its time, the last to finish
+# is a short one). Seconds: the fast suite's time in each module, cold
+# compilation cache, two workers on the 2-core development machine. A module
+# not listed goes last.
 LONGEST_FIRST = (
     "test_main_job.py",  # slow: the tiny main job, whole and interrupted
     "test_distributed.py",  # slow
     "test_faults.py",  # slow
-    "test_run.py",  # the whole tiny main job
-    "test_cross_tokenizer.py",  # three tiny students of two tokenizers
-    "test_on_policy.py",
-    "test_sharding.py",
-    "test_speculative.py",
-    "test_compiled_decoding.py",
-    "test_generate.py",
-    "test_quantize.py",
-    "test_generation_quality.py",
-    "test_stack.py",
-    "test_teacher_hf.py",
+    "test_run.py",  # 73: the whole tiny main job
+    "test_on_policy.py",  # 50
+    "test_speculative.py",  # 37
+    "test_generate.py",  # 35
+    "test_sharding.py",  # 33
+    "test_plan.py",  # 29
+    "test_cross_tokenizer.py",  # 28: three tiny students, two tokenizers
+    "test_compiled_decoding.py",  # 27
+    "test_stack.py",  # 18
+    "test_quantize.py",  # 17
+    "test_cache.py",  # 16
+    "test_attention_kernels.py",  # 14
+    "test_trainer.py",  # 14
+    "test_teacher_hf.py",  # 13
+    "test_moe.py",  # 13
+    "test_teacher_train.py",  # 12
+    "test_splash_attention.py",  # 12
+    "test_cache_format.py",  # 11
+    "test_student_hf.py",  # 10
+    "test_teacher_model.py",  # 10
+    "test_losses.py",  # 9
+    "test_errors.py",  # 7
+    "test_generation_quality.py",  # 7
+    "test_data.py",  # 6
+    "test_layers.py",  # 6
+    "test_student_model.py",  # 6
+    "test_distill_train.py",  # 5
+    "test_provenance.py",  # 4
+    "test_topk_tail.py",  # 4
+    "test_core.py",  # 4
+    "test_metrics.py",  # 4
+    "test_prepare_shards.py",  # 3
+    "test_plan_check.py",  # 3
+    "test_report_plots.py",  # 3
+    "test_mixed_precision.py",  # 3
+    "test_target_figures.py",  # 2
+    "test_stop.py",  # 2
+    "test_benchmark.py",  # 1
 )
 
 
