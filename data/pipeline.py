@@ -255,6 +255,44 @@ def batched(
   return it_ds
 
 
+def row_phases(config) -> list[tuple[int, int, int]]:
+  """The teacher's rows, phase by phase: ``[(until_step, seq_len,
+  batch_size), ...]`` (``teacher.train`` reads them through ``Phases``;
+  ``data.prepare`` counts their tokens).
+
+  ``config.teacher.train.short_steps`` > 0 puts that many steps on rows of
+  ``short_seq_len`` tokens first (``short_batch_size`` rows a batch; 0: as
+  many tokens a step as a batch of ``config.data``), the usual recipe for a
+  long-context model: most steps where a step is cheap, then enough on the
+  long rows to learn to read far back. The last phase runs on.
+  """
+  data, section = config.data, config.teacher.train
+  long = (section.steps, data.seq_len, data.batch_size)
+  steps = section.get("short_steps", 0)
+  if not steps:
+    return [long]
+  seq_len = section.get("short_seq_len", 0)
+  where = "config.teacher.train"
+  if not 2 <= seq_len < data.seq_len:
+    raise UserError(
+        f"{where}.short_seq_len={seq_len} must be in [2, config.data.seq_len"
+        f"={data.seq_len}) when short_steps={steps}; set it or short_steps=0."
+    )
+  if not 0 < steps < section.steps:
+    raise UserError(
+        f"{where}.short_steps={steps} must be in [0, steps={section.steps}):"
+        " the run ends on the long rows."
+    )
+  batch = section.get("short_batch_size", 0)
+  if batch < 0:
+    raise UserError(
+        f"{where}.short_batch_size={batch} must be at least 0 (0: as many"
+        " tokens a step as a batch of config.data)."
+    )
+  batch = batch or max(1, data.batch_size * data.seq_len // seq_len)
+  return [(steps, seq_len, batch), long]
+
+
 class Phases:
   """Batches from a sequence of iterators: ``phases`` is ``[(count,
   make_iterator), ...]``, each phase's iterator made when it starts and read

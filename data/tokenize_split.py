@@ -45,23 +45,30 @@ def token_budget(config) -> int:
   """How many tokens of the train split to tokenize (0: all of it).
 
   ``config.data.max_tokens`` when it is 0 or more; at -1 (the default) what
-  the stages read (the most rows any of them reads: steps x batch of the
-  teacher and the students, the cache's rows) times ``AUTO_MARGIN``, and never
-  below ``AUTO_MIN_TOKENS``.
+  the stages read (the most tokens any of them reads: the teacher's rows,
+  phase by phase (``pipeline.row_phases``), the students' steps x batch,
+  the cache's rows) times ``AUTO_MARGIN``, and never below
+  ``AUTO_MIN_TOKENS``.
   """
   data = config.data
   if data.max_tokens >= 0:
     return int(data.max_tokens)
-  steps = max(
-      _steps(config, p)
-      for p in (
-          "teacher.train.steps",
-          "distill.train.steps",
-          "distill.continue_train.steps",
-      )
+  row = data.seq_len + 1  # a row's tokens: inputs and the last label
+  teacher, done = 0, 0
+  if _steps(config, "teacher.train.steps"):
+    for until, seq_len, batch in pipeline.row_phases(config):
+      teacher += (until - done) * batch * (seq_len + 1)
+      done = until
+  students = max(
+      _steps(config, "distill.train.steps"),
+      _steps(config, "distill.continue_train.steps"),
   )
-  rows = max(steps * data.batch_size, _steps(config, "cache.max_rows"))
-  return max(AUTO_MIN_TOKENS, int(rows * (data.seq_len + 1) * AUTO_MARGIN))
+  read = max(
+      teacher,
+      students * data.batch_size * row,
+      _steps(config, "cache.max_rows") * row,
+  )
+  return max(AUTO_MIN_TOKENS, int(read * AUTO_MARGIN))
 
 
 def _duration(seconds: float) -> str:

@@ -235,6 +235,24 @@ def test_token_budget_reads_the_stages_and_keeps_small_corpora_whole():
       == int(want)
       > tokenize_split.AUTO_MIN_TOKENS
   )
+  # A teacher on short rows first counts each phase's own rows: here its
+  # 19,000 steps of 128 rows of 65 tokens read more than 20,000 of 32 x 129.
+  config.teacher.train.update(
+      dict(
+          steps=20_000,
+          short_steps=19_000,
+          short_seq_len=64,
+          short_batch_size=128,
+      )
+  )
+  batch, row = config.data.batch_size, config.data.seq_len + 1
+  want = (19_000 * 128 * 65 + 1_000 * batch * row) * 1.25
+  assert want > 20_000 * batch * row * 1.25
+  assert (
+      tokenize_split.token_budget(config)
+      == int(want)
+      > tokenize_split.AUTO_MIN_TOKENS
+  )
   config.data.max_tokens = 0
   assert tokenize_split.token_budget(config) == 0
   config.data.max_tokens = 12345

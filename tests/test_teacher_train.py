@@ -100,17 +100,17 @@ def test_other_config_is_refused_and_imported_teacher_is_kept(
 
 def test_short_rows_first_then_the_long_ones(prepared, tmp_path):
   config = stdlib.get_config("tiny")
-  assert teacher_train.row_phases(config) == [(8, 32, 4)]  # off: one phase
+  assert pipeline.row_phases(config) == [(8, 32, 4)]  # off: one phase
   config.teacher.train.update(dict(steps=3, short_steps=2, short_seq_len=8))
   # As many tokens a step as a batch of config.data unless told.
-  assert teacher_train.row_phases(config) == [(2, 8, 16), (3, 32, 4)]
+  assert pipeline.row_phases(config) == [(2, 8, 16), (3, 32, 4)]
   config.teacher.train.short_batch_size = 8
-  assert teacher_train.row_phases(config) == [(2, 8, 8), (3, 32, 4)]
+  assert pipeline.row_phases(config) == [(2, 8, 8), (3, 32, 4)]
   # The long variant: 150 steps of 4 rows of 1,024 tokens, 30 of 8,192.
   long = stdlib.get_config("long")
-  assert teacher_train.row_phases(long) == [(150, 1024, 4), (180, 8192, 1)]
+  assert pipeline.row_phases(long) == [(150, 1024, 4), (180, 8192, 1)]
   for variant in stdlib.VARIANTS:  # every variant's schedule is valid
-    teacher_train.row_phases(stdlib.get_config(variant))
+    pipeline.row_phases(stdlib.get_config(variant))
   workdir = _copy(prepared, tmp_path / "w")
   summary = teacher_train.train(config, workdir)
   assert np.isfinite(summary["eval/loss"])

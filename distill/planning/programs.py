@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data import student_vocab
+from data import pipeline, student_vocab
 from data import tokenizer as tok
 from distill import features
 from distill import train as distill_train
@@ -174,7 +174,7 @@ def teacher_programs(config, mesh, vocab: int, rows: int | None = None):
   out = []
   if "hf_dir" not in config.teacher:  # an imported teacher is not trained
     loss = teacher_train.loss_fn_for(cfg, config.teacher.train.loss_chunk)
-    phases = teacher_train.row_phases(config)
+    phases = pipeline.row_phases(config)
     if rows:  # a search over the long rows' batch
       phases = [(0, seq, rows)]
     for i, (_, length, b) in enumerate(reversed(phases)):
