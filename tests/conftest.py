@@ -16,7 +16,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # pays with idle cores; the suite's workers fill both) compiles another tenth
 # faster (three decoding and on-policy test modules, one process, cold cache:
 # 105-110 s -> 95-100 s; the fast suite 321 s -> 303 s). They change how the
-# same program is compiled, not what it computes. Subprocesses inherit them.
+# same program is compiled, not what it computes, though a float result can
+# differ in its last bit (test_main_job's quantisation-aware run shows where
+# that matters). Subprocesses inherit them.
 for _flag in (
     "--xla_backend_optimization_level=0",
     "--xla_cpu_use_fusion_emitters=false",

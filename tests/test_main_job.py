@@ -113,18 +113,25 @@ def test_mesh_tiny_variant_end_to_end_matches_one_device(one_device, tmp_path):
   # tiny's 4-row batches: the log says where they went
   assert "8 cpu devices" in result["stderr"]
 
-  def close(a, b):
+  def close(a, b, tol=1e-5):
     assert a.keys() == b.keys() and a
     for step in a:
-      assert abs(a[step] - b[step]) <= 1e-4, (step, a[step], b[step])
+      assert abs(a[step] - b[step]) <= tol, (step, a[step], b[step])
 
   close(_losses(layout.teacher_dir(eight)), _losses(layout.teacher_dir(one)))
   runs = layout.list_runs(one)
   assert runs and runs == layout.list_runs(eight)
   for name in runs:
+    # Float runs agree to under 1e-6 (the two meshes add partial sums in
+    # another order). A quantisation-aware run rounds its weights to int8
+    # codes in every step: a last-bit difference that moves one weight
+    # across a rounding boundary changes it by a whole code, and the loss by
+    # about 1e-4 (measured at step 8: 9.5e-5 with XLA's default CPU code
+    # splitting, 1.05e-4 with the suite's single module).
     close(
         _losses(layout.student_dir(eight, name)),
         _losses(layout.student_dir(one, name)),
+        tol=5e-4 if "qint8" in name else 1e-5,
     )
 
 
